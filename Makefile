@@ -1,0 +1,38 @@
+# The README's two commands are `make run` and `make test`; everything else is a helper behind them.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+REPO   ?= model_repository
+MODEL  ?= vit-digits
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: setup run convert serve test lint bench clean
+
+# One venv with the package, its test and benchmark extras. The stamp re-runs pip when pyproject changes.
+$(BIN)/.stamp: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	touch $@
+
+setup: $(BIN)/.stamp
+
+convert: setup
+	$(BIN)/normfuse convert $(MODEL) --name $(MODEL) --repo $(REPO)
+
+# The main job: convert the default model, then serve every servable variant with shadow mode on.
+run: convert
+	NORMFUSE_SHADOW_RATE=$${NORMFUSE_SHADOW_RATE:-0.2} $(BIN)/normfuse serve --repo $(REPO) --host $(HOST) --port $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && echo "pytest collected no tests" && rc=0; exit $$rc
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/normfuse bench all --repo .bench/repo --out BENCHMARKS.md
+
+clean:
+	rm -rf $(REPO) .bench .pytest_cache

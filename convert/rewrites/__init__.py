@@ -1,0 +1,44 @@
+"""The exact normalization rewrites, by variant name.
+
+Every rewrite is a pure function `model -> new model`: it works on a deep copy, leaves its input
+untouched, and raises `NotApplicable` naming the layer that blocks it and why. `rewrite()` is the one
+entry point; the functions live one per module and are imported lazily.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import torch
+
+
+class NotApplicable(ValueError):
+    """A rewrite cannot be applied exactly to this model; the message names the layer and the reason."""
+
+
+# variant -> "module:function". `exact` variants compute the same function; `nonorm` is the
+# benchmark-only no-norm bound (norms removed) and is never served.
+REWRITES: dict[str, str] = {
+    "affine": "convert.rewrites.affine:fold_affine",
+    "rmsnorm": "convert.rewrites.pre_rmsnorm:to_pre_rmsnorm",
+    "crmsnorm": "convert.rewrites.crmsnorm:to_pre_crmsnorm",
+    "folded": "convert.rewrites.folded:fold_statistics",
+    "nonorm": "convert.rewrites.nonorm:remove_norms",
+}
+EXACT_VARIANTS = ("affine", "rmsnorm", "crmsnorm", "folded")
+BENCHMARK_ONLY = ("nonorm",)
+
+
+def rewrite(model: torch.nn.Module, variant: str) -> torch.nn.Module:
+    """Return a new module in eval mode computing the same function as `model` with `variant` applied.
+
+    The input model is left untouched. Raises NotApplicable (a ValueError) when the rewrite cannot be
+    applied exactly, and ValueError for an unknown variant name.
+    """
+    if variant not in REWRITES:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(REWRITES)}")
+    module_name, function_name = REWRITES[variant].split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    new = function(copy.deepcopy(model).eval())
+    return new.eval()

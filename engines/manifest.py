@@ -1,0 +1,168 @@
+"""The model repository's manifest: the one schema `convert` writes and `engines`/`service` read.
+
+Layout of a repository::
+
+    REPO/NAME/manifest.json
+    REPO/NAME/<variant>/model.onnx           (+ model.onnx.data when weights are external)
+    REPO/NAME/<variant>/tensorrt/<key>.plan  (built on the target GPU, never committed)
+
+Every file a variant uses is listed with its sha256; `read_manifest` + `verify_files` refuse a mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+class ManifestError(RuntimeError):
+    """A manifest is missing, unreadable, or does not match the files beside it."""
+
+
+class TensorInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    datatype: str = Field(description="Open Inference Protocol datatype, e.g. FP32")
+    shape: list[int] = Field(description="-1 marks a dynamic axis; axis 0 is the batch")
+
+
+class FileRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="relative to the model's directory")
+    sha256: str
+    bytes: int
+
+
+class Parity(BaseModel):
+    """A verify result (convert.verify.Comparison) as recorded in the manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    passed: bool
+    reference: str = Field(description="what the variant was compared against, e.g. 'torch unfused fp32'")
+    candidate: str = Field(description="what was compared, e.g. 'onnxruntime cpu fp32'")
+    dtype: str
+    samples: int
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    argmax_agreement: float | None = None
+    gate: dict[str, float] = Field(description="the tolerances the comparison had to meet")
+    needed: dict[str, float] = Field(description="the tolerances this comparison actually needed")
+
+
+class VariantInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    exact: bool = Field(True, description="computes the same function as unfused (up to rounding)")
+    servable: bool = Field(description="passed every parity gate; only servable variants are served")
+    benchmark_only: bool = Field(False, description="e.g. the no-norm bound: built to measure, never served")
+    files: dict[str, FileRef] = Field(description="role -> file, e.g. 'onnx', 'onnx_data'")
+    parity: list[Parity] = Field(default_factory=list)
+    op_census: dict[str, int] = Field(default_factory=dict, description="ops after ORT graph optimization")
+    flags: list[str] = Field(default_factory=list, description="warnings, e.g. 'lost-fusion:SkipLayerNormalization'")
+    latency_ms: dict[str, float] = Field(default_factory=dict, description="conversion-time benchmark medians")
+
+    @model_validator(mode="after")
+    def _servable_needs_parity(self) -> VariantInfo:
+        if self.servable and (self.benchmark_only or not all(p.passed for p in self.parity)):
+            raise ValueError(f"variant {self.name!r}: servable requires every parity check to pass")
+        return self
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    source: str
+    task: str = Field("", description="e.g. 'image-classification', 'causal-lm'")
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    tools: dict[str, str] = Field(default_factory=dict, description="package -> version used to convert")
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    max_batch_size: int = 32
+    variants: dict[str, VariantInfo]
+    not_applicable: dict[str, str] = Field(default_factory=dict, description="variant -> why it was refused")
+    default_variant: str
+
+    @model_validator(mode="after")
+    def _default_is_servable(self) -> Manifest:
+        default = self.variants.get(self.default_variant)
+        if default is None or not default.servable:
+            raise ValueError(f"default_variant {self.default_variant!r} must name a servable variant")
+        return self
+
+    def servable(self) -> list[str]:
+        return [name for name, v in self.variants.items() if v.servable]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_ref(model_dir: Path, path: Path) -> FileRef:
+    """Describe `path` (inside `model_dir`) with its sha256 and size."""
+    path = Path(path)
+    return FileRef(path=path.relative_to(model_dir).as_posix(), sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+def write_manifest(model_dir: Path, manifest: Manifest) -> Path:
+    path = Path(model_dir) / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(model_dir: Path) -> Manifest:
+    path = Path(model_dir) / MANIFEST_NAME
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ManifestError(f"no {MANIFEST_NAME} in {model_dir}: run `normfuse convert` first") from None
+    try:
+        return Manifest.model_validate_json(text)
+    except ValueError as exc:
+        raise ManifestError(f"{path} is not a valid normfuse manifest: {exc}") from exc
+
+
+def verify_files(model_dir: Path, variant: VariantInfo) -> dict[str, Path]:
+    """Check every file of `variant` against its sha256; return role -> absolute path."""
+    paths = {}
+    for role, ref in variant.files.items():
+        path = Path(model_dir) / ref.path
+        if not path.is_file():
+            raise ManifestError(f"variant {variant.name!r}: {role} file {path} is missing")
+        actual = sha256_file(path)
+        if actual != ref.sha256:
+            raise ManifestError(
+                f"variant {variant.name!r}: {role} file {path} has sha256 {actual[:12]}…, "
+                f"the manifest expects {ref.sha256[:12]}… — the file was modified after conversion; "
+                "re-run `normfuse convert`"
+            )
+        paths[role] = path
+    return paths
+
+
+def list_models(repo: Path) -> list[str]:
+    """Names of the model directories in a repository (those holding a manifest)."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        return []
+    return sorted(p.parent.name for p in repo.glob(f"*/{MANIFEST_NAME}"))
