@@ -79,7 +79,7 @@ class TensorSpec:
             raise InputError(f"{what} {self.name!r}: {got}, {expected} (wrong datatype)")
         if array.ndim != len(self.shape):
             raise InputError(f"{what} {self.name!r}: {got}, {expected} (wrong number of dimensions)")
-        for axis, (have, want) in enumerate(zip(array.shape, self.shape)):
+        for axis, (have, want) in enumerate(zip(array.shape, self.shape, strict=True)):
             if want != -1 and have != want:
                 raise InputError(f"{what} {self.name!r}: {got}, {expected} (dimension {axis} must be {want})")
         if array.ndim and array.shape[0] == 0:
