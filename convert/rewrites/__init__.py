@@ -40,5 +40,6 @@ def rewrite(model: torch.nn.Module, variant: str) -> torch.nn.Module:
         raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(REWRITES)}")
     module_name, function_name = REWRITES[variant].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    new = function(copy.deepcopy(model).eval())
+    # the copy keeps the input's train/eval mode so a rewrite can refuse statistics that are not fixed
+    new = function(copy.deepcopy(model))
     return new.eval()

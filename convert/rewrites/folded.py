@@ -16,8 +16,7 @@ def fold_statistics(model: torch.nn.Module) -> torch.nn.Module:
     from convert.rewrites.fold_batchnorm import fold_batchnorms
     from convert.rewrites.fold_unified import fold_unified_norms
 
-    if model.training:
-        raise NotApplicable(f"{type(model).__name__} is in training mode: statistics are not fixed")
+    # each pass refuses a norm module left in training mode (its statistics are not fixed yet)
     folded = fold_batchnorms(model) + fold_unified_norms(model)
     if not folded:
         raise NotApplicable(
