@@ -1,0 +1,58 @@
+"""The server's one settings object: from `NORMFUSE_*` environment variables, overridden by CLI flags.
+
+Built inside the CLI / app factory, never at import time. Validators reject nonsense.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Sizes = Annotated[list[int], NoDecode]  # "1,4,8" in the environment, not JSON
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NORMFUSE_", extra="forbid")
+
+    repo: Path = Field(description="model repository: REPO/NAME/manifest.json per model")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    backend: Literal["onnxruntime", "tensorrt", "torch"] = "onnxruntime"
+    max_batch_size: int = Field(16, ge=1, description="cap per engine run (also capped by the manifest)")
+    max_queue_delay_ms: float = Field(2.0, ge=0, le=60_000, description="how long the first request waits for company")
+    preferred_batch_sizes: Sizes = Field(default_factory=list, description="dispatch at once on reaching one")
+    max_queue_size: int = Field(256, ge=1, description="requests waiting per (model, variant); more -> 503")
+    shadow_rate: float = Field(0.0, ge=0.0, le=1.0, description="fraction of served batches re-run on unfused")
+    max_body_bytes: int = Field(64 << 20, ge=1024, description="larger request bodies -> 413")
+    warmup_batch_sizes: Sizes = Field(default_factory=lambda: [1], description="each warmed up before ready")
+    intra_op_threads: int = Field(0, ge=0, description="engine threads; 0 = the backend's default")
+    drain_timeout_s: float = Field(30.0, gt=0, description="on shutdown, how long queued work may take to finish")
+    compare_window: int = Field(512, ge=8, description="recent samples kept per variant and batch size for /compare")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("preferred_batch_sizes", "warmup_batch_sizes", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):  # "1,4,8" from the environment or the CLI
+            return [int(part) for part in value.replace(" ", "").split(",") if part]
+        if isinstance(value, int):
+            return [value]
+        return value
+
+    @field_validator("preferred_batch_sizes", "warmup_batch_sizes")
+    @classmethod
+    def _positive_sorted(cls, value: list[int]) -> list[int]:
+        if any(size < 1 for size in value):
+            raise ValueError(f"batch sizes must be >= 1, got {value}")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _sizes_fit(self) -> Settings:
+        for name in ("preferred_batch_sizes", "warmup_batch_sizes"):
+            too_big = [size for size in getattr(self, name) if size > self.max_batch_size]
+            if too_big:
+                raise ValueError(f"{name} {too_big} exceed max_batch_size {self.max_batch_size}")
+        return self

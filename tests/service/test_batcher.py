@@ -1,0 +1,162 @@
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher, Draining, QueueFull, QueueTimeout
+from tests.service.fakes import POISON, AffineEngine, rows
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def make(engine, **kw):
+    opts = dict(max_batch_size=8, max_queue_delay_s=0.05, max_queue_size=64)
+    opts.update(kw)
+    return Batcher(engine, **opts)
+
+
+async def started(batcher):
+    batcher.start()
+    return batcher
+
+
+def test_concurrent_requests_form_batches_and_get_their_own_rows():
+    async def main():
+        engine = AffineEngine().load()
+        b = await started(make(engine))
+        xs = [rows(10 * i, 1) for i in range(8)]
+        results = await asyncio.gather(*(b.submit({"x": x}) for x in xs))
+        await b.drain(5)
+        return engine, xs, results
+
+    engine, xs, results = asyncio.run(main())
+    for x, r in zip(xs, results, strict=True):
+        np.testing.assert_array_equal(r.outputs["y"], 2 * x + 1)
+    assert sum(engine.batches) == 8
+    assert max(engine.batches) > 1, engine.batches  # they were batched together
+    assert all(r.batch_size >= 1 for r in results)
+
+
+def test_multi_row_requests_and_oversize_request_is_split_not_truncated():
+    async def main():
+        engine = AffineEngine(max_batch_size=4).load()
+        b = await started(make(engine, max_batch_size=4))
+        big = rows(0, 11)
+        r = await b.submit({"x": big})
+        await b.drain(5)
+        return engine, big, r
+
+    engine, big, r = asyncio.run(main())
+    np.testing.assert_array_equal(r.outputs["y"], 2 * big + 1)
+    assert max(engine.batches) <= 4 and sum(engine.batches) == 11
+
+
+def test_failure_fails_only_its_own_batch():
+    async def main():
+        gate = threading.Event()
+        engine = AffineEngine(gate=gate).load()
+        b = await started(make(engine, max_queue_delay_s=0.0))
+        first = asyncio.ensure_future(b.submit({"x": rows(0, 1)}))  # runs alone, waits on the gate
+        await asyncio.sleep(0.05)
+        bad = asyncio.ensure_future(b.submit({"x": np.full((1, 4), POISON, np.float32)}))
+        good = asyncio.ensure_future(b.submit({"x": rows(5, 1)}))
+        gate.set()
+        results = await asyncio.gather(first, bad, good, return_exceptions=True)
+        await b.drain(5)
+        return results
+
+    first, bad, good = asyncio.run(main())
+    np.testing.assert_array_equal(first.outputs["y"], 2 * rows(0, 1) + 1)
+    # bad and good were queued together behind the first batch: both fail (same batch) or only bad fails
+    assert isinstance(bad, Exception) and "poisoned" in str(bad)
+    if isinstance(good, Exception):
+        assert "poisoned" in str(good)
+
+
+def test_later_batches_survive_a_failed_one():
+    async def main():
+        engine = AffineEngine().load()
+        b = await started(make(engine, max_queue_delay_s=0.0))
+        with pytest.raises(Exception, match="poisoned"):
+            await b.submit({"x": np.full((1, 4), POISON, np.float32)})
+        r = await b.submit({"x": rows(3, 2)})
+        await b.drain(5)
+        return r
+
+    np.testing.assert_array_equal(asyncio.run(main()).outputs["y"], 2 * rows(3, 2) + 1)
+
+
+def test_full_queue_rejects_at_once_and_expired_requests_never_run():
+    async def main():
+        gate = threading.Event()
+        engine = AffineEngine(gate=gate).load()
+        b = await started(make(engine, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=2))
+        blocker = asyncio.ensure_future(b.submit({"x": rows(0, 1)}))
+        await asyncio.sleep(0.05)  # the blocker is running, the queue is empty
+        expiring = asyncio.ensure_future(b.submit({"x": rows(1, 1)}, timeout_s=0.01))
+        queued = asyncio.ensure_future(b.submit({"x": rows(2, 1)}))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await b.submit({"x": rows(3, 1)})
+        with pytest.raises(QueueTimeout):
+            await expiring  # answered while the blocker still runs
+        assert not gate.is_set()
+        gate.set()
+        await blocker
+        r = await queued
+        await b.drain(5)
+        return engine, r, b
+
+    engine, r, b = asyncio.run(main())
+    assert engine.batches == [1, 1]  # the expired request never ran
+    np.testing.assert_array_equal(r.outputs["y"], 2 * rows(2, 1) + 1)
+    assert b.dropped == 1
+
+
+def test_cancelled_caller_is_dropped_before_compute():
+    async def main():
+        gate = threading.Event()
+        engine = AffineEngine(gate=gate).load()
+        b = await started(make(engine, max_batch_size=1, max_queue_delay_s=0.0))
+        blocker = asyncio.ensure_future(b.submit({"x": rows(0, 1)}))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(b.submit({"x": rows(1, 1)}))
+        await asyncio.sleep(0)
+        gone.cancel()
+        gate.set()
+        await blocker
+        await b.drain(5)
+        return engine, b
+
+    engine, b = asyncio.run(main())
+    assert engine.batches == [1] and b.dropped == 1
+
+
+def test_drain_finishes_queued_work_then_refuses_new():
+    async def main():
+        engine = AffineEngine().load()
+        b = await started(make(engine, max_queue_delay_s=0.02))
+        tasks = [asyncio.ensure_future(b.submit({"x": rows(i, 1)})) for i in range(20)]
+        await asyncio.sleep(0)
+        await b.drain(5)
+        with pytest.raises(Draining):
+            await b.submit({"x": rows(0, 1)})
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(main())
+    assert len(results) == 20
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r.outputs["y"], 2 * rows(i, 1) + 1)
+
+
+def test_preferred_size_dispatches_without_waiting_for_the_delay():
+    async def main():
+        engine = AffineEngine().load()
+        b = await started(make(engine, max_queue_delay_s=30.0, preferred_batch_sizes=[2]))
+        r = await asyncio.wait_for(asyncio.gather(*(b.submit({"x": rows(i, 1)}) for i in range(2))), 10)
+        await b.drain(5)
+        return engine, r
+
+    engine, _ = asyncio.run(main())
+    assert engine.batches == [2]
