@@ -1,0 +1,148 @@
+"""ONNX (and torch.export) artifacts of one variant, and the op census ONNX Runtime leaves after optimizing them.
+
+Exporter and opset, chosen deliberately (notes: tensorrt.md §5, norm-fusion.md §1.3 and §8):
+
+* **The TorchScript exporter (`dynamo=False`) at opset 17.** It emits one `LayerNormalization` per
+  `nn.LayerNorm` *with* explicit γ and β inputs (constants when the affine is absent or folded), which is what
+  ONNX Runtime's Skip/Bias fusions need, and what TensorRT ≥ 8.6 maps to its INormalizationLayer. Our
+  hand-written `convert.modules.RMSNorm` (`x / sqrt(mean(x²) + eps) * weight`, explicit weight of ones) exports
+  as primitives that ORT fuses into `SimplifiedLayerNormalization` / `SkipSimplifiedLayerNormalization`.
+* Not the dynamo exporter: its default opset 20 and opset 18 drop the LayerNormalization bias input when β is
+  absent (ORT's transformer optimizer crashes on it), down-conversion to 17 fails or silently yields 18, and
+  opset 23 emits `RMSNormalization`, which ORT runs without any Skip fusion and TensorRT < 10.15 cannot parse.
+  The TorchScript exporter cannot export `nn.RMSNorm`/`F.rms_norm`; sources using them are refused by the
+  pipeline with the exporter's message.
+* Weights stay inside `model.onnx` (one file; protobuf caps it at 2 GB, larger models are refused).
+
+Each variant also gets `model.pt2` (a `torch.export` program with the same dynamic axes) for the TorchEngine.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engines.manifest import TensorInfo
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+ONNX_LIMIT = 2 * 1024**3
+# fused normalization ops ORT (or the exporter) produce; their loss in a variant is flagged
+FUSED_NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
+               "SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+# what the census reports: fused norms, BatchNorm, and the primitives a decomposed norm leaves behind
+CENSUS_OPS = FUSED_NORMS + ("BatchNormalization", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Div")
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported to a valid ONNX file."""
+
+
+class _Positional(torch.nn.Module):
+    """Call a keyword-argument model positionally and return only tensors (what both exporters need)."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str], n_outputs: int) -> None:
+        super().__init__()
+        self.model, self.names, self.n_outputs = model, names, n_outputs
+
+    def forward(self, *args: torch.Tensor):
+        out = self.model(**dict(zip(self.names, args, strict=True)))
+        if isinstance(out, torch.Tensor):
+            return out
+        values = list(out.values()) if isinstance(out, dict) else list(out)
+        return values[0] if self.n_outputs == 1 else tuple(values[: self.n_outputs])
+
+
+def dynamic_axes(infos: list[TensorInfo]) -> dict[str, dict[int, str]]:
+    """-1 dims -> named ONNX dims: axis 0 'batch', axis 1 'sequence' (text models), others 'dim<k>'."""
+    names = {0: "batch", 1: "sequence"}
+    return {t.name: {a: names.get(a, f"dim{a}") for a, d in enumerate(t.shape) if d == -1} for t in infos}
+
+
+def as_tensors(arrays: dict[str, np.ndarray], inputs: list[TensorInfo]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(np.ascontiguousarray(arrays[t.name])) for t in inputs)
+
+
+def export_onnx(model: torch.nn.Module, example: dict[str, np.ndarray], path: Path, *,
+                inputs: list[TensorInfo], outputs: list[TensorInfo]) -> Path:
+    """Export `model` (eval) to `path` with dynamic axes, check it with onnx.checker, return the path."""
+    import onnx
+
+    wrapped = _Positional(model.eval(), [t.name for t in inputs], len(outputs))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation/tracer warnings
+            torch.onnx.export(
+                wrapped, as_tensors(example, inputs), str(path), dynamo=False, opset_version=OPSET,
+                input_names=[t.name for t in inputs], output_names=[t.name for t in outputs],
+                dynamic_axes=dynamic_axes(inputs) | dynamic_axes(outputs), do_constant_folding=True,
+            )
+    except Exception as exc:
+        raise ExportError(f"torch.onnx.export (TorchScript exporter, opset {OPSET}) failed: {exc}") from exc
+    if path.stat().st_size >= ONNX_LIMIT:
+        raise ExportError(f"{path} is {path.stat().st_size} bytes; models over 2 GB are not supported yet")
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"onnx.checker rejected {path}: {exc}") from exc
+    return path
+
+
+def export_torch(model: torch.nn.Module, example: dict[str, np.ndarray], path: Path, *,
+                 inputs: list[TensorInfo], outputs: list[TensorInfo]) -> Path:
+    """Save a `torch.export` program (model.pt2) with the inputs' dynamic axes, for engines.torch."""
+    wrapped = _Positional(model.eval(), [t.name for t in inputs], len(outputs))
+    dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("sequence", min=1, max=8192)}
+    shapes = tuple({a: dims.get(a, torch.export.Dim.AUTO) for a, d in enumerate(t.shape) if d == -1} for t in inputs)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(wrapped, as_tensors(example, inputs), dynamic_shapes=(shapes,))  # one *args
+        torch.export.save(program, str(path))
+    except Exception as exc:
+        raise ExportError(f"torch.export failed: {exc}") from exc
+    return path
+
+
+def census(onnx_path: Path, *, optimization: str = "all", intra_op_threads: int = 1) -> dict[str, int]:
+    """Op types (normalization-related, see CENSUS_OPS) in the graph ORT runs after its graph optimization."""
+    import onnx
+
+    from engines.onnxruntime import OnnxRuntimeEngine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        OnnxRuntimeEngine(onnx_path, optimization=optimization, intra_op_threads=intra_op_threads,
+                          optimized_model_path=optimized).load().close()
+        graph = onnx.load(str(optimized), load_external_data=False).graph
+        counts = Counter(node.op_type for node in graph.node)
+    return {op: counts[op] for op in CENSUS_OPS if counts[op]} | {"total": sum(counts.values())}
+
+
+def lost_fusions(reference: dict[str, int], candidate: dict[str, int]) -> list[str]:
+    """Flags for fusions the reference (unfused) graph had and the candidate lost.
+
+    A variant that removes norms on purpose (no fused norm and no extra ReduceMean left) is not flagged.
+    """
+    def total(census_: dict[str, int], ops: tuple[str, ...]) -> int:
+        return sum(census_.get(op, 0) for op in ops)
+
+    flags = []
+    fused_ref, fused = total(reference, FUSED_NORMS), total(candidate, FUSED_NORMS)
+    extra_reduce = candidate.get("ReduceMean", 0) - reference.get("ReduceMean", 0)
+    if fused < fused_ref and extra_reduce > 0:
+        flags.append(f"lost-fusion:normalization ({fused} fused norm ops vs {fused_ref} in unfused, "
+                     f"{extra_reduce} more ReduceMean)")
+    skip_ref, skip = total(reference, SKIP_NORMS), total(candidate, SKIP_NORMS)
+    if fused and skip < skip_ref:
+        flags.append(f"lost-fusion:SkipLayerNormalization ({skip} Skip* ops vs {skip_ref} in unfused)")
+    return flags

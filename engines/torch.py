@@ -1,0 +1,150 @@
+"""PyTorch engine: the reference runner, and a way to time fused vs unfused on any NVIDIA GPU without TensorRT.
+
+It runs either an `nn.Module` given in memory (called with keyword arguments named after the input specs)
+or a saved variant artifact: a `torch.export` program (`model.pt2`, written by `convert.export.export_torch`
+with the same dynamic axes as the ONNX file) loaded with `torch.export.load`. The artifact format is
+chosen because it needs neither the model's source code nor re-running the source (training, rewrites):
+the graph and weights are in the file.
+
+Options: `device` "cpu" | "cuda"; `mode` "eager" | "compile" (`torch.compile`, dynamic shapes);
+`cuda_graphs=True` compiles with mode="reduce-overhead" (CUDA graphs, needs device="cuda");
+`precision` "fp32" | "fp16" | "bf16" runs weights and floating inputs in that dtype and returns outputs in
+the output spec's dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from engines.base import Engine, EngineError, TensorSpec
+
+log = logging.getLogger(__name__)
+
+_PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def first_tensor(output, names: list[str]) -> list:
+    """Model output (tensor, tuple/list, dict or HF ModelOutput) -> one tensor per output name."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):  # includes HF ModelOutput (an OrderedDict)
+        if all(name in output for name in names):
+            return [output[name] for name in names]
+        return list(output.values())[: len(names)]
+    if isinstance(output, (tuple, list)):
+        return list(output)[: len(names)]
+    raise EngineError(f"model returned {type(output).__name__}; expected a tensor, tuple or dict of tensors")
+
+
+class TorchEngine(Engine):
+    """Run a torch model (in memory, or a `model.pt2` torch.export artifact) against given specs."""
+
+    backend = "torch"
+
+    def __init__(
+        self,
+        model,
+        *,
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec],
+        device: str = "cpu",
+        mode: str = "eager",
+        cuda_graphs: bool = False,
+        precision: str = "fp32",
+    ) -> None:
+        super().__init__()
+        if mode not in ("eager", "compile"):
+            raise ValueError(f"mode must be 'eager' or 'compile', got {mode!r}")
+        if precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
+        if cuda_graphs and (device != "cuda" or mode != "compile"):
+            raise ValueError("cuda_graphs=True needs device='cuda' and mode='compile'")
+        self.source = model  # an nn.Module, or the path of a .pt2 file
+        self.input_specs, self.output_specs = list(inputs), list(outputs)
+        self.device, self.mode, self.cuda_graphs, self.precision = device, mode, cuda_graphs, precision
+        self._module = None
+        self._dtype = None
+        self._positional = False
+
+    def load(self) -> TorchEngine:
+        import torch
+
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise EngineError("TorchEngine: device='cuda' was asked for but CUDA is not available in this torch build")
+        self._dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
+        module = self._open()
+        module = module.to(self._dtype) if self.precision != "fp32" else module
+        if self.mode == "compile":
+            # many models of one class exceed dynamo's default recompile limit (8) and fall back to eager silently
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            compile_mode = "reduce-overhead" if self.cuda_graphs else None
+            module = torch.compile(module, dynamic=True, mode=compile_mode)
+        self._module = module
+        self._inputs, self._outputs = list(self.input_specs), list(self.output_specs)
+        return self
+
+    def _open(self):
+        import torch
+
+        if isinstance(self.source, torch.nn.Module):
+            # never move or cast the caller's module: copy it when the device or dtype changes
+            changes = self.device != "cpu" or self.precision != "fp32"
+            return (copy.deepcopy(self.source) if changes else self.source).eval().to(self.device)
+        path = Path(self.source)
+        if not path.is_file():
+            raise EngineError(f"torch artifact {path} does not exist")
+        try:
+            program = torch.export.load(str(path))
+        except Exception as exc:
+            raise EngineError(f"could not load torch.export artifact {path}: {exc}") from exc
+        if self.device != "cpu":
+            program = torch.export.passes.move_to_device_pass(program, self.device)
+        self._positional = True
+        return program.module()
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        if self._module is None:
+            raise EngineError("TorchEngine is closed")
+        tensors = {}
+        for name, array in inputs.items():
+            tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+            tensors[name] = tensor.to(self._dtype) if tensor.is_floating_point() else tensor
+        names = [spec.name for spec in self.output_specs]
+        try:
+            with torch.inference_mode():
+                if self._positional:  # a .pt2 program takes the inputs positionally, in spec order
+                    output = self._module(*(tensors[spec.name] for spec in self.input_specs))
+                else:
+                    output = self._module(**tensors)
+                results = first_tensor(output, names)
+        except Exception as exc:
+            raise EngineError(f"torch model failed: {exc}") from exc
+        return {
+            spec.name: tensor.detach().to("cpu").numpy().astype(spec.dtype, copy=False)
+            if tensor.dtype != torch.bfloat16
+            else tensor.detach().float().to("cpu").numpy().astype(spec.dtype, copy=False)
+            for spec, tensor in zip(self.output_specs, results, strict=True)
+        }
+
+    def close(self) -> None:
+        self._module = None
+        self._inputs = self._outputs = None
+
+    def describe(self) -> dict[str, str]:
+        import torch
+
+        return {
+            "runtime": self.backend,
+            "version": torch.__version__,
+            "device": self.device,
+            "mode": self.mode + ("+cudagraphs" if self.cuda_graphs else ""),
+            "precision": self.precision,
+        }
