@@ -1,0 +1,69 @@
+"""The app factory and its lifespan: load every model and variant -> warm up -> start batchers -> ready ->
+serve -> not ready -> drain -> stop -> close."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from service import errors
+from service.metrics import Metrics
+from service.protocol import InferenceRequest
+from service.repository import Loader, Repository
+from service.routes import router
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def default_loader(*args, **kwargs):
+    import engines  # lazily: engines imports the chosen backend only when loading
+
+    return engines.load(*args, **kwargs)
+
+
+def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
+    """Build the server. `loader(repo, model, variant, backend, **options)` opens one engine (engines.load)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        repo = app.state.repo
+        try:
+            await repo.load_all()
+            repo.start()
+            app.state.ready = True
+            log.info("ready: %d model(s) from %s", len(repo.models), settings.repo)
+            yield
+        finally:
+            app.state.ready = False
+            log.info("draining")
+            await repo.drain(settings.drain_timeout_s)
+            repo.close()
+            log.info("stopped")
+
+    app = FastAPI(title="normfuse", summary="Open Inference Protocol v2 server for fused and unfused variants",
+                  lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.repo = Repository(settings, app.state.metrics, loader or default_loader)
+    app.state.ready = False
+    errors.install(app)
+    app.include_router(router)
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema plus the inference request body, which the route reads raw (JSON or binary)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version="2", summary=app.summary, routes=app.routes)
+        request = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(request.pop("$defs", {}))
+        components["InferenceRequest"] = request
+        app.openapi_schema = schema
+    return app.openapi_schema

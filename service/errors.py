@@ -1,0 +1,84 @@
+"""Domain errors -> HTTP, in one place. Every error body is Triton's `{"error": "message"}`."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engines.base import EngineError, InputError
+from service.batcher import Draining, QueueFull, QueueTimeout
+from service.protocol import ErrorBody, ProtocolError, SchemaError
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "1"
+
+
+class ModelNotFound(LookupError):
+    """No such model, or no such version (variant) of it."""
+
+
+class ModelNotReady(RuntimeError):
+    """The model exists but is not loaded (or the server is not ready yet)."""
+
+
+class BodyTooLarge(ValueError):
+    """The request body exceeds `max_body_bytes`."""
+
+
+# exception type -> (status, headers); the first match in order wins
+STATUS: list[tuple[type[BaseException], int, dict[str, str]]] = [
+    (ProtocolError, 400, {}),
+    (InputError, 400, {}),
+    (SchemaError, 422, {}),
+    (ModelNotFound, 404, {}),
+    (BodyTooLarge, 413, {}),
+    (QueueFull, 503, {"Retry-After": RETRY_AFTER_S}),
+    (QueueTimeout, 503, {"Retry-After": RETRY_AFTER_S}),
+    (Draining, 503, {"Retry-After": RETRY_AFTER_S}),
+    (ModelNotReady, 503, {"Retry-After": RETRY_AFTER_S}),
+    (EngineError, 500, {}),
+]
+
+# what each route declares in the OpenAPI schema
+ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 404, 413, 422, 503)}
+
+
+def status_of(exc: BaseException) -> tuple[int, dict[str, str]]:
+    for kind, status, headers in STATUS:
+        if isinstance(exc, kind):
+            return status, headers
+    return 500, {}
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    status, headers = status_of(exc)
+    if status >= 500 and not isinstance(exc, Draining | QueueFull | QueueTimeout | ModelNotReady):
+        log.error("internal error: %s", exc, exc_info=exc)
+    message = str(exc) or type(exc).__name__
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers: domain errors, FastAPI's validation errors, HTTP errors, anything else."""
+
+    async def domain(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+    async def validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+        return JSONResponse({"error": f"{where}: {first.get('msg')}"}, status_code=422)
+
+    async def http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    for kind, _status, _headers in STATUS:
+        app.add_exception_handler(kind, domain)
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(StarletteHTTPException, http)
+    app.add_exception_handler(Exception, domain)

@@ -1,0 +1,107 @@
+"""Every metric the server exports, in one module with one prefix (`normfuse_`), on one registry per app.
+
+Latency histograms are labelled `model`, `variant`, `backend`; buckets are geometric for time (50 µs … ~13 s)
+and powers of two for batch size. `ServableStats` keeps Triton's statistics-extension counters per variant.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+LABELS = ("model", "variant", "backend")
+TIME_BUCKETS = tuple(round(50e-6 * 2 ** (i / 2), 7) for i in range(37))  # 50 µs · √2^i, up to ~13 s
+BATCH_BUCKETS = tuple(2.0**i for i in range(11))  # 1 … 1024
+RATIO_BUCKETS = tuple(round(0.5 * 1.05**i, 4) for i in range(30))  # 0.5 … ~2.06, 5 % steps
+ERROR_BUCKETS = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request = Histogram("normfuse_request_duration_seconds", "End-to-end inference request time",
+                                 LABELS, buckets=TIME_BUCKETS, registry=r)
+        self.queue = Histogram("normfuse_queue_duration_seconds", "Time a request waited in the batcher's queue",
+                               LABELS, buckets=TIME_BUCKETS, registry=r)
+        self.compute = Histogram("normfuse_compute_duration_seconds", "Engine run time of one batch",
+                                 LABELS, buckets=TIME_BUCKETS, registry=r)
+        self.batch_size = Histogram("normfuse_batch_size", "Rows per engine run", LABELS,
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.requests = Counter("normfuse_requests", "Inference requests by HTTP status", (*LABELS, "code"),
+                                registry=r)
+        self.dropped = Counter("normfuse_dropped_requests", "Queued requests dropped before compute",
+                               (*LABELS, "reason"), registry=r)
+        self.queue_depth = Gauge("normfuse_queue_depth", "Requests waiting in the batcher's queue", LABELS,
+                                 registry=r)
+        self.engine = Info("normfuse_engine", "Engine provenance per variant", LABELS, registry=r)
+        self.shadow_ratio = Histogram("normfuse_shadow_latency_ratio",
+                                      "Variant compute time / unfused compute time on the same batch",
+                                      LABELS, buckets=RATIO_BUCKETS, registry=r)
+        self.shadow_error = Histogram("normfuse_shadow_abs_error", "max |variant - unfused| on the same batch",
+                                      LABELS, buckets=ERROR_BUCKETS, registry=r)
+        self.shadow_skipped = Counter("normfuse_shadow_skipped", "Sampled batches not shadowed (worker busy)",
+                                      LABELS, registry=r)
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+    def dump(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass
+class ServableStats:
+    """Triton's statistics extension for one (model, variant)."""
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    batches: dict[int, Duration] = field(default_factory=lambda: defaultdict(Duration))
+
+    def record_request(self, ok: bool, seconds: float, queue_s: float | None, rows: int) -> None:
+        (self.success if ok else self.fail).add(seconds)
+        if ok:
+            self.inference_count += rows
+            self.last_inference_ms = int(time.time() * 1000)
+        if queue_s is not None:
+            self.queue.add(queue_s)
+
+    def record_batch(self, rows: int, compute_s: float) -> None:
+        self.execution_count += 1
+        self.compute_infer.add(compute_s)
+        self.batches[rows].add(compute_s)
+
+    def dump(self, name: str, version: str) -> dict:
+        zero = Duration().dump()
+        return {
+            "name": name,
+            "version": version,
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {
+                "success": self.success.dump(), "fail": self.fail.dump(), "queue": self.queue.dump(),
+                "compute_input": zero, "compute_infer": self.compute_infer.dump(), "compute_output": zero,
+                "cache_hit": zero, "cache_miss": zero,
+            },
+            "batch_stats": [
+                {"batch_size": size, "compute_input": {"count": d.count, "ns": 0},
+                 "compute_infer": d.dump(), "compute_output": {"count": d.count, "ns": 0}}
+                for size, d in sorted(self.batches.items())
+            ],
+        }

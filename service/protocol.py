@@ -1,0 +1,200 @@
+"""Open Inference Protocol v2 request/response models and Triton's binary tensor extension.
+
+A request body is a JSON header, optionally followed by raw little-endian tensor bytes: the header's length is
+given by `Inference-Header-Content-Length`, and each binary input says its byte count in
+`parameters.binary_data_size`, in the order the inputs appear. Responses use the same scheme for outputs
+asked for as binary (`binary_data` per output, `binary_data_output` for all).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+
+from engines.base import DATATYPES, numpy_dtype
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+Parameters = dict[str, Any]
+
+
+class ProtocolError(ValueError):
+    """The body cannot be decoded: malformed JSON, a truncated or inconsistent binary section."""
+
+
+class SchemaError(ValueError):
+    """The JSON decodes but is not an inference request (422)."""
+
+
+class RequestInput(BaseModel):
+    name: str
+    shape: list[int] = Field(description="full shape including the batch axis")
+    datatype: str
+    parameters: Parameters = Field(default_factory=dict)
+    data: Any = Field(None, description="row-major values, flat or nested; absent when sent as binary")
+
+
+class RequestOutput(BaseModel):
+    name: str
+    parameters: Parameters = Field(default_factory=dict)
+
+
+class InferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: Parameters = Field(default_factory=dict)
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: Parameters | None = None
+    data: list[Any] | None = None
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: Parameters | None = None
+    outputs: list[ResponseOutput]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+# -- decoding ------------------------------------------------------------------------------------
+def decode_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
+    """Split a (possibly binary) body into the JSON request and its input arrays, checking every length."""
+    if header_length is None:
+        head, blob = body, b""
+    else:
+        try:
+            size = int(header_length)
+        except ValueError:
+            raise ProtocolError(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+        if size == 0:
+            raise ProtocolError(f"{HEADER_LENGTH}: 0 (a raw binary request) is not supported; send a JSON header")
+        if not 0 < size <= len(body):
+            raise ProtocolError(f"{HEADER_LENGTH} is {size} but the body has only {len(body)} bytes")
+        head, blob = body[:size], body[size:]
+    try:
+        raw = json.loads(head)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        hint = "" if header_length else f" (binary tensors need the {HEADER_LENGTH} header)"
+        raise ProtocolError(f"request body is not valid JSON: {exc}{hint}") from None
+    try:
+        request = InferenceRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise SchemaError(f"not an inference request: {_first_error(exc)}") from None
+    return request, _decode_inputs(request, memoryview(blob))
+
+
+def _decode_inputs(request: InferenceRequest, blob: memoryview) -> dict[str, np.ndarray]:
+    arrays, cursor = {}, 0
+    for item in request.inputs:
+        if item.name in arrays:
+            raise ProtocolError(f"input {item.name!r} is given twice")
+        if any(d < 0 for d in item.shape):
+            raise ProtocolError(f"input {item.name!r}: shape {item.shape} has a negative dimension")
+        try:
+            dtype = numpy_dtype(item.datatype)
+        except ValueError as exc:
+            raise ProtocolError(f"input {item.name!r}: {exc}") from None
+        count = math.prod(item.shape)
+        nbytes = item.parameters.get("binary_data_size")
+        if nbytes is not None:
+            if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+                raise ProtocolError(f"input {item.name!r}: binary_data_size must be a non-negative integer")
+            if nbytes != count * dtype.itemsize:
+                raise ProtocolError(f"input {item.name!r}: binary_data_size is {nbytes} bytes but {item.datatype} "
+                                    f"{item.shape} needs {count * dtype.itemsize}")
+            if cursor + nbytes > len(blob):
+                raise ProtocolError(f"input {item.name!r}: binary body truncated: needs {nbytes} bytes at offset "
+                                    f"{cursor}, {len(blob) - cursor} left")
+            array = np.frombuffer(blob[cursor : cursor + nbytes], dtype=dtype.newbyteorder("<")).astype(dtype)
+            cursor += nbytes
+        else:
+            array = _from_json(item, dtype, count)
+        arrays[item.name] = array.reshape(item.shape)
+    if cursor != len(blob):
+        raise ProtocolError(f"binary body has {len(blob) - cursor} bytes beyond what the inputs' binary_data_size declare")
+    return arrays
+
+
+def _from_json(item: RequestInput, dtype: np.dtype, count: int) -> np.ndarray:
+    if item.data is None:
+        raise ProtocolError(f"input {item.name!r}: no 'data' and no binary_data_size parameter")
+    try:
+        array = np.asarray(item.data, dtype=dtype).reshape(-1)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ProtocolError(f"input {item.name!r}: data is not a regular array of {item.datatype}: {exc}") from None
+    if array.size != count:
+        raise ProtocolError(f"input {item.name!r}: shape {item.shape} needs {count} values, data has {array.size}")
+    return array
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"]) or "body"
+    return f"{where}: {err['msg']}"
+
+
+# -- encoding ------------------------------------------------------------------------------------
+def encode_response(
+    response: InferenceResponse, arrays: dict[str, np.ndarray], binary: dict[str, bool]
+) -> tuple[bytes, dict[str, str]]:
+    """JSON (+ binary blobs, in output order) for `response`, whose outputs carry no data yet."""
+    blobs = []
+    for out in response.outputs:
+        array = arrays[out.name]
+        if binary.get(out.name):
+            data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            out.parameters = {**(out.parameters or {}), "binary_data_size": len(data)}
+            blobs.append(data)
+        else:
+            out.data = array.reshape(-1).tolist()
+    head = json.dumps(response.model_dump(exclude_none=True), separators=(",", ":")).encode()
+    if not blobs:
+        return head, {"content-type": "application/json"}
+    return head + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+
+
+def binary_choices(request: InferenceRequest, available: list[str]) -> dict[str, bool]:
+    """Which outputs to return (all when none are named) and whether each goes back as binary."""
+    default = bool(request.parameters.get("binary_data_output", False))
+    if request.outputs is None:
+        return {name: default for name in available}
+    unknown = [o.name for o in request.outputs if o.name not in available]
+    if unknown:
+        raise ProtocolError(f"unknown output(s) {unknown}; this model's outputs are {available}")
+    return {o.name: bool(o.parameters.get("binary_data", default)) for o in request.outputs}
+
+
+DATATYPE_NAMES = list(DATATYPES)

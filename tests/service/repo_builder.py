@@ -1,0 +1,76 @@
+"""Build a tiny model repository whose answers are known exactly, for service, deploy and benchmark tests.
+
+    from tests.service.repo_builder import build_test_repo, expected
+    repo = build_test_repo(tmp_path)          # REPO/linear (unfused + affine), REPO/broken (corrupt artifact)
+
+`linear`: y = x @ W with a small integer W, FP32, x (-1, 4) -> y (-1, 3), dynamic batch; both variants are
+exact, so integer-valued inputs give exactly `expected(x)`. `broken`: a manifest whose ONNX file is garbage
+(sha256 matches, so the failure is the runtime refusing to load it).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from engines.manifest import Manifest, Parity, TensorInfo, VariantInfo, file_ref, write_manifest
+
+W = np.array([[1, 0, 2], [0, 1, -1], [1, 1, 0], [2, 0, 1]], dtype=np.float32)
+MODEL, BROKEN = "linear", "broken"
+FEATURES, OUTPUTS = W.shape
+
+
+def expected(x: np.ndarray) -> np.ndarray:
+    return (x.astype(np.float64) @ W.astype(np.float64)).astype(np.float32)
+
+
+def _export(path: Path) -> None:
+    import torch
+
+    class Linear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("w", torch.from_numpy(W.copy()))
+
+        def forward(self, x):  # (batch, 4) -> (batch, 3)
+            return x @ self.w
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # the legacy exporter warns that it is legacy
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(Linear(), (torch.zeros(1, FEATURES),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+
+
+def _parity() -> Parity:
+    return Parity(passed=True, reference="numpy x @ W", candidate="onnxruntime cpu fp32", dtype="float32",
+                  samples=8, max_abs=0.0, rel_l2=0.0, cosine=1.0, gate={"max_abs": 1e-5}, needed={"max_abs": 0.0})
+
+
+def _manifest(name: str, model_dir: Path, variants: list[str]) -> Manifest:
+    infos = {
+        v: VariantInfo(name=v, servable=True, files={"onnx": file_ref(model_dir, model_dir / v / "model.onnx")},
+                       parity=[_parity()], description="y = x @ W")
+        for v in variants
+    }
+    return Manifest(name=name, source="tests.service.repo_builder", task="test",
+                    inputs=[TensorInfo(name="x", datatype="FP32", shape=[-1, FEATURES])],
+                    outputs=[TensorInfo(name="y", datatype="FP32", shape=[-1, OUTPUTS])],
+                    max_batch_size=8, variants=infos, default_variant=variants[-1])
+
+
+def build_test_repo(path: Path) -> Path:
+    """Write REPO/linear (variants unfused, affine) and REPO/broken under `path`; return the repo path."""
+    repo = Path(path)
+    model_dir = repo / MODEL
+    _export(model_dir / "unfused" / "model.onnx")
+    (model_dir / "affine").mkdir(parents=True, exist_ok=True)
+    (model_dir / "affine" / "model.onnx").write_bytes((model_dir / "unfused" / "model.onnx").read_bytes())
+    write_manifest(model_dir, _manifest(MODEL, model_dir, ["unfused", "affine"]))
+    broken = repo / BROKEN
+    (broken / "unfused").mkdir(parents=True, exist_ok=True)
+    (broken / "unfused" / "model.onnx").write_bytes(b"this is not an ONNX file")
+    write_manifest(broken, _manifest(BROKEN, broken, ["unfused"]))
+    return repo
