@@ -1,0 +1,76 @@
+"""`crmsnorm`: Pre-LN → Pre-CRMSNorm, the residual stream stored at width d−1 (notes §3).
+
+After the Pre-RMSNorm centring every stream vector is zero-mean, so its last entry is −Σ of the others
+and need not be stored: writers drop their last output, readers absorb the missing input
+(W̃ = W[:, :d−1] − W[:, d−1]), and each LayerNorm becomes a CRMSNorm that divides by d.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from convert.modules import CRMSNorm
+from convert.rewrites import NotApplicable
+from convert.rewrites.affine import replace_module, write_tensor
+from convert.rewrites.analysis import LinearSite, example_inputs
+from convert.rewrites.math import compress_readers, compress_writer, drop_last_along
+from convert.rewrites.pre_rmsnorm import centre_residual_stream
+
+
+def to_pre_crmsnorm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    inputs = example_inputs(model) if inputs is None else inputs
+    analysis = centre_residual_stream(model, inputs)
+    for writer in analysis.writers:
+        if writer.kind == "input":
+            raise NotApplicable(f"the model input {writer.attr!r} is the residual stream: its width cannot be compressed")
+        if writer.kind == "linear":
+            _compress_writer(model, writer.site)
+        else:
+            tensor = getattr(model.get_submodule(writer.module), writer.attr)
+            write_tensor(model, writer.module, writer.attr, drop_last_along(tensor, writer.axis))
+            _sync_shape_attributes(model.get_submodule(writer.module))
+    for name, use in analysis.norms.items():
+        for site in use.readers:
+            owner = model.get_submodule(site.module)
+            write_tensor(model, site.module, site.weight, compress_readers(getattr(owner, site.weight), site.layout))
+            _sync_shape_attributes(owner)
+        dtype = use.module.weight.dtype if use.module.weight is not None else next(model.parameters()).dtype
+        replace_module(model, name, CRMSNorm(analysis.width, float(use.module.eps)).to(dtype))
+    _check_runs(model, inputs, analysis.width)
+    return model
+
+
+def _compress_writer(model: nn.Module, site: LinearSite) -> None:
+    owner = model.get_submodule(site.module)
+    weight, bias = compress_writer(getattr(owner, site.weight), getattr(owner, site.bias, None), site.layout)
+    write_tensor(model, site.module, site.weight, weight)
+    if bias is not None:
+        write_tensor(model, site.module, site.bias, bias)
+    _sync_shape_attributes(owner)
+
+
+def _sync_shape_attributes(module: nn.Module) -> None:
+    """Keep the size attributes that forward() reads in step with a resized weight."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = weight.shape
+    elif isinstance(module, nn.Embedding):
+        module.embedding_dim = weight.shape[1]
+    elif isinstance(module, nn.Conv2d | nn.Conv1d):
+        module.out_channels, module.in_channels = weight.shape[0], weight.shape[1] * module.groups
+    elif hasattr(module, "nf") and weight.dim() == 2:  # Hugging Face Conv1D: weight [nx, nf]
+        module.nx, module.nf = weight.shape
+
+
+def _check_runs(model: nn.Module, inputs: dict[str, torch.Tensor], width: int) -> None:
+    """Some modules hard-code the stream width (nn.MultiheadAttention checks embed_dim): run once to see."""
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except Exception as error:  # noqa: BLE001 - whatever broke, the compressed model does not run
+        raise NotApplicable(
+            f"{type(model).__name__} does not run with its residual stream compressed to width {width - 1}: {error}"
+        ) from error
