@@ -17,11 +17,13 @@ def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
         for module in model.modules():
             if isinstance(module, _BatchNorm):
                 n = module.num_features
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
-                module.running_var.copy_(torch.rand(n, generator=generator) * 2.0 + 0.2)
                 if module.affine:
                     module.weight.copy_(torch.randn(n, generator=generator) * 0.5 + 1.0)
                     module.bias.copy_(torch.randn(n, generator=generator) * 0.3)
+                if not module.track_running_stats:
+                    continue
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
+                module.running_var.copy_(torch.rand(n, generator=generator) * 2.0 + 0.2)
     return model
 
 
