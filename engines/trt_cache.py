@@ -122,7 +122,7 @@ def sidecar_path(plan: Path) -> Path:
 def timing_cache_path(cache_dir: Path, trt_version: str, compute_capability: str) -> Path:
     """Timing caches are shared by every variant built with one TensorRT version on one GPU architecture."""
     sm = compute_capability.replace(".", "")
-    return Path(cache_dir) / _safe(f"timing.trt{trt_version}.sm{sm}.cache")
+    return Path(cache_dir) / _safe(f"trt{trt_version}.sm{sm}.timing_cache")  # *.timing_cache is git-ignored
 
 
 def write_sidecar(plan: Path, variant: str, key: EngineKey, *, build_log: list[str] | None = None) -> Path:

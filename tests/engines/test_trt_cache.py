@@ -133,7 +133,7 @@ def test_variant_source_digest_covers_external_data():
 
 def test_timing_cache_is_per_trt_version_and_architecture(tmp_path):
     assert timing_cache_path(tmp_path, "11.4.0.106", "9.0") != timing_cache_path(tmp_path, "11.4.0.106", "8.0")
-    assert timing_cache_path(tmp_path, "11.4.0.106", "9.0").name == "timing.trt11.4.0.106.sm90.cache"
+    assert timing_cache_path(tmp_path, "11.4.0.106", "9.0").name == "trt11.4.0.106.sm90.timing_cache"
 
 
 def test_profile_rejects_nonsense():

@@ -1,0 +1,342 @@
+"""The TensorRT build glue against a recording fake builder/parser (no GPU or full TensorRT here).
+
+The fake parser reads the real ONNX file, so network inputs, dynamic axes and parse errors come from the
+artifact. The fake's enums hold only what the real 10.x / 11.x Python API has: touching a removed name
+(BuilderFlag.FP16 on 11.x, EXPLICIT_BATCH) is an AttributeError, as it would be on a GPU host.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import types
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import convert.build_tensorrt as build
+from engines.manifest import Manifest, TensorInfo, VariantInfo, file_ref, write_manifest
+from engines.trt_cache import read_sidecar
+
+# -- the fake TensorRT builder API ------------------------------------------------------------------
+
+
+class Severity(enum.Enum):
+    INTERNAL_ERROR = 0
+    ERROR = 1
+    WARNING = 2
+    INFO = 3
+    VERBOSE = 4
+
+
+class ILogger:
+    Severity = Severity
+
+    def __init__(self) -> None:
+        pass
+
+
+class ParserError:
+    def __init__(self, index: int, node: onnx.NodeProto) -> None:
+        self.index, self.onnx_node = index, node
+
+    def node(self):
+        return self.index
+
+    def node_name(self):
+        return self.onnx_node.name
+
+    def node_operator(self):
+        return self.onnx_node.op_type
+
+    def desc(self):
+        return f"No importer registered for op: {self.onnx_node.op_type}"
+
+    def code(self):
+        return "ErrorCode.UNSUPPORTED_NODE"
+
+
+class FakeNetwork:
+    def __init__(self, flags: int) -> None:
+        self.flags = flags
+        self.inputs: list[types.SimpleNamespace] = []
+
+    @property
+    def num_inputs(self):
+        return len(self.inputs)
+
+    def get_input(self, i):
+        return self.inputs[i]
+
+
+def make_fake_trt(version: str = "11.4.0.106", *, unsupported: tuple[str, ...] = (), build_fails: bool = False):
+    major = int(version.split(".")[0])
+    flags = ["TF32", "VERSION_COMPATIBLE", "DISABLE_TIMING_CACHE"] + (["FP16", "INT8"] if major == 10 else [])
+    fake = types.SimpleNamespace(
+        __version__=version,
+        ILogger=ILogger,
+        BuilderFlag=enum.Enum("BuilderFlag", flags),
+        MemoryPoolType=enum.Enum("MemoryPoolType", ["WORKSPACE", "TACTIC_SHARED_MEMORY"]),
+        NetworkDefinitionCreationFlag=enum.IntEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 1}),
+        builds=[],
+        parsed=[],
+    )
+
+    class Profile:
+        def __init__(self) -> None:
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+        def __bool__(self):
+            return bool(self.shapes)
+
+    class TimingCache:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def serialize(self):
+            return self.data + b"+timings"
+
+    class Config:
+        def __init__(self) -> None:
+            self.pools, self.cleared, self.profiles = {}, [], []
+            self.builder_optimization_level = 3
+
+        def set_memory_pool_limit(self, pool, size):
+            self.pools[pool.name] = size
+
+        def clear_flag(self, flag):
+            self.cleared.append(flag.name)
+
+        def set_flag(self, flag):
+            raise AssertionError(f"no builder flag should be set, got {flag}")
+
+        def create_timing_cache(self, data):
+            return TimingCache(data)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.timing_cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self.timing_cache
+
+        def add_optimization_profile(self, profile):
+            self.profiles.append(profile)
+            return len(self.profiles) - 1
+
+    class OnnxParser:
+        def __init__(self, network, logger) -> None:
+            self.network, self.errors = network, []
+
+        def parse_from_file(self, path):
+            model = onnx.load(path)  # with its external data, as TensorRT would read it
+            fake.parsed.append((path, model))
+            self.errors = [ParserError(i, n) for i, n in enumerate(model.graph.node) if n.op_type in unsupported]
+            initializers = {i.name for i in model.graph.initializer}
+            for value in model.graph.input:
+                if value.name in initializers:
+                    continue
+                dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim)
+                self.network.inputs.append(types.SimpleNamespace(name=value.name, shape=dims))
+            return not self.errors
+
+        @property
+        def num_errors(self):
+            return len(self.errors)
+
+        def get_error(self, i):
+            return self.errors[i]
+
+    class Builder:
+        def __init__(self, logger) -> None:
+            self.logger = logger
+
+        def create_network(self, flags):
+            assert isinstance(flags, int)
+            self.network = FakeNetwork(flags)
+            return self.network
+
+        def create_builder_config(self):
+            self.config = Config()
+            return self.config
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            fake.builds.append(types.SimpleNamespace(network=network, config=config))
+            if build_fails:
+                self.logger.log(Severity.ERROR, "Could not find any implementation for node MatMul_0")
+                return None
+            return json.dumps({k: list(v) for k, v in config.profiles[0].shapes.items()}).encode()
+
+    fake.Builder, fake.OnnxParser = Builder, OnnxParser
+    return fake
+
+
+# -- a tiny model repository -------------------------------------------------------------------------
+
+
+def tiny_onnx(path, op: str = "Relu", *, external: bool = False) -> None:
+    """y = op(x @ W) with x (batch, 4), a FP32 weight, LayerNormalization first."""
+    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32), "W")
+    gamma = numpy_helper.from_array(np.ones(4, dtype=np.float32), "gamma")
+    graph = helper.make_graph(
+        [
+            helper.make_node("LayerNormalization", ["x", "gamma"], ["n"], name="norm_0", axis=-1),
+            helper.make_node("MatMul", ["n", "W"], ["h"], name="matmul_0"),
+            helper.make_node(op, ["h"], ["y"], name=f"{op.lower()}_0"),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [weight, gamma],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, str(path), save_as_external_data=external, location=f"{path.name}.data", size_threshold=0)
+
+
+def make_repo(tmp_path, op: str = "Relu"):
+    model_dir = tmp_path / "tiny"
+    variants = {}
+    for name in ("unfused", "rmsnorm"):
+        (model_dir / name).mkdir(parents=True)
+        onnx_path = model_dir / name / "model.onnx"
+        tiny_onnx(onnx_path, op, external=True)
+        files = {"onnx": file_ref(model_dir, onnx_path),
+                 "onnx_data": file_ref(model_dir, model_dir / name / "model.onnx.data")}
+        variants[name] = VariantInfo(name=name, servable=True, files=files)
+    manifest = Manifest(
+        name="tiny", source="test", inputs=[TensorInfo(name="x", datatype="FP32", shape=[-1, 4])],
+        outputs=[TensorInfo(name="y", datatype="FP32", shape=[-1, 4])], variants=variants,
+        default_variant="unfused",
+    )
+    write_manifest(model_dir, manifest)
+    return model_dir, manifest
+
+
+@pytest.fixture
+def use_fake(monkeypatch):
+    def install(fake):
+        monkeypatch.setattr(build, "load_tensorrt_builder", lambda: fake)
+        monkeypatch.setattr(build, "gpu_identity", lambda device=0: ("Fake H100", "9.0"))
+        return fake
+
+    return install
+
+
+def test_builds_one_plan_per_variant_with_profile_workspace_and_timing_cache(tmp_path, use_fake):
+    fake = use_fake(make_fake_trt())
+    model_dir, manifest = make_repo(tmp_path)
+    plans = build.build_engines(model_dir, manifest, precision="fp32", batch_sizes=(1, 8, 32))
+    assert [p.parent for p in plans] == [model_dir / "unfused" / "tensorrt", model_dir / "rmsnorm" / "tensorrt"]
+    assert json.loads(plans[0].read_bytes()) == {"x": [[1, 4], [8, 4], [32, 4]]}
+    built = fake.builds[0]
+    assert built.network.flags == 0  # 11.x: always strongly typed, no EXPLICIT_BATCH
+    assert built.config.pools == {"WORKSPACE": 1 << 30}
+    assert built.config.builder_optimization_level == 3
+    # parsed from the file, so the external weights beside it were found
+    path, model = fake.parsed[0]
+    assert path.endswith("unfused/model.onnx") and len(model.graph.initializer[0].raw_data) == 64
+    variant, key = read_sidecar(plans[0])
+    assert (variant, key.precision, key.trt_version, key.gpu_name, key.compute_capability) == (
+        "unfused", "fp32", "11.4.0.106", "Fake H100", "9.0")
+    assert key.profiles["x"].opt == (8, 4)
+    timing = model_dir / "trt11.4.0.106.sm90.timing_cache"
+    assert timing.read_bytes() == b"+timings+timings"  # the second build loaded the first one's cache
+
+
+def test_a_matching_plan_is_reused_and_a_new_tensorrt_rebuilds(tmp_path, use_fake):
+    model_dir, manifest = make_repo(tmp_path)
+    fake = use_fake(make_fake_trt())
+    first = build.build_engines(model_dir, manifest, batch_sizes=(1, 8, 32))
+    assert build.build_engines(model_dir, manifest, batch_sizes=(1, 8, 32)) == first
+    assert len(fake.builds) == 2
+    newer = use_fake(make_fake_trt("11.5.0.1"))
+    rebuilt = build.build_engines(model_dir, manifest, batch_sizes=(1, 8, 32))
+    assert len(newer.builds) == 2 and rebuilt != first and all(p.is_file() for p in first + rebuilt)
+    other_profile = build.build_engines(model_dir, manifest, batch_sizes=(1, 4))
+    assert len(newer.builds) == 4 and other_profile != rebuilt
+
+
+def test_fp16_on_11x_parses_the_precision_annotated_onnx_without_builder_flags(tmp_path, use_fake):
+    fake = use_fake(make_fake_trt("11.4.0.106"))
+    model_dir, manifest = make_repo(tmp_path)
+    plans = build.build_engines(model_dir, manifest, precision="fp16", batch_sizes=(1, 16))
+    path, model = fake.parsed[0]
+    assert path.endswith("unfused/tensorrt/model.fp16.onnx")
+    types_ = {i.name: i.data_type for i in model.graph.initializer}
+    assert types_["W"] == TensorProto.FLOAT16  # matmul weights in FP16
+    norm = next(n for n in model.graph.node if n.op_type == "LayerNormalization")
+    assert types_[norm.input[1]] == TensorProto.FLOAT  # the norm's scale stays FP32
+    assert fake.builds[0].network.flags == 0 and fake.builds[0].config.cleared == []
+    key = read_sidecar(plans[0])[1]
+    assert key.precision == "fp16" and key.onnx_sha256 != key.source_sha256
+
+
+def test_fp16_on_10x_uses_a_strongly_typed_network(tmp_path, use_fake):
+    fake = use_fake(make_fake_trt("10.16.1.11"))
+    model_dir, manifest = make_repo(tmp_path)
+    build.build_engines(model_dir, manifest, precision="fp16", batch_sizes=(1, 16))
+    assert fake.builds[0].network.flags == 1 << 1
+    assert fake.parsed[0][0].endswith("model.fp16.onnx")
+
+
+def test_tf32_off_clears_the_flag(tmp_path, use_fake):
+    fake = use_fake(make_fake_trt())
+    model_dir, manifest = make_repo(tmp_path)
+    build.build_engines(model_dir, manifest, options=build.BuildOptions(tf32=False, batch_sizes=(2,)))
+    assert fake.builds[0].config.cleared == ["TF32"]
+    assert json.loads(read_sidecar(next((model_dir / "unfused" / "tensorrt").glob("*.plan")))[1]
+                      .to_json()["builder_flags"]["tf32"]) is False
+
+
+def test_parse_errors_name_the_node_and_operator(tmp_path, use_fake):
+    use_fake(make_fake_trt(unsupported=("Mish",)))
+    model_dir, manifest = make_repo(tmp_path, op="Mish")
+    with pytest.raises(build.OnnxParseError, match=r"node 2 'mish_0' \(operator Mish\): No importer"):
+        build.build_engines(model_dir, manifest)
+
+
+def test_a_failed_build_raises_with_the_captured_log(tmp_path, use_fake):
+    use_fake(make_fake_trt(build_fails=True))
+    model_dir, manifest = make_repo(tmp_path)
+    with pytest.raises(build.EngineBuildError, match=r"(?s)returned None.*\[ERROR\] Could not find any implementation"):
+        build.build_engines(model_dir, manifest)
+    assert not list((model_dir / "unfused" / "tensorrt").glob("*.plan"))
+
+
+def test_profiles_cover_dynamic_axes_only():
+    inputs = [TensorInfo(name="ids", datatype="INT64", shape=[-1, -1]),
+              TensorInfo(name="scale", datatype="FP32", shape=[4])]
+    profiles = build.profiles_for(inputs, build.BuildOptions(batch_sizes=(4, 1, 32, 8), other_dynamic=(1, 64, 256)))
+    assert set(profiles) == {"ids"}
+    assert (profiles["ids"].min, profiles["ids"].opt, profiles["ids"].max) == ((1, 1), (4, 64), (32, 256))
+
+
+def test_options_reject_nonsense():
+    with pytest.raises(ValueError, match="precision"):
+        build.BuildOptions(precision="int8")
+    with pytest.raises(ValueError, match="batch sizes"):
+        build.BuildOptions(batch_sizes=(0, 8))
+
+
+def test_without_tensorrt_or_gpu_it_fails_fast_saying_what_is_missing(tmp_path):
+    """The real check on this machine: no full TensorRT (at most the lean runtime) and no CUDA GPU."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    with pytest.raises(build.TensorRTUnavailable) as info:
+        build.check_tensorrt_available()
+    message = str(info.value)
+    assert "no CUDA GPU is visible" in message and "--backend onnxruntime" in message
+    assert "lean runtime" in message or "`tensorrt` Python module is not installed" in message
+    model_dir, manifest = make_repo(tmp_path)
+    with pytest.raises(build.TensorRTUnavailable):
+        build.build_engines(model_dir, manifest)
+    assert not (model_dir / "unfused" / "tensorrt").exists(), "nothing is written before the check"
