@@ -1,0 +1,126 @@
+"""Helpers for the deploy tests: read the dashboard and rules, render a test Prometheus config, run Prometheus.
+
+Nothing here is faked: `prometheus` and `promtool` are Debian's real binaries (installed by .ci/run), and
+the config the tests run is the project's own deploy/prometheus/prometheus.yml with only the target,
+the intervals and the rules path changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+RULES = DEPLOY / "prometheus" / "rules.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "normfuse.json"
+DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+
+# What the dashboard's Grafana variables become when the tests evaluate its queries: the "All" choice of
+# the model variable, and a rate window of 10 scrapes at the tests' 1 s scrape interval.
+TEST_VARIABLES = {"$__rate_interval": "10s", "$model": ".*"}
+
+
+def load_dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def load_rules() -> list[dict]:
+    """Every rule of rules.yml, flattened across groups."""
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def dashboard_targets(dashboard: dict) -> list[tuple[dict, dict]]:
+    """(panel, target) for every query of every panel, including panels nested in collapsed rows."""
+    found = []
+    for panel in dashboard["panels"]:
+        for inner in [panel, *panel.get("panels", [])]:
+            found.extend((inner, target) for target in inner.get("targets", []))
+    return found
+
+
+def substitute(expr: str, variables: dict[str, str] = TEST_VARIABLES) -> str:
+    """Replace Grafana variables ($name and ${name}) the way Grafana would; fail on one we do not know."""
+    for name, value in sorted(variables.items(), key=lambda kv: -len(kv[0])):
+        bare = name.lstrip("$")
+        expr = expr.replace("${" + bare + "}", value).replace(name, value)
+    leftover = re.findall(r"\$\{?\w+", expr)
+    if leftover:
+        raise ValueError(f"unknown Grafana variable(s) {leftover} in {expr!r}")
+    return expr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def render_test_config(path: Path, *, target: str, self_target: str, interval: str = "1s") -> Path:
+    """The project's prometheus.yml, pointed at `target`, scraping and evaluating every `interval`."""
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    config["global"]["scrape_interval"] = interval
+    config["global"]["evaluation_interval"] = interval
+    config["rule_files"] = [str(RULES)]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    jobs["normfuse"]["static_configs"] = [{"targets": [target]}]
+    jobs["prometheus"]["static_configs"] = [{"targets": [self_target]}]
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@contextlib.contextmanager
+def running_prometheus(config: Path, data_dir: Path, port: int, timeout_s: float = 20.0) -> Iterator[str]:
+    """Start a real Prometheus on 127.0.0.1:port, wait until ready, yield its base URL, stop it."""
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is not installed (apt-get install prometheus; .ci/run does it)"
+    log = (data_dir / "prometheus.log").open("w")
+    proc = subprocess.Popen(
+        [binary, f"--config.file={config}", f"--storage.tsdb.path={data_dir / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert proc.poll() is None, f"prometheus exited: {(data_dir / 'prometheus.log').read_text()}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "prometheus did not become ready"
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def instant_query(url: str, expr: str) -> list[dict]:
+    """Evaluate `expr` now through /api/v1/query; return the result vector (raises on a PromQL error)."""
+    response = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=5)
+    body = response.json()
+    if body.get("status") != "success":
+        raise AssertionError(f"{expr!r}: {body.get('errorType')}: {body.get('error')}")
+    return body["data"]["result"]
+
+
+def finite_values(result: list[dict]) -> list[float]:
+    values = [float(sample["value"][1]) for sample in result]
+    return [v for v in values if v == v and abs(v) != float("inf")]

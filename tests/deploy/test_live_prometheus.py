@@ -1,0 +1,174 @@
+"""The real thing, on loopback: `normfuse serve` with traffic, scraped by a real Prometheus running the
+project's scrape config and recording rules; every rule and every dashboard query must return data.
+
+Only the scrape target, the intervals (1 s) and the rules path differ from deploy/prometheus/prometheus.yml;
+dashboard queries are evaluated with Grafana's variables substituted (promkit.TEST_VARIABLES).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.deploy.promkit import (
+    ROOT,
+    dashboard_targets,
+    finite_values,
+    free_port,
+    instant_query,
+    load_dashboard,
+    load_rules,
+    render_test_config,
+    running_prometheus,
+    substitute,
+)
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed (.ci/run installs it)"),
+]
+
+DEADLINE_S = 45.0  # from the first request until every query must have returned data
+
+
+@contextlib.contextmanager
+def running_server(repo: Path, port: int, log_path: Path) -> Iterator[str]:
+    """`normfuse serve` as a real process; yields its base URL once /v2/health/ready answers 200."""
+    env = {**os.environ, "NORMFUSE_SHADOW_RATE": "1.0", "NORMFUSE_MAX_QUEUE_DELAY_MS": "5",
+           "NORMFUSE_INTRA_OP_THREADS": "1", "NORMFUSE_LOG_LEVEL": "warning"}
+    log = log_path.open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "normfuse.cli", "serve", "--repo", str(repo), "--host", "127.0.0.1",
+         "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, f"server exited:\n{log_path.read_text()[-3000:]}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, f"server not ready:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+class Traffic:
+    """A few client threads sending requests to every variant (and some bad ones) until stopped."""
+
+    def __init__(self, url: str, model: str, variants: list[str], threads: int = 3) -> None:
+        self.url, self.model, self.variants = url, model, variants
+        self.stop = threading.Event()
+        self.codes: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    def _run(self, seed: int) -> None:
+        with httpx.Client(timeout=10) as client:
+            n = seed
+            while not self.stop.is_set():
+                n += 1
+                variant = self.variants[n % len(self.variants)]
+                rows = 1 + n % 3
+                features = 5 if n % 10 == 0 else 4  # every tenth request has a wrong shape -> 400
+                body = {"inputs": [{"name": "x", "shape": [rows, features], "datatype": "FP32",
+                                    "data": [float(i % 7) for i in range(rows * features)]}]}
+                try:
+                    code = client.post(f"{self.url}/v2/models/{self.model}/versions/{variant}/infer",
+                                       json=body).status_code
+                except httpx.HTTPError:
+                    code = -1
+                with self._lock:
+                    self.codes[code] = self.codes.get(code, 0) + 1
+                time.sleep(0.01)
+
+
+def queries() -> dict[str, str]:
+    """label -> PromQL: every rule's expression, every recorded series, every dashboard query."""
+    found = {}
+    for rule in load_rules():
+        found[f"rule expr {rule['record']}"] = rule["expr"]
+        found[f"recorded {rule['record']}"] = rule["record"]
+    for panel, target in dashboard_targets(load_dashboard()):
+        found[f"panel {panel['title']!r} {target['refId']}"] = substitute(target["expr"])
+    return found
+
+
+def missing_data(url: str, exprs: dict[str, str]) -> dict[str, str]:
+    """The queries that do not (yet) return at least one finite value, with what they returned."""
+    missing = {}
+    for label, expr in exprs.items():
+        result = instant_query(url, expr)
+        if not finite_values(result):
+            missing[label] = f"{expr} -> {result}"
+    return missing
+
+
+def test_rules_and_dashboard_queries_return_data(tmp_path):
+    repo_builder = pytest.importorskip("tests.service.repo_builder")
+    pytest.importorskip("service.app")
+    repo = repo_builder.build_test_repo(tmp_path / "repo")
+    shutil.rmtree(repo / repo_builder.BROKEN)  # the deliberately unloadable model has no metrics to show
+    model, variants = repo_builder.MODEL, ["unfused", "affine"]
+
+    server_port, prom_port = free_port(), free_port()
+    config = render_test_config(tmp_path / "prometheus.yml", target=f"127.0.0.1:{server_port}",
+                                self_target=f"127.0.0.1:{prom_port}")
+    exprs = queries()
+    with (running_server(repo, server_port, tmp_path / "server.log") as server,
+          running_prometheus(config, tmp_path, prom_port) as prometheus,
+          Traffic(server, model, variants) as traffic):
+        deadline = time.monotonic() + DEADLINE_S
+        while (missing := missing_data(prometheus, exprs)) and time.monotonic() < deadline:
+            time.sleep(1)
+        # the check itself can fail: a query for a model nobody serves is reported as missing
+        assert missing_data(prometheus, {"control": 'normfuse:compute_duration_seconds:p50_1m{model="nope"}'})
+        assert not missing, f"{len(missing)} of {len(exprs)} queries have no data (codes {traffic.codes}):\n" + \
+            "\n".join(f"  {k}: {v}" for k, v in missing.items())
+
+        # The scrape is the project's job, and the dashboard's model variable lists the served model.
+        assert finite_values(instant_query(prometheus, 'up{job="normfuse"} == 1')) == [1.0]
+        labels = httpx.get(f"{prometheus}/api/v1/label/model/values",
+                           params={"match[]": "normfuse_requests_total"}, timeout=5).json()["data"]
+        assert labels == [model]
+
+        # fused ÷ unfused joins one series per fused variant, never the baseline against itself.
+        ratio = instant_query(prometheus, "normfuse:compute_duration_seconds:p50_ratio_to_unfused_1m")
+        assert [s["metric"]["variant"] for s in ratio] == ["affine"]
+        assert all(v > 0 for v in finite_values(ratio))
+        # Both variants compute x @ W from the same ONNX file: the shadow parity error is exactly 0.
+        error = instant_query(prometheus, "normfuse:shadow_abs_error:p99_1m")
+        assert [s["metric"]["variant"] for s in error] == ["affine"] and finite_values(error) == [0.0]
+        # The bad requests were counted as errors by code; nothing was shed, which reads as 0, not "no data".
+        assert {s["metric"]["code"] for s in instant_query(prometheus, "normfuse:requests:rate1m")} >= {"200", "400"}
+        assert finite_values(instant_query(prometheus, "normfuse:requests_shed:ratio_1m")) == [0.0, 0.0]
+    assert traffic.codes.get(200, 0) > 0 and traffic.codes.get(400, 0) > 0, traffic.codes
