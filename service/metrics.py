@@ -37,6 +37,8 @@ class Metrics:
                                (*LABELS, "reason"), registry=r)
         self.queue_depth = Gauge("normfuse_queue_depth", "Requests waiting in the batcher's queue", LABELS,
                                  registry=r)
+        self.inflight = Gauge("normfuse_inflight_requests", "Inference requests accepted and not yet answered",
+                              LABELS, registry=r)
         self.engine = Info("normfuse_engine", "Engine provenance per variant", LABELS, registry=r)
         self.shadow_ratio = Histogram("normfuse_shadow_latency_ratio",
                                       "Variant compute time / unfused compute time on the same batch",

@@ -146,6 +146,7 @@ async def infer(model: str, request: Request, repo: Repo, version: str | None = 
     started, code, queue_s, rows, servable = time.perf_counter(), 200, None, 0, None
     try:
         servable = repo.get(model, version)
+        request.app.state.metrics.inflight.labels(**servable.labels).inc()
         body = await read_body(request, request.app.state.settings.max_body_bytes)
         req, arrays = decode_request(body, request.headers.get(HEADER_LENGTH))
         check_inputs(servable.engine.inputs, arrays)
@@ -173,6 +174,7 @@ async def infer(model: str, request: Request, repo: Repo, version: str | None = 
 
 def record(request: Request, servable, code: int, seconds: float, queue_s: float | None, rows: int) -> None:
     m = request.app.state.metrics
+    m.inflight.labels(**servable.labels).dec()
     m.requests.labels(**servable.labels, code=str(code)).inc()
     m.request.labels(**servable.labels).observe(seconds)
     if queue_s is not None:

@@ -1,0 +1,175 @@
+"""The real `normfuse serve` process on a free port: Triton's own client (JSON and binary), shadow mode and
+/compare, and SIGTERM under load (every accepted request answered, then exit)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # tests/e2e has no __init__.py: make `tests.service` importable (see report)
+
+from tests.service.repo_builder import BROKEN, MODEL, build_test_repo, expected  # noqa: E402
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`normfuse serve` in a subprocess; waits for /v2/health/ready."""
+
+    def __init__(self, repo: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [str(ROOT / ".venv/bin/normfuse"), "serve", "--repo", str(repo), "--port", str(self.port), *flags]
+        if not Path(cmd[0]).exists():
+            cmd[:1] = [sys.executable, "-m", "normfuse.cli"]
+        self.log = open(repo.parent / f"server-{self.port}.log", "w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT,
+                                     cwd=ROOT)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server not ready in 90 s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return build_test_repo(tmp_path_factory.mktemp("e2e") / "repo")
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    srv = Server(repo, "--max-queue-delay-ms", "5", env={"NORMFUSE_SHADOW_RATE": "1.0"})
+    yield srv
+    srv.stop()
+
+
+def test_tritonclient_round_trip_json_and_binary(server):
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(MODEL) and not client.is_model_ready(BROKEN)
+    assert client.get_model_metadata(MODEL)["versions"] == ["unfused", "affine"]
+    assert client.get_model_config(MODEL)["max_batch_size"] == 8
+    x = np.arange(20, dtype=np.float32).reshape(5, 4)
+    for binary in (True, False):
+        inp = triton.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        out = triton.InferRequestedOutput("y", binary_data=binary)
+        result = client.infer(MODEL, [inp], outputs=[out], request_id=f"r-{binary}")
+        np.testing.assert_array_equal(result.as_numpy("y"), expected(x))
+        assert result.get_response()["id"] == f"r-{binary}"
+    inp = triton.InferInput("x", [2, 4], "FP32")
+    inp.set_data_from_numpy(x[:2])  # all defaults: binary input, binary outputs for everything
+    np.testing.assert_array_equal(client.infer(MODEL, [inp], model_version="unfused").as_numpy("y"), expected(x[:2]))
+    stats = client.get_inference_statistics(MODEL)["model_stats"]
+    assert sum(s["inference_count"] for s in stats) >= 12
+    index = client.get_model_repository_index()
+    assert {"name": MODEL, "version": "affine", "state": "READY"} in index
+    with pytest.raises(triton.InferenceServerException, match="unknown input"):
+        bad = triton.InferInput("z", [1, 4], "FP32")
+        bad.set_data_from_numpy(x[:1])
+        client.infer(MODEL, [bad])
+    client.close()
+
+
+def test_shadow_mode_and_compare(server):
+    x = np.ones((4, 4), np.float32)
+    body = {"inputs": [{"name": "x", "shape": [4, 4], "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for _ in range(10):
+            assert c.post(f"/v2/models/{MODEL}/infer", json=body).status_code == 200
+            time.sleep(0.02)  # let the (single, bounded) shadow worker finish between batches
+        compare = c.get(f"/v2/models/{MODEL}/compare").json()
+        metrics = c.get("/metrics").text
+    affine = compare["variants"]["affine"]
+    assert affine["shadow"]["pairs"] >= 1
+    assert affine["shadow"]["max_abs_error"] == 0.0  # both variants are exact
+    assert affine["compute_ms"]["4"]["n"] >= 10 and affine["compute_ms"]["4"]["p50"] > 0
+    assert affine["parity"][0]["passed"] is True
+    assert compare["variants"]["unfused"]["shadow"]["pairs"] == 0  # unfused is the baseline, never shadowed
+    assert 'normfuse_shadow_latency_ratio_count{backend="onnxruntime",model="linear",variant="affine"}' in metrics
+    assert 'normfuse_shadow_abs_error_bucket{backend="onnxruntime",le="0.0",model="linear",variant="affine"}' in metrics
+
+
+def inflight(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("normfuse_inflight_requests{"))
+
+
+def test_sigterm_under_load_answers_every_accepted_request(repo):
+    # a long batching window: requests sit in the batcher's queue when SIGTERM arrives
+    srv = Server(repo, "--max-queue-delay-ms", "1500", "--max-batch-size", "8")
+    xs = [np.full((1, 4), i, np.float32) for i in range(6)]
+    results: list[object] = [None] * len(xs)
+
+    def call(i: int) -> None:
+        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": xs[i].reshape(-1).tolist()}]}
+        try:
+            results[i] = httpx.post(f"{srv.url}/v2/models/{MODEL}/infer", json=body, timeout=30)
+        except httpx.HTTPError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while inflight(srv.url) < len(xs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert inflight(srv.url) == len(xs), "the requests never all reached the server"
+    srv.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(60)
+    code = srv.proc.wait(30)
+    output = srv.output()
+    srv.stop()
+    lost = [r for r in results if not isinstance(r, httpx.Response) or r.status_code != 200]
+    assert lost == [], output
+    for x, r in zip(xs, results, strict=True):
+        np.testing.assert_array_equal(np.array(r.json()["outputs"][0]["data"], np.float32), expected(x)[0])
+    assert code in (0, -signal.SIGTERM), output  # uvicorn re-raises SIGTERM after its graceful shutdown
+    assert "draining" in output and "stopped" in output
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{srv.url}/v2/health/live", timeout=2)
