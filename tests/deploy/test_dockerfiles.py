@@ -1,0 +1,155 @@
+"""deploy/Dockerfile.{cpu,gpu} and .dockerignore, checked structurally (no Docker engine here).
+
+Parsed the way Docker reads them: comment lines dropped, backslash continuations joined.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import tomllib
+
+from tests.deploy.promkit import ROOT
+
+DOCKERFILES = {"cpu": ROOT / "deploy" / "Dockerfile.cpu", "gpu": ROOT / "deploy" / "Dockerfile.gpu"}
+SOURCE_PACKAGES = ("normfuse", "convert", "engines", "service", "benchmarks")
+
+
+def instructions(kind: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order."""
+    lines, current = [], ""
+    for raw in DOCKERFILES[kind].read_text().splitlines():
+        if raw.strip().startswith("#") or (not raw.strip() and not current):
+            continue
+        if raw.rstrip().endswith("\\"):
+            current += raw.rstrip()[:-1] + " "
+            continue
+        lines.append(current + raw)
+        current = ""
+    parsed = []
+    for line in lines:
+        word, _, rest = line.strip().partition(" ")
+        parsed.append((word.upper(), rest.strip()))
+    return parsed
+
+
+def base_image(kind: str) -> str:
+    steps = instructions(kind)
+    args = {}
+    for word, rest in steps:
+        if word == "ARG" and "=" in rest:
+            name, _, value = rest.partition("=")
+            args[name] = value
+        if word == "FROM":
+            return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], rest.split()[0])
+    raise AssertionError("no FROM")
+
+
+def dockerignore_admits(path: str) -> bool:
+    """Docker's rule: the last matching pattern wins; a pattern also covers everything under a directory."""
+    admitted = True
+    for pattern in (ROOT / ".dockerignore").read_text().splitlines():
+        pattern = pattern.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(fnmatch.fnmatchcase(p, pattern) or fnmatch.fnmatchcase(p, pattern.replace("**/", "")) for p in prefixes):
+            admitted = negate
+    return admitted
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_base_image_is_pinned(kind):
+    image = base_image(kind)
+    name, _, tag = image.rpartition(":")
+    assert name and tag and tag != "latest" and re.search(r"\d+\.\d+", tag), image
+
+
+def test_expected_base_images():
+    assert base_image("cpu").startswith("python:3.11.") and "slim" in base_image("cpu")
+    assert base_image("gpu").startswith("nvcr.io/nvidia/tensorrt:")
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_runs_as_non_root(kind):
+    users = [rest for word, rest in instructions(kind) if word == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), users
+    last_user = max(i for i, (word, _) in enumerate(instructions(kind)) if word == "USER")
+    assert all(word not in ("RUN", "COPY") for word, _ in instructions(kind)[last_user:]), "root steps after USER"
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_healthcheck_probes_readiness_on_the_served_port(kind):
+    steps = dict(instructions(kind))
+    health = steps["HEALTHCHECK"]
+    assert "/v2/health/ready" in health and "--start-period=" in health
+    cmd = json.loads(steps["CMD"])
+    assert cmd[:2] == ["normfuse", "serve"] and "/models" in cmd
+    port = cmd[cmd.index("--port") + 1]
+    assert f"127.0.0.1:{port}/v2/health/ready" in health
+    assert steps["EXPOSE"] == port
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"  # reachable from other containers
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_dependency_layer_comes_before_the_source(kind):
+    steps = instructions(kind)
+    copies = [(i, rest.split()) for i, (word, rest) in enumerate(steps) if word == "COPY"]
+    first_index, first = copies[0]
+    assert first[:-1] == ["pyproject.toml"], "the first COPY brings only the dependency list"
+    install = next(i for i, (word, rest) in enumerate(steps) if word == "RUN" and "pip install -r" in rest)
+    source = min(i for i, args in copies if any(a.rstrip("/") in SOURCE_PACKAGES for a in args[:-1]))
+    assert first_index < install < source
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_requirements_snippet_yields_pyproject_dependencies(kind):
+    """Run the image's own pyproject -> requirements one-liner here and compare with tomllib."""
+    run = next(rest for word, rest in instructions(kind) if word == "RUN" and "tomllib" in rest)
+    code = re.search(r'python3? -c "(.*?)"\s*>', run).group(1)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    wanted = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert out.splitlines() == wanted
+
+
+def test_cpu_image_gets_pyprojects_torch_from_the_cpu_index():
+    run = next(rest for word, rest in instructions("cpu") if word == "RUN" and "torch==" in rest)
+    assert "--index-url https://download.pytorch.org/whl/cpu" in run
+    pinned = re.search(r"torch==([\d.]+)", run).group(1)
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"torch=={pinned}" in deps
+
+
+def test_gpu_image_checks_the_tensorrt_major_and_serves_tensorrt():
+    steps = instructions("gpu")
+    assert any(word == "RUN" and "import tensorrt" in rest and "major == 11" in rest for word, rest in steps)
+    env = " ".join(rest for word, rest in steps if word == "ENV")
+    assert "NORMFUSE_BACKEND=tensorrt" in env
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_every_copied_path_exists_and_passes_dockerignore(kind):
+    for word, rest in instructions(kind):
+        if word != "COPY":
+            continue
+        *sources, _ = shlex.split(rest)
+        for source in sources:
+            assert (ROOT / source).exists(), source
+            assert dockerignore_admits(source.rstrip("/")), f"{source} is excluded by .dockerignore"
+
+
+def test_dockerignore_keeps_build_outputs_and_secrets_out():
+    for path in (".venv/bin/python", ".git/HEAD", "model_repository/m/manifest.json", ".env", "tests/__init__.py",
+                 "service/__pycache__/app.cpython-311.pyc", "engines/x.plan"):
+        assert not dockerignore_admits(path), path
+    for path in ("pyproject.toml", "README.md", "service/app.py", "convert/cli.py"):
+        assert dockerignore_admits(path), path
