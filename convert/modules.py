@@ -23,18 +23,23 @@ class RMSNorm(nn.Module):
 
     The weight is all ones after a rewrite (γ is folded into the readers) but is kept as an explicit
     tensor: ONNX Runtime only fuses the pattern into SimplifiedLayerNormalization when the final scale
-    Mul is present (notes §1.3).
+    Mul is present (notes §1.3). `bias=True` keeps a LayerNorm's β for a norm whose output is read by
+    something γ/β cannot be folded into (e.g. the model output).
     """
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, bias: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.to(_stats_dtype(dtype))  # (..., d)
-        return (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(dtype)
+        y = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight  # (..., d)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

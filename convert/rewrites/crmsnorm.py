@@ -21,6 +21,10 @@ from convert.rewrites.pre_rmsnorm import centre_residual_stream
 def to_pre_crmsnorm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> nn.Module:
     inputs = example_inputs(model) if inputs is None else inputs
     analysis = centre_residual_stream(model, inputs)
+    blocked = [f"{name}'s output cannot be compressed: {use.blockers[0]}" for name, use in analysis.norms.items()
+               if use.blockers]  # its output has width d−1: only linear readers can absorb the missing entry
+    if blocked:
+        raise NotApplicable(blocked[0])
     for writer in analysis.writers:
         if writer.kind == "input":
             raise NotApplicable(f"the model input {writer.attr!r} is the residual stream: its width cannot be compressed")

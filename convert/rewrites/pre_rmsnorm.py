@@ -14,7 +14,7 @@ from torch import nn
 
 from convert.modules import CenteredInputs, RMSNorm
 from convert.rewrites import NotApplicable
-from convert.rewrites.affine import fold_norm_into_readers, replace_module, write_tensor
+from convert.rewrites.affine import fold_norm_into_readers, norm_affine, replace_module, write_tensor
 from convert.rewrites.analysis import Analysis, Writer, analyse, example_inputs
 from convert.rewrites.math import center_along, center_output_rows
 
@@ -23,8 +23,14 @@ def to_pre_rmsnorm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = No
     """Re-centre the residual stream's writers, fold γ/β, and swap every LayerNorm for an RMSNorm."""
     analysis = centre_residual_stream(model, inputs)
     for name, use in analysis.norms.items():
-        weight = use.module.weight if use.module.weight is not None else next(model.parameters())
-        replace_module(model, name, RMSNorm(analysis.width, _eps(use.module)).to(weight.dtype).to(weight.device))
+        gamma, beta = norm_affine(use.module)  # ones/zeros when folded; kept when a reader is not linear
+        like = gamma if gamma is not None else next(model.parameters())
+        norm = RMSNorm(analysis.width, float(use.module.eps), bias=beta is not None).to(like.dtype).to(like.device)
+        with torch.no_grad():
+            for tensor, value in ((norm.weight, gamma), (norm.bias, beta)):
+                if value is not None:
+                    tensor.copy_(value)
+        replace_module(model, name, norm)
     return _centre_inputs(model, analysis.writers)
 
 
@@ -34,7 +40,8 @@ def centre_residual_stream(model: nn.Module, inputs: dict[str, torch.Tensor] | N
     analysis = analyse(model, inputs)
     _check(model, analysis)
     for use in analysis.norms.values():
-        fold_norm_into_readers(model, use)
+        if not use.blockers:
+            fold_norm_into_readers(model, use)
     for writer in analysis.writers:
         _centre(model, writer)
     return analysis
@@ -51,8 +58,6 @@ def _check(model: nn.Module, analysis: Analysis) -> None:
                                 "so the stream cannot be re-centred (only the affine fold applies)")
         if len(use.module.normalized_shape) != 1:
             raise NotApplicable(f"{name} normalizes over {len(use.module.normalized_shape)} axes, not the hidden axis")
-        if use.blockers:
-            raise NotApplicable(f"{name}'s γ/β cannot be folded: {use.blockers[0]}")
     if analysis.width is None:
         raise NotApplicable(f"{type(model).__name__}: the residual stream has no single width")
 
@@ -73,7 +78,3 @@ def _centre(model: nn.Module, writer: Writer) -> None:
 def _centre_inputs(model: nn.Module, writers: list[Writer]) -> nn.Module:
     axes = {w.attr: w.axis for w in writers if w.kind == "input"}
     return CenteredInputs(model, axes) if axes else model
-
-
-def _eps(module: nn.Module) -> float:
-    return float(module.eps)

@@ -1,0 +1,127 @@
+"""Small models with random weights for the normalization-rewrite tests (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+VOCAB, WIDTH, SEQ = 50, 32, 7
+
+
+def perturb_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every norm a non-trivial γ (≈1 ± 0.3) and β (≈ ±0.2), as trained models have."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
+                for name, scale, base in (("weight", 0.3, 1.0), ("bias", 0.2, 0.0)):
+                    tensor = getattr(module, name, None)
+                    if isinstance(tensor, torch.Tensor):
+                        tensor.copy_(base + scale * torch.randn(tensor.shape, generator=generator))
+    return model.eval()
+
+
+def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+def hf(config_cls, model_cls, **config):
+    model = model_cls(config_cls(**config, attn_implementation="eager"))
+    return perturb_norms(model)
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return hf(GPT2Config, GPT2LMHeadModel, n_layer=2, n_embd=WIDTH, n_head=2, vocab_size=VOCAB, n_positions=16,
+              bos_token_id=0, eos_token_id=0)
+
+
+def opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return hf(OPTConfig, OPTForCausalLM, num_hidden_layers=2, hidden_size=WIDTH, num_attention_heads=2, ffn_dim=64,
+              vocab_size=VOCAB, max_position_embeddings=16, word_embed_proj_dim=WIDTH, pad_token_id=1,
+              bos_token_id=0, eos_token_id=0)
+
+
+def neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    return hf(GPTNeoXConfig, GPTNeoXForCausalLM, num_hidden_layers=2, hidden_size=WIDTH, num_attention_heads=2,
+              intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=16, use_parallel_residual=True,
+              bos_token_id=0, eos_token_id=0)
+
+
+def vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return hf(ViTConfig, ViTForImageClassification, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2,
+              intermediate_size=64, image_size=8, patch_size=4, num_labels=3)
+
+
+def bert():
+    from transformers import BertConfig, BertModel
+
+    return hf(BertConfig, BertModel, num_hidden_layers=2, hidden_size=WIDTH, num_attention_heads=2,
+              intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=16)
+
+
+def transformer_encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(WIDTH, 2, 64, dropout=0.0, batch_first=True, norm_first=True)
+    model = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(WIDTH), enable_nested_tensor=False)
+    return perturb_norms(model)
+
+
+class Block(nn.Module):
+    """A Pre-LN block (post_ln=True: Post-LN) with a bias-free qkv, as in T2T-ViT or GPT-J."""
+
+    def __init__(self, width: int, post_ln: bool = False):
+        super().__init__()
+        self.post_ln = post_ln
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width)
+        self.fc1, self.fc2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def attention(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, N, d) each
+        weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        return self.proj(weights @ v)
+
+    def mlp(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+    def forward(self, x):
+        if self.post_ln:
+            x = self.norm1(x + self.attention(x))
+            return self.norm2(x + self.mlp(x))
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """A hand-written Pre-LN ViT: patch Linear, cls token and position parameters, final LN + head."""
+
+    def __init__(self, width: int = WIDTH, depth: int = 2, patch_dim: int = 16, patches: int = 4,
+                 classes: int = 5, post_ln: bool = False):
+        super().__init__()
+        self.patches, self.patch_dim = patches, patch_dim
+        self.patch = nn.Linear(patch_dim, width)
+        self.cls = nn.Parameter(torch.randn(1, 1, width))
+        self.pos = nn.Parameter(torch.randn(1, patches + 1, width) + 0.5)
+        self.blocks = nn.ModuleList(Block(width, post_ln) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+        perturb_norms(self)
+
+    def example_inputs(self):
+        return {"x": torch.randn(2, self.patches, self.patch_dim, dtype=self.patch.weight.dtype)}
+
+    def forward(self, x):
+        h = self.patch(x)  # (B, P, d)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1) + self.pos  # (B, P+1, d)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h)[:, 0])  # (B, classes)
