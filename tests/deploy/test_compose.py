@@ -6,6 +6,7 @@ exits 0, so the tests call the binary inside the package directly.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -43,7 +44,9 @@ def compose(*args: str, files=(BASE,), env_file: Path = ENV_EXAMPLE, tmp_home: P
     return subprocess.run([*command, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
 
 
+@functools.cache
 def resolved(*, files=(BASE,), profiles=("loadgen",)) -> dict:
+    """`docker compose config` as JSON (cached: callers only read it)."""
     args = [arg for profile in profiles for arg in ("--profile", profile)]
     result = compose(*args, "config", "--format", "json", files=files)
     assert result.returncode == 0, result.stderr
@@ -122,6 +125,7 @@ def test_gpu_override_reserves_an_nvidia_gpu():
         assert service["build"]["dockerfile"] == "deploy/Dockerfile.gpu"
         assert service["image"].endswith("-gpu")
         assert service["environment"]["NORMFUSE_BACKEND"] == "tensorrt"
+    assert services["convert"]["command"][-2:] == ["--backend", "tensorrt"]  # engines built on this GPU
     assert services["server"]["healthcheck"]["test"][0] == "CMD"  # the override keeps the probe
     assert "deploy" not in services["prometheus"]
     cpu = resolved()["services"]
@@ -136,10 +140,11 @@ def _cli_parser():
     return parser, commands
 
 
+@pytest.mark.parametrize("files", [(BASE,), (BASE, GPU)], ids=["cpu", "gpu"])
 @pytest.mark.parametrize("service", ["convert", "server", "loadgen"])
-def test_service_commands_are_valid_normfuse_invocations(service):
+def test_service_commands_are_valid_normfuse_invocations(service, files):
     """Each container's command parses with the real `normfuse` CLI (skipped until its stage has landed)."""
-    command = resolved()["services"][service]["command"]
+    command = resolved(files=files)["services"][service]["command"]
     assert command[0] == "normfuse"
     parser, commands = _cli_parser()
     if command[1] not in commands:
