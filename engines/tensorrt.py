@@ -124,8 +124,8 @@ class CudaDevice:
     def empty(self, shape: tuple[int, ...], dtype: str):
         return self.torch.empty(shape, dtype=getattr(self.torch, dtype), device=self.device)
 
-    def download(self, tensor):
-        return tensor.to("cpu", non_blocking=True)
+    def download(self, buffer):
+        return buffer.to("cpu", non_blocking=True)
 
     def synchronize(self, stream) -> None:
         stream.synchronize()
@@ -246,18 +246,18 @@ class TensorRTEngine(Engine):
         with cuda.on(stream):
             buffers = {}
             for spec in self._inputs:
-                tensor = cuda.upload(inputs[spec.name], self._io[spec.name])
-                shape = tuple(tensor.shape)
+                buffer = cuda.upload(inputs[spec.name], self._io[spec.name])
+                shape = tuple(buffer.shape)
                 if not ctx.set_input_shape(spec.name, shape):
                     raise EngineError(f"set_input_shape({spec.name!r}, {shape}) failed:\n{self._logger.tail()}")
-                buffers[spec.name] = tensor
+                buffers[spec.name] = buffer
             for spec in self._outputs:  # only now are output shapes known
                 shape = tuple(int(d) for d in ctx.get_tensor_shape(spec.name))
                 if any(d < 0 for d in shape):
                     raise EngineError(f"output {spec.name!r} shape {shape} is unresolved after setting input shapes")
                 buffers[spec.name] = cuda.empty(shape, self._io[spec.name])
-            for name, tensor in buffers.items():
-                if not ctx.set_tensor_address(name, tensor.data_ptr()):
+            for name, buffer in buffers.items():
+                if not ctx.set_tensor_address(name, buffer.data_ptr()):
                     raise EngineError(f"set_tensor_address({name!r}) failed:\n{self._logger.tail()}")
             if not ctx.execute_async_v3(stream.cuda_stream):
                 raise EngineError(f"execute_async_v3 failed for {self.plan_path.name}:\n{self._logger.tail()}")
