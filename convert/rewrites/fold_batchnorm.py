@@ -54,6 +54,7 @@ def fold_batchnorms(model: nn.Module) -> list[str]:
         logger.debug("folded %s into %s (%s)", fold.bn, fold.layer, fold.position)
     unused = sorted(set(bns) - {fold.bn for fold in plan})
     if unused:
+        # never called as a module in the traced graphs: unused, so there is nothing to fold
         logger.info("left BatchNorm layers that forward() never calls: %s", ", ".join(unused))
     return [fold.bn for fold in plan]
 
@@ -70,24 +71,42 @@ def _check_statistics_fixed(name: str, bn: _BatchNorm) -> None:
         )
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
+def _graphs(module: nn.Module, prefix: str = "") -> list[fx.Graph]:
+    """fx graphs covering every BatchNorm call: the whole model's, or its largest traceable parts'.
+
+    When a module's forward cannot be traced (data-dependent control flow, input checks that raise —
+    most Hugging Face models), its children that hold BatchNorms are traced one by one instead. That
+    assumes the untraced forward calls those children as a whole, not their inner layers one by one;
+    the parity check after the rewrite is the backstop. A BatchNorm called directly from an
+    untraceable forward is refused. Node targets are rewritten to names qualified from the root.
+    """
     try:
-        return fx.symbolic_trace(model)
+        graph = fx.symbolic_trace(module).graph
     except Exception as exc:  # fx raises many types (TraceError, TypeError, …) for untraceable code
-        raise NotApplicable(
-            f"{type(model).__name__} cannot be traced by torch.fx, so its BatchNorm neighbours cannot be "
-            f"proved: {type(exc).__name__}: {exc}"
-        ) from exc
+        graphs = []
+        for name, child in module.named_children():
+            if isinstance(child, _BatchNorm):
+                raise NotApplicable(
+                    f"BatchNorm {prefix + name!r} is called from {type(module).__name__}.forward, which "
+                    f"torch.fx cannot trace, so its neighbours cannot be proved ({type(exc).__name__}: {exc})"
+                ) from exc
+            if any(isinstance(m, _BatchNorm) for m in child.modules()):
+                graphs += _graphs(child, f"{prefix}{name}.")
+        return graphs
+    for node in graph.nodes:  # the graph is only read, never run
+        if node.op == "call_module":
+            node.target = prefix + node.target
+    return [graph]
 
 
 def _plan(model: nn.Module, bns: dict[str, _BatchNorm]) -> list[_Fold]:
     """Where each called BatchNorm folds; NotApplicable for the first one that cannot."""
-    graph = _trace(model).graph
     modules = dict(model.named_modules())
     calls: dict[str, list[fx.Node]] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls.setdefault(node.target, []).append(node)
+    for graph in _graphs(model):
+        for node in graph.nodes:
+            if node.op == "call_module":
+                calls.setdefault(node.target, []).append(node)
     shared = _shared_parameter_owners(model)
     plan = []
     for name in bns:

@@ -175,6 +175,38 @@ def test_rewrite_folded_leaves_its_input_untouched():
     assert verify(model, new, _images())
 
 
+class _UntraceableParent(nn.Module):
+    """Untraceable forward calling traceable children: their BatchNorms fold within each child."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = TinyResNet(), nn.Sequential(nn.Linear(10, 6), nn.BatchNorm1d(6))
+
+    def forward(self, x):
+        if x.shape[1] != 3:  # an input check fx cannot trace through
+            raise ValueError("expected 3 channels")
+        return self.head(self.body(x))
+
+
+def test_untraceable_forward_falls_back_to_its_traceable_children():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(_UntraceableParent()).eval()
+    folded, names = _folded(model)
+    assert sorted(names) == sorted(_bn_names(model)) and _bn_names(folded) == []
+    assert verify(model, folded, _images())
+
+
+def test_hugging_face_resnet_folds():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=5)
+    model = randomize_batchnorms(ResNetForImageClassification(config)).eval()
+    folded, names = _folded(model)
+    assert len(names) == 6 and _bn_names(folded) == []
+    assert verify(model, folded, {"pixel_values": _images(size=32)})
+
+
 # --- refusals: named layer and reason; the model is left as it was -----------------------------------
 
 class _Untraceable(nn.Module):
@@ -215,7 +247,7 @@ REFUSALS = {
         lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)),
         r"'1' has track_running_stats=False",
     ),
-    "untraceable": (_Untraceable, r"_Untraceable cannot be traced by torch\.fx"),
+    "untraceable": (_Untraceable, r"'bn' is called from _Untraceable\.forward, which torch\.fx cannot trace"),
     "bn-called-twice": (_BnTwice, r"'bn' is called 2 times"),
     "tied-weights": (_TiedConv, r"'bn'.*producer 'conv1' shares parameters"),
 }
