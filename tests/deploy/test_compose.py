@@ -104,6 +104,18 @@ def test_containers_are_non_root_unprivileged_and_pinned():
         assert image and tag and tag != "latest" and any(c.isdigit() for c in tag), f"{name}: {service['image']}"
 
 
+@pytest.mark.parametrize("files", [(BASE,), (BASE, GPU)], ids=["cpu", "gpu"])
+def test_our_image_is_built_once_and_never_pulled(files):
+    services = resolved(files=files)["services"]
+    ours = {name: s for name, s in services.items() if s["image"].startswith("normfuse:")}
+    assert set(ours) == {"convert", "server", "loadgen"}
+    assert len({s["image"] for s in ours.values()}) == 1
+    builders = [name for name, s in ours.items() if "build" in s]
+    assert builders == ["convert"]
+    assert (ROOT / ours["convert"]["build"]["dockerfile"]).is_file()
+    assert all(s["pull_policy"] == "never" for name, s in ours.items() if name != "convert")
+
+
 def test_ports_default_to_loopback_and_mounts_exist():
     for name, service in resolved()["services"].items():
         for port in service.get("ports", []):
@@ -122,9 +134,10 @@ def test_gpu_override_reserves_an_nvidia_gpu():
         service = services[name]
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and device["count"] == 1
-        assert service["build"]["dockerfile"] == "deploy/Dockerfile.gpu"
         assert service["image"].endswith("-gpu")
         assert service["environment"]["NORMFUSE_BACKEND"] == "tensorrt"
+    assert services["convert"]["build"]["dockerfile"] == "deploy/Dockerfile.gpu"
+    assert services["loadgen"]["image"] == services["server"]["image"]
     assert services["convert"]["command"][-2:] == ["--backend", "tensorrt"]  # engines built on this GPU
     assert services["server"]["healthcheck"]["test"][0] == "CMD"  # the override keeps the probe
     assert "deploy" not in services["prometheus"]
