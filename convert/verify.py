@@ -92,13 +92,12 @@ def compare(
     the default gate. Raises ValueError when the outputs differ in number or shape.
     """
     name = dtype_name(dtype)
-    ref = _flatten(reference)
-    cand = _align(reference, candidate)
+    ref, cand = _align(reference, candidate)
     stats = _measure(ref, cand)
     required = dict(DEFAULT_GATES[name])
     reference_error = baseline_agreement = None
     if baseline is not None:
-        base = _measure(ref, _align(reference, baseline))
+        base = _measure(*_align(reference, baseline))
         reference_error, baseline_agreement = base["rel_l2"], base["argmax_agreement"]
         required = {"rel_l2": 2.0 * base["rel_l2"] + FLOOR}
         if base["positions"]:
@@ -208,8 +207,8 @@ def _is_model_output(value: object) -> bool:
     return any(cls.__name__ == "ModelOutput" for cls in type(value).__mro__)
 
 
-def _align(reference: object, candidate: object) -> list[np.ndarray]:
-    """`candidate` flattened in `reference`'s order (dicts are matched by key), shapes checked."""
+def _align(reference: object, candidate: object) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Both flattened, `candidate` in `reference`'s order (dicts are matched by key), shapes checked."""
     plain = [isinstance(x, Mapping) and not _is_model_output(x) for x in (reference, candidate)]
     if all(plain):
         if set(reference) != set(candidate):
@@ -220,7 +219,7 @@ def _align(reference: object, candidate: object) -> list[np.ndarray]:
         raise ValueError(
             f"output shapes differ: reference {[a.shape for a in ref]}, candidate {[a.shape for a in cand]}"
         )
-    return cand
+    return ref, cand
 
 
 def _measure(ref: list[np.ndarray], cand: list[np.ndarray]) -> dict:
