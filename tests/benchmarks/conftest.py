@@ -1,3 +1,4 @@
+import warnings
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,7 @@ def export_tiny_onnx(path: Path, width: int = 16) -> Path:
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, width), torch.nn.GELU()).eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(model, (torch.randn(2, width),), str(path), input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False)
-    return path
+    return export_tiny_onnx_module(model, path, width)
 
 
 @pytest.fixture(scope="session")
@@ -50,8 +48,10 @@ def export_tiny_onnx_module(module, path: Path, width: int) -> Path:
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(module, (torch.randn(2, width),), str(path), input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False)
+    with warnings.catch_warnings():  # the legacy exporter announces its own deprecation
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(module, (torch.randn(2, width),), str(path), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False)
     return path
 
 

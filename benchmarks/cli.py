@@ -1,0 +1,173 @@
+"""`normfuse bench {engines,serving,all}` and `normfuse loadgen URL`. Heavy imports happen in the handlers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x for x in text.split(",") if x)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo", type=Path, required=True, help="model repository (REPO/NAME/manifest.json)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--quick", action="store_true", help="tiny counts and short steps: a smoke run, not numbers")
+    p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="benchmark engines and servers; write BENCHMARKS.md")
+    modes = bench.add_subparsers(dest="mode", required=True, metavar="MODE")
+    engines_p = modes.add_parser("engines", help="every variant vs unfused and the no-norm bound, in-process")
+    serving_p = modes.add_parser("serving", help="the server vs the raw engine, a plain endpoint, LitServe, Triton")
+    all_p = modes.add_parser("all", help="prepare the repository, run both benchmarks, write the report")
+    for p in (engines_p, all_p):
+        p.add_argument("--models", type=_names, default=None, help="comma list (default: all in the repo)")
+        p.add_argument("--batch-sizes", type=_ints, default=None, help="default 1,8")
+        p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per batch size (default 20)")
+        p.add_argument("--backends", type=_names, default=("onnxruntime",))
+    for p in (serving_p, all_p):
+        p.add_argument("--serving-model", default="vit-digits")
+        p.add_argument("--serving-variant", default="unfused")
+        p.add_argument("--servers", type=_names, default=("normfuse", "plain", "litserve", "triton"))
+        p.add_argument("--concurrency", type=_ints, default=None, help="default 1,4,16,32")
+    for p in (engines_p, serving_p, all_p):
+        _common(p)
+    all_p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    all_p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+    all_p.add_argument("--no-prepare", action="store_true", help="benchmark what is in --repo; convert nothing")
+    all_p.add_argument("--skip-serving", action="store_true")
+    engines_p.set_defaults(handler=run_engines)
+    serving_p.set_defaults(handler=run_serving)
+    all_p.set_defaults(handler=run_all)
+
+    loadgen_p = subparsers.add_parser("loadgen", help="closed-loop sweep and open-loop Poisson load on an OIP v2 server")
+    loadgen_p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
+    loadgen_p.add_argument("--model", required=True)
+    loadgen_p.add_argument("--variants", type=_names, default=(),
+                           help="comma list of versions/variants; 'all' = every version the server lists; "
+                                "default: the server's default")
+    loadgen_p.add_argument("--protocol", choices=("json", "binary"), default="binary")
+    loadgen_p.add_argument("--batch", type=int, default=1, help="items per request")
+    loadgen_p.add_argument("--seq-len", type=int, default=128, help="for dynamic non-batch axes")
+    loadgen_p.add_argument("--concurrency", type=_ints, default=(1, 4, 16), help="closed-loop sweep ('' = none)")
+    loadgen_p.add_argument("--rates", type=_floats, default=(), help="open-loop Poisson rates, req/s")
+    loadgen_p.add_argument("--max-requests", type=int, default=1000, help="per step")
+    loadgen_p.add_argument("--max-seconds", type=float, default=10.0, help="per step")
+    loadgen_p.add_argument("--timeout", type=float, default=30.0, help="per request")
+    loadgen_p.add_argument("--json", type=Path, default=None)
+    loadgen_p.set_defaults(handler=run_loadgen)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _engine_config(args):
+    from benchmarks.engines_bench import EngineBenchConfig
+
+    quick = {"batch_sizes": (1, 4), "rounds": 4, "min_rounds": 2, "max_seconds": 10.0, "warmup": 1} if args.quick else {}
+    given = {k: v for k, v in {"batch_sizes": args.batch_sizes, "rounds": args.rounds}.items() if v}
+    return EngineBenchConfig(**(quick | given), threads=args.threads, backends=tuple(args.backends),
+                             models=tuple(args.models) if args.models else None)
+
+
+def _serving_config(args):
+    from benchmarks.serving_bench import ServingBenchConfig
+
+    quick = {"concurrencies": (1, 4), "batch_sizes": (1, 4), "step_seconds": 1.0, "step_requests": 200,
+             "open_fractions": (0.5,), "engine_rounds": 5, "max_batch_size": 4} if args.quick else {}
+    given = {"concurrencies": args.concurrency} if args.concurrency else {}
+    return ServingBenchConfig(**(quick | given), model=args.serving_model, variant=args.serving_variant,
+                              servers=tuple(args.servers), threads=args.threads,
+                              log_dir=Path(args.repo).parent / "logs")
+
+
+def _dump(result: dict, path: Path | None) -> None:
+    text = json.dumps(result, indent=1, default=str)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    else:
+        sys.stdout.write(text + "\n")
+
+
+def run_engines(args) -> int:
+    from benchmarks import engines_bench
+
+    _setup_logging()
+    _dump(engines_bench.run(args.repo, _engine_config(args)), args.json)
+    return 0
+
+
+def run_serving(args) -> int:
+    from benchmarks import serving_bench
+
+    _setup_logging()
+    _dump(serving_bench.run(args.repo, _serving_config(args)), args.json)
+    return 0
+
+
+def run_all(args) -> int:
+    from benchmarks import engines_bench, prepare, report, serving_bench
+
+    _setup_logging()
+    started = datetime.now(timezone.utc)
+    notes = []
+    if not args.no_prepare:
+        wanted = list(args.models) if args.models else list(prepare.MODELS)
+        ready = prepare.prepare(args.repo, Path(args.repo).parent, wanted, threads=args.threads)
+        notes += [f"model {m} could not be converted (see the log); not benchmarked" for m in wanted if m not in ready]
+    engine_result = engines_bench.run(args.repo, _engine_config(args))
+    serving_result = None if args.skip_serving else serving_bench.run(args.repo, _serving_config(args))
+    _dump({"engines": engine_result, "serving": serving_result}, args.json or Path(args.repo).parent / "results.json")
+    command = "normfuse bench all " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "all"] else "make bench"
+    report.write(args.out, engine_result, serving_result, plot_dir=args.plots, command=command, started=started,
+                 notes=notes)
+    log.info("wrote %s", args.out)
+    return 0
+
+
+def run_loadgen(args) -> int:
+    import asyncio
+
+    from benchmarks import loadgen
+
+    _setup_logging()
+    metadata = asyncio.run(loadgen.fetch_metadata(args.url, args.model))
+    specs = [{**t, "shape": [t["shape"][0]] + [args.seq_len if d < 0 else d for d in t["shape"][1:]]}
+             for t in metadata["inputs"]]
+    variants = list(metadata.get("versions") or [None]) if args.variants == ("all",) else list(args.variants or [None])
+    results = []
+    for variant in variants:
+        target = loadgen.make_target(args.url, args.model, specs, version=variant, binary=args.protocol == "binary",
+                                     batch=args.batch, label=variant or "default")
+        bounds = {"max_requests": args.max_requests, "max_seconds": args.max_seconds, "timeout": args.timeout}
+        for concurrency in args.concurrency:
+            results.append(asyncio.run(loadgen.closed_loop(target, concurrency, **bounds)).to_dict())
+        for rate in args.rates:
+            results.append(asyncio.run(loadgen.open_loop(target, rate, **bounds)).to_dict())
+    for r in results:
+        sys.stdout.write(f"{r['label']:>12} {r['mode']:>6} {r['level']:>7g}  ok {r['ok']:>5}/{r['sent']:<5} "
+                         f"{r['throughput_rps']:8.1f} req/s  p50 {r['p50_ms']:8.2f}  p90 {r['p90_ms']:8.2f}  "
+                         f"p99 {r['p99_ms']:8.2f} ms  codes {r['codes']}\n")
+    if args.json:
+        _dump({"url": args.url, "model": args.model, "protocol": args.protocol, "results": results}, args.json)
+    return 0

@@ -1,0 +1,147 @@
+"""Write BENCHMARKS.md from one run's results: the machine, the targets, the tables and the plots."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from benchmarks import plots
+from benchmarks.targets import evaluate
+
+PACKAGES = ("torch", "onnxruntime", "onnx", "numpy", "transformers", "fastapi", "uvicorn", "httpx", "litserve",
+            "nvidia-pytriton")
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "logical cores": str(os.cpu_count()), "os": platform.platform(),
+            "python": platform.python_version()}
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        info["memory"] = f"{pages * size / 2**30:.1f} GiB"
+        info["load average at start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except (ValueError, OSError, AttributeError):
+        pass
+    for package in PACKAGES:
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[package] = "not installed"
+    return info
+
+
+def _num(value, fmt: str = ".2f") -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def _interval(row: dict, key: str, fmt: str) -> str:
+    if key not in row:
+        return "–"
+    if math.isnan(row[key]):
+        return "undefined (no bound)" if key == "gain" else "–"
+    return f"{_num(row[key], fmt)} [{_num(row[key + '_low'], fmt)}, {_num(row[key + '_high'], fmt)}]"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def engine_section(result: dict) -> str:
+    rows = result.get("rows", [])
+    body = [table(
+        ["model", "backend", "batch", "variant", "exact", "rounds", "p50 ms", "p99 ms", "÷ unfused [95% CI]",
+         "gain captured [95% CI]"],
+        [[r["model"], r["backend"], r["batch"], r["variant"], "yes" if r["exact"] else "no", r["rounds"],
+          _num(r["p50_ms"]), _num(r["p99_ms"]), _interval(r, "ratio", ".3f"), _interval(r, "gain", ".0%")]
+         for r in rows])]
+    for name, why in result.get("skipped", {}).items():
+        body.append(f"- skipped {name}: {why}")
+    return "\n\n".join(body)
+
+
+def serving_section(result: dict) -> str:
+    parts = [f"Model `{result['model']}`, variant `{result['variant']}` (the same ONNX file for every server).",
+             "Raw engine, in-process:",
+             table(["batch", "p50 ms", "p99 ms", "items/s"],
+                   [[r["batch"], _num(r["p50_ms"]), _num(r["p99_ms"]), _num(r["items_per_s"], ".0f")]
+                    for r in result.get("engine", [])]),
+             "Closed loop (`level` = concurrency; batch = items per request):",
+             table(["server", "protocol", "concurrency", "batch", "sent", "ok", "codes", "req/s", "items/s", "p50 ms",
+                    "p90 ms", "p99 ms"],
+                   [[r["server"], r["protocol"], r["level"], r["batch"], r["sent"], r["ok"],
+                     ", ".join(f"{k}: {v}" for k, v in r["codes"].items()), _num(r["throughput_rps"], ".0f"),
+                     _num(r["items_per_s"], ".0f"), _num(r["p50_ms"]), _num(r["p90_ms"]), _num(r["p99_ms"])]
+                    for r in result.get("closed", [])])]
+    if result.get("open"):
+        parts += ["Open loop, Poisson arrivals scheduled in advance, latency from the scheduled send time "
+                  "(normfuse, binary, per variant):",
+                  table(["variant", "offered req/s", "sent", "ok", "codes", "achieved req/s", "p50 ms", "p90 ms",
+                         "p99 ms"],
+                        [[r["variant"], _num(r["level"], ".0f"), r["sent"], r["ok"],
+                          ", ".join(f"{k}: {v}" for k, v in r["codes"].items()), _num(r["throughput_rps"], ".0f"),
+                          _num(r["p50_ms"]), _num(r["p90_ms"]), _num(r["p99_ms"])] for r in result["open"]])]
+    for name, why in result.get("skipped", {}).items():
+        parts.append(f"- skipped server {name}: {why}")
+    return "\n\n".join(parts)
+
+
+METHOD = """\
+- **Engines.** All variants of a model (and the benchmark-only `nonorm` bound: the same graph with every norm
+  removed, never served) are loaded at once and run interleaved on the same batch, the order rotated each round
+  (A B C, B C A, …). Ratios are of medians, with a *paired* bootstrap 95% interval (rounds resampled jointly, so
+  noise shared by a round cancels). Gain captured = (T_unfused − T_variant) / (T_unfused − T_nonorm), on medians;
+  it is undefined ("–") when removing the norms gave no gain.
+- **Serving.** Every server serves the same ONNX file through the same `OnnxRuntimeEngine` options and receives
+  the same pre-encoded payloads from `normfuse loadgen`'s client (httpx, asyncio). Batching servers share
+  `max_batch_size` and a 2 ms queue delay. The load generator runs on the same cores as the servers.
+- **Closed loop** (a fixed number of requests in flight) is how vendors publish; it hides overload
+  (coordinated omission). **Open loop** schedules Poisson arrivals in advance and measures each latency from its
+  scheduled send time.
+- **Noise.** The machine is shared; numbers can move 2–4× between runs. Compare within a run, read the intervals."""
+
+
+def write(out: Path, engine_result: dict | None, serving_result: dict | None, *, plot_dir: Path,
+          command: str, started: datetime | None = None, notes: list[str] | None = None) -> Path:
+    """Render BENCHMARKS.md (and its PNGs under plot_dir) from the results of one run."""
+    out, plot_dir = Path(out), Path(plot_dir)
+    engine_rows = (engine_result or {}).get("rows", [])
+    figures = [("Latency per item vs batch size, per variant",
+                plots.latency_vs_batch(engine_rows, plot_dir / "latency_vs_batch.png")),
+               ("Variant ÷ unfused median with its 95% interval",
+                plots.ratio_with_interval(engine_rows, plot_dir / "ratio_ci.png")),
+               ("Throughput and p99 vs concurrency, per server",
+                plots.throughput_vs_concurrency((serving_result or {}).get("closed", []),
+                                                plot_dir / "throughput_vs_concurrency.png"))]
+    max_batch = ((serving_result or {}).get("config") or {}).get("max_batch_size", 16)
+    when = (started or datetime.now(timezone.utc)).strftime("%Y-%m-%d %H:%M UTC")
+    doc = [f"# Benchmarks\n\nGenerated by `{command}` at {when}. Every number below is the one this run produced; "
+           "re-run `make bench` to regenerate this file and its plots.",
+           "## Machine\n\n" + table(["", ""], [[k, v] for k, v in machine().items()]),
+           "## Targets\n\nGoals from the issue, checked against this run (not test assertions).\n\n" + table(
+               ["target", "measured", "verdict"],
+               [[t.goal, t.measured, t.verdict] for t in evaluate(engine_rows, serving_result, max_batch)])]
+    if engine_result is not None:
+        doc.append("## Fused vs unfused, engine level\n\n" + engine_section(engine_result))
+    if serving_result is not None:
+        doc.append("## Serving overhead and peers\n\n" + serving_section(serving_result))
+    doc.append("## Plots\n\n" + "\n\n".join(
+        f"{title}:\n\n![{title}]({os.path.relpath(path, out.parent)})" for title, path in figures if path))
+    doc.append("## Method\n\n" + METHOD)
+    if notes:
+        doc.append("## Notes\n\n" + "\n".join(f"- {n}" for n in notes))
+    doc.append("See also [docs/benchmarks.md](docs/benchmarks.md) (how to run) and "
+               "[docs/un-powernorm.md](docs/un-powernorm.md) (Unified Normalization / PowerNorm figures).")
+    out.write_text("\n\n".join(doc) + "\n")
+    return out

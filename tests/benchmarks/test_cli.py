@@ -1,0 +1,49 @@
+"""`normfuse bench all --quick` and `normfuse loadgen` end to end, with the real `normfuse serve` on loopback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.peers import launch
+
+
+def normfuse(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "normfuse.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.e2e
+def test_bench_all_quick_writes_the_report(bench_repo, tmp_path):
+    out, results = tmp_path / "BENCHMARKS.md", tmp_path / "results.json"
+    done = normfuse("bench", "all", "--repo", str(bench_repo), "--quick", "--no-prepare", "--serving-model", "tiny",
+                    "--servers", "normfuse,plain", "--out", str(out), "--plots", str(tmp_path / "plots"),
+                    "--json", str(results), "--threads", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(results.read_text())
+    variants = {r["variant"] for r in data["engines"]["rows"]}
+    assert variants == {"unfused", "affine", "nonorm"}
+    closed = data["serving"]["closed"]
+    assert {(r["server"], r["protocol"]) for r in closed} == {("normfuse", "json"), ("normfuse", "binary"),
+                                                              ("plain", "json"), ("plain", "binary")}
+    assert all(r["codes"] == {"200": r["sent"]} for r in closed)
+    assert {r["variant"] for r in data["serving"]["open"]} == {"unfused", "affine"}
+    text = out.read_text()
+    assert "## Targets" in text and "| normfuse | binary | 4 | 1 |" in text
+
+
+@pytest.mark.e2e
+def test_loadgen_against_the_real_server(bench_repo, tmp_path):
+    with launch.start("normfuse", log_dir=tmp_path, repo=str(bench_repo), max_batch_size=4) as server:
+        report = tmp_path / "load.json"
+        done = normfuse("loadgen", server.base_url, "--model", "tiny", "--variants", "all", "--protocol", "json",
+                        "--concurrency", "1,2", "--rates", "20", "--max-requests", "10", "--max-seconds", "5",
+                        "--json", str(report), timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(report.read_text())["results"]
+    # every servable variant (not the benchmark-only bound), two closed steps and one open step each
+    assert sorted({r["label"] for r in results}) == ["affine", "unfused"]
+    assert [r["mode"] for r in results] == ["closed", "closed", "open"] * 2
+    assert all(r["codes"] == {"200": 10} for r in results)
+    assert "unfused" in done.stdout and "p99" in done.stdout
