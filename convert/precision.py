@@ -128,13 +128,29 @@ def to_fp16(model: onnx.ModelProto, *, extra_fp32_nodes: tuple[str, ...] = ()) -
         op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, *NORM_OPS],
         node_block_list=blocked,
     )
+    retyped = _retype_casts(converted, {n.name for n in source.graph.node} - set(blocked))
     restored = _restore_fp32_weights(converted, source)
     onnx.checker.check_model(converted)
     log.info(
-        "FP16 ONNX: %d normalization nodes and %d statistics nodes kept in FP32; %d weights kept FP32",
-        len(norm_nodes), len(stats), restored,
+        "FP16 ONNX: %d normalization nodes and %d statistics nodes kept in FP32; %d weights kept FP32; "
+        "%d casts retyped", len(norm_nodes), len(stats), restored, retyped,
     )
     return Fp16Model(converted, [*norm_nodes, *blocked])
+
+
+def _retype_casts(model: onnx.ModelProto, fp16_nodes: set[str]) -> int:
+    """The model's own Cast-to-FP32 nodes (e.g. a shape made float for a scale) must now produce FP16.
+
+    onnxconverter-common retypes their outputs' value_info but leaves `to=FLOAT`, which ORT rejects."""
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "Cast" or node.name not in fp16_nodes:
+            continue
+        for attr in node.attribute:
+            if attr.name == "to" and attr.i == TensorProto.FLOAT:
+                attr.i = TensorProto.FLOAT16
+                count += 1
+    return count
 
 
 def _restore_fp32_weights(model: onnx.ModelProto, original: onnx.ModelProto) -> int:

@@ -136,3 +136,31 @@ def test_without_the_fp32_islands_the_statistics_would_run_in_fp16(fp32_path):
     with np.errstate(over="ignore"):
         squares = centred.astype(np.float16) ** 2
     assert not np.isfinite(squares).all(), "FP16 squares of these activations overflow"
+
+
+def test_the_models_own_casts_to_fp32_are_retyped():
+    """TorchScript exports of `x / q.shape[-1] ** 0.5` hold Shape -> Gather -> Cast(to=FLOAT); left as is,
+    the FP16 graph fails ORT's type check."""
+    from onnx import helper, numpy_helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+            helper.make_node("Gather", ["shape", "one"], ["width"], name="gather", axis=0),
+            helper.make_node("Cast", ["width"], ["width_f"], name="cast", to=onnx.TensorProto.FLOAT),
+            helper.make_node("Sqrt", ["width_f"], ["scale"], name="sqrt"),
+            helper.make_node("Div", ["x", "scale"], ["scaled"], name="div"),
+            helper.make_node("MatMul", ["scaled", "W"], ["y"], name="matmul"),
+        ],
+        "cast",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(np.array(1, dtype=np.int64), "one"),
+         numpy_helper.from_array(np.eye(4, dtype=np.float32), "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = to_fp16(model)
+    cast = next(n for n in result.model.graph.node if n.name == "cast")
+    assert cast.attribute[0].i == onnx.TensorProto.FLOAT16
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_allclose(run(result.model, x), x / 2, rtol=1e-3)
