@@ -61,14 +61,16 @@ def _manifest(name: str, model_dir: Path, variants: list[str]) -> Manifest:
                     max_batch_size=8, variants=infos, default_variant=variants[-1])
 
 
-def build_test_repo(path: Path) -> Path:
-    """Write REPO/linear (variants unfused, affine) and REPO/broken under `path`; return the repo path."""
+def build_test_repo(path: Path, broken: bool = True) -> Path:
+    """Write REPO/linear (variants unfused, affine) and, if `broken`, REPO/broken under `path`; return REPO."""
     repo = Path(path)
     model_dir = repo / MODEL
     _export(model_dir / "unfused" / "model.onnx")
     (model_dir / "affine").mkdir(parents=True, exist_ok=True)
     (model_dir / "affine" / "model.onnx").write_bytes((model_dir / "unfused" / "model.onnx").read_bytes())
     write_manifest(model_dir, _manifest(MODEL, model_dir, ["unfused", "affine"]))
+    if not broken:
+        return repo
     broken = repo / BROKEN
     (broken / "unfused").mkdir(parents=True, exist_ok=True)
     (broken / "unfused" / "model.onnx").write_bytes(b"this is not an ONNX file")
