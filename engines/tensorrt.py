@@ -264,3 +264,21 @@ class TensorRTEngine(Engine):
             host = {spec.name: cuda.download(buffers[spec.name]) for spec in self._outputs}
         cuda.synchronize(stream)  # the one sync per batch: outputs are on the host after this
         return {spec.name: host[spec.name].numpy().astype(spec.dtype, copy=False) for spec in self._outputs}
+
+
+def find_plan(model_dir: str | Path, variant, *, precision: str = "fp32", device: int = 0) -> Path:
+    """The plan in ``model_dir/<variant>/tensorrt/`` built from this variant's ONNX (manifest sha256), at
+    `precision`, for the installed TensorRT and this GPU; EngineCacheError (listing every plan there and why
+    it was refused) when there is none. `variant` is the manifest's VariantInfo."""
+    from engines.trt_cache import select_plan, variant_source_sha256
+
+    trt, cuda = import_tensorrt(), CudaDevice(device)
+    return select_plan(
+        Path(model_dir) / variant.name / "tensorrt",
+        variant.name,
+        source_sha256=variant_source_sha256(variant.files),
+        precision=precision,
+        trt_version=str(trt.__version__),
+        gpu_name=cuda.name(),
+        compute_capability=cuda.compute_capability(),
+    )

@@ -342,3 +342,33 @@ def test_capturing_logger_works_with_the_real_lean_runtime():
     lines = ast.literal_eval(out.strip().splitlines()[-1])
     assert lines[0] == "[WARNING] kept"
     assert not any("not kept" in line for line in lines)
+
+
+def test_find_plan_picks_the_plan_for_this_onnx_precision_trt_and_gpu(fakes, tmp_path):
+    from engines.manifest import FileRef, VariantInfo
+    from engines.trt_cache import EngineCacheError, plan_path, variant_source_sha256
+
+    files = {"onnx": FileRef(path="rmsnorm/model.onnx", sha256="1" * 64, bytes=1)}
+    variant = VariantInfo(name="rmsnorm", servable=True, files=files)
+    plan_dir = tmp_path / "repo" / "rmsnorm" / "tensorrt"
+    plan_dir.mkdir(parents=True)
+    profile = {"x": ShapeProfile(*FakeEngine.profile)}
+    for precision, gpu in [("fp16", "Fake GPU"), ("fp32", "Fake GPU"), ("fp16", "Other GPU")]:
+        key = EngineKey(variant_source_sha256(files), "o" * 64, "11.4.0.106", gpu, "9.0", precision, profile)
+        plan = plan_path(plan_dir, "rmsnorm", key)
+        plan.write_bytes(b"plan")
+        write_sidecar(plan, "rmsnorm", key)
+    found = trt_engine.find_plan(tmp_path / "repo", variant, precision="fp16")
+    assert read_key(found) == ("fp16", "Fake GPU")
+    with trt_engine.TensorRTEngine(found) as eng:
+        assert eng.describe()["precision"] == "fp16"
+    fakes.trt.__version__ = "11.5.0.1"
+    with pytest.raises(EngineCacheError, match=r"trt_version '11\.4\.0\.106' != '11\.5\.0\.1'"):
+        trt_engine.find_plan(tmp_path / "repo", variant, precision="fp16")
+
+
+def read_key(plan):
+    from engines.trt_cache import read_sidecar
+
+    key = read_sidecar(plan)[1]
+    return key.precision, key.gpu_name
