@@ -104,6 +104,14 @@ def test_low_precision_argmax_may_drop_by_one_position_only():
     assert two.argmax_agreement == pytest.approx(48 / 50) and two.baseline_argmax_agreement == 1.0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_verify_runs_on_the_models_device(resnet_pair):
+    model, folded = (copy.deepcopy(m).cuda() for m in resnet_pair)
+    comparison = verify(model, folded, _images(), dtype=torch.float16)  # CPU inputs follow the model
+    assert comparison, comparison.summary()
+
+
 # --- inputs and models are not modified; inputs are cast by kind --------------------------------------
 
 class _Writer(nn.Module):
