@@ -158,6 +158,8 @@ class _Graph:
             use = norms[name] = NormUse(name, module, norm_kind(module))
             if not computes_standard_norm(module):
                 use.blockers.append(f"{name} ({type(module).__name__}) does not compute γ⊙x̂+β with ε inside the root")
+            if not nodes:
+                continue  # never called: nothing reads or writes through it
             boundary = self._boundary(name, nodes)
             if isinstance(boundary, str):
                 use.blockers.append(boundary)
@@ -273,6 +275,7 @@ class _Graph:
                     continue
                 if user in self.member and node in user.all_input_nodes:
                     continue  # a norm reading the stream: mean-invariant for LayerNorm (checked by the rewrite)
+                user = _last_of_sum(user)  # a sum that no norm reads: say who reads it in the end
                 if user.op == "output":
                     blockers.append(f"{type(self.model).__name__} returns the residual stream "
                                     f"(from {self._where(node)}) without a norm")
@@ -333,6 +336,12 @@ class _Graph:
 def _get(model: nn.Module, fqn: str) -> torch.Tensor:
     module, _, attr = fqn.rpartition(".")
     return getattr(model.get_submodule(module), attr)
+
+
+def _last_of_sum(node: fx.Node) -> fx.Node:
+    while (node.target == aten.add.Tensor or _passes_through(node)) and len(node.users) == 1:
+        node = next(iter(node.users))
+    return node
 
 
 def _weight_arg(node: fx.Node) -> fx.Node:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -125,3 +127,45 @@ class TinyViT(nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.head(self.norm(h)[:, 0])  # (B, classes)
+
+
+class NormThenGelu(nn.Module):
+    """A norm read through a nonlinearity: γ/β cannot be folded into anything."""
+
+    def __init__(self, width: int = WIDTH):
+        super().__init__()
+        self.embed = nn.Linear(8, width)
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, 3)
+        perturb_norms(self)
+
+    def example_inputs(self):
+        return {"x": torch.randn(2, 8, dtype=self.embed.weight.dtype)}
+
+    def forward(self, x):
+        return self.out(torch.nn.functional.gelu(self.norm(self.embed(x))))
+
+
+def check_equivalence(original: nn.Module, variant: str, inputs: dict, output=lambda y: y) -> None:
+    """The proof gates on float64 and float32 copies of `original`: rel-L2 ≤ 1e-10 and ≤ 1e-5."""
+    from convert.rewrites import rewrite
+
+    for dtype, gate in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        model = copy.deepcopy(original).to(dtype)
+        cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        with torch.no_grad():
+            want, got = output(model(**cast)), output(rewrite(model, variant)(**cast))
+        assert rel_l2(got, want) <= gate, (variant, dtype, rel_l2(got, want))
+
+
+def low_precision_ratio(original: nn.Module, variant: str, dtype: torch.dtype, inputs: dict) -> float:
+    """err(rewritten in dtype) / err(original in dtype), both against the float64 original."""
+    from convert.rewrites import rewrite
+
+    low = copy.deepcopy(original).to(dtype)
+    rewritten = rewrite(low, variant)
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.no_grad():
+        reference = copy.deepcopy(original).double()(**{k: v.double() if v.is_floating_point() else v
+                                                         for k, v in inputs.items()})
+        return rel_l2(rewritten(**cast), reference) / rel_l2(low(**cast), reference)

@@ -1,0 +1,78 @@
+"""`rmsnorm`: Pre-LN → Pre-RMSNorm by re-centring every writer of the residual stream."""
+
+import pytest
+import torch
+from torch import nn
+
+from convert.modules import RMSNorm
+from convert.rewrites import NotApplicable, rewrite
+from tests.convert._models_a import WIDTH, TinyViT, check_equivalence, low_precision_ratio
+
+
+def inputs(model, batch=4):
+    return {"x": torch.randn(batch, model.patches, model.patch_dim, generator=torch.Generator().manual_seed(2))}
+
+
+def zero_mean(tensor, axis=-1):
+    return tensor.double().mean(axis).abs().max().item() < 1e-6
+
+
+def test_layernorms_become_rmsnorms_and_outputs_match():
+    model = TinyViT()
+    converted = rewrite(model, "rmsnorm")
+    assert not any(isinstance(m, nn.LayerNorm) for m in converted.modules())
+    norms = [m for m in converted.modules() if isinstance(m, RMSNorm)]
+    assert len(norms) == 5 and all(n.eps == 1e-5 and torch.equal(n.weight, torch.ones(WIDTH)) for n in norms)
+    # every writer of the stream was found and centred: cls, positions, patch embedding, proj, fc2
+    assert zero_mean(converted.cls) and zero_mean(converted.pos)
+    assert zero_mean(converted.patch.weight, 0) and zero_mean(converted.patch.bias, 0)
+    for block in converted.blocks:
+        assert zero_mean(block.proj.weight, 0) and zero_mean(block.fc2.weight, 0) and zero_mean(block.fc2.bias, 0)
+        assert not zero_mean(block.fc1.weight, 0)  # readers are folded, not centred
+    assert not zero_mean(model.cls)  # the input model is untouched
+    check_equivalence(model, "rmsnorm", inputs(model))
+
+
+def test_post_ln_is_refused_with_the_layer_named():
+    with pytest.raises(NotApplicable, match=r"blocks\.\d\.norm\d is Post-LN: its output is the residual stream"):
+        rewrite(TinyViT(post_ln=True), "rmsnorm")
+
+
+class StreamOut(TinyViT):
+    """Returns the residual stream itself (no final norm): re-centring would change the output."""
+
+    def forward(self, x):
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.patch(x)], dim=1) + self.pos
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+
+def test_a_model_returning_the_raw_stream_is_refused():
+    with pytest.raises(NotApplicable, match=r"StreamOut returns the residual stream .*without a norm"):
+        rewrite(StreamOut(), "rmsnorm")
+
+
+class LlamaStyleRMSNorm(nn.Module):
+    def __init__(self, width, eps=1e-6):
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(torch.ones(width) + 0.1), eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+
+
+def test_an_rmsnorm_model_is_refused_because_rmsnorm_is_not_mean_invariant():
+    model = TinyViT()
+    model.norm = LlamaStyleRMSNorm(WIDTH)
+    with pytest.raises(NotApplicable, match=r"^norm is an RMSNorm reading the residual stream"):
+        rewrite(model, "rmsnorm")
+    folded = rewrite(model, "affine")  # its γ still folds
+    assert torch.equal(folded.norm.weight, torch.ones(WIDTH))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rmsnorm_in_low_precision_stays_within_twice_the_original_error(dtype):
+    model = TinyViT()
+    assert low_precision_ratio(model, "rmsnorm", dtype, inputs(model, batch=16)) <= 2.0
