@@ -5,6 +5,9 @@ Post position — Conv/ConvTranspose/Linear → BN — folds into the producer, 
 zero was BN's shift c before the fold and is 0 after it; reflect/replicate/circular padding copies real
 values and stays exact). Every BatchNorm must fold, or the pass refuses with the layer and the reason
 before touching anything. The math lives in `bn_math`; this module only decides where it is safe.
+
+Limit: fx graphs carry no shapes, so Linear ↔ BatchNorm1d assumes [batch, features] tensors (BN1d's
+channels are axis 1, Linear's features the last axis); the channel counts are checked, the rank is not.
 """
 
 from __future__ import annotations
