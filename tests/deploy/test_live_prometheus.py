@@ -97,11 +97,15 @@ class Traffic:
             n = seed
             while not self.stop.is_set():
                 n += 1
-                variant = self.variants[n % len(self.variants)]
+                variant = self.variants[(n // 10) % len(self.variants)]  # blocks of 10: every n % 10 on each
                 rows = 1 + n % 3
-                features = 5 if n % 10 == 0 else 4  # every tenth request has a wrong shape -> 400
+                features = 5 if n % 10 == 0 else 4  # one in ten has a wrong shape -> 400
                 body = {"inputs": [{"name": "x", "shape": [rows, features], "datatype": "FP32",
                                     "data": [float(i % 7) for i in range(rows * features)]}]}
+                if n % 10 == 5:
+                    # one in ten may wait 1 µs in the queue (Triton's `timeout` parameter): the batcher
+                    # holds every first request for its 5 ms window, so it expires -> 503, i.e. shed
+                    body["parameters"] = {"timeout": 1}
                 try:
                     code = client.post(f"{self.url}/v2/models/{self.model}/versions/{variant}/infer",
                                        json=body).status_code
@@ -168,7 +172,10 @@ def test_rules_and_dashboard_queries_return_data(tmp_path):
         # Both variants compute x @ W from the same ONNX file: the shadow parity error is exactly 0.
         error = instant_query(prometheus, "normfuse:shadow_abs_error:p99_1m")
         assert [s["metric"]["variant"] for s in error] == ["affine"] and finite_values(error) == [0.0]
-        # The bad requests were counted as errors by code; nothing was shed, which reads as 0, not "no data".
-        assert {s["metric"]["code"] for s in instant_query(prometheus, "normfuse:requests:rate1m")} >= {"200", "400"}
-        assert finite_values(instant_query(prometheus, "normfuse:requests_shed:ratio_1m")) == [0.0, 0.0]
-    assert traffic.codes.get(200, 0) > 0 and traffic.codes.get(400, 0) > 0, traffic.codes
+        # Bad requests count as errors by code; expired ones as shed, for each variant.
+        codes = {s["metric"]["code"] for s in instant_query(prometheus, "normfuse:requests:rate1m")}
+        assert codes >= {"200", "400", "503"}, codes
+        shed = instant_query(prometheus, "normfuse:requests_shed:ratio_1m")
+        assert sorted(s["metric"]["variant"] for s in shed) == sorted(variants)
+        assert all(0 < v < 1 for v in finite_values(shed)) and len(finite_values(shed)) == 2, shed
+    assert all(traffic.codes.get(code, 0) > 0 for code in (200, 400, 503)), traffic.codes

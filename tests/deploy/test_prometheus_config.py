@@ -131,3 +131,12 @@ def test_dashboard_references_only_real_series():
     for panel, target in dashboard_targets(load_dashboard()):
         for metric in METRIC_NAME.findall(target["expr"]):
             assert metric in SERVER_METRICS | defined, f"panel {panel['title']!r}: unknown series {metric}"
+
+
+def test_known_series_are_what_the_server_registers():
+    """SERVER_METRICS above matches the server's own registry (service/metrics.py), family by family."""
+    metrics = pytest.importorskip("service.metrics")
+    suffixes = {"counter": ("_total",), "gauge": ("",), "info": ("_info",), "histogram": ("_bucket", "_sum", "_count")}
+    exported = {family.name + suffix for family in metrics.Metrics().registry.collect()
+                for suffix in suffixes.get(family.type, ("",))}
+    assert SERVER_METRICS <= exported, sorted(SERVER_METRICS - exported)
