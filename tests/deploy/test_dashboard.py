@@ -96,7 +96,8 @@ def test_dashboard_shows_what_the_issue_asks_for():
 def test_model_variable_lists_served_models():
     (variable,) = load_dashboard()["templating"]["list"]
     assert variable["name"] == "model" and variable["includeAll"] and variable["allValue"] == ".*"
-    assert variable["query"]["query"] == "label_values(normfuse_requests_total, model)"
+    # the engine info series exists from startup, so a model is listed before its first request
+    assert variable["query"]["query"] == "label_values(normfuse_engine_info, model)" == variable["definition"]
 
 
 def test_dashboard_provider_reads_the_directory_compose_mounts():

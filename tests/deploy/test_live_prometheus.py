@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -161,9 +162,10 @@ def test_rules_and_dashboard_queries_return_data(tmp_path):
 
         # The scrape is the project's job, and the dashboard's model variable lists the served model.
         assert finite_values(instant_query(prometheus, 'up{job="normfuse"} == 1')) == [1.0]
-        labels = httpx.get(f"{prometheus}/api/v1/label/model/values",
-                           params={"match[]": "normfuse_requests_total"}, timeout=5).json()["data"]
-        assert labels == [model]
+        (variable,) = load_dashboard()["templating"]["list"]
+        metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["query"]["query"]).groups()
+        values = httpx.get(f"{prometheus}/api/v1/label/{label}/values", params={"match[]": metric}, timeout=5)
+        assert values.json()["data"] == [model]
 
         # fused ÷ unfused joins one series per fused variant, never the baseline against itself.
         ratio = instant_query(prometheus, "normfuse:compute_duration_seconds:p50_ratio_to_unfused_1m")
