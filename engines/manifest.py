@@ -45,7 +45,8 @@ class FileRef(BaseModel):
 class Parity(BaseModel):
     """A verify result (convert.verify.Comparison) as recorded in the manifest."""
 
-    model_config = ConfigDict(extra="forbid")
+    # a failed comparison may carry inf/NaN errors: write them as JSON constants so they read back
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
     passed: bool
     reference: str = Field(description="what the variant was compared against, e.g. 'torch unfused fp32'")
