@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import sys
 import threading
 import time
@@ -89,9 +91,42 @@ def inflight(url: str) -> float:
                if line.startswith("normfuse_inflight_requests{"))
 
 
-def test_sigterm_under_load_answers_every_accepted_request(repo):
-    # a long batching window: requests sit in the batcher's queue when SIGTERM arrives
+@pytest.fixture(scope="module")
+def slow_server(repo):
+    # a long batching window: requests sit in the batcher's queue for 1.5 s
     srv = Server(repo, "--max-queue-delay-ms", "1500", "--max-batch-size", "8")
+    yield srv
+    srv.stop()
+
+
+def metric(url: str, prefix: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_request_whose_client_has_gone_is_dropped_before_compute(slow_server):
+    url = slow_server.url
+    payload = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [42] * 4}]})
+    request = (f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(payload)}\r\n\r\n{payload}").encode()
+    with socket.create_connection(("127.0.0.1", slow_server.port)) as sock:
+        sock.sendall(request)
+        deadline = time.monotonic() + 20
+        while inflight(url) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert inflight(url) == 1
+    # the client is gone; the batcher drops the request when its window closes, without running it
+    deadline = time.monotonic() + 20
+    dropped = 'normfuse_dropped_requests_total{backend="onnxruntime",model="linear",reason="cancelled"'
+    while metric(url, dropped) < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(url, dropped) == 1
+    assert metric(url, "normfuse_batch_size_count{") == 0  # no engine run at all
+    assert inflight(url) == 0 and metric(url, 'normfuse_requests_total{backend="onnxruntime",code="499"') == 1
+
+
+def test_sigterm_under_load_answers_every_accepted_request(slow_server):
+    srv = slow_server
     xs = [np.full((1, 4), i, np.float32) for i in range(6)]
     results: list[object] = [None] * len(xs)
 

@@ -19,7 +19,8 @@ class AffineEngine(Engine):
         self.features = features
         self.max_batch_size = max_batch_size
         self.gate = gate  # when set, each run waits for it: lets a test pile requests up in the queue
-        self.batches: list[int] = []
+        self.batches: list[int] = []  # rows per run
+        self.seen: list[float] = []  # every row's first value, in the order run
 
     def load(self) -> AffineEngine:
         self._inputs = [TensorSpec("x", "FP32", (-1, self.features))]
@@ -31,6 +32,7 @@ class AffineEngine(Engine):
             self.gate.wait(10)
         x = inputs["x"]
         self.batches.append(x.shape[0])
+        self.seen.extend(float(v) for v in x[:, 0])
         if (x == POISON).any():
             raise EngineError("poisoned batch")
         return {"y": 2 * x + 1}
