@@ -282,3 +282,10 @@ def find_plan(model_dir: str | Path, variant, *, precision: str = "fp32", device
         gpu_name=cuda.name(),
         compute_capability=cuda.compute_capability(),
     )
+
+
+def open_variant(model_dir: Path, manifest, info, paths: dict[str, Path], *, precision: str = "fp32",
+                 device: int = 0) -> TensorRTEngine:
+    """The `engines.load(..., backend="tensorrt")` opener: the plan for this variant, GPU and TensorRT
+    (see `find_plan`), as a TensorRTEngine that is not loaded yet. `paths` were sha256-verified by the caller."""
+    return TensorRTEngine(find_plan(model_dir, info, precision=precision, device=device), device=device)

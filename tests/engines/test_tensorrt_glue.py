@@ -372,3 +372,30 @@ def read_key(plan):
 
     key = read_sidecar(plan)[1]
     return key.precision, key.gpu_name
+
+
+def test_engines_load_opens_the_tensorrt_backend(fakes, tmp_path):
+    import engines
+    from engines.manifest import Manifest, TensorInfo, VariantInfo, file_ref, write_manifest
+    from engines.trt_cache import plan_path, variant_source_sha256
+
+    model_dir = tmp_path / "repo" / "tiny"
+    (model_dir / "unfused").mkdir(parents=True)
+    (model_dir / "unfused" / "model.onnx").write_bytes(b"an onnx file")
+    files = {"onnx": file_ref(model_dir, model_dir / "unfused" / "model.onnx")}
+    manifest = Manifest(
+        name="tiny", source="test", inputs=[TensorInfo(name="x", datatype="FP16", shape=[-1, 4])],
+        outputs=[TensorInfo(name="y", datatype="FP32", shape=[-1, 4])],
+        variants={"unfused": VariantInfo(name="unfused", servable=True, files=files)}, default_variant="unfused",
+    )
+    write_manifest(model_dir, manifest)
+    key = EngineKey(variant_source_sha256(files), "o" * 64, "11.4.0.106", "Fake GPU", "9.0", "fp32",
+                    {"x": ShapeProfile(*FakeEngine.profile)})
+    plan = plan_path(model_dir / "unfused" / "tensorrt", "unfused", key)
+    plan.parent.mkdir()
+    plan.write_bytes(b"plan")
+    write_sidecar(plan, "unfused", key)
+    with engines.load(tmp_path / "repo", "tiny", backend="tensorrt", precision="fp32") as engine:
+        assert engine.describe()["plan"] == plan.name
+        assert engine.max_batch_size == 8  # the profile's maximum, not the manifest's 32
+        np.testing.assert_array_equal(engine.infer(batch(2))["y"], batch(2)["x"].astype(np.float32) * 2 + 1)
