@@ -65,6 +65,28 @@ class BuildOptions:
             raise ValueError(f"optimization level must be 0..5, got {self.optimization_level}")
 
 
+# -- the CLI's options (convert/cli.py adds these to `normfuse convert`) -----------------------------------
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """ "1,8,32" -> (1, 8, 32); argparse.ArgumentTypeError for anything else."""
+    import argparse
+
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, e.g. 1,8,32; got {text!r}")
+    return sizes
+
+
+def add_arguments(command) -> None:
+    """`--precision` and `--batch-sizes` for `normfuse convert --backend tensorrt`."""
+    command.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="TensorRT engine precision; fp16 builds from an FP16 ONNX with norms kept in FP32")
+    command.add_argument("--batch-sizes", type=parse_batch_sizes, default=(1, 8, 32), metavar="N,N,...",
+                        help="batch sizes the TensorRT profile covers: min, opt (median) and max (default 1,8,32)")
+
+
 # -- what is installed ----------------------------------------------------------------------------
 def load_tensorrt_builder():
     """The full `tensorrt` module (builder + parser); TensorRTUnavailable naming what is missing."""

@@ -340,3 +340,16 @@ def test_without_tensorrt_or_gpu_it_fails_fast_saying_what_is_missing(tmp_path):
     with pytest.raises(build.TensorRTUnavailable):
         build.build_engines(model_dir, manifest)
     assert not (model_dir / "unfused" / "tensorrt").exists(), "nothing is written before the check"
+
+
+def test_cli_options_parse_precision_and_batch_sizes():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    build.add_arguments(parser)
+    args = parser.parse_args(["--precision", "fp16", "--batch-sizes", "1,8,32"])
+    assert (args.precision, args.batch_sizes) == ("fp16", (1, 8, 32))
+    assert parser.parse_args([]).batch_sizes == (1, 8, 32)
+    for bad in (["--batch-sizes", "1,x"], ["--batch-sizes", "0,4"], ["--precision", "int8"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
