@@ -10,7 +10,14 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
 
 LABELS = ("model", "variant", "backend")
 TIME_BUCKETS = tuple(round(50e-6 * 2 ** (i / 2), 7) for i in range(37))  # 50 µs · √2^i, up to ~13 s
@@ -23,6 +30,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         self.request = Histogram("normfuse_request_duration_seconds", "End-to-end inference request time",
                                  LABELS, buckets=TIME_BUCKETS, registry=r)
         self.queue = Histogram("normfuse_queue_duration_seconds", "Time a request waited in the batcher's queue",

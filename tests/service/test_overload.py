@@ -5,7 +5,6 @@ import asyncio
 import threading
 
 import httpx
-import numpy as np
 import pytest
 
 from service.app import create_app

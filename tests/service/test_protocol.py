@@ -1,0 +1,94 @@
+import json
+
+import numpy as np
+import pytest
+
+from service.protocol import (
+    InferenceRequest,
+    InferenceResponse,
+    ProtocolError,
+    ResponseOutput,
+    SchemaError,
+    binary_choices,
+    decode_request,
+    encode_response,
+)
+
+
+def binary_body(arrays, extra_json=None):
+    inputs = [{"name": n, "shape": list(a.shape), "datatype": dt, "parameters": {"binary_data_size": a.nbytes}}
+              for n, (a, dt) in arrays.items()]
+    head = json.dumps({"inputs": inputs, **(extra_json or {})}).encode()
+    return head + b"".join(a.tobytes() for a, _ in arrays.values()), str(len(head))
+
+
+def test_binary_inputs_in_order_with_mixed_dtypes():
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.array([[1, -2]], dtype=np.int64)
+    c = np.array([True, False, True])
+    body, length = binary_body({"a": (a, "FP32"), "b": (b, "INT64"), "c": (c, "BOOL")})
+    request, arrays = decode_request(body, length)
+    np.testing.assert_array_equal(arrays["a"], a)
+    np.testing.assert_array_equal(arrays["b"], b)
+    np.testing.assert_array_equal(arrays["c"], c)
+    assert arrays["a"].flags.writeable and arrays["b"].dtype == np.int64
+
+
+def test_json_inputs_flat_or_nested():
+    head = {"id": "7", "inputs": [
+        {"name": "flat", "shape": [2, 2], "datatype": "FP16", "data": [1, 2, 3, 4]},
+        {"name": "nested", "shape": [2, 2], "datatype": "INT32", "data": [[1, 2], [3, 4]]}]}
+    request, arrays = decode_request(json.dumps(head).encode(), None)
+    assert request.id == "7" and arrays["flat"].dtype == np.float16
+    np.testing.assert_array_equal(arrays["nested"], [[1, 2], [3, 4]])
+
+
+@pytest.mark.parametrize("body, length, message", [
+    (b"{", None, "not valid JSON"),
+    (b"\xff\xfe", None, "not valid JSON"),
+    (b'{"inputs": []}', None, "inputs"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', "abc", "must be an integer"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', "0", "raw binary"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP99", "data": [1]}]}', None, "unknown datatype"),
+    (b'{"inputs": [{"name": "x", "shape": [-1], "datatype": "FP32", "data": [1]}]}', None, "negative"),
+    (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": ["a", "b"]}]}', None, "not a regular"),
+    (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [[1], [2, 3]]}]}', None, "not a regular"),
+    (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32"}]}', None, "no 'data'"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]},'
+     b' {"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', None, "given twice"),
+    (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}',
+     "100", "needs 8"),
+    (b'{"inputs": [{"name": "x", "shape": [1, 1000000000000], "datatype": "FP32", "data": [1]}]}', None, "needs"),
+])
+def test_bad_bodies_name_the_problem(body, length, message):
+    with pytest.raises((ProtocolError, SchemaError), match=message):
+        decode_request(body, length)
+
+
+def test_schema_violation_is_a_schema_error():
+    with pytest.raises(SchemaError, match="inputs"):
+        decode_request(b'{"inputs": "x"}', None)
+
+
+def test_encode_binary_and_json_outputs_in_order():
+    arrays = {"y": np.arange(4, dtype=np.float32).reshape(2, 2), "z": np.array([[5]], np.int32)}
+    request = InferenceRequest.model_validate({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [0]}],
+                                               "outputs": [{"name": "z"}, {"name": "y", "parameters": {"binary_data": True}}]})
+    choices = binary_choices(request, ["y", "z"])
+    assert choices == {"z": False, "y": True}
+    response = InferenceResponse(model_name="m", outputs=[
+        ResponseOutput(name=n, shape=list(arrays[n].shape), datatype="FP32" if n == "y" else "INT32") for n in choices])
+    body, headers = encode_response(response, arrays, choices)
+    n = int(headers["Inference-Header-Content-Length"])
+    head = json.loads(body[:n])
+    assert head["outputs"][0] == {"name": "z", "shape": [1, 1], "datatype": "INT32", "data": [5]}
+    assert head["outputs"][1]["parameters"] == {"binary_data_size": 16}
+    np.testing.assert_array_equal(np.frombuffer(body[n:], np.float32).reshape(2, 2), arrays["y"])
+
+
+def test_binary_data_output_applies_to_all_unless_overridden():
+    request = InferenceRequest.model_validate({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [0]}],
+                                               "parameters": {"binary_data_output": True}})
+    assert binary_choices(request, ["a", "b"]) == {"a": True, "b": True}
+    with pytest.raises(ProtocolError, match=r"unknown output\(s\) \['c'\]"):
+        binary_choices(InferenceRequest.model_validate({**request.model_dump(), "outputs": [{"name": "c"}]}), ["a"])

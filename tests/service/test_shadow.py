@@ -1,0 +1,40 @@
+import asyncio
+
+import numpy as np
+
+from service.batcher import Batch
+from service.shadow import CompareStats, Shadow
+from tests.service.fakes import AffineEngine
+
+
+def test_compare_percentiles_and_bootstrap_interval():
+    stats = CompareStats(window=100)
+    for i in range(200):  # only the last 100 are kept
+        stats.add_latency("m", "v", 4, (i % 100 + 1) / 1000)
+    for r in np.linspace(0.8, 1.0, 41):
+        stats.add_pair("m", "v", float(r), 0.0)
+    summary = stats.summary("m", "v")
+    assert summary["compute_ms"]["4"]["n"] == 100
+    assert abs(summary["compute_ms"]["4"]["p50"] - 50.5) < 1e-6
+    lo, hi = summary["shadow"]["ratio_ci95"]
+    assert lo <= summary["shadow"]["ratio_median"] <= hi and 0.8 <= lo < hi <= 1.0
+    assert stats.summary("m", "other")["shadow"] == {"pairs": 0, "ratio_median": None, "ratio_ci95": None,
+                                                       "max_abs_error": None}
+
+
+def test_shadow_reruns_sampled_batches_and_skips_while_busy():
+    async def main():
+        unfused = AffineEngine().load()
+        pairs = []
+        shadow = Shadow("m", "affine", unfused, rate=1.0, record=lambda r, e: pairs.append((r, e)), seed=0)
+        x = np.ones((2, 4), np.float32)
+        batch = Batch({"x": x}, {"y": 2 * x + 1.5}, compute_s=0.001, rows=2)  # off by 0.5 from unfused
+        first, second = shadow.offer(batch), shadow.offer(batch)  # the second arrives while the first runs
+        await shadow.close()
+        off = Shadow("m", "affine", unfused, rate=0.0, record=None)
+        return first, second, pairs, off.offer(batch), unfused.batches
+
+    first, second, pairs, off, runs = asyncio.run(main())
+    assert (first, second, off) == ("started", "skipped", "unsampled")
+    assert len(pairs) == 1 and pairs[0][1] == 0.5 and pairs[0][0] > 0
+    assert runs == [2]
