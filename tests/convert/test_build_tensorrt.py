@@ -277,6 +277,9 @@ def test_fp16_on_11x_parses_the_precision_annotated_onnx_without_builder_flags(t
     assert fake.builds[0].network.flags == 0 and fake.builds[0].config.cleared == []
     key = read_sidecar(plans[0])[1]
     assert key.precision == "fp16" and key.onnx_sha256 != key.source_sha256
+    # the FP16 ONNX is regenerated identically, so a second conversion reuses the plans
+    assert build.build_engines(model_dir, manifest, precision="fp16", batch_sizes=(1, 16)) == plans
+    assert len(fake.builds) == 2
 
 
 def test_fp16_on_10x_uses_a_strongly_typed_network(tmp_path, use_fake):

@@ -399,3 +399,13 @@ def test_engines_load_opens_the_tensorrt_backend(fakes, tmp_path):
         assert engine.describe()["plan"] == plan.name
         assert engine.max_batch_size == 8  # the profile's maximum, not the manifest's 32
         np.testing.assert_array_equal(engine.infer(batch(2))["y"], batch(2)["x"].astype(np.float32) * 2 + 1)
+
+
+def test_without_a_gpu_loading_fails_fast_saying_so(tmp_path):
+    """No fakes: this machine's real lean runtime (or none) and real torch without CUDA."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    plan = tmp_path / "v.plan"
+    plan.write_bytes(b"never deserialized")
+    with pytest.raises(EngineError, match="TensorRT (needs a CUDA GPU|is not installed)"):
+        trt_engine.TensorRTEngine(plan).load()
