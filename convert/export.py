@@ -113,16 +113,35 @@ def export_torch(model: torch.nn.Module, example: dict[str, np.ndarray], path: P
     return path
 
 
-def census(onnx_path: Path, *, optimization: str = "all", intra_op_threads: int = 1) -> dict[str, int]:
-    """Op types (normalization-related, see CENSUS_OPS) in the graph ORT runs after its graph optimization."""
-    import onnx
+def ort_session(onnx_path: Path, *, threads: int | None = None, optimization: str = "ORT_ENABLE_ALL",
+                optimized_path: Path | None = None):
+    """A CPU ONNX Runtime session (convert talks to onnxruntime directly; it shares only the manifest with engines)."""
+    import onnxruntime as ort
 
-    from engines.onnxruntime import OnnxRuntimeEngine
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, inputs: dict[str, np.ndarray], *, chunk: int = 8) -> list[np.ndarray]:
+    """All outputs of `session` on `inputs`, run `chunk` samples at a time (bounded memory)."""
+    n = len(next(iter(inputs.values())))
+    parts = [session.run(None, {k: v[i:i + chunk] for k, v in inputs.items()}) for i in range(0, n, chunk)]
+    return [np.concatenate(outputs) for outputs in zip(*parts, strict=True)]
+
+
+def census(onnx_path: Path, *, threads: int | None = None) -> dict[str, int]:
+    """Normalization-related op types (CENSUS_OPS) and the total node count after ORT_ENABLE_ALL optimization."""
+    import onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
-        OnnxRuntimeEngine(onnx_path, optimization=optimization, intra_op_threads=intra_op_threads,
-                          optimized_model_path=optimized).load().close()
+        ort_session(onnx_path, threads=threads, optimized_path=optimized)
         graph = onnx.load(str(optimized), load_external_data=False).graph
         counts = Counter(node.op_type for node in graph.node)
     return {op: counts[op] for op in CENSUS_OPS if counts[op]} | {"total": sum(counts.values())}

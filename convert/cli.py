@@ -1,0 +1,128 @@
+"""`normfuse convert SOURCE --name NAME --repo DIR [--variants LIST]`.
+
+Backends beyond ONNX Runtime plug in through BACKENDS: a module named there may define
+`add_arguments(parser)` (its own options, e.g. --precision) and must define `build(model_dir, manifest, args)`,
+called after the ONNX conversion has been written (e.g. to build TensorRT plans from each variant's ONNX).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# backend -> module providing add_arguments(parser) / build(model_dir, manifest, args); None: nothing to add
+BACKENDS: dict[str, str | None] = {
+    "onnxruntime": None,
+    "tensorrt": "convert.build_tensorrt",
+}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="rewrite a model's normalization layers, export and verify every variant",
+        description="Convert SOURCE (a built-in model or a local Hugging Face directory) into DIR/NAME: one "
+                    "ONNX file per variant, verified against the original, and a manifest.json.",
+    )
+    parser.add_argument("source", metavar="SOURCE",
+                        help="built-in model (vit-digits, vit-digits-un, vit-digits-pn) or a Hugging Face model "
+                             "directory holding config.json and *.safetensors")
+    parser.add_argument("--name", required=True, help="the model's name in the repository")
+    parser.add_argument("--repo", required=True, type=Path, metavar="DIR", help="the model repository")
+    parser.add_argument("--variants", type=variant_list, default=None, metavar="LIST",
+                        help="comma-separated variants (default: unfused + every exact variant that applies; "
+                             "add nonorm for the benchmark-only no-norm bound)")
+    parser.add_argument("--backend", choices=list(BACKENDS), default="onnxruntime",
+                        help="engines to prepare besides the ONNX files (default: onnxruntime)")
+    parser.add_argument("--samples", type=positive, default=32, help="held-out samples for parity (default 32)")
+    parser.add_argument("--no-benchmark", action="store_true",
+                        help="skip the conversion-time benchmark; default_variant is then unfused")
+    parser.add_argument("--no-torch", action="store_true", help="do not save model.pt2 (torch.export) files")
+    parser.add_argument("--threads", type=positive, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    for module_name in filter(None, BACKENDS.values()):
+        module = _backend_module(module_name)
+        if module is not None and hasattr(module, "add_arguments"):
+            module.add_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+def variant_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of variants")
+    return names
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from convert.export import ExportError
+    from convert.models import SourceError
+    from convert.pipeline import ConversionError, ConvertOptions, convert
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    options = ConvertOptions(
+        variants=args.variants, include_bound=bool(args.variants and "nonorm" in args.variants),
+        samples=args.samples, benchmark=not args.no_benchmark, torch_artifacts=not args.no_torch,
+        threads=args.threads, progress=not args.quiet,
+    )
+    try:
+        manifest = convert(args.source, args.name, args.repo, options)
+        if BACKENDS[args.backend]:
+            module = _backend_module(BACKENDS[args.backend])
+            if module is None or not hasattr(module, "build"):
+                raise ConversionError(f"backend {args.backend!r} is not available in this installation; the ONNX "
+                                      f"files were written and ONNX Runtime can serve them")
+            module.build(args.repo / args.name, manifest, args)
+    except SourceError as exc:
+        return fail(f"cannot use SOURCE {args.source!r}: {exc}")
+    except PermissionError as exc:
+        return fail(f"{exc}. Choose a --repo directory you can write to.")
+    except (ConversionError, ExportError) as exc:
+        return fail(f"could not convert {args.source!r}: {exc}")
+    except ValueError as exc:
+        return fail(str(exc))
+    except KeyboardInterrupt:
+        return fail("interrupted; nothing was written", code=130)
+    sys.stdout.write(summary(manifest, args.repo / args.name))
+    return 0
+
+
+def fail(message: str, code: int = 2) -> int:
+    sys.stderr.write(textwrap.fill(f"normfuse convert: error: {message}", width=100) + "\n")
+    return code
+
+
+def summary(manifest, model_dir: Path) -> str:
+    """A short table: one line per variant, then the variants that do not apply and why."""
+    lines = [f"wrote {model_dir}/manifest.json ({manifest.source}, {manifest.task})"]
+    for name, info in manifest.variants.items():
+        worst = max((p.rel_l2 for p in info.parity), default=0.0)
+        norms = ", ".join(f"{op} {n}" for op, n in info.op_census.items() if op != "total") or "no norm ops"
+        latency = "".join(f" {k}={v:.3g}" for k, v in info.latency_ms.items())
+        state = "servable" if info.servable else ("benchmark-only" if info.benchmark_only else "NOT servable")
+        lines.append(f"  {name:<9} {state:<14} max rel_l2 {worst:.2e}  [{norms}]{latency}")
+        lines += [f"            flag: {flag}" for flag in info.flags]
+    for name, reason in manifest.not_applicable.items():
+        lines.append(f"  {name:<9} not applicable: {reason}")
+    lines.append(f"default variant: {manifest.default_variant}")
+    return "\n".join(lines) + "\n"
+
+
+def _backend_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        log.debug("backend module %s not importable: %s", name, exc)
+        return None

@@ -1,0 +1,273 @@
+"""The conversion pipeline: SOURCE -> rewritten variants -> verified ONNX (+ torch.export) files -> manifest.
+
+    load source -> for each variant: rewrite (NotApplicable -> reason) -> verify in torch -> export ONNX
+    -> ONNX Runtime parity against the ORIGINAL torch model on held-out data -> op census
+    -> short interleaved benchmark (unfused, v, unfused, v ...) -> default_variant -> manifest.json
+
+Everything is written into a temporary directory inside the repository and moved into place at the end,
+so a failed conversion never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from convert.export import ExportError, census, export_onnx, export_torch, lost_fusions, ort_session, run_onnx
+from convert.models import Source, load_source
+from convert.rewrites import BENCHMARK_ONLY, EXACT_VARIANTS
+from engines.manifest import Manifest, VariantInfo, file_ref, write_manifest
+
+log = logging.getLogger(__name__)
+
+
+class ConversionError(RuntimeError):
+    """The conversion could not produce a servable model (the message says why)."""
+
+
+@dataclass
+class ConvertOptions:
+    variants: list[str] | None = None   # None: unfused + every exact variant that applies
+    include_bound: bool = False         # also build the benchmark-only `nonorm` bound
+    samples: int = 32                   # held-out samples for parity
+    benchmark: bool = True              # time variants at conversion to pick default_variant
+    benchmark_rounds: int = 7           # A B A B ... rounds per variant pair
+    benchmark_batch: int = 8
+    torch_artifacts: bool = True        # also save model.pt2 per variant (TorchEngine)
+    threads: int | None = None          # ORT intra-op threads (None: all cores)
+    progress: bool = True
+    max_batch_size: int = 32
+    tools: dict[str, str] = field(default_factory=dict)
+
+
+def convert(source: str | Source, name: str, repo: str | Path, options: ConvertOptions | None = None) -> Manifest:
+    """Convert SOURCE into REPO/NAME (manifest.json + one directory per variant); return the manifest."""
+    options = options or ConvertOptions()
+    names = requested_variants(options)
+    repo = Path(repo)
+    staging = make_staging(repo, name)  # fails early (before any training) on an unwritable repository
+    try:
+        src = source if isinstance(source, Source) else load_source(source, progress=options.progress)
+        built, not_applicable = {}, {}
+        bar = tqdm(names, desc="rewrite/verify/export", unit="variant", disable=not options.progress)
+        context = Context(src, staging, options.samples, options.threads, options.torch_artifacts)
+        for variant in bar:
+            bar.set_postfix_str(variant)
+            info = build_variant(context, variant, not_applicable)
+            if info is not None:
+                built[variant] = info
+        if "unfused" not in built or not built["unfused"].servable:
+            raise ConversionError(unfused_failure(built.get("unfused"), not_applicable.get("unfused")))
+        flag_lost_fusions(built)
+        default = "unfused"
+        if options.benchmark and len(built) > 1:
+            default = benchmark(context, built, options.benchmark_rounds, options.benchmark_batch,
+                                      progress=options.progress)
+        manifest = Manifest(
+            name=name, source=str(source if not isinstance(source, Source) else source.name), task=src.task,
+            tools=tool_versions() | options.tools, inputs=src.inputs, outputs=src.outputs,
+            max_batch_size=options.max_batch_size, variants=built, not_applicable=not_applicable,
+            default_variant=default,
+        )
+        write_manifest(staging, manifest)
+        move_into_place(staging, repo / name)
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def requested_variants(options: ConvertOptions) -> list[str]:
+    names = list(options.variants) if options.variants else ["unfused", *EXACT_VARIANTS]
+    if options.include_bound:
+        names += [v for v in BENCHMARK_ONLY if v not in names]
+    if "unfused" in names:
+        names.remove("unfused")
+    unknown = [v for v in names if v not in (*EXACT_VARIANTS, *BENCHMARK_ONLY)]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; expected some of unfused, "
+                         f"{', '.join((*EXACT_VARIANTS, *BENCHMARK_ONLY))}")
+    return ["unfused", *names]  # unfused is always built: it is the reference and the fallback default
+
+
+def make_staging(repo: Path, name: str) -> Path:
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"model name {name!r} must be a plain directory name")
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=repo))
+    except OSError as exc:
+        raise PermissionError(f"cannot write to model repository {repo}: {exc.strerror or exc}") from exc
+
+
+def move_into_place(staging: Path, final: Path) -> None:
+    """Replace `final` by `staging` (rename, so readers see the old model or the new one, never half)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+    staging.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def unfused_failure(info, reason: str | None) -> str:
+    if info is None:
+        return f"the original model could not be exported: {reason}"
+    failed = [p for p in info.parity if not p.passed]
+    detail = "; ".join(f"{p.candidate}: rel_l2 {p.rel_l2:.3g} > gate {p.gate.get('rel_l2')}" for p in failed)
+    return f"the exported original model does not match torch ({detail})"
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("normfuse", "torch", "onnx", "onnxruntime", "transformers", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+# ----------------------------------------------------------------------------- one variant
+
+DESCRIPTIONS = {
+    "unfused": "the original model, exported as is",
+    "affine": "LayerNorm/RMSNorm γ, β folded into the linear layers that read them",
+    "rmsnorm": "Pre-LN -> Pre-RMSNorm: residual writers re-centred, LayerNorm replaced by RMSNorm",
+    "crmsnorm": "Pre-CRMSNorm: residual stream compressed to d-1, CRMSNorm",
+    "folded": "BatchNorm / Unified Normalization / PowerNorm statistics folded into neighbouring layers",
+    "nonorm": "every normalization removed: the no-norm speed bound, not the same function (benchmark only)",
+}
+
+
+@dataclass
+class Context:
+    source: Source
+    staging: Path
+    samples: int
+    threads: int | None
+    torch_artifacts: bool
+
+    def __post_init__(self) -> None:
+        import torch
+
+        from convert.verify import run
+
+        self.held_out = self.source.sample_inputs(self.samples)
+        self.example = self.source.sample_inputs(2)  # batch 2 so the exporter cannot specialise on 1
+        self.reference = run(self.source.model, self.held_out, torch.float32)  # the ORIGINAL model's outputs
+
+
+def build_variant(ctx: Context, variant: str, not_applicable: dict[str, str]) -> VariantInfo | None:
+    """Rewrite, verify, export and census one variant; None (with the reason recorded) when it cannot be built."""
+    from convert.rewrites import NotApplicable
+
+    try:
+        return _build(ctx, variant)
+    except NotApplicable as exc:
+        log.info("variant %s does not apply: %s", variant, exc)
+        not_applicable[variant] = str(exc)
+    except ImportError as exc:  # the rewrite's module is not part of this installation
+        log.warning("variant %s is not available: %s", variant, exc)
+        not_applicable[variant] = f"rewrite not available: {exc}"
+    except ExportError as exc:
+        log.warning("variant %s could not be exported: %s", variant, exc)
+        not_applicable[variant] = str(exc)
+    except Exception as exc:
+        if variant == "unfused":
+            raise
+        log.exception("variant %s failed", variant)
+        not_applicable[variant] = f"failed: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _build(ctx: Context, variant: str) -> VariantInfo:
+    import torch
+
+    from convert.rewrites import rewrite
+    from convert.verify import compare, run
+
+    src, parity, flags = ctx.source, [], []
+    model = src.model if variant == "unfused" else rewrite(src.model, variant)
+    reference = "torch unfused fp32"
+    if variant != "unfused":
+        torch_check = compare(ctx.reference, run(model, ctx.held_out, torch.float32), dtype="float32")
+        parity.append(torch_check.to_parity(reference, f"torch {variant} fp32"))
+    directory = ctx.staging / variant
+    onnx_path = export_onnx(model, ctx.example, directory / "model.onnx", inputs=src.inputs, outputs=src.outputs)
+    files = {"onnx": file_ref(ctx.staging, onnx_path)}
+    if ctx.torch_artifacts:
+        try:
+            pt2 = export_torch(model, ctx.example, directory / "model.pt2", inputs=src.inputs, outputs=src.outputs)
+            files["torch"] = file_ref(ctx.staging, pt2)
+        except ExportError as exc:
+            log.warning("variant %s: no torch artifact: %s", variant, exc)
+            flags.append(f"no-torch-artifact: {str(exc).splitlines()[0][:200]}")
+    del model
+    outputs = run_onnx(ort_session(onnx_path, threads=ctx.threads), ctx.held_out)
+    ort_check = compare(ctx.reference, outputs, dtype="float32")
+    parity.append(ort_check.to_parity(reference, f"onnxruntime cpu {variant} fp32"))
+    bound = variant in BENCHMARK_ONLY
+    return VariantInfo(
+        name=variant, description=DESCRIPTIONS.get(variant, ""), exact=not bound, benchmark_only=bound,
+        servable=not bound and all(p.passed for p in parity), files=files, parity=parity,
+        op_census=census(onnx_path, threads=ctx.threads), flags=flags,
+    )
+
+
+def flag_lost_fusions(built: dict[str, VariantInfo]) -> None:
+    reference = built["unfused"].op_census
+    for name, info in built.items():
+        if name != "unfused":
+            info.flags.extend(lost_fusions(reference, info.op_census))
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+NOISE = 0.03  # a variant must be ≥ 3% faster (median of paired ratios) to become the default
+
+
+def benchmark(ctx: Context, built: dict[str, VariantInfo], rounds: int, batch: int, *, progress: bool) -> str:
+    """Time unfused against each other variant, interleaved (A B, B A, ...); return the default variant."""
+    inputs = ctx.source.sample_inputs(batch)
+    unfused = ort_session(ctx.staging / built["unfused"].files["onnx"].path, threads=ctx.threads)
+    others = [v for v in built if v != "unfused"]
+    bar = tqdm(total=rounds * len(others), desc="benchmark", unit="round", disable=not progress)
+    baseline_times, ratios = [], {}
+    for variant in others:
+        session = ort_session(ctx.staging / built[variant].files["onnx"].path, threads=ctx.threads)
+        pair = {"unfused": unfused, variant: session}
+        for name in pair:
+            timed(pair[name], inputs)  # warm-up
+        times = {"unfused": [], variant: []}
+        for r in range(rounds):
+            for name in (("unfused", variant) if r % 2 == 0 else (variant, "unfused")):
+                times[name].append(timed(pair[name], inputs))
+            bar.update()
+        del session, pair
+        baseline_times += times["unfused"]
+        ratios[variant] = statistics.median(b / a for a, b in zip(times["unfused"], times[variant], strict=True))
+        built[variant].latency_ms = {f"ort_cpu_b{batch}_median": statistics.median(times[variant]) * 1e3,
+                                     f"ort_cpu_b{batch}_vs_unfused": ratios[variant]}
+    bar.close()
+    built["unfused"].latency_ms = {f"ort_cpu_b{batch}_median": statistics.median(baseline_times) * 1e3}
+    faster = [v for v in others if built[v].servable and ratios[v] <= 1 - NOISE]
+    log.info("benchmark ratios vs unfused: %s", {v: round(r, 3) for v, r in ratios.items()})
+    return min(faster, key=ratios.__getitem__) if faster else "unfused"
+
+
+def timed(session, inputs: dict[str, np.ndarray]) -> float:
+    start = time.perf_counter()
+    session.run(None, inputs)
+    return time.perf_counter() - start
