@@ -35,15 +35,19 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16")
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTError(RuntimeError):
+    """Building TensorRT engines failed or is impossible here; the message says why and what to do."""
+
+
+class TensorRTUnavailable(TensorRTError):
     """TensorRT's builder or a CUDA GPU is missing here; the message says which and what to do."""
 
 
-class OnnxParseError(RuntimeError):
+class OnnxParseError(TensorRTError):
     """TensorRT's ONNX parser refused the model; the message names each failing node and operator."""
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(TensorRTError):
     """build_serialized_network failed; the message carries TensorRT's log."""
 
 
@@ -85,6 +89,19 @@ def add_arguments(command) -> None:
                         help="TensorRT engine precision; fp16 builds from an FP16 ONNX with norms kept in FP32")
     command.add_argument("--batch-sizes", type=parse_batch_sizes, default=(1, 8, 32), metavar="N,N,...",
                         help="batch sizes the TensorRT profile covers: min, opt (median) and max (default 1,8,32)")
+
+
+def check(args) -> None:
+    """CLI hook, called before converting: fail fast when engines cannot be built here."""
+    check_tensorrt_available()
+
+
+def build(model_dir: Path, manifest: Manifest, args) -> list[Path]:
+    """CLI hook (convert/cli.py BACKENDS), called after the ONNX files and manifest were written."""
+    plans = build_engines(model_dir, manifest, precision=args.precision, batch_sizes=args.batch_sizes)
+    for plan in plans:
+        log.info("TensorRT plan: %s", plan)
+    return plans
 
 
 # -- what is installed ----------------------------------------------------------------------------
