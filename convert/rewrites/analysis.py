@@ -107,9 +107,11 @@ def find_norms(model: nn.Module) -> dict[str, nn.Module]:
 def example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     """Keyword inputs to trace `model` with: its own `example_inputs()`, or derived from its config/type."""
     own = getattr(model, "example_inputs", None)
-    if own is not None:
-        return dict(own() if callable(own) else own)
-    config, dtype = getattr(model, "config", None), next(model.parameters()).dtype
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    if own is not None:  # floating inputs follow the model's dtype (the model may have been cast since)
+        inputs = own() if callable(own) else own
+        return {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
+    config = getattr(model, "config", None)
     if config is not None and getattr(model, "main_input_name", None) == "pixel_values":
         size = config.image_size
         return {"pixel_values": torch.randn(2, config.num_channels, size, size, dtype=dtype)}
