@@ -21,6 +21,7 @@ class AffineEngine(Engine):
         self.gate = gate  # when set, each run waits for it: lets a test pile requests up in the queue
         self.batches: list[int] = []  # rows per run
         self.seen: list[float] = []  # every row's first value, in the order run
+        self.entered = threading.Event()  # set once a run has started (and is maybe waiting on the gate)
 
     def load(self) -> AffineEngine:
         self._inputs = [TensorSpec("x", "FP32", (-1, self.features))]
@@ -28,6 +29,7 @@ class AffineEngine(Engine):
         return self
 
     def _run(self, inputs):
+        self.entered.set()
         if self.gate is not None:
             self.gate.wait(10)
         x = inputs["x"]

@@ -19,6 +19,14 @@ def body(value: float, **extra):
     return {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [value] * 4}], **extra}
 
 
+async def until(condition, timeout=20.0):
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
 def test_queue_full_timeout_and_engine_failure(test_repo):
     gate = threading.Event()
     engines = []
@@ -35,13 +43,17 @@ def test_queue_full_timeout_and_engine_failure(test_repo):
         gate.set()  # let warm-up through
         async with app.router.lifespan_context(app):
             gate.clear()
+            for engine in engines:
+                engine.entered.clear()
+            batcher = app.state.repo.get(MODEL).batcher
             url = f"/v2/models/{MODEL}/infer"
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
                 running = asyncio.ensure_future(c.post(url, json=body(1)))
-                await asyncio.sleep(0.1)  # now running, blocked on the gate
+                await until(lambda: any(e.entered.is_set() for e in engines))  # running, blocked on the gate
                 expiring = asyncio.ensure_future(c.post(url, json=body(2, parameters={"timeout": 20_000})))
+                await until(lambda: batcher.depth == 1)
                 queued = asyncio.ensure_future(c.post(url, json=body(3)))
-                await asyncio.sleep(0.1)
+                await until(lambda: batcher.depth == 2 or expiring.done())
                 full = await c.post(url, json=body(4))
                 expired = await expiring  # answered while the engine is still blocked
                 assert not gate.is_set()
