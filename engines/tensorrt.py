@@ -266,10 +266,11 @@ class TensorRTEngine(Engine):
         return {spec.name: host[spec.name].numpy().astype(spec.dtype, copy=False) for spec in self._outputs}
 
 
-def find_plan(model_dir: str | Path, variant, *, precision: str = "fp32", device: int = 0) -> Path:
+def find_plan(model_dir: str | Path, variant, *, precision: str | None = None, device: int = 0) -> Path:
     """The plan in ``model_dir/<variant>/tensorrt/`` built from this variant's ONNX (manifest sha256), at
-    `precision`, for the installed TensorRT and this GPU; EngineCacheError (listing every plan there and why
-    it was refused) when there is none. `variant` is the manifest's VariantInfo."""
+    `precision` (None: any, the most recently built wins), for the installed TensorRT and this GPU;
+    EngineCacheError (listing every plan there and why it was refused) when there is none.
+    `variant` is the manifest's VariantInfo."""
     from engines.trt_cache import select_plan, variant_source_sha256
 
     trt, cuda = import_tensorrt(), CudaDevice(device)
@@ -284,8 +285,9 @@ def find_plan(model_dir: str | Path, variant, *, precision: str = "fp32", device
     )
 
 
-def open_variant(model_dir: Path, manifest, info, paths: dict[str, Path], *, precision: str = "fp32",
-                 device: int = 0) -> TensorRTEngine:
+def open_variant(model_dir: Path, manifest, info, paths: dict[str, Path], *, precision: str | None = None,
+                 device: int = 0, intra_op_threads: int = 0) -> TensorRTEngine:
     """The `engines.load(..., backend="tensorrt")` opener: the plan for this variant, GPU and TensorRT
-    (see `find_plan`), as a TensorRTEngine that is not loaded yet. `paths` were sha256-verified by the caller."""
+    (see `find_plan`), as a TensorRTEngine that is not loaded yet. `paths` were sha256-verified by the caller.
+    `intra_op_threads` is accepted for the service's common options and ignored (no CPU threads to size)."""
     return TensorRTEngine(find_plan(model_dir, info, precision=precision, device=device), device=device)

@@ -208,13 +208,14 @@ def select_plan(
     variant: str,
     *,
     source_sha256: str,
-    precision: str,
+    precision: str | None,
     trt_version: str,
     gpu_name: str,
     compute_capability: str,
 ) -> Path:
     """The serving-side lookup: a plan built from this ONNX, at this precision, for this TensorRT and GPU.
 
+    `precision=None` accepts any precision; among several matching plans the most recently built one wins.
     The server cannot build, so a miss raises EngineCacheError listing every candidate and why it was refused.
     """
     wanted = {
@@ -224,7 +225,9 @@ def select_plan(
         "gpu_name": gpu_name,
         "compute_capability": compute_capability,
     }
-    refused = []
+    if precision is None:
+        del wanted["precision"]
+    refused, matches = [], []
     for plan in sorted(Path(cache_dir).glob("*.plan")):
         try:
             cached_variant, key = read_sidecar(plan)
@@ -236,11 +239,14 @@ def select_plan(
         if cached_variant != variant:
             diffs.insert(0, f"variant {cached_variant!r} != {variant!r}")
         if not diffs:
-            return plan
-        refused.append(f"{plan.name}: {', '.join(diffs)}")
+            matches.append(plan)
+        else:
+            refused.append(f"{plan.name}: {', '.join(diffs)}")
+    if matches:
+        return max(matches, key=lambda plan: (plan.stat().st_mtime_ns, plan.name))
     detail = "; ".join(refused) if refused else "no plans at all"
     raise EngineCacheError(
-        f"no TensorRT plan in {cache_dir} for variant {variant!r} at {precision} on {gpu_name} "
+        f"no TensorRT plan in {cache_dir} for variant {variant!r} at {precision or 'any precision'} on {gpu_name} "
         f"(sm {compute_capability}) with TensorRT {trt_version} [{detail}]. Plans are built per GPU and "
         "TensorRT version: run `normfuse convert ... --backend tensorrt` on this host."
     )

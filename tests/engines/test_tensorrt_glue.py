@@ -362,6 +362,7 @@ def test_find_plan_picks_the_plan_for_this_onnx_precision_trt_and_gpu(fakes, tmp
     assert read_key(found) == ("fp16", "Fake GPU")
     with trt_engine.TensorRTEngine(found) as eng:
         assert eng.describe()["precision"] == "fp16"
+    assert read_key(trt_engine.find_plan(tmp_path / "repo", variant, precision="fp32")) == ("fp32", "Fake GPU")
     fakes.trt.__version__ = "11.5.0.1"
     with pytest.raises(EngineCacheError, match=r"trt_version '11\.4\.0\.106' != '11\.5\.0\.1'"):
         trt_engine.find_plan(tmp_path / "repo", variant, precision="fp16")
@@ -395,7 +396,7 @@ def test_engines_load_opens_the_tensorrt_backend(fakes, tmp_path):
     plan.parent.mkdir()
     plan.write_bytes(b"plan")
     write_sidecar(plan, "unfused", key)
-    with engines.load(tmp_path / "repo", "tiny", backend="tensorrt", precision="fp32") as engine:
+    with engines.load(tmp_path / "repo", "tiny", backend="tensorrt", intra_op_threads=2) as engine:
         assert engine.describe()["plan"] == plan.name
         assert engine.max_batch_size == 8  # the profile's maximum, not the manifest's 32
         np.testing.assert_array_equal(engine.infer(batch(2))["y"], batch(2)["x"].astype(np.float32) * 2 + 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
@@ -114,6 +115,13 @@ def test_select_plan_matches_on_source_precision_and_gpu(tmp_path):
         gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
     )
     assert found == fp16
+    fp32 = plan_path(tmp_path, "rmsnorm", make_key(precision="fp32", onnx_sha256="a" * 64))
+    os.utime(fp16, ns=(1, 1))  # the fp32 plan is the newer one
+    newest = select_plan(
+        tmp_path, "rmsnorm", source_sha256="a" * 64, precision=None, trt_version="11.4.0.106",
+        gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
+    )
+    assert newest == fp32
     with pytest.raises(EngineCacheError, match=r"gpu_name 'NVIDIA H100 80GB HBM3' != 'NVIDIA L4'"):
         select_plan(
             tmp_path, "rmsnorm", source_sha256="a" * 64, precision="fp16", trt_version="11.4.0.106",
