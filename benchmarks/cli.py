@@ -52,6 +52,7 @@ def register(subparsers) -> None:
     all_p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     all_p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
     all_p.add_argument("--no-prepare", action="store_true", help="benchmark what is in --repo; convert nothing")
+    all_p.add_argument("--reconvert", action="store_true", help="convert every model again (new rewrites landed)")
     all_p.add_argument("--skip-serving", action="store_true")
     engines_p.set_defaults(handler=run_engines)
     serving_p.set_defaults(handler=run_serving)
@@ -133,7 +134,8 @@ def run_all(args) -> int:
     notes = []
     if not args.no_prepare:
         wanted = list(args.models) if args.models else list(prepare.MODELS)
-        ready = prepare.prepare(args.repo, Path(args.repo).parent, wanted, threads=args.threads)
+        ready = prepare.prepare(args.repo, Path(args.repo).parent, wanted, threads=args.threads,
+                                reconvert=args.reconvert)
         notes += [f"model {m} could not be converted (see the log); not benchmarked" for m in wanted if m not in ready]
     engine_result = engines_bench.run(args.repo, _engine_config(args))
     serving_result = None if args.skip_serving else serving_bench.run(args.repo, _serving_config(args))

@@ -110,12 +110,14 @@ def bench_model(repo, model: str, backend: str, config: EngineBenchConfig) -> li
 
 def run(repo, config: EngineBenchConfig) -> dict:
     """Benchmark every (selected) model on every available backend; skipped backends carry a reason."""
-    rows, skipped = [], {}
+    rows, skipped, not_applicable = [], {}, {}
     for model in config.models or tuple(list_models(repo)):
+        manifest = read_manifest(engines.open_model(repo, model)[1])
+        not_applicable[model] = dict(manifest.not_applicable)
         for backend in config.backends:
             try:
                 rows += bench_model(repo, model, backend, config)
             except engines.EngineError as exc:
                 skipped[f"{model}/{backend}"] = str(exc)
                 log.warning("skipped %s on %s: %s", model, backend, exc)
-    return {"rows": rows, "skipped": skipped, "config": config.__dict__ | {"batch_sizes": list(config.batch_sizes)}}
+    return {"rows": rows, "skipped": skipped, "not_applicable": not_applicable, "config": config.__dict__ | {"batch_sizes": list(config.batch_sizes)}}

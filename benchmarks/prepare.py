@@ -9,6 +9,7 @@ converts once and re-measures on later runs.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,8 +38,9 @@ MODELS: dict[str, str | Callable[[Path], None]] = {
 }
 
 
-def prepare(repo: Path, work: Path, models: list[str] | None = None, *, threads: int | None = None) -> list[str]:
-    """Convert each missing model into `repo`; return the names present afterwards."""
+def prepare(repo: Path, work: Path, models: list[str] | None = None, *, threads: int | None = None,
+            reconvert: bool = False) -> list[str]:
+    """Convert each missing model (every model with `reconvert`) into `repo`; return the names present after."""
     import torch
 
     from convert.pipeline import ConvertOptions, convert
@@ -46,6 +48,8 @@ def prepare(repo: Path, work: Path, models: list[str] | None = None, *, threads:
     repo, work = Path(repo), Path(work)
     ready = []
     for name in models or list(MODELS):
+        if reconvert:
+            shutil.rmtree(repo / name, ignore_errors=True)
         if (repo / name / "manifest.json").is_file():
             ready.append(name)
             continue

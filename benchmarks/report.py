@@ -66,9 +66,10 @@ def engine_section(result: dict) -> str:
         [[r["model"], r["backend"], r["batch"], r["variant"], "yes" if r["exact"] else "no", r["rounds"],
           _num(r["p50_ms"]), _num(r["p99_ms"]), _interval(r, "ratio", ".3f"), _interval(r, "gain", ".0%")]
          for r in rows])]
-    for name, why in result.get("skipped", {}).items():
-        body.append(f"- skipped {name}: {why}")
-    return "\n\n".join(body)
+    notes = [f"- skipped {name}: {why}" for name, why in result.get("skipped", {}).items()]
+    notes += [f"- {model}: variant `{variant}` not built: {why}"
+              for model, reasons in result.get("not_applicable", {}).items() for variant, why in reasons.items()]
+    return "\n\n".join(body + (["\n".join(notes)] if notes else []))
 
 
 def serving_section(result: dict) -> str:

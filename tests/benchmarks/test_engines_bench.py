@@ -43,3 +43,4 @@ def test_bench_runs_every_variant_of_a_real_repo(bench_repo):
     assert affine["ratio_low"] <= affine["ratio"] <= affine["ratio_high"]
     assert "gain" in affine and (math.isnan(affine["gain"]) or math.isfinite(affine["gain"]))
     assert "tiny/no-such-backend" in result["skipped"]
+    assert result["not_applicable"] == {"tiny": {}}
