@@ -41,7 +41,8 @@ def register(subparsers) -> None:
         p.add_argument("--models", type=_names, default=None, help="comma list (default: all in the repo)")
         p.add_argument("--batch-sizes", type=_ints, default=None, help="default 1,8")
         p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per batch size (default 20)")
-        p.add_argument("--backends", type=_names, default=("onnxruntime",))
+        p.add_argument("--backends", type=_names, default=("onnxruntime", "tensorrt"),
+                       help="a backend that cannot run here is listed as skipped")
     for p in (serving_p, all_p):
         p.add_argument("--serving-model", default="vit-digits")
         p.add_argument("--serving-variant", default="unfused")

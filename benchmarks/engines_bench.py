@@ -33,7 +33,7 @@ class EngineBenchConfig:
     warmup: int = 2
     seq_len: int = 128                # for dynamic non-batch axes (text models)
     threads: int | None = None        # ORT intra-op threads (None: ORT's default, all cores)
-    backends: tuple[str, ...] = ("onnxruntime",)
+    backends: tuple[str, ...] = ("onnxruntime", "tensorrt")  # one that cannot run here is reported as skipped
     models: tuple[str, ...] | None = None  # None: every model in the repository
 
     def __post_init__(self) -> None:
@@ -117,7 +117,7 @@ def run(repo, config: EngineBenchConfig) -> dict:
         for backend in config.backends:
             try:
                 rows += bench_model(repo, model, backend, config)
-            except engines.EngineError as exc:
+            except (engines.EngineError, engines.ManifestError) as exc:
                 skipped[f"{model}/{backend}"] = str(exc)
                 log.warning("skipped %s on %s: %s", model, backend, exc)
     return {"rows": rows, "skipped": skipped, "not_applicable": not_applicable, "config": config.__dict__ | {"batch_sizes": list(config.batch_sizes)}}
