@@ -110,7 +110,13 @@ class Batcher:
             return await self._submit_one(inputs, timeout_s)
         chunks = [{k: v[i : i + self.max_batch_size] for k, v in inputs.items()}
                   for i in range(0, rows, self.max_batch_size)]
-        parts = await asyncio.gather(*(self._submit_one(chunk, timeout_s) for chunk in chunks))
+        tasks = [asyncio.ensure_future(self._submit_one(chunk, timeout_s)) for chunk in chunks]
+        try:
+            parts = await asyncio.gather(*tasks)
+        except BaseException:  # one chunk failed (or our caller left): the others are not wanted either
+            for task in tasks:
+                task.cancel()
+            raise
         outputs = {k: np.concatenate([p.outputs[k] for p in parts]) for k in parts[0].outputs}
         return Result(outputs, max(p.queue_s for p in parts), sum(p.compute_s for p in parts),
                       max(p.batch_size for p in parts))

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/e2e has no
 from tests.service.repo_builder import build_test_repo  # noqa: E402
 from tests.service.server_process import Server  # noqa: E402
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 # No corrupt model here: its deliberate 503 "not ready" (tested in tests/service) would count as a 5xx.
 PATH_VALUES = {"model": ["linear", "nope"], "version": ["unfused", "affine", "nope"]}
 
