@@ -36,6 +36,8 @@ def fold_affine(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None)
 def fold_norm_into_readers(model: nn.Module, use: NormUse) -> None:
     """W ← W·diag(γ), b ← b + Wβ for every reader, then γ ← 1, β ← 0 on the norm."""
     gamma, beta = norm_affine(use.module)
+    if beta is not None and not beta.any():
+        beta = None  # nothing to add: do not create biases (each costs an Add in the exported graph)
     for site in use.readers:
         owner = model.get_submodule(site.module)
         bias = getattr(owner, site.bias, None)

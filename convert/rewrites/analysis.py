@@ -133,10 +133,13 @@ def example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
 def analyse(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> Analysis:
     """Trace `model` and locate its norms, their readers, and the residual stream's writers."""
     inputs = example_inputs(model) if inputs is None else inputs
-    try:
-        program = torch.export.export(model, args=(), kwargs=inputs, strict=False)
+    training = model.training
+    try:  # traced in eval mode: the rewrite is of the inference function (dropout off)
+        program = torch.export.export(model.eval(), args=(), kwargs=inputs, strict=False)
     except Exception as error:  # noqa: BLE001 - any tracing failure means we cannot prove anything
         raise NotApplicable(f"{type(model).__name__} could not be traced with torch.export: {error}") from error
+    finally:
+        model.train(training)
     return _Graph(model, program).analyse()
 
 

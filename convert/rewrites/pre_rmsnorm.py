@@ -23,8 +23,9 @@ def to_pre_rmsnorm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = No
     """Re-centre the residual stream's writers, fold γ/β, and swap every LayerNorm for an RMSNorm."""
     analysis = centre_residual_stream(model, inputs)
     for name, use in analysis.norms.items():
-        gamma, beta = norm_affine(use.module)  # ones/zeros when folded; kept when a reader is not linear
-        like = gamma if gamma is not None else next(model.parameters())
+        # folded: γ = 1 stays as the explicit weight, β is gone; unfoldable (a reader is not linear): kept
+        gamma, beta = norm_affine(use.module) if use.blockers else (None, None)
+        like = use.module.weight if use.module.weight is not None else next(model.parameters())
         norm = RMSNorm(analysis.width, float(use.module.eps), bias=beta is not None).to(like.dtype).to(like.device)
         with torch.no_grad():
             for tensor, value in ((norm.weight, gamma), (norm.bias, beta)):

@@ -23,6 +23,7 @@ def test_layernorms_become_rmsnorms_and_outputs_match():
     assert not any(isinstance(m, nn.LayerNorm) for m in converted.modules())
     norms = [m for m in converted.modules() if isinstance(m, RMSNorm)]
     assert len(norms) == 5 and all(n.eps == 1e-5 and torch.equal(n.weight, torch.ones(WIDTH)) for n in norms)
+    assert all(n.bias is None for n in norms)  # β folded away, not carried
     # every writer of the stream was found and centred: cls, positions, patch embedding, proj, fc2
     assert zero_mean(converted.cls) and zero_mean(converted.pos)
     assert zero_mean(converted.patch.weight, 0) and zero_mean(converted.patch.bias, 0)
@@ -76,3 +77,22 @@ def test_an_rmsnorm_model_is_refused_because_rmsnorm_is_not_mean_invariant():
 def test_rmsnorm_in_low_precision_stays_within_twice_the_original_error(dtype):
     model = TinyViT()
     assert low_precision_ratio(model, "rmsnorm", dtype, inputs(model, batch=16)) <= 2.0
+
+
+def test_exported_rmsnorm_is_fused_by_onnx_runtime(tmp_path):
+    """The explicit ones weight is what lets ORT fuse the pattern into SimplifiedLayerNormalization."""
+    np = pytest.importorskip("numpy")
+    from convert.export import census, export_onnx
+    from engines.manifest import TensorInfo
+
+    model = TinyViT()
+    example = {"x": np.random.default_rng(0).standard_normal((2, 4, 16)).astype(np.float32)}
+    specs = {"inputs": [TensorInfo(name="x", datatype="FP32", shape=[-1, 4, 16])],
+             "outputs": [TensorInfo(name="y", datatype="FP32", shape=[-1, 5])]}
+    counts = census(export_onnx(rewrite(model, "rmsnorm"), example, tmp_path / "rms.onnx", **specs))
+    assert counts.get("SimplifiedLayerNormalization", 0) + counts.get("SkipSimplifiedLayerNormalization", 0) == 5
+    assert "LayerNormalization" not in counts and "Sqrt" not in counts
+    # the same graph as the affine fold (which adds the β biases the bias-free qkv layers lacked): one
+    # fused norm in place of each LayerNormalization, no leftover ops around it
+    folded = census(export_onnx(rewrite(model, "affine"), example, tmp_path / "ln.onnx", **specs))
+    assert counts["total"] == folded["total"] and folded["LayerNormalization"] == 5
