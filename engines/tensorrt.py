@@ -15,6 +15,7 @@ A batch larger than the profile's maximum is an InputError (the batcher splits b
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from pathlib import Path
@@ -74,7 +75,7 @@ def capturing_logger(trt, min_severity=None):
     class CapturingLogger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
-            self.lines: list[str] = []
+            self.lines: collections.deque[str] = collections.deque(maxlen=200)  # long-lived runtimes log on
             if min_severity is not None:
                 self.min_severity = min_severity
 
@@ -85,7 +86,7 @@ def capturing_logger(trt, min_severity=None):
                 self.lines.append(f"[{getattr(sev, 'name', sev)}] {msg}")
 
         def tail(self, n: int = 20) -> str:
-            return "\n".join(self.lines[-n:]) or "(TensorRT logged nothing at WARNING or above)"
+            return "\n".join(list(self.lines)[-n:]) or "(TensorRT logged nothing at WARNING or above)"
 
     return CapturingLogger()
 
@@ -110,6 +111,10 @@ class CudaDevice:
     def compute_capability(self) -> str:
         major, minor = self.torch.cuda.get_device_capability(self.device)
         return f"{major}.{minor}"
+
+    def active(self):
+        """Make this GPU current (TensorRT deserializes onto the current device)."""
+        return self.torch.cuda.device(self.device)
 
     def new_stream(self):
         return self.torch.cuda.Stream(device=self.device)  # never the default stream
@@ -141,6 +146,7 @@ class TensorRTEngine(Engine):
         self.plan_path = Path(plan_path)
         self.device_index = device
         self._trt = None
+        self._runtime = None
         self._cuda = None
         self._logger = None
         self._engine = None
@@ -160,6 +166,20 @@ class TensorRTEngine(Engine):
         key = self._read_key()
         self._precision = key.precision if key else "unknown"
         logger = capturing_logger(trt)
+        with cuda.active():
+            runtime, engine, context = self._deserialize(trt, cuda, logger, key)
+            stream = cuda.new_stream()
+        inputs, outputs = self._read_io(trt, engine)
+        # keep the runtime (and its logger) alive as long as the engine
+        self._trt, self._cuda, self._logger, self._runtime = trt, cuda, logger, runtime
+        self._engine, self._context, self._stream = engine, context, stream
+        self._inputs, self._outputs = inputs, outputs
+        self.max_batch_size = min(hi[0] for _, hi in self._profiles.values()) if self._profiles else None
+        log.info("loaded TensorRT plan %s: inputs %s, max batch %s", self.plan_path.name, inputs, self.max_batch_size)
+        return self
+
+    def _deserialize(self, trt, cuda, logger, key):
+        """Runtime -> engine -> execution context, each checked for None with TensorRT's log."""
         runtime = trt.Runtime(logger)
         if runtime is None:
             raise EngineError(f"trt.Runtime() failed:\n{logger.tail()}")
@@ -176,13 +196,7 @@ class TensorRTEngine(Engine):
         context = engine.create_execution_context()
         if context is None:
             raise EngineError(f"create_execution_context returned None for {self.plan_path}:\n{logger.tail()}")
-        inputs, outputs = self._read_io(trt, engine)
-        self._trt, self._cuda, self._logger, self._engine, self._context = trt, cuda, logger, engine, context
-        self._stream = cuda.new_stream()
-        self._inputs, self._outputs = inputs, outputs
-        self.max_batch_size = min(hi[0] for _, hi in self._profiles.values()) if self._profiles else None
-        log.info("loaded TensorRT plan %s: inputs %s, max batch %s", self.plan_path.name, inputs, self.max_batch_size)
-        return self
+        return runtime, engine, context
 
     def _read_key(self):
         from engines.trt_cache import EngineCacheError, read_sidecar
@@ -213,7 +227,7 @@ class TensorRTEngine(Engine):
         return inputs, outputs
 
     def close(self) -> None:
-        self._context = self._engine = self._stream = None
+        self._context = self._engine = self._stream = self._runtime = None
         self._inputs = self._outputs = None
 
     def describe(self) -> dict[str, str]:

@@ -169,6 +169,9 @@ class FakeCuda:
     def compute_capability(self):
         return "9.0"
 
+    def active(self):
+        return contextlib.nullcontext()
+
     def new_stream(self):
         self.streams.append(FakeStream())
         return self.streams[-1]
@@ -336,7 +339,7 @@ def test_capturing_logger_works_with_the_real_lean_runtime():
         "logger.log(trt.ILogger.Severity.INFO, 'not kept')\n"
         "logger.log(trt.ILogger.Severity.WARNING, 'kept')\n"
         "runtime = trt.Runtime(logger)\n"  # without a GPU this logs a CUDA initialization error
-        "print(repr(logger.lines))\n"
+        "print(repr(list(logger.lines)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     lines = ast.literal_eval(out.strip().splitlines()[-1])
