@@ -72,8 +72,40 @@ def engine_section(result: dict) -> str:
     return "\n\n".join(body + (["\n".join(notes)] if notes else []))
 
 
+def overhead_table(result: dict) -> str:
+    """Per batch size: the engine's p50 and what each server adds to it at concurrency 1."""
+    engine = {r["batch"]: r for r in result.get("engine", [])}
+    keys = sorted({(r["server"], r["protocol"]) for r in result.get("closed", [])})
+    rows = []
+    for batch, e in sorted(engine.items()):
+        cells = [batch, _num(e["p50_ms"])]
+        for key in keys:
+            r = next((r for r in result["closed"] if (r["server"], r["protocol"]) == key and r["level"] == 1
+                      and r["batch"] == batch and r["ok"]), None)
+            cells.append(f"{r['p50_ms']:.2f} (+{r['p50_ms'] - e['p50_ms']:.2f})" if r else "–")
+        rows.append(cells)
+    return table(["batch", "engine p50 ms"] + [f"{s} {p}" for s, p in keys], rows)
+
+
+def glance_table(result: dict) -> str:
+    """Per server and protocol: p50 at concurrency 1, and the best throughput of the sweep with its p99."""
+    rows = []
+    for key in sorted({(r["server"], r["protocol"]) for r in result.get("closed", [])}):
+        sweep = [r for r in result["closed"] if (r["server"], r["protocol"]) == key and r["batch"] == 1 and r["ok"]]
+        if not sweep:
+            continue
+        c1 = next((r for r in sweep if r["level"] == 1), None)
+        best = max(sweep, key=lambda r: r["throughput_rps"])
+        rows.append([key[0], key[1], _num(c1["p50_ms"]) if c1 else "–", _num(best["throughput_rps"], ".0f"),
+                     best["level"], _num(best["p99_ms"])])
+    return table(["server", "protocol", "p50 ms at c=1", "peak req/s", "at concurrency", "p99 ms there"], rows)
+
+
 def serving_section(result: dict) -> str:
     parts = [f"Model `{result['model']}`, variant `{result['variant']}` (the same ONNX file for every server).",
+             "At a glance (batch-1 requests):", glance_table(result),
+             "p50 ms at concurrency 1, and what each server adds to the raw engine's p50 at the same batch size:",
+             overhead_table(result),
              "Raw engine, in-process:",
              table(["batch", "p50 ms", "p99 ms", "items/s"],
                    [[r["batch"], _num(r["p50_ms"]), _num(r["p99_ms"]), _num(r["items_per_s"], ".0f")]

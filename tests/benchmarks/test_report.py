@@ -67,6 +67,8 @@ def test_report_writes_tables_plots_and_verdicts(tmp_path):
     assert "## Machine" in text and "onnxruntime" in text
     assert "| m | onnxruntime | 1 | affine | yes | 5 | 9.00 | 9.50 | 0.900 [0.850, 0.950] | 50% [30%, 70%] |" in text
     assert "skipped m/tensorrt: no GPU" in text and "skipped server litserve: no litserve" in text
+    assert "| normfuse | binary | 2.50 | 950 | 32 | 50.00 |" in text  # at a glance
+    assert "| 1 | 2.00 | 2.50 (+0.50) | 4.50 (+2.50) | – | 3.00 (+1.00) |" in text  # overhead at c=1, batch 1
     assert "| missed |" in text and "| met |" in text and "| not measured |" in text
     for png in ("latency_vs_batch.png", "ratio_ci.png", "throughput_vs_concurrency.png"):
         assert (tmp_path / "plots" / png).stat().st_size > 1000
