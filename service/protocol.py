@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from typing import Any
 
 import numpy as np
@@ -90,6 +91,25 @@ class ErrorBody(BaseModel):
 
 
 # -- decoding ------------------------------------------------------------------------------------
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # deflate = zlib format, as tritonclient sends
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Undo `Content-Encoding` (gzip, deflate, identity); ValueError("too large") past `limit` bytes."""
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in _WBITS:
+        raise ProtocolError(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or identity")
+    inflater = zlib.decompressobj(_WBITS[encoding])
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"request body is not valid {encoding} data: {exc}") from None
+    if len(out) > limit:
+        raise OverflowError(f"decompressed request body exceeds the limit of {limit} bytes")
+    return out
+
+
 def decode_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
     """Split a (possibly binary) body into the JSON request and its input arrays, checking every length."""
     if header_length is None:

@@ -23,6 +23,7 @@ from service.protocol import (
     TensorMetadata,
     binary_choices,
     decode_request,
+    decompress,
     encode_response,
 )
 from service.repository import Repository
@@ -186,15 +187,16 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"request body is {declared} bytes; the limit is {limit}")
-    if request.headers.get("content-encoding", "identity") not in ("identity", ""):
-        raise ProtocolError(f"Content-Encoding {request.headers['content-encoding']!r} is not supported; send identity")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        return decompress(b"".join(chunks), request.headers.get("content-encoding", "").strip().lower(), limit)
+    except OverflowError as exc:
+        raise BodyTooLarge(str(exc)) from None
 
 
 def timeout_of(parameters: dict[str, Any]) -> float | None:

@@ -55,6 +55,10 @@ def test_tritonclient_round_trip_json_and_binary(server):
     inp = triton.InferInput("x", [2, 4], "FP32")
     inp.set_data_from_numpy(x[:2])  # all defaults: binary input, binary outputs for everything
     np.testing.assert_array_equal(client.infer(MODEL, [inp], model_version="unfused").as_numpy("y"), expected(x[:2]))
+    for algorithm in ("gzip", "deflate"):  # compressed request bodies
+        result = client.infer(MODEL, [inp], request_compression_algorithm=algorithm,
+                              response_compression_algorithm=algorithm)
+        np.testing.assert_array_equal(result.as_numpy("y"), expected(x[:2]))
     stats = client.get_inference_statistics(MODEL)["model_stats"]
     assert sum(s["inference_count"] for s in stats) >= 12
     index = client.get_model_repository_index()

@@ -92,3 +92,21 @@ def test_binary_data_output_applies_to_all_unless_overridden():
     assert binary_choices(request, ["a", "b"]) == {"a": True, "b": True}
     with pytest.raises(ProtocolError, match=r"unknown output\(s\) \['c'\]"):
         binary_choices(InferenceRequest.model_validate({**request.model_dump(), "outputs": [{"name": "c"}]}), ["a"])
+
+
+def test_decompress_gzip_deflate_and_limits():
+    import gzip
+    import zlib
+
+    from service.protocol import decompress
+
+    data = b'{"inputs": []}' * 10
+    assert decompress(gzip.compress(data), "gzip", 1000) == data
+    assert decompress(zlib.compress(data), "deflate", 1000) == data
+    assert decompress(data, "identity", 1000) == data
+    with pytest.raises(OverflowError, match="limit of 100"):
+        decompress(gzip.compress(b"0" * 10_000), "gzip", 100)  # a zip bomb stops at the limit
+    with pytest.raises(ProtocolError, match="not valid gzip"):
+        decompress(b"plain", "gzip", 1000)
+    with pytest.raises(ProtocolError, match="'br' is not supported"):
+        decompress(data, "br", 1000)
