@@ -112,7 +112,12 @@ def _constant(name: str, producers, graph: onnx.GraphProto) -> np.ndarray | None
 
 def to_fp16(model: onnx.ModelProto, *, extra_fp32_nodes: tuple[str, ...] = ()) -> Fp16Model:
     """A new FP16 model with FP32 I/O and normalization kept in FP32; `model` is left untouched."""
-    from onnxconverter_common import float16
+    try:
+        from onnxconverter_common import float16
+    except ImportError as exc:
+        raise ImportError(
+            f"FP16 ONNX conversion needs onnxconverter-common ({exc}): pip install 'onnxconverter-common>=1.16'"
+        ) from exc
 
     source = onnx.ModelProto()
     source.CopyFrom(model)

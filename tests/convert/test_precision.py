@@ -8,6 +8,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+pytest.importorskip("onnxconverter_common", reason="FP16 conversion needs onnxconverter-common")
+
 from convert.precision import fp32_compute_nodes, statistics_nodes, to_fp16, write_fp16_onnx
 
 # Recorded FP16 budget against the FP32 graph on ORT CPU (tiny random block, activations up to ~300).
