@@ -165,8 +165,21 @@ class Context:
         from convert.verify import run
 
         self.held_out = self.source.sample_inputs(self.samples)
-        self.example = self.source.sample_inputs(2)  # batch 2 so the exporter cannot specialise on 1
+        # batch 2 so the exporter cannot specialise on 1, and a shorter sequence than the held-out data so
+        # the parity check proves the sequence axis really stayed dynamic
+        self.example = shorter(self.source.sample_inputs(2), self.source.inputs)
         self.reference = run(self.source.model, self.held_out, torch.float32)  # the ORIGINAL model's outputs
+
+
+def shorter(arrays: dict[str, np.ndarray], inputs) -> dict[str, np.ndarray]:
+    """Cut every dynamic non-batch axis to 3/4 of its length (at least 1)."""
+    out = dict(arrays)
+    for info in inputs:
+        for axis, dim in enumerate(info.shape[1:], start=1):
+            if dim == -1:
+                length = out[info.name].shape[axis]
+                out[info.name] = np.take(out[info.name], range(max(1, length * 3 // 4)), axis=axis)
+    return out
 
 
 def build_variant(ctx: Context, variant: str, not_applicable: dict[str, str]) -> VariantInfo | None:
@@ -236,6 +249,7 @@ def flag_lost_fusions(built: dict[str, VariantInfo]) -> None:
 # ----------------------------------------------------------------------------- benchmark
 
 NOISE = 0.03  # a variant must be ≥ 3% faster (median of paired ratios) to become the default
+REPEATS = 3  # each timing is the best of 3 runs: noise on a shared machine only ever adds time
 
 
 def benchmark(ctx: Context, built: dict[str, VariantInfo], rounds: int, batch: int, *, progress: bool) -> str:
@@ -244,7 +258,7 @@ def benchmark(ctx: Context, built: dict[str, VariantInfo], rounds: int, batch: i
     unfused = ort_session(ctx.staging / built["unfused"].files["onnx"].path, threads=ctx.threads)
     others = [v for v in built if v != "unfused"]
     bar = tqdm(total=rounds * len(others), desc="benchmark", unit="round", disable=not progress)
-    baseline_times, ratios = [], {}
+    baseline_times, ratios, wins = [], {}, {}
     for variant in others:
         session = ort_session(ctx.staging / built[variant].files["onnx"].path, threads=ctx.threads)
         pair = {"unfused": unfused, variant: session}
@@ -253,16 +267,20 @@ def benchmark(ctx: Context, built: dict[str, VariantInfo], rounds: int, batch: i
         times = {"unfused": [], variant: []}
         for r in range(rounds):
             for name in (("unfused", variant) if r % 2 == 0 else (variant, "unfused")):
-                times[name].append(timed(pair[name], inputs))
+                times[name].append(min(timed(pair[name], inputs) for _ in range(REPEATS)))
             bar.update()
         del session, pair
         baseline_times += times["unfused"]
-        ratios[variant] = statistics.median(b / a for a, b in zip(times["unfused"], times[variant], strict=True))
+        paired = [b / a for a, b in zip(times["unfused"], times[variant], strict=True)]
+        # faster beyond noise: the median paired ratio clears NOISE and the variant won most rounds
+        ratios[variant] = statistics.median(paired)
+        wins[variant] = sum(r < 1 for r in paired) / len(paired)
         built[variant].latency_ms = {f"ort_cpu_b{batch}_median": statistics.median(times[variant]) * 1e3,
-                                     f"ort_cpu_b{batch}_vs_unfused": ratios[variant]}
+                                     f"ort_cpu_b{batch}_vs_unfused": ratios[variant],
+                                     f"ort_cpu_b{batch}_win_rate": wins[variant]}
     bar.close()
     built["unfused"].latency_ms = {f"ort_cpu_b{batch}_median": statistics.median(baseline_times) * 1e3}
-    faster = [v for v in others if built[v].servable and ratios[v] <= 1 - NOISE]
+    faster = [v for v in others if built[v].servable and ratios[v] <= 1 - NOISE and wins[v] >= 0.75]
     log.info("benchmark ratios vs unfused: %s", {v: round(r, 3) for v, r in ratios.items()})
     return min(faster, key=ratios.__getitem__) if faster else "unfused"
 
