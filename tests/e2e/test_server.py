@@ -68,6 +68,7 @@ def test_tritonclient_round_trip_json_and_binary(server):
         bad.set_data_from_numpy(x[:1])
         client.infer(MODEL, [bad])
     client.close()
+    assert f"model {BROKEN} variant unfused not loaded" in server.output()  # the reason is in the log
 
 
 def test_shadow_mode_and_compare(server):

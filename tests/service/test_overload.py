@@ -74,3 +74,26 @@ def test_queue_full_timeout_and_engine_failure(test_repo):
     assert ran == [POISON, 1.0, 3.0, 5.0], ran  # the expired (2) and the rejected (4) requests never ran
     assert 'normfuse_dropped_requests_total{backend="fake",model="linear",reason="expired",variant="affine"} 1.0' in metrics
     assert 'code="503",model="linear",variant="affine"} 2.0' in metrics
+
+
+def test_every_variant_is_warmed_up_at_every_configured_batch_size_before_ready(test_repo):
+    engines = {}
+
+    def loader(repo, model, variant, backend, **options):
+        engines[model, variant] = AffineEngine().load()
+        return engines[model, variant]
+
+    async def main():
+        settings = Settings(repo=test_repo, max_batch_size=8, warmup_batch_sizes=[1, 2], preferred_batch_sizes=[4])
+        app = create_app(settings, loader=loader)
+        assert app.state.ready is False
+        async with app.router.lifespan_context(app):
+            assert app.state.ready is True
+            warmed = {key: list(engine.batches) for key, engine in engines.items()}
+        assert app.state.ready is False  # not ready once shutdown began
+        return warmed
+
+    warmed = asyncio.run(main())
+    # the fake loader loads even the corrupt model: warm-up covers every servable variant of every model
+    assert warmed == {("linear", "unfused"): [1, 2, 4, 8], ("linear", "affine"): [1, 2, 4, 8],
+                      ("broken", "unfused"): [1, 2, 4, 8]}
