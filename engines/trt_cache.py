@@ -16,10 +16,12 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from engines.base import EngineError
+
 KEY_VERSION = 1
 
 
-class EngineCacheError(RuntimeError):
+class EngineCacheError(EngineError):
     """No usable plan is cached and none can be built here; the message says what differs."""
 
 

@@ -149,3 +149,11 @@ def test_profile_rejects_nonsense():
         ShapeProfile((8,), (1,), (32,))
     with pytest.raises(ValueError, match="ranks differ"):
         ShapeProfile((1,), (1, 2), (1, 2))
+
+
+def test_a_missing_plan_is_an_engine_error_for_callers_that_skip_unavailable_backends(tmp_path):
+    from engines.base import EngineError
+
+    with pytest.raises(EngineError):
+        select_plan(tmp_path, "v", source_sha256="a", precision=None, trt_version="11.4.0.106",
+                    gpu_name="g", compute_capability="9.0")
