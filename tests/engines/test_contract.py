@@ -1,0 +1,156 @@
+"""One contract suite, run against every engine available here, with one tiny artifact.
+
+ONNX Runtime CPU and torch (eager, in memory and from the saved model.pt2) always run; torch.compile runs
+when NORMFUSE_TEST_COMPILE=1 (its first call takes 20-30 s on 2 cores); CUDA engines run only where CUDA
+exists and are skipped otherwise; TensorRT is covered by tests/engines/test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import engines
+from engines.base import EngineError, InputError
+from _tiny_artifact import IN, OUT, Tiny, build_repo, expected
+
+CUDA = torch.cuda.is_available()
+
+
+def _ort_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def _factory(kind: str, model_dir):
+    from engines.onnxruntime import OnnxRuntimeEngine
+    from engines.torch import TorchEngine
+
+    manifest = engines.manifest.read_manifest(model_dir)
+    specs = dict(inputs=engines.specs(manifest.inputs), outputs=engines.specs(manifest.outputs))
+    onnx, pt2 = model_dir / "unfused" / "model.onnx", model_dir / "unfused" / "model.pt2"
+    return {
+        "ort-cpu": lambda: OnnxRuntimeEngine(onnx, intra_op_threads=1),
+        "ort-cpu-no-opt": lambda: OnnxRuntimeEngine(onnx, optimization="disable"),
+        "ort-cuda": lambda: OnnxRuntimeEngine(onnx, providers=["cuda"]),
+        "torch-eager": lambda: TorchEngine(Tiny(), **specs),
+        "torch-pt2": lambda: TorchEngine(pt2, **specs),
+        "torch-compile": lambda: TorchEngine(Tiny(), mode="compile", **specs),
+        "torch-cuda": lambda: TorchEngine(pt2, device="cuda", **specs),
+        "torch-cuda-compile": lambda: TorchEngine(Tiny(), device="cuda", mode="compile", **specs),
+    }[kind]
+
+
+KINDS = [
+    "ort-cpu",
+    "ort-cpu-no-opt",
+    pytest.param("ort-cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        "CUDAExecutionProvider" not in _ort_providers(), reason="onnxruntime has no CUDA execution provider")]),
+    "torch-eager",
+    "torch-pt2",
+    pytest.param("torch-compile", marks=pytest.mark.skipif(
+        os.environ.get("NORMFUSE_TEST_COMPILE") != "1", reason="slow on 2 cores; set NORMFUSE_TEST_COMPILE=1")),
+    pytest.param("torch-cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no CUDA")]),
+    pytest.param("torch-cuda-compile", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no CUDA")]),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_repo(tmp_path_factory.mktemp("repo"), include_bound=False)
+
+
+@pytest.fixture(params=KINDS)
+def make(request, model_dir):
+    return _factory(request.param, model_dir)
+
+
+def x(n: int) -> np.ndarray:
+    return np.random.default_rng(n).standard_normal((n, IN)).astype(np.float32)
+
+
+def test_specs_after_load(make):
+    with make() as engine:
+        assert [(s.name, s.datatype, s.shape) for s in engine.inputs] == [("x", "FP32", (-1, IN))]
+        assert [(s.name, s.datatype, s.shape) for s in engine.outputs] == [("y", "FP32", (-1, OUT))]
+        assert engine.describe()["runtime"] == engine.backend
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_outputs_match_the_reference(make, batch):
+    inputs = x(batch)
+    with make() as engine:
+        out = engine.infer({"x": inputs})
+    assert set(out) == {"y"}
+    assert out["y"].dtype == np.float32 and out["y"].shape == (batch, OUT)
+    np.testing.assert_allclose(out["y"], expected(inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_are_not_modified(make):
+    inputs = x(3)
+    before = inputs.copy()
+    with make() as engine:
+        engine.infer({"x": inputs})
+    np.testing.assert_array_equal(inputs, before)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"x": np.zeros((2, IN), np.float64)}, f"input 'x': got FP64 (2, {IN}), expected FP32 (-1, {IN}) (wrong datatype)"),
+        ({"x": np.zeros((2, IN + 1), np.float32)}, f"got FP32 (2, {IN + 1}), expected FP32 (-1, {IN}) (dimension 1"),
+        ({"x": np.zeros((IN,), np.float32)}, "wrong number of dimensions"),
+        ({"x": np.zeros((0, IN), np.float32)}, "empty batch"),
+        ({}, "missing input(s) ['x']; expected inputs: 'x' FP32 (-1, 6)"),
+        ({"x": np.zeros((1, IN), np.float32), "z": np.zeros(1)}, "unknown input(s) ['z']"),
+        ({"x": [[0.0] * IN]}, "expected a numpy array"),
+    ],
+    ids=["dtype", "dim", "rank", "empty", "missing", "unknown", "list"],
+)
+def test_bad_inputs_say_what_arrived_and_what_was_expected(make, inputs, message):
+    with make() as engine:
+        with pytest.raises(InputError) as info:
+            engine.infer(inputs)
+    assert message in str(info.value)
+
+
+def test_lifecycle(make):
+    engine = make()
+    assert not engine.loaded
+    with pytest.raises(EngineError, match="not loaded"):
+        engine.infer({"x": x(1)})
+    with engine as entered:
+        assert entered is engine and engine.loaded
+    assert not engine.loaded
+    engine.close()  # twice is fine
+    with pytest.raises(EngineError):
+        engine.infer({"x": x(1)})
+    assert engine.load().infer({"x": x(2)})["y"].shape == (2, OUT)  # reopens after close
+    engine.close()
+
+
+def test_max_batch_size_is_enforced(make):
+    with make() as engine:
+        engine.max_batch_size = 4
+        with pytest.raises(InputError, match="batch of 5 exceeds this engine's maximum of 4"):
+            engine.infer({"x": x(5)})
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_engines_load_opens_the_default_variant(model_dir, backend):
+    with engines.load(model_dir.parent, "tiny", backend=backend) as engine:
+        assert engine.backend == backend
+        np.testing.assert_allclose(engine.infer({"x": x(3)})["y"], expected(x(3)), rtol=1e-5, atol=1e-5)
+
+
+def test_missing_execution_provider_is_an_error_not_a_silent_fallback(model_dir):
+    from engines.onnxruntime import OnnxRuntimeEngine
+
+    if "TensorrtExecutionProvider" in _ort_providers():
+        pytest.skip("this onnxruntime has the TensorRT provider")
+    with pytest.raises(EngineError, match="TensorrtExecutionProvider is not available"):
+        OnnxRuntimeEngine(model_dir / "unfused" / "model.onnx", providers=["tensorrt"]).load()
