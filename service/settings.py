@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     compare_window: int = Field(512, ge=8, description="recent samples kept per variant and batch size for /compare")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("repo")
+    @classmethod
+    def _repo_is_a_directory(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"model repository {value} is not a directory; run `normfuse convert ... --repo {value}`")
+        return value
+
     @field_validator("preferred_batch_sizes", "warmup_batch_sizes", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:

@@ -14,7 +14,8 @@ def test_environment_and_validation(monkeypatch, tmp_path):
     s = Settings()
     assert s.repo == tmp_path and s.preferred_batch_sizes == [4, 8] and s.shadow_rate == 0.25
     for bad in ({"shadow_rate": 1.5}, {"max_queue_delay_ms": -1}, {"preferred_batch_sizes": "0"},
-                {"max_batch_size": 4, "preferred_batch_sizes": [8]}, {"max_queue_size": 0}, {"bogus": 1}):
+                {"max_batch_size": 4, "preferred_batch_sizes": [8]}, {"max_queue_size": 0}, {"bogus": 1},
+                {"repo": tmp_path / "missing"}):
         with pytest.raises(ValidationError):
             Settings(**bad)
 
