@@ -28,6 +28,7 @@ _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
              aten.flatten.using_ints, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default}
 _IDENTITY = {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
              aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.lift_fresh_copy.default}
+_ZEROS = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default}
 _IGNORED = {aten._assert_tensor_metadata.default, aten.sym_size.int, aten.sym_numel.default}
 
 
@@ -191,7 +192,7 @@ class _Graph:
     def _collect_readers(self, use: NormUse, node: fx.Node, axis: int) -> None:
         for user in node.users:
             linear = self._linear(user)
-            if user.target in _IGNORED:
+            if user.target in _IGNORED | _ZEROS:  # shape-only readers
                 continue
             if linear and linear[0] is node and axis == _ndim(node) - 1:
                 use.readers.append(linear[1])
@@ -212,7 +213,10 @@ class _Graph:
         if node in self.member or node.op == "placeholder" or self._linear(node) or _is_writer_op(node):
             starts.append(node)  # a start of the stream; classified by _writer
             return
-        if node.target in (aten.add.Tensor, aten.cat.default, aten.mul.Tensor) or _passes_through(node):
+        if node.target in _ZEROS:
+            return  # a zero tensor (e.g. the accumulator of an MoE combine) is zero-mean already
+        if node.target in (aten.add.Tensor, aten.cat.default, aten.mul.Tensor, aten.index_add.default) or \
+                _passes_through(node):
             for source, source_axis in self._sources(node, axis, blockers):
                 self._walk_back(source, source_axis, stream, starts, blockers)
         else:
@@ -223,11 +227,17 @@ class _Graph:
             if (node.args[1] if len(node.args) > 1 else 0) % _ndim(node) == axis:
                 blockers.append(f"{self._where(node)} concatenates along the hidden axis of the residual stream")
             return [(t, axis) for t in node.args[0]]
-        if node.target == aten.mul.Tensor:  # scaling by a constant keeps a zero-mean vector zero-mean
-            if isinstance(node.args[1], fx.Node) or not isinstance(node.args[0], fx.Node):
-                blockers.append(f"{self._where(node)} multiplies the residual stream by a tensor")
+        if node.target == aten.mul.Tensor:  # a per-token scale (constant, MoE gate) keeps x zero-mean
+            carriers = [(a, _broadcast_axis(node, a, axis)) for a in node.args[:2] if isinstance(a, fx.Node)]
+            carriers = [(a, a_axis) for a, a_axis in carriers if a_axis is not None]
+            if len(carriers) != 1:
+                blockers.append(f"{self._where(node)} multiplies the residual stream elementwise along its hidden axis")
+            return carriers[:1]
+        if node.target == aten.index_add.default:  # MoE combine: rows added along another axis
+            if node.args[1] % _ndim(node) == axis or len(node.args) > 4 or node.kwargs:
+                blockers.append(f"{self._where(node)} index_adds along the hidden axis of the residual stream")
                 return []
-            return [(node.args[0], axis)]
+            return [(node.args[0], axis), (node.args[3], axis)]
         if node.target == aten.add.Tensor:
             if not all(isinstance(a, fx.Node) for a in node.args[:2]) or node.kwargs.get("alpha", 1) != 1:
                 blockers.append(f"{self._where(node)} adds a constant to the residual stream")
@@ -276,7 +286,7 @@ class _Graph:
     def _check_stream_readers(self, stream: dict[fx.Node, int], blockers: list[str]) -> None:
         for node in stream:
             for user in node.users:
-                if user in stream or user.target in _IGNORED:
+                if user in stream or user.target in _IGNORED | _ZEROS:
                     continue
                 if user in self.member and node in user.all_input_nodes:
                     continue  # a norm reading the stream: mean-invariant for LayerNorm (checked by the rewrite)

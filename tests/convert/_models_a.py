@@ -86,6 +86,7 @@ class Block(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.proj = nn.Linear(width, width)
         self.fc1, self.fc2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+        self.moe = None  # a MoE in place of the MLP when set
 
     def attention(self, x):
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, N, d) each
@@ -93,6 +94,8 @@ class Block(nn.Module):
         return self.proj(weights @ v)
 
     def mlp(self, x):
+        if self.moe is not None:
+            return self.moe(x)
         return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
 
     def forward(self, x):
@@ -103,17 +106,38 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class MoE(nn.Module):
+    """A dense-gated mixture of experts, Σₑ softmax(router(x))ₑ · expertₑ(x): every expert writes the stream."""
+
+    def __init__(self, width: int, experts: int = 3):
+        super().__init__()
+        self.router = nn.Linear(width, experts)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)) for _ in range(experts)
+        )
+
+    def forward(self, x):
+        gates = torch.softmax(self.router(x), dim=-1)  # (B, N, E)
+        out = torch.zeros_like(x)  # (B, N, d)
+        for e, expert in enumerate(self.experts):
+            out = out + gates[..., e : e + 1] * expert(x)
+        return out
+
+
 class TinyViT(nn.Module):
     """A hand-written Pre-LN ViT: patch Linear, cls token and position parameters, final LN + head."""
 
     def __init__(self, width: int = WIDTH, depth: int = 2, patch_dim: int = 16, patches: int = 4,
-                 classes: int = 5, post_ln: bool = False):
+                 classes: int = 5, post_ln: bool = False, moe: bool = False):
         super().__init__()
         self.patches, self.patch_dim = patches, patch_dim
         self.patch = nn.Linear(patch_dim, width)
         self.cls = nn.Parameter(torch.randn(1, 1, width))
         self.pos = nn.Parameter(torch.randn(1, patches + 1, width) + 0.5)
         self.blocks = nn.ModuleList(Block(width, post_ln) for _ in range(depth))
+        if moe:
+            for block in self.blocks:
+                block.moe = MoE(width)
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, classes)
         perturb_norms(self)

@@ -34,6 +34,15 @@ def test_layernorms_become_rmsnorms_and_outputs_match():
     check_equivalence(model, "rmsnorm", inputs(model))
 
 
+def test_every_moe_expert_is_centred():
+    model = TinyViT(moe=True)
+    converted = rewrite(model, "rmsnorm")
+    for block in converted.blocks:
+        assert all(zero_mean(expert[2].weight, 0) and zero_mean(expert[2].bias, 0) for expert in block.moe.experts)
+        assert not zero_mean(block.moe.router.weight, 0)  # the router reads the norm: folded, not centred
+    check_equivalence(model, "rmsnorm", inputs(model))
+
+
 def test_post_ln_is_refused_with_the_layer_named():
     with pytest.raises(NotApplicable, match=r"blocks\.\d\.norm\d is Post-LN: its output is the residual stream"):
         rewrite(TinyViT(post_ln=True), "rmsnorm")
