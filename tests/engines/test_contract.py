@@ -12,10 +12,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from _tiny_artifact import IN, OUT, Tiny, build_repo, expected
 
 import engines
 from engines.base import EngineError, InputError
-from _tiny_artifact import IN, OUT, Tiny, build_repo, expected
 
 CUDA = torch.cuda.is_available()
 
