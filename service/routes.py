@@ -144,7 +144,8 @@ INFER_DOC = {"requestBody": {"required": True, "content": {
 @router.post("/v2/models/{model}/versions/{version}/infer", openapi_extra=INFER_DOC,
              responses={200: {"model": InferenceResponse}})
 async def infer(model: str, request: Request, repo: Repo, version: str | None = None) -> Response:
-    started, code, queue_s, rows, servable = time.perf_counter(), 200, None, 0, None
+    # the code recorded in metrics; stays 499 if this handler is cancelled (the client went away)
+    started, code, queue_s, rows, servable = time.perf_counter(), CLIENT_GONE, None, 0, None
     try:
         servable = repo.get(model, version)
         request.app.state.metrics.inflight.labels(**servable.labels).inc()
@@ -161,9 +162,9 @@ async def infer(model: str, request: Request, repo: Repo, version: str | None = 
         content, headers = encode_response(response, result.outputs, binary)
         headers["x-queue-time"] = f"{result.queue_s * 1e3:.3f}"
         headers["x-compute-time"] = f"{result.compute_s * 1e3:.3f}"
+        code = 200
         return Response(content, headers=headers)
     except ClientGone:
-        code = CLIENT_GONE
         return Response(status_code=CLIENT_GONE)
     except Exception as exc:
         code = status_of(exc)[0]
