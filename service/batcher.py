@@ -146,6 +146,15 @@ class Batcher:
             waited = time.perf_counter() - pending.enqueued_at
             pending.future.set_exception(QueueTimeout(f"request timeout expired after {waited * 1e3:.1f} ms in the queue"))
 
+    @property
+    def busy(self) -> bool:
+        """A batch is being collected or run, or requests are waiting."""
+        return self._running or self.depth > 0
+
+    async def run_aside(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        """Run `inputs` on this batcher's engine thread, outside the queue (shadow runs): (outputs, seconds)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _timed, self.engine, inputs)
+
     # -- the worker ------------------------------------------------------------------------------
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._loop(), name="batcher")

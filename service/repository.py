@@ -132,7 +132,7 @@ class Repository:
         for name, servable in entry.variants.items():
             if name != UNFUSED:
                 labels = servable.labels
-                servable.shadow = Shadow(entry.name, name, unfused.engine, self.settings.shadow_rate,
+                servable.shadow = Shadow(entry.name, name, unfused.batcher, self.settings.shadow_rate,
                                          lambda ratio, err, labels=labels: self._record_pair(labels, ratio, err))
 
     def _observe(self, servable: Servable, batch: Batch) -> None:
@@ -157,8 +157,8 @@ class Repository:
             servable.batcher.start()
 
     async def drain(self, timeout_s: float) -> None:
-        await asyncio.gather(*(s.batcher.drain(timeout_s) for s in self.servables()))
         await asyncio.gather(*(s.shadow.close() for s in self.servables() if s.shadow is not None))
+        await asyncio.gather(*(s.batcher.drain(timeout_s) for s in self.servables()))
 
     def close(self) -> None:
         for servable in self.servables():

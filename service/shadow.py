@@ -1,8 +1,9 @@
 """Fused vs unfused, live: shadow re-runs of sampled batches on `unfused`, and the numbers behind /compare.
 
-A sampled batch of a variant is re-run on the unfused engine in a separate one-thread executor, off the
-request path: at most one shadow run at a time, and a sampled batch arriving while one runs is skipped
-(counted), so shadowing never queues up work or delays a response. Each shadow run records the paired
+A sampled batch of a variant is re-run on the unfused engine, on the unfused batcher's own engine thread (which
+owns that engine, e.g. its CUDA context), off the request path: only while the unfused batcher is idle, at
+most one shadow run at a time per variant, and a sampled batch arriving otherwise is skipped (counted), so
+shadowing never queues work or delays the variant's responses. Each shadow run records the paired
 ratio (variant compute time / unfused compute time on the same batch) and the max |Δ| of the outputs.
 """
 
@@ -11,14 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections import defaultdict, deque
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from engines.base import Engine
-from service.batcher import Batch
+from service.batcher import Batch, Batcher
 
 log = logging.getLogger(__name__)
 UNFUSED = "unfused"
@@ -75,20 +73,20 @@ def _percentiles(seconds: list[float]) -> dict:
 class Shadow:
     """Re-runs a sampled fraction of one variant's batches on the unfused engine, off the request path."""
 
-    def __init__(self, model: str, variant: str, unfused: Engine, rate: float, record, seed: int | None = None):
+    def __init__(self, model: str, variant: str, unfused: Batcher, rate: float, record, seed: int | None = None):
         self.model, self.variant, self.unfused, self.rate = model, variant, unfused, rate
         self.record = record  # record(ratio, abs_error) on the event loop
         self.skipped = 0
         self._random = random.Random(seed)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
         self._busy = False
+        self._closed = False
         self._tasks: set[asyncio.Task] = set()
 
     def offer(self, batch: Batch) -> str:
-        """Called after every served batch: "unsampled", "skipped" (a shadow run is busy) or "started"."""
-        if self.rate <= 0 or self._random.random() >= self.rate:
+        """Called after every served batch: "unsampled", "skipped" (unfused or a shadow run busy) or "started"."""
+        if self._closed or self.rate <= 0 or self._random.random() >= self.rate:
             return "unsampled"
-        if self._busy:
+        if self._busy or self.unfused.busy:
             self.skipped += 1
             return "skipped"
         self._busy = True
@@ -98,9 +96,8 @@ class Shadow:
         return "started"
 
     async def _run(self, batch: Batch) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            outputs, seconds = await loop.run_in_executor(self._executor, _timed, self.unfused, batch.inputs)
+            outputs, seconds = await self.unfused.run_aside(batch.inputs)
             error = max(float(np.max(np.abs(batch.outputs[k].astype(np.float64) - outputs[k].astype(np.float64))))
                         for k in outputs)
             self.record(batch.compute_s / max(seconds, 1e-9), error)
@@ -110,12 +107,7 @@ class Shadow:
             self._busy = False
 
     async def close(self) -> None:
+        """Offer nothing more; wait for the shadow run in progress (before the unfused batcher stops)."""
+        self._closed = True
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._executor.shutdown(wait=True)
-
-
-def _timed(engine: Engine, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
-    start = time.perf_counter()
-    outputs = engine.infer(inputs)
-    return outputs, time.perf_counter() - start

@@ -2,7 +2,7 @@ import asyncio
 
 import numpy as np
 
-from service.batcher import Batch
+from service.batcher import Batch, Batcher
 from service.shadow import CompareStats, Shadow
 from tests.service.fakes import AffineEngine
 
@@ -24,7 +24,8 @@ def test_compare_percentiles_and_bootstrap_interval():
 
 def test_shadow_reruns_sampled_batches_and_skips_while_busy():
     async def main():
-        unfused = AffineEngine().load()
+        engine = AffineEngine().load()
+        unfused = Batcher(engine, max_batch_size=8, max_queue_delay_s=0.0)  # idle: never started
         pairs = []
         shadow = Shadow("m", "affine", unfused, rate=1.0, record=lambda r, e: pairs.append((r, e)), seed=0)
         x = np.ones((2, 4), np.float32)
@@ -32,9 +33,23 @@ def test_shadow_reruns_sampled_batches_and_skips_while_busy():
         first, second = shadow.offer(batch), shadow.offer(batch)  # the second arrives while the first runs
         await shadow.close()
         off = Shadow("m", "affine", unfused, rate=0.0, record=None)
-        return first, second, pairs, off.offer(batch), unfused.batches
+        return first, second, pairs, off.offer(batch), engine.batches
 
     first, second, pairs, off, runs = asyncio.run(main())
     assert (first, second, off) == ("started", "skipped", "unsampled")
     assert len(pairs) == 1 and pairs[0][1] == 0.5 and pairs[0][0] > 0
     assert runs == [2]
+
+
+def test_shadow_skips_while_the_unfused_batcher_is_busy():
+    async def main():
+        engine = AffineEngine().load()
+        unfused = Batcher(engine, max_batch_size=8, max_queue_delay_s=0.0)
+        unfused._running = True  # as while it collects or runs a batch of its own
+        shadow = Shadow("m", "affine", unfused, rate=1.0, record=lambda r, e: None)
+        x = np.ones((1, 4), np.float32)
+        result = shadow.offer(Batch({"x": x}, {"y": 2 * x + 1}, compute_s=0.001, rows=1))
+        await shadow.close()
+        return result, engine.batches
+
+    assert asyncio.run(main()) == ("skipped", [])
