@@ -137,7 +137,9 @@ def make_norm(cfg: ViTConfig) -> nn.Module:
     from convert.models.norms import PowerNorm, UnifiedNorm
 
     if cfg.norm == "unified":
-        return UnifiedNorm(cfg.dim, eps=cfg.eps, warmup_iters=cfg.norm_warmup_iters)
+        # outlier filtration on, as the UN authors recommend for vision; compensation after the same warm-up
+        return UnifiedNorm(cfg.dim, eps=cfg.eps, warmup_iters=cfg.norm_warmup_iters, outlier_filtration=True,
+                           compensation_warmup=cfg.norm_warmup_iters)
     return PowerNorm(cfg.dim, eps=cfg.eps, group_num=cfg.heads, warmup_iters=cfg.norm_warmup_iters)
 
 
