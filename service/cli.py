@@ -46,11 +46,17 @@ def serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         sys.stderr.write(f"normfuse serve: invalid settings:\n{exc}\n")
         return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    build_server(settings).run()
+    return 0
+
+
+def build_server(settings):
+    """A uvicorn server for the app whose SIGTERM/SIGINT handler turns readiness false before shutting down."""
     import uvicorn
 
     from service.app import create_app
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)), access_log=False)
@@ -62,5 +68,4 @@ def serve(args: argparse.Namespace) -> int:
         exit_handler(sig, frame)
 
     server.handle_exit = handle_exit
-    server.run()
-    return 0
+    return server

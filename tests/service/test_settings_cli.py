@@ -37,3 +37,13 @@ def test_serve_refuses_bad_settings_with_exit_code_2(capsys, tmp_path):
     args = parser.parse_args(["serve", "--repo", str(tmp_path), "--shadow-rate", "2"])
     assert cli.serve(args) == 2
     assert "shadow_rate" in capsys.readouterr().err
+
+
+def test_sigterm_turns_readiness_false_before_uvicorn_shuts_down(tmp_path):
+    import signal
+
+    server = cli.build_server(Settings(repo=tmp_path, port=0))
+    app = server.config.app
+    app.state.ready = True
+    server.handle_exit(signal.SIGTERM, None)
+    assert app.state.ready is False and server.should_exit
