@@ -33,8 +33,8 @@ class Servable:
     model: str
     variant: str
     engine: Engine
-    batcher: Batcher
     labels: dict[str, str]
+    batcher: Batcher = field(init=False)  # built right after: its callbacks need the servable
     stats: ServableStats = field(default_factory=ServableStats)
     shadow: Shadow | None = None
 
@@ -111,7 +111,7 @@ class Repository:
             if size <= limit:
                 engine.infer(warmup_inputs(engine, size))
         labels = {"model": manifest.name, "variant": variant, "backend": engine.backend or s.backend}
-        servable = Servable(manifest.name, variant, engine, None, labels)  # type: ignore[arg-type]
+        servable = Servable(manifest.name, variant, engine, labels)
         servable.batcher = Batcher(
             engine, max_batch_size=limit, max_queue_delay_s=s.max_queue_delay_ms / 1e3,
             preferred_batch_sizes=[p for p in s.preferred_batch_sizes if p <= limit],
