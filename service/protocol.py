@@ -126,6 +126,8 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[InferenceReq
         head, blob = body[:size], body[size:]
     try:
         raw = json.loads(head)
+    except RecursionError:
+        raise ProtocolError("request body is nested too deeply to be an inference request") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         hint = "" if header_length else f" (binary tensors need the {HEADER_LENGTH} header)"
         raise ProtocolError(f"request body is not valid JSON: {exc}{hint}") from None
@@ -171,10 +173,21 @@ def _decode_inputs(request: InferenceRequest, blob: memoryview) -> dict[str, np.
 def _from_json(item: RequestInput, dtype: np.dtype, count: int) -> np.ndarray:
     if item.data is None:
         raise ProtocolError(f"input {item.name!r}: no 'data' and no binary_data_size parameter")
+    what = f"input {item.name!r}: data is not a regular array of {item.datatype}"
     try:
-        array = np.asarray(item.data, dtype=dtype).reshape(-1)
+        raw = np.asarray(item.data)
     except (ValueError, TypeError, OverflowError) as exc:
-        raise ProtocolError(f"input {item.name!r}: data is not a regular array of {item.datatype}: {exc}") from None
+        raise ProtocolError(f"{what}: {exc}") from None
+    if raw.dtype.kind not in "biuf":  # strings, nulls, objects, integers beyond 64 bits
+        raise ProtocolError(f"{what}: it holds values that are not numbers of at most 64 bits "
+                            f"(e.g. {raw.reshape(-1)[:1].tolist()})")
+    if dtype.kind in "iu" and raw.size:
+        if raw.dtype.kind == "f" and not np.all(np.mod(raw, 1) == 0):
+            raise ProtocolError(f"{what}: it holds fractional values")
+        info = np.iinfo(dtype)
+        if raw.min() < info.min or raw.max() > info.max:
+            raise ProtocolError(f"{what}: values must lie in [{info.min}, {info.max}]")
+    array = raw.astype(dtype).reshape(-1)
     if array.size != count:
         raise ProtocolError(f"input {item.name!r}: shape {item.shape} needs {count} values, data has {array.size}")
     return array

@@ -59,6 +59,13 @@ def test_json_inputs_flat_or_nested():
     (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}',
      "100", "needs 8"),
     (b'{"inputs": [{"name": "x", "shape": [1, 1000000000000], "datatype": "FP32", "data": [1]}]}', None, "needs"),
+    (b"[" * 100_000 + b"]" * 100_000, None, "nested too deeply"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [null]}]}', None, "not numbers"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [{"a": 1}]}]}', None, "not numbers"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT8", "data": [300]}]}', None, r"\[-128, 127\]"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT32", "data": [1.5]}]}', None, "fractional"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [100000000000000000000000]}]}', None,
+     "not numbers"),
 ])
 def test_bad_bodies_name_the_problem(body, length, message):
     with pytest.raises((ProtocolError, SchemaError), match=message):
