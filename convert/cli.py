@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     from convert.pipeline import ConversionError, ConvertOptions, convert
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if Path(args.source).is_dir():
+        quiet_transformers()
     options = ConvertOptions(
         variants=args.variants, include_bound=bool(args.variants and "nonorm" in args.variants),
         samples=args.samples, benchmark=not args.no_benchmark, torch_artifacts=not args.no_torch,
@@ -118,6 +120,14 @@ def summary(manifest, model_dir: Path) -> str:
         lines.append(f"  {name:<9} not applicable: {reason}")
     lines.append(f"default variant: {manifest.default_variant}")
     return "\n".join(lines) + "\n"
+
+
+def quiet_transformers() -> None:
+    """Keep the terminal for our own progress and errors: no weight-loading bars or config warnings."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _backend_module(name: str):
