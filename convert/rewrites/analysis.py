@@ -184,7 +184,7 @@ class _Graph:
     def _boundary(self, name: str, nodes: list[fx.Node]) -> tuple[fx.Node, fx.Node] | str:
         inside = set(nodes)
         sources = {a for n in nodes for a in n.all_input_nodes if a not in inside and not self._is_weight(a)}
-        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+        outputs = [n for n in nodes if any(u not in inside for u in n.users) and not self._input_alias(n)]
         if len(sources) != 1 or len(outputs) != 1:
             return f"{name} is not called exactly once on one input (found {len(sources)} inputs, {len(outputs)} outputs)"
         return sources.pop(), outputs[0]
@@ -210,12 +210,13 @@ class _Graph:
                 blockers.append(f"{self._where(node)} holds the residual stream on two different axes")
             return
         stream[node] = axis
-        if node in self.member or node.op == "placeholder" or self._linear(node) or _is_writer_op(node):
+        if self._input_alias(node):
+            self._walk_back(node.args[0], axis, stream, starts, blockers)
+        elif node in self.member or node.op == "placeholder" or self._linear(node) or _is_writer_op(node):
             starts.append(node)  # a start of the stream; classified by _writer
-            return
-        if node.target in _ZEROS:
+        elif node.target in _ZEROS:
             return  # a zero tensor (e.g. the accumulator of an MoE combine) is zero-mean already
-        if node.target in (aten.add.Tensor, aten.cat.default, aten.mul.Tensor, aten.index_add.default) or \
+        elif node.target in (aten.add.Tensor, aten.cat.default, aten.mul.Tensor, aten.index_add.default) or \
                 _passes_through(node):
             for source, source_axis in self._sources(node, axis, blockers):
                 self._walk_back(source, source_axis, stream, starts, blockers)
@@ -327,6 +328,13 @@ class _Graph:
         module, attr = self._owner(node, weight)
         bias_attr = self._owner(node, bias)[1] if bias is not None else attr.replace("weight", "bias")
         return x, LinearSite(module, attr, bias_attr, layout)
+
+    def _input_alias(self, node: fx.Node) -> bool:
+        """A no-op cast inside a norm of its own input (x.to(float32) on float32): tracing hands that
+        same tensor to later readers of the input (e.g. the residual add), so it stands for the input."""
+        source = node.args[0] if node.target in _IDENTITY and node.args else None
+        return (node in self.member and isinstance(source, fx.Node) and self.member.get(source) != self.member[node]
+                and node.meta["val"].dtype == source.meta["val"].dtype)
 
     def _is_weight(self, node) -> bool:
         return isinstance(node, fx.Node) and self.placeholders.get(node.name, ("",))[0] in ("param", "buffer")

@@ -55,6 +55,20 @@ def neox():
               bos_token_id=0, eos_token_id=0)
 
 
+def gptj():
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    return hf(GPTJConfig, GPTJForCausalLM, n_layer=2, n_embd=WIDTH, n_head=2, vocab_size=VOCAB, n_positions=16,
+              rotary_dim=8, bos_token_id=0, eos_token_id=0)
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return hf(LlamaConfig, LlamaForCausalLM, num_hidden_layers=2, hidden_size=WIDTH, num_attention_heads=2,
+              intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=16, bos_token_id=0, eos_token_id=0)
+
+
 def vit():
     from transformers import ViTConfig, ViTForImageClassification
 

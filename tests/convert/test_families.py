@@ -28,7 +28,8 @@ def zero_mean(tensor, axis):
 FAMILIES = {
     "gpt2": (models.gpt2, text_inputs, logits),
     "opt": (models.opt, text_inputs, logits),
-    "gpt-neox": (models.neox, text_inputs, logits),
+    "gpt-neox": (models.neox, text_inputs, logits),  # parallel residual, two norms
+    "gpt-j": (models.gptj, text_inputs, logits),  # parallel residual, one shared norm, bias-free q/k/v
     "vit": (models.vit, lambda: {"pixel_values": torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(5))},
             logits),
 }
@@ -59,6 +60,22 @@ def test_neox_parallel_block_centres_both_branches():
         assert zero_mean(layer.attention.dense.weight, 0) and zero_mean(layer.mlp.dense_4h_to_h.weight, 0)
     head = converted.get_output_embeddings()
     assert head.bias is not None  # the final norm's β needed a bias the bias-free head did not have
+
+
+def test_gptj_shared_norm_folds_into_attention_and_mlp_together():
+    model = models.gptj()
+    readers = {name for name, m in rewrite(model, "affine").named_modules() if isinstance(m, nn.Linear)
+               and m.bias is not None and name.startswith("transformer.h.0.")}
+    # the one ln_1 feeds q/k/v (no bias: created for β) and fc_in
+    assert {"transformer.h.0.attn.q_proj", "transformer.h.0.attn.k_proj", "transformer.h.0.attn.v_proj",
+            "transformer.h.0.mlp.fc_in"} <= readers
+
+
+def test_llama_rmsnorm_model_folds_gamma_but_is_not_recentred():
+    model = models.llama()
+    check_equivalence(model, "affine", text_inputs(), logits)
+    with pytest.raises(NotApplicable, match=r"model\.layers\.0\.input_layernorm is an RMSNorm .* not mean-invariant"):
+        rewrite(model, "rmsnorm")
 
 
 def test_transformer_encoder_centres_its_input_and_refuses_compression():
