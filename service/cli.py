@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+log = logging.getLogger(__name__)
 
 # flag -> Settings field; only flags actually given override the environment
 FLAGS = {
@@ -47,8 +50,17 @@ def serve(args: argparse.Namespace) -> int:
         sys.stderr.write(f"normfuse serve: invalid settings:\n{exc}\n")
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in unknown_variables(os.environ):
+        log.warning("%s is not a server setting (typo?); known: NORMFUSE_{%s}", name,
+                    ",".join(f.upper() for f in type(settings).model_fields))
     build_server(settings).run()
     return 0
+
+
+def unknown_variables(environ) -> list[str]:
+    from service.settings import Settings
+
+    return sorted(k for k in environ if k.startswith("NORMFUSE_") and k[9:].lower() not in Settings.model_fields)
 
 
 def build_server(settings):

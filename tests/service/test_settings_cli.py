@@ -47,3 +47,8 @@ def test_sigterm_turns_readiness_false_before_uvicorn_shuts_down(tmp_path):
     app.state.ready = True
     server.handle_exit(signal.SIGTERM, None)
     assert app.state.ready is False and server.should_exit
+
+
+def test_unknown_normfuse_variables_are_reported():
+    env = {"NORMFUSE_SHADOW_RATIO": "0.2", "NORMFUSE_SHADOW_RATE": "0.2", "PATH": "/bin"}
+    assert cli.unknown_variables(env) == ["NORMFUSE_SHADOW_RATIO"]
