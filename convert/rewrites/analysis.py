@@ -93,6 +93,7 @@ def computes_standard_norm(module: nn.Module) -> bool:
     bias = getattr(module, "bias", None) if kind == "layernorm" else None
     width = weight.shape[-1] if weight is not None else module.normalized_shape[-1]
     x = torch.randn(4, width, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    x = x.to(weight.device if weight is not None else "cpu")
     centred = x - x.mean(-1, keepdim=True) if kind == "layernorm" else x
     expected = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + norm_eps(module))
     expected = expected * (1 if weight is None else weight.double()) + (0 if bias is None else bias.double())
@@ -107,15 +108,21 @@ def find_norms(model: nn.Module) -> dict[str, nn.Module]:
 
 def example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     """Keyword inputs to trace `model` with: its own `example_inputs()`, or derived from its config/type."""
+    inputs = _builtin_inputs(model)
+    parameter = next(p for p in model.parameters() if p.is_floating_point())
+    # floating inputs follow the model's dtype and device (the model may have been cast or moved since)
+    return {k: v.to(parameter.device, parameter.dtype if torch.is_floating_point(v) else v.dtype)
+            if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _builtin_inputs(model: nn.Module) -> dict:
     own = getattr(model, "example_inputs", None)
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    if own is not None:  # floating inputs follow the model's dtype (the model may have been cast since)
-        inputs = own() if callable(own) else own
-        return {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
+    if own is not None:
+        return dict(own() if callable(own) else own)
     config = getattr(model, "config", None)
     if config is not None and getattr(model, "main_input_name", None) == "pixel_values":
         size = config.image_size
-        return {"pixel_values": torch.randn(2, config.num_channels, size, size, dtype=dtype)}
+        return {"pixel_values": torch.randn(2, config.num_channels, size, size)}
     if config is not None and getattr(model, "main_input_name", None) == "input_ids":
         inputs = {"input_ids": torch.randint(0, config.vocab_size, (2, 7))}
         if "use_cache" in inspect.signature(model.forward).parameters:
@@ -124,7 +131,7 @@ def example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(model, nn.TransformerEncoder | nn.TransformerEncoderLayer):
         layer = model if isinstance(model, nn.TransformerEncoderLayer) else model.layers[0]
         shape = (2, 5, layer.self_attn.embed_dim) if layer.self_attn.batch_first else (5, 2, layer.self_attn.embed_dim)
-        return {"src": torch.randn(*shape, dtype=dtype)}
+        return {"src": torch.randn(*shape)}
     raise NotApplicable(
         f"{type(model).__name__}: cannot build example inputs to trace it; give the model an "
         "`example_inputs()` method returning its keyword inputs"

@@ -143,3 +143,12 @@ def test_real_minilm_weights_post_ln_nothing_exact_applies(minilm):
     with torch.no_grad():
         want, got = minilm(**ids).last_hidden_state, bound(**ids).last_hidden_state
     assert got.shape == want.shape and models.rel_l2(got, want) > 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")
+@pytest.mark.parametrize("variant", ["affine", "rmsnorm", "crmsnorm"])
+def test_rewrites_on_cuda_in_float16(variant):
+    model = models.TinyViT().cuda()
+    x = {"x": torch.randn(16, model.patches, model.patch_dim, device="cuda", generator=None)}
+    assert models.low_precision_ratio(model, variant, torch.float16, x) <= 2.0
