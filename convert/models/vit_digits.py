@@ -65,6 +65,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.heads = cfg.heads
+        self.scale = (cfg.dim // cfg.heads) ** -0.5  # given explicitly: SDPA's default exports as a Sqrt op
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
 
@@ -72,7 +73,7 @@ class Attention(nn.Module):
         B, N, C = x.size(0), x.size(1), x.size(2)
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads)  # [B, N, 3, H, C/H]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                  # each [B, H, N, C/H]
-        y = F.scaled_dot_product_attention(q, k, v)                       # [B, H, N, C/H]
+        y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)      # [B, H, N, C/H]
         return self.proj(y.transpose(1, 2).reshape(B, N, C))
 
 
@@ -245,6 +246,14 @@ def trained_model(cfg: ViTConfig = ViTConfig(), recipe: TrainRecipe = TrainRecip
 
 # ----------------------------------------------------------------------------- builders (Source)
 
+def input_specs() -> list[TensorInfo]:
+    return [TensorInfo(name="images", datatype="FP32", shape=[-1, 8, 8])]
+
+
+def output_specs() -> list[TensorInfo]:
+    return [TensorInfo(name="logits", datatype="FP32", shape=[-1, 10])]
+
+
 def _source(name: str, description: str, cfg: ViTConfig, progress: bool) -> Source:
     _, x_test, _, y_test = digits_split()
     model = trained_model(cfg, TrainRecipe(), progress)
@@ -259,8 +268,8 @@ def _source(name: str, description: str, cfg: ViTConfig, progress: bool) -> Sour
         name=name,
         description=description,
         model=model,
-        inputs=[TensorInfo(name="images", datatype="FP32", shape=[-1, 8, 8])],
-        outputs=[TensorInfo(name="logits", datatype="FP32", shape=[-1, 10])],
+        inputs=input_specs(),
+        outputs=output_specs(),
         task="image-classification",
         sample_inputs=sample_inputs,
         metrics=evaluate(model),
