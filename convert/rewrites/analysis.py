@@ -69,6 +69,16 @@ class Analysis:
     stream_blockers: list[str]  # why the residual stream cannot be re-centred
     width: int | None  # the residual stream's width d
 
+    def describe(self) -> dict:
+        """A JSON-able account of what was found and why a rewrite would be refused (for manifests, CLIs)."""
+        return {
+            "width": self.width,
+            "norms": {name: {"kind": use.kind, "readers": [f"{s.module}.{s.weight}" for s in use.readers],
+                             "blockers": use.blockers} for name, use in self.norms.items()},
+            "stream_writers": [f"{w.kind} {'.'.join(p for p in (w.module, w.attr) if p)}" for w in self.writers],
+            "stream_blockers": self.stream_blockers,
+        }
+
 
 def norm_kind(module: nn.Module) -> str | None:
     """'layernorm' / 'rmsnorm' for a normalization module with a per-channel affine, else None."""

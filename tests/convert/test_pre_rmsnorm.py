@@ -1,11 +1,14 @@
 """`rmsnorm`: Pre-LN → Pre-RMSNorm by re-centring every writer of the residual stream."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
 
 from convert.modules import RMSNorm
 from convert.rewrites import NotApplicable, rewrite
+from convert.rewrites.analysis import analyse
 from tests.convert._models_a import WIDTH, TinyViT, check_equivalence, low_precision_ratio
 
 
@@ -32,6 +35,17 @@ def test_layernorms_become_rmsnorms_and_outputs_match():
         assert not zero_mean(block.fc1.weight, 0)  # readers are folded, not centred
     assert not zero_mean(model.cls)  # the input model is untouched
     check_equivalence(model, "rmsnorm", inputs(model))
+
+
+def test_analysis_finds_every_reader_and_writer_by_dataflow():
+    report = analyse(TinyViT()).describe()
+    json.dumps(report)  # goes into manifests as is
+    assert report["width"] == WIDTH and report["stream_blockers"] == []
+    assert report["norms"]["blocks.0.norm1"]["readers"] == ["blocks.0.qkv.weight"]
+    assert report["norms"]["norm"]["readers"] == ["head.weight"]  # through the [:, 0] select
+    assert sorted(report["stream_writers"]) == sorted(
+        ["linear patch.weight", "tensor cls", "tensor pos"]
+        + [f"linear blocks.{i}.{layer}.weight" for i in range(2) for layer in ("proj", "fc2")])
 
 
 def test_every_moe_expert_is_centred():
