@@ -105,6 +105,8 @@ class Repository:
     def _open(self, manifest: Manifest, variant: str) -> Servable:
         s = self.settings
         options = {"intra_op_threads": s.intra_op_threads} if s.intra_op_threads else {}
+        if s.backend == "tensorrt" and s.precision:
+            options["precision"] = s.precision
         engine = self.loader(s.repo, manifest.name, variant, s.backend, **options)
         limit = min(s.max_batch_size, manifest.max_batch_size, engine.max_batch_size or s.max_batch_size)
         for size in sorted({*s.warmup_batch_sizes, *s.preferred_batch_sizes, limit}):

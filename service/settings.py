@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     backend: Literal["onnxruntime", "tensorrt", "torch"] = "onnxruntime"
+    precision: Literal["fp32", "fp16"] | None = Field(None, description="TensorRT plan precision; None = newest plan")
     max_batch_size: int = Field(16, ge=1, description="cap per engine run (also capped by the manifest)")
     max_queue_delay_ms: float = Field(2.0, ge=0, le=60_000, description="how long the first request waits for company")
     preferred_batch_sizes: Sizes = Field(default_factory=list, description="dispatch at once on reaching one")

@@ -6,20 +6,15 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # tests/e2e has no __init__.py: make `tests.service` importable (see report)
-
-from tests.service.repo_builder import BROKEN, MODEL, build_test_repo, expected  # noqa: E402
-from tests.service.server_process import Server  # noqa: E402
+from tests.service.repo_builder import BROKEN, MODEL, build_test_repo, expected
+from tests.service.server_process import Server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

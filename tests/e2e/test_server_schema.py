@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import httpx
 import pytest
 import schemathesis
@@ -16,10 +13,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/e2e has no __init__.py (see report)
-
-from tests.service.repo_builder import build_test_repo  # noqa: E402
-from tests.service.server_process import Server  # noqa: E402
+from tests.service.repo_builder import build_test_repo
+from tests.service.server_process import Server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 # No corrupt model here: its deliberate 503 "not ready" (tested in tests/service) would count as a 5xx.
