@@ -97,7 +97,9 @@ def _no_fold_reason(model: nn.Module, analysis: Analysis) -> str:
     reasons = [b for use in analysis.norms.values() for b in use.blockers]
     if not analysis.norms:
         return f"{type(model).__name__} has no LayerNorm or RMSNorm"
-    return reasons[0] if reasons else f"{type(model).__name__}: no norm has a γ/β to fold"
+    if not reasons:
+        return f"{type(model).__name__}: no norm has a γ/β to fold"
+    return f"none of the {len(analysis.norms)} norms can be folded: {reasons[0]}"
 
 
 def _is_shared(model: nn.Module, tensor: torch.Tensor) -> bool:
@@ -105,8 +107,10 @@ def _is_shared(model: nn.Module, tensor: torch.Tensor) -> bool:
 
 
 def _untie_in_config(model: nn.Module) -> None:
-    """Hugging Face re-ties shared weights on save/load unless the config says otherwise."""
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "tie_word_embeddings", False):
-        config.tie_word_embeddings = False
-        log.info("untied the shared embedding/head weights (config.tie_word_embeddings = False)")
+    """Hugging Face re-ties shared weights on save/load unless the config says otherwise (the HF model
+    may sit inside a wrapper, so every submodule's config is updated)."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+            log.info("untied the shared embedding/head weights (config.tie_word_embeddings = False)")
