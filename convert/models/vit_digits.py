@@ -56,6 +56,7 @@ class TrainRecipe:
     epochs: int = 60
     batch_size: int = 64
     lr: float = 3e-3
+    warmup_epochs: int = 1       # linear learning-rate warm-up, then cosine decay to zero
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     threads: int = 1             # fixed, so the float reduction order (hence the weights) never changes
@@ -70,11 +71,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.size(0), x.size(1), x.size(2)
-        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads)  # [B, N, 3, H, C/H]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                  # each [B, H, N, C/H]
-        y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)      # [B, H, N, C/H]
-        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+        B, N = x.size(0), x.size(1)  # the width comes from qkv, not x: Pre-CRMSNorm narrows x to dim − 1
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, -1)               # [B, N, 3, H, D/H]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                  # each [B, H, N, D/H]
+        y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)      # [B, H, N, D/H]
+        return self.proj(y.transpose(1, 2).reshape(B, N, -1))
 
 
 class MLP(nn.Module):
@@ -117,6 +118,11 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = make_norm(cfg)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
+
+    def example_inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword inputs for tracing (convert.rewrites.analysis): two random 8×8 images, values 0–16."""
+        size = self.cfg.image_size
+        return {"images": torch.rand(2, size, size, generator=torch.Generator().manual_seed(0)) * 16}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         p, s = self.cfg.patch_size, self.cfg.image_size // self.cfg.patch_size
@@ -186,9 +192,9 @@ def _fit(model: ViT, x: torch.Tensor, y: torch.Tensor, recipe: TrainRecipe, prog
     steps_per_epoch = math.ceil(len(x) / recipe.batch_size)
     total = recipe.epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    # linear warm-up over the first epoch, then cosine decay to zero
+    warmup = recipe.warmup_epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / steps_per_epoch) * 0.5 * (1 + math.cos(math.pi * i / total))
+        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * i / total))
     )
     generator = torch.Generator().manual_seed(recipe.seed)
     model.train()
