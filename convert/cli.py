@@ -42,7 +42,7 @@ def register(subparsers) -> None:
     parser.add_argument("--samples", type=positive, default=32, help="held-out samples for parity (default 32)")
     parser.add_argument("--no-benchmark", action="store_true",
                         help="skip the conversion-time benchmark; default_variant is then unfused")
-    parser.add_argument("--no-torch", action="store_true", help="do not save model.pt2 (torch.export) files")
+    parser.add_argument("--no-torch", action="store_true", help="do not save model.pt (the torch module, for the torch backend)")
     parser.add_argument("--threads", type=positive, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     for module_name in filter(None, BACKENDS.values()):

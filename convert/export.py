@@ -14,7 +14,7 @@ Exporter and opset, chosen deliberately (notes: tensorrt.md §5, norm-fusion.md 
   pipeline with the exporter's message.
 * Weights stay inside `model.onnx` (one file; protobuf caps it at 2 GB, larger models are refused).
 
-Each variant also gets `model.pt2` (a `torch.export` program with the same dynamic axes) for the TorchEngine.
+Each variant also gets `model.pt` (the pickled eval-mode module, see `export_torch`) for the TorchEngine.
 """
 
 from __future__ import annotations
@@ -99,19 +99,19 @@ def export_onnx(model: torch.nn.Module, example: dict[str, np.ndarray], path: Pa
     return path
 
 
-def export_torch(model: torch.nn.Module, example: dict[str, np.ndarray], path: Path, *,
-                 inputs: list[TensorInfo], outputs: list[TensorInfo]) -> Path:
-    """Save a `torch.export` program (model.pt2) with the inputs' dynamic axes, for engines.torch."""
-    wrapped = _Positional(model.eval(), [t.name for t in inputs], len(outputs))
-    # AUTO: torch.export finds each dynamic axis' range itself (e.g. a sequence capped by the position table)
-    shapes = tuple({a: torch.export.Dim.AUTO for a, d in enumerate(t.shape) if d == -1} for t in inputs)
+def export_torch(model: torch.nn.Module, path: Path) -> Path:
+    """Save the eval-mode module itself (`torch.save`, model.pt) for engines.torch.
+
+    A pickled module rather than a `torch.export` program: it saves in a second where torch.export of
+    GPT-2-small takes ~15 s, keeps the keyword-argument calling convention, and moves to CUDA or through
+    `torch.compile` like any module. Loading it imports the model's classes (normfuse, transformers) and
+    unpickles code, so engines.load checks its sha256 against the manifest first.
+    """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(wrapped, as_tensors(example, inputs), dynamic_shapes=(shapes,))  # one *args
-        torch.export.save(program, str(path))
-    except Exception as exc:
-        raise ExportError(f"torch.export failed: {exc}") from exc
+        torch.save(model.eval(), str(path))
+    except Exception as exc:  # e.g. a module holding a lambda
+        path.unlink(missing_ok=True)
+        raise ExportError(f"torch.save of the module failed: {exc}") from exc
     return path
 
 
@@ -125,8 +125,11 @@ def ort_session(onnx_path: Path, *, threads: int | None = None, optimization: st
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    if optimized_path is not None:
+    if optimized_path is not None:  # the dump is read only for its op types: keep its weights in a side file
         options.optimized_model_filepath = str(optimized_path)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         optimized_path.name + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
@@ -137,16 +140,23 @@ def run_onnx(session, inputs: dict[str, np.ndarray], *, chunk: int = 8) -> list[
     return [np.concatenate(outputs) for outputs in zip(*parts, strict=True)]
 
 
-def census(onnx_path: Path, *, threads: int | None = None) -> dict[str, int]:
-    """Normalization-related op types (CENSUS_OPS) and the total node count after ORT_ENABLE_ALL optimization."""
+def census(onnx_path: Path, *, threads: int | None = None,
+           inputs: dict[str, np.ndarray] | None = None) -> tuple[dict[str, int], list[np.ndarray] | None]:
+    """Op census after ORT_ENABLE_ALL optimization (CENSUS_OPS and the total node count).
+
+    With `inputs`, the same session also runs them, so parity and census cost one session: returns
+    (census, outputs), outputs None without inputs.
+    """
     import onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
-        ort_session(onnx_path, threads=threads, optimized_path=optimized)
+        session = ort_session(onnx_path, threads=threads, optimized_path=optimized)
+        outputs = run_onnx(session, inputs) if inputs is not None else None
+        del session
         graph = onnx.load(str(optimized), load_external_data=False).graph
         counts = Counter(node.op_type for node in graph.node)
-    return {op: counts[op] for op in CENSUS_OPS if counts[op]} | {"total": sum(counts.values())}
+    return {op: counts[op] for op in CENSUS_OPS if counts[op]} | {"total": sum(counts.values())}, outputs
 
 
 def lost_fusions(reference: dict[str, int], candidate: dict[str, int]) -> list[str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from convert.export import ExportError, census, export_onnx, export_torch, lost_fusions, ort_session, run_onnx
+from convert.export import ExportError, census, export_onnx, export_torch, lost_fusions, ort_session
 from convert.models import Source, load_source
 from convert.rewrites import BENCHMARK_ONLY, EXACT_VARIANTS
 from engines.manifest import Manifest, VariantInfo, file_ref, write_manifest
@@ -44,7 +44,7 @@ class ConvertOptions:
     benchmark: bool = True              # time variants at conversion to pick default_variant
     benchmark_rounds: int = 7           # A B A B ... rounds per variant pair
     benchmark_batch: int = 8
-    torch_artifacts: bool = True        # also save model.pt2 per variant (TorchEngine)
+    torch_artifacts: bool = True        # also save model.pt per variant (TorchEngine)
     threads: int | None = None          # ORT intra-op threads (None: all cores)
     progress: bool = True
     max_batch_size: int = 32
@@ -164,11 +164,26 @@ class Context:
 
         from convert.verify import run
 
+        self.samples = parity_samples(self.source, self.samples)
         self.held_out = self.source.sample_inputs(self.samples)
         # batch 2 so the exporter cannot specialise on 1, and a shorter sequence than the held-out data so
         # the parity check proves the sequence axis really stayed dynamic
         self.example = shorter(self.source.sample_inputs(2), self.source.inputs)
         self.reference = run(self.source.model, self.held_out, torch.float32)  # the ORIGINAL model's outputs
+
+
+OUTPUT_BUDGET = 8 * 1024**2  # output elements kept per parity run (64 MB in float64): GPT-2's logits are 1.6M/sample
+
+
+def parity_samples(source: Source, wanted: int) -> int:
+    """`wanted`, capped so the held-out outputs stay within OUTPUT_BUDGET elements (at least 2 samples)."""
+    probe = source.sample_inputs(1)
+    length = next((probe[t.name].shape[1] for t in source.inputs if len(t.shape) > 1 and t.shape[1] == -1), 1)
+    per_sample = sum(int(np.prod([length if d == -1 else d for d in t.shape[1:]])) for t in source.outputs)
+    capped = max(2, min(wanted, OUTPUT_BUDGET // max(per_sample, 1)))
+    if capped < wanted:
+        log.info("parity on %d samples instead of %d: each sample has %d output values", capped, wanted, per_sample)
+    return capped
 
 
 def shorter(arrays: dict[str, np.ndarray], inputs) -> dict[str, np.ndarray]:
@@ -222,20 +237,19 @@ def _build(ctx: Context, variant: str) -> VariantInfo:
     files = {"onnx": file_ref(ctx.staging, onnx_path)}
     if ctx.torch_artifacts:
         try:
-            pt2 = export_torch(model, ctx.example, directory / "model.pt2", inputs=src.inputs, outputs=src.outputs)
-            files["torch"] = file_ref(ctx.staging, pt2)
+            files["torch"] = file_ref(ctx.staging, export_torch(model, directory / "model.pt"))
         except ExportError as exc:
             log.warning("variant %s: no torch artifact: %s", variant, exc)
             flags.append(f"no-torch-artifact: {str(exc).splitlines()[0][:200]}")
     del model
-    outputs = run_onnx(ort_session(onnx_path, threads=ctx.threads), ctx.held_out)
+    op_census, outputs = census(onnx_path, threads=ctx.threads, inputs=ctx.held_out)
     ort_check = compare(ctx.reference, outputs, dtype="float32")
     parity.append(ort_check.to_parity(reference, f"onnxruntime cpu {variant} fp32"))
     bound = variant in BENCHMARK_ONLY
     return VariantInfo(
         name=variant, description=DESCRIPTIONS.get(variant, ""), exact=not bound, benchmark_only=bound,
         servable=not bound and all(p.passed for p in parity), files=files, parity=parity,
-        op_census=census(onnx_path, threads=ctx.threads), flags=flags,
+        op_census=op_census, flags=flags,
     )
 
 
@@ -250,6 +264,7 @@ def flag_lost_fusions(built: dict[str, VariantInfo]) -> None:
 
 NOISE = 0.03  # a variant must be ≥ 3% faster (median of paired ratios) to become the default
 REPEATS = 3  # each timing is the best of 3 runs: noise on a shared machine only ever adds time
+BUDGET_S = 6.0  # seconds per (unfused, variant) pair; fewer rounds (at least 3) for slow models
 
 
 def benchmark(ctx: Context, built: dict[str, VariantInfo], rounds: int, batch: int, *, progress: bool) -> str:
@@ -262,13 +277,14 @@ def benchmark(ctx: Context, built: dict[str, VariantInfo], rounds: int, batch: i
     for variant in others:
         session = ort_session(ctx.staging / built[variant].files["onnx"].path, threads=ctx.threads)
         pair = {"unfused": unfused, variant: session}
-        for name in pair:
-            timed(pair[name], inputs)  # warm-up
+        warm = max(timed(pair[name], inputs) for name in pair)  # warm-up, and the cost of one run
+        pair_rounds = max(3, min(rounds, int(BUDGET_S / (2 * REPEATS * warm))))
         times = {"unfused": [], variant: []}
-        for r in range(rounds):
+        for r in range(pair_rounds):
             for name in (("unfused", variant) if r % 2 == 0 else (variant, "unfused")):
                 times[name].append(min(timed(pair[name], inputs) for _ in range(REPEATS)))
             bar.update()
+        bar.update(rounds - pair_rounds)
         del session, pair
         baseline_times += times["unfused"]
         paired = [b / a for a, b in zip(times["unfused"], times[variant], strict=True)]

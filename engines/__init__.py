@@ -106,6 +106,6 @@ def _open_torch(model_dir: Path, manifest: Manifest, info: VariantInfo, paths: d
 
     if "torch" not in paths:
         raise EngineError(
-            f"variant {info.name!r} has no torch artifact (model.pt2); re-run `normfuse convert` with torch export enabled"
+            f"variant {info.name!r} has no torch artifact (model.pt); re-run `normfuse convert` without --no-torch"
         )
     return TorchEngine(paths["torch"], inputs=specs(manifest.inputs), outputs=specs(manifest.outputs), **options)

@@ -1,10 +1,12 @@
 """PyTorch engine: the reference runner, and a way to time fused vs unfused on any NVIDIA GPU without TensorRT.
 
-It runs either an `nn.Module` given in memory (called with keyword arguments named after the input specs)
-or a saved variant artifact: a `torch.export` program (`model.pt2`, written by `convert.export.export_torch`
-with the same dynamic axes as the ONNX file) loaded with `torch.export.load`. The artifact format is
-chosen because it needs neither the model's source code nor re-running the source (training, rewrites):
-the graph and weights are in the file.
+It runs an `nn.Module` given in memory (called with keyword arguments named after the input specs), or a
+saved variant artifact:
+
+* `model.pt` (what `normfuse convert` writes): the pickled eval-mode module (`torch.save(module)`), loaded
+  with `torch.load(weights_only=False)`. It needs the model's classes importable (normfuse, transformers)
+  and unpickling runs code, so open it through `engines.load`, which checks its sha256 against the manifest.
+* `*.pt2`: a `torch.export` program (`torch.export.save`), called positionally in input-spec order.
 
 Options: `device` "cpu" | "cuda"; `mode` "eager" | "compile" (`torch.compile`, dynamic shapes);
 `cuda_graphs=True` compiles with mode="reduce-overhead" (CUDA graphs, needs device="cuda");
@@ -99,6 +101,12 @@ class TorchEngine(Engine):
         path = Path(self.source)
         if not path.is_file():
             raise EngineError(f"torch artifact {path} does not exist")
+        if path.suffix != ".pt2":
+            try:
+                module = torch.load(str(path), map_location=self.device, weights_only=False)
+            except Exception as exc:
+                raise EngineError(f"could not load the torch module {path}: {exc}") from exc
+            return module.eval()
         try:
             program = torch.export.load(str(path))
         except Exception as exc:

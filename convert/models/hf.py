@@ -26,13 +26,14 @@ SEQUENCE = 32  # token count of the held-out samples (the exported graph keeps t
 class KeywordModel(torch.nn.Module):
     """Call an HF model with keyword inputs; return its logits (or last hidden state) as one tensor."""
 
-    def __init__(self, model: torch.nn.Module, extra: dict, sample=None) -> None:
+    def __init__(self, model: torch.nn.Module, extra: dict, example: dict[str, np.ndarray]) -> None:
         super().__init__()
-        self.model, self.extra, self.sample = model, extra, sample
+        # plain data only (no closures), so the module pickles into the torch artifact
+        self.model, self.extra, self.example = model, extra, example
 
     def example_inputs(self) -> dict[str, torch.Tensor]:
         """Keyword inputs for tracing (what convert.rewrites' graph analysis asks for)."""
-        return {k: torch.from_numpy(v) for k, v in self.sample(2).items()}
+        return {k: torch.from_numpy(v) for k, v in self.example.items()}
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         out = self.model(**inputs, **self.extra)
@@ -61,7 +62,7 @@ def load_hf_directory(path: str | Path) -> Source:
         raise SourceError(f"{path}: unsupported architecture {config.model_type!r}: its input {main_input!r} is "
                           "neither token ids nor pixels")
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    wrapped = KeywordModel(model, extra, sample).eval()
+    wrapped = KeywordModel(model, extra, sample(2)).eval()
     return Source(
         name=path.name, description=f"Hugging Face {type(model).__name__} from {path}", model=wrapped,
         inputs=inputs, outputs=[_output_info(model, config, task, inputs)], task=task, sample_inputs=sample,

@@ -81,7 +81,8 @@ def test_batch_and_sequence_stay_dynamic(ln_onnx):
 
 
 def test_census_counts_fused_norms_after_ort_optimization(ln_onnx):
-    counts = census(ln_onnx)
+    counts, outputs = census(ln_onnx, inputs=ids(3, 4))
+    assert outputs[0].shape == (3, 4, 5)  # the census session also ran the inputs
     fused = sum(counts.get(op, 0) for op in ("LayerNormalization", "SkipLayerNormalization"))
     assert fused == 3 and counts.get("ReduceMean", 0) == 0 and counts["total"] > fused
 
@@ -91,7 +92,7 @@ def test_handwritten_rmsnorm_with_weight_fuses(tmp_path):
 
     path = export_onnx(Block(lambda: RMSNorm(D, 1e-6)).eval(), ids(2, 5), tmp_path / "m.onnx",
                        inputs=INPUTS, outputs=OUTPUTS)
-    counts = census(path)
+    counts, _ = census(path)
     fused = counts.get("SimplifiedLayerNormalization", 0) + counts.get("SkipSimplifiedLayerNormalization", 0)
     assert fused == 3, counts
     assert lost_fusions({"LayerNormalization": 3, "total": 20}, counts) == []  # LN -> RMS keeps the fusion
@@ -103,16 +104,32 @@ def test_nn_rmsnorm_is_refused_with_the_exporters_reason(tmp_path):
         export_onnx(model, ids(2, 5), tmp_path / "m.onnx", inputs=INPUTS, outputs=OUTPUTS)
 
 
-def test_torch_export_artifact_runs_other_shapes(tmp_path):
+@pytest.mark.parametrize("kind", ["module", "torch.export"])
+def test_torch_artifacts_run_other_shapes(tmp_path, kind):
     from engines import specs
     from engines.torch import TorchEngine
 
     model = Block().eval()
-    pt2 = export_torch(model, ids(2, 5), tmp_path / "model.pt2", inputs=INPUTS, outputs=OUTPUTS)
+    if kind == "module":  # what the pipeline writes
+        path = export_torch(model, tmp_path / "model.pt")
+    else:  # a torch.export program, called positionally
+        example = (torch.from_numpy(ids(2, 5)["input_ids"]),)
+        program = torch.export.export(model, example, dynamic_shapes=({0: torch.export.Dim.AUTO,
+                                                                        1: torch.export.Dim.AUTO},))
+        path = tmp_path / "model.pt2"
+        torch.export.save(program, str(path))
     inputs = ids(4, 9)
-    with TorchEngine(pt2, inputs=specs(INPUTS), outputs=specs(OUTPUTS)) as engine:
+    with TorchEngine(path, inputs=specs(INPUTS), outputs=specs(OUTPUTS)) as engine:
         out = engine.infer(inputs)["logits"]
     np.testing.assert_allclose(out, torch_logits(model, inputs), rtol=1e-6, atol=1e-6)
+
+
+def test_a_module_that_cannot_be_pickled_is_an_export_error(tmp_path):
+    model = Block().eval()
+    model.hook = lambda x: x  # a lambda attribute cannot be pickled
+    with pytest.raises(ExportError, match="torch.save of the module failed"):
+        export_torch(model, tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """One contract suite, run against every engine available here, with one tiny artifact.
 
-ONNX Runtime CPU and torch (eager, in memory and from the saved model.pt2) always run; torch.compile runs
+ONNX Runtime CPU and torch (eager, in memory and from the saved model.pt) always run; torch.compile runs
 when NORMFUSE_TEST_COMPILE=1 (its first call takes 20-30 s on 2 cores); CUDA engines run only where CUDA
 exists and are skipped otherwise; TensorRT is covered by tests/engines/test_gpu.py.
 """
@@ -32,15 +32,15 @@ def _factory(kind: str, model_dir):
 
     manifest = engines.manifest.read_manifest(model_dir)
     specs = dict(inputs=engines.specs(manifest.inputs), outputs=engines.specs(manifest.outputs))
-    onnx, pt2 = model_dir / "unfused" / "model.onnx", model_dir / "unfused" / "model.pt2"
+    onnx, saved = model_dir / "unfused" / "model.onnx", model_dir / "unfused" / "model.pt"
     return {
         "ort-cpu": lambda: OnnxRuntimeEngine(onnx, intra_op_threads=1),
         "ort-cpu-no-opt": lambda: OnnxRuntimeEngine(onnx, optimization="disable"),
         "ort-cuda": lambda: OnnxRuntimeEngine(onnx, providers=["cuda"]),
         "torch-eager": lambda: TorchEngine(Tiny(), **specs),
-        "torch-pt2": lambda: TorchEngine(pt2, **specs),
+        "torch-saved": lambda: TorchEngine(saved, **specs),
         "torch-compile": lambda: TorchEngine(Tiny(), mode="compile", **specs),
-        "torch-cuda": lambda: TorchEngine(pt2, device="cuda", **specs),
+        "torch-cuda": lambda: TorchEngine(saved, device="cuda", **specs),
         "torch-cuda-compile": lambda: TorchEngine(Tiny(), device="cuda", mode="compile", **specs),
     }[kind]
 
@@ -51,7 +51,7 @@ KINDS = [
     pytest.param("ort-cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
         "CUDAExecutionProvider" not in _ort_providers(), reason="onnxruntime has no CUDA execution provider")]),
     "torch-eager",
-    "torch-pt2",
+    "torch-saved",
     pytest.param("torch-compile", marks=pytest.mark.skipif(
         os.environ.get("NORMFUSE_TEST_COMPILE") != "1", reason="slow on 2 cores; set NORMFUSE_TEST_COMPILE=1")),
     pytest.param("torch-cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no CUDA")]),

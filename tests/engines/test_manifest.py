@@ -78,7 +78,7 @@ def test_tampered_onnx_is_refused(model_dir):
 
 
 def test_tampered_torch_artifact_is_refused_even_for_onnxruntime(model_dir):
-    (model_dir / "unfused" / "model.pt2").write_bytes(b"not the program")
+    (model_dir / "unfused" / "model.pt").write_bytes(b"not the program")
     with pytest.raises(ManifestError, match="torch file .* has sha256"):
         engines.load(model_dir.parent, "tiny")
 
