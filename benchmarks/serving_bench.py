@@ -41,7 +41,8 @@ class ServingBenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8, 16)         # raw engine, and batch-b requests at concurrency 1
     step_seconds: float = 6.0                         # per closed-loop step
     step_requests: int = 3000
-    open_fractions: tuple[float, ...] = (0.5, 0.8)    # open-loop rates as fractions of saturated throughput
+    open_fractions: tuple[float, ...] = (0.3, 0.6)    # open-loop rates as fractions of the closed-loop peak
+    open_timeout_s: float = 10.0                      # open loop: cancel what is still out this long after
     max_batch_size: int = 16                          # every batching server: same cap and queue delay
     max_queue_delay_ms: float = 2.0
     threads: int | None = None
@@ -108,7 +109,8 @@ def open_loop_per_variant(base: str, config: ServingBenchConfig, specs: list[dic
             target = loadgen.make_target(base, config.model, specs, version=variant, binary=True,
                                          label=variant)
             result = asyncio.run(loadgen.open_loop(target, rate, max_requests=int(rate * config.step_seconds) + 1,
-                                                   max_seconds=config.step_seconds, timeout=30.0))
+                                                   max_seconds=config.step_seconds,
+                                                   timeout=config.open_timeout_s))
             rows.append({"server": "normfuse", "protocol": "binary", "variant": variant, "fraction": fraction,
                          **result.to_dict()})
     return rows
