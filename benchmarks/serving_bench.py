@@ -6,9 +6,10 @@ and receives the same pre-encoded payloads:
 1. the raw engine in-process at each batch size (no HTTP): the floor;
 2. `normfuse serve` (JSON and binary), the plain per-request FastAPI peer, LitServe with batching (JSON),
    and Triton via pytriton with its dynamic batcher (JSON and binary);
-3. per server and protocol: a closed-loop concurrency sweep with batch-1 requests, and concurrency 1 with
-   batch-b requests (the overhead at the engine's batch sizes); for normfuse also open-loop Poisson
-   arrivals per servable variant at fractions of its saturated throughput.
+3. per server and protocol: a closed-loop concurrency sweep with batch-1 requests, concurrency 1 with
+   batch-b requests (the overhead at the engine's batch sizes) and a few concurrent requests of the
+   largest batch (throughput at the engine's batch size); for normfuse also open-loop Poisson arrivals
+   per servable variant at fractions of its closed-loop peak.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ServingBenchConfig:
     concurrencies: tuple[int, ...] = (1, 4, 16, 32)
     batch_sizes: tuple[int, ...] = (1, 8, 16)         # raw engine, and batch-b requests at concurrency 1
     step_seconds: float = 6.0                         # per closed-loop step
+    saturation_concurrency: int = 4                   # for requests carrying the largest batch size
     step_requests: int = 3000
     open_fractions: tuple[float, ...] = (0.3, 0.6)    # open-loop rates as fractions of the closed-loop peak
     open_timeout_s: float = 10.0                      # open loop: cancel what is still out this long after
@@ -93,10 +95,13 @@ def sweep(base: str, config: ServingBenchConfig, specs: list[dict], *, server: s
         target = loadgen.make_target(base, config.model, specs, version=version, binary=binary, batch=1)
         results.append(asyncio.run(loadgen.closed_loop(
             target, concurrency, max_requests=config.step_requests, max_seconds=config.step_seconds)))
-    for batch in config.batch_sizes[1:]:
+    # batch-b requests at concurrency 1 (overhead at the engine's batch sizes), then the largest batch at
+    # `saturation_concurrency` (throughput at the same batch size as the raw engine's)
+    steps = [(batch, 1) for batch in config.batch_sizes[1:]] + [(max(config.batch_sizes), config.saturation_concurrency)]
+    for batch, concurrency in steps:
         target = loadgen.make_target(base, config.model, specs, version=version, binary=binary, batch=batch)
         results.append(asyncio.run(loadgen.closed_loop(
-            target, 1, max_requests=config.step_requests, max_seconds=config.step_seconds / 2)))
+            target, concurrency, max_requests=config.step_requests, max_seconds=config.step_seconds / 2)))
     return [{"server": server, "protocol": protocol, **r.to_dict()} for r in results]
 
 

@@ -70,15 +70,17 @@ def overhead_target(serving: dict, protocol: str, limit_ms: float) -> Target:
 
 def saturation_target(serving: dict, max_batch: int) -> Target:
     goal = "saturated throughput ≥ 90% of the raw engine at the same batch size"
-    rows = _closed(serving, "normfuse", "binary") or _closed(serving, "normfuse", "json")
     engine = _engine(serving, max_batch)
+    rows = [r for r in serving.get("closed", []) if r["server"] == "normfuse" and r["batch"] == max_batch
+            and r["level"] > 1 and r["ok"]]
     if not rows or engine is None:
-        return Target(goal, "normfuse or the raw engine at the max batch size not measured", None)
+        return Target(goal, f"normfuse with concurrent batch-{max_batch} requests or the raw engine not measured",
+                      None)
     best = max(rows, key=lambda r: r["items_per_s"])
     share = best["items_per_s"] / engine["items_per_s"]
-    return Target(goal, f"{share:.0%}: {best['items_per_s']:.0f} items/s ({best['protocol']}, concurrency "
-                        f"{best['level']}) vs engine {engine['items_per_s']:.0f} items/s at batch {max_batch}",
-                  share >= 0.9)
+    return Target(goal, f"{share:.0%}: {best['items_per_s']:.0f} items/s ({best['protocol']}, {best['level']} "
+                        f"concurrent batch-{max_batch} requests) vs engine {engine['items_per_s']:.0f} items/s "
+                        f"at batch {max_batch}", share >= 0.9)
 
 
 def triton_target(serving: dict) -> Target:
