@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -131,7 +132,7 @@ def run_all(args) -> int:
     from benchmarks import engines_bench, prepare, report, serving_bench
 
     _setup_logging()
-    started = datetime.now(timezone.utc)
+    started, load_at_start = datetime.now(timezone.utc), os.getloadavg()
     notes = []
     if not args.no_prepare:
         wanted = list(args.models) if args.models else list(prepare.MODELS)
@@ -143,7 +144,7 @@ def run_all(args) -> int:
     _dump({"engines": engine_result, "serving": serving_result}, args.json or Path(args.repo).parent / "results.json")
     command = "normfuse bench all " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "all"] else "make bench"
     report.write(args.out, engine_result, serving_result, plot_dir=args.plots, command=command, started=started,
-                 notes=notes)
+                 notes=notes, load_at_start=load_at_start)
     log.info("wrote %s", args.out)
     return 0
 
