@@ -46,7 +46,9 @@ class LinearSite:
 class Writer:
     """One start of the residual stream."""
 
-    kind: str  # "linear" (W, b centred over outputs), "tensor" (a parameter/buffer), "input" (a model input)
+    # "linear" (W, b centred over outputs), "tensor" (a parameter/buffer), "input" (a model input),
+    # "norm" (a norm's output: a Post-LN prefix or an embedding LN, centred by an inserted op)
+    kind: str
     module: str
     attr: str  # the tensor's attribute (the weight for "linear"; the input's name for "input")
     axis: int  # the hidden axis of that tensor
@@ -63,11 +65,37 @@ class NormUse:
 
 
 @dataclass
+class Stream:
+    """A set of tensors read only by norms (in a Pre-LN model: the one residual stream)."""
+
+    norms: list[str]  # the norms reading it
+    writers: list[Writer]
+    blockers: list[str]  # why it cannot be re-centred
+    width: int | None  # its width d
+
+    @property
+    def boundaries(self) -> list[str]:
+        """Norms whose output writes this stream (Post-LN prefix, embedding LN): need a centring op."""
+        return [w.module for w in self.writers if w.kind == "norm"]
+
+
+@dataclass
 class Analysis:
     norms: dict[str, NormUse]
-    writers: list[Writer]
-    stream_blockers: list[str]  # why the residual stream cannot be re-centred
-    width: int | None  # the residual stream's width d
+    streams: list[Stream]
+
+    @property
+    def writers(self) -> list[Writer]:
+        return [w for stream in self.streams for w in stream.writers]
+
+    @property
+    def stream_blockers(self) -> list[str]:
+        return list(dict.fromkeys(b for stream in self.streams for b in stream.blockers))
+
+    @property
+    def width(self) -> int | None:
+        widths = {stream.width for stream in self.streams}
+        return widths.pop() if len(widths) == 1 else None
 
     def describe(self) -> dict:
         """A JSON-able account of what was found and why a rewrite would be refused (for manifests, CLIs)."""
@@ -77,6 +105,7 @@ class Analysis:
                              "blockers": use.blockers} for name, use in self.norms.items()},
             "stream_writers": [f"{w.kind} {'.'.join(p for p in (w.module, w.attr) if p)}" for w in self.writers],
             "stream_blockers": self.stream_blockers,
+            "streams": [{"norms": s.norms, "boundaries": s.boundaries, "blockers": s.blockers} for s in self.streams],
         }
 
 
@@ -175,7 +204,7 @@ class _Graph:
         self.member = {n: name for name, nodes in self.norm_nodes.items() for n in nodes}
 
     def analyse(self) -> Analysis:
-        norms, stream, starts, blockers = {}, {}, [], []
+        norms, walks = {}, []
         for name, nodes in self.norm_nodes.items():
             module = self.model.get_submodule(name)
             use = norms[name] = NormUse(name, module, norm_kind(module))
@@ -186,16 +215,23 @@ class _Graph:
             boundary = self._boundary(name, nodes)
             if isinstance(boundary, str):
                 use.blockers.append(boundary)
-                blockers.append(boundary)
+                walks.append(([name], {}, [], [boundary]))
                 continue
             source, output = boundary
             self._collect_readers(use, output, _ndim(output) - 1)
+            stream, starts, blockers = {}, [], []
             self._walk_back(source, _ndim(source) - 1, stream, starts, blockers)
+            walks.append(([name], stream, starts, blockers))
+        return Analysis(norms, [self._stream(*walk) for walk in _merge_overlapping(walks)])
+
+    def _stream(self, names: list[str], stream: dict, starts: list, blockers: list[str]) -> Stream:
         writers = [w for w in (self._writer(n, stream[n], blockers) for n in starts) if w]
-        self._check_stream_readers(stream, blockers)
+        self._check_stream_readers(stream, set(names), blockers)
         self._check_shared_weights(stream, blockers)
         widths = {int(_shape(n)[a]) for n, a in stream.items()}
-        return Analysis(norms, writers, list(dict.fromkeys(blockers)), widths.pop() if len(widths) == 1 else None)
+        if len(widths) > 1:
+            blockers.append(f"the residual stream read by {names[0]} has several widths {sorted(widths)}")
+        return Stream(names, writers, list(dict.fromkeys(blockers)), widths.pop() if len(widths) == 1 else None)
 
     # --- norms -----------------------------------------------------------------------------------
     def _boundary(self, name: str, nodes: list[fx.Node]) -> tuple[fx.Node, fx.Node] | str:
@@ -269,8 +305,8 @@ class _Graph:
         return found
 
     def _writer(self, node: fx.Node, axis: int, blockers: list[str]) -> Writer | None:
-        if node in self.member:
-            blockers.append(f"{self.member[node]} is Post-LN: its output is the residual stream")
+        if node in self.member:  # a Post-LN (or embedding) norm's output: centred where it leaves the norm
+            return Writer("norm", self.member[node], "", axis)
         elif (linear := self._linear(node)) and axis == _ndim(node) - 1:
             return Writer("linear", linear[1].module, linear[1].weight, axis, linear[1])
         elif _is_writer_op(node):
@@ -301,19 +337,22 @@ class _Graph:
         bias_attr = self._owner(node, bias)[1] if bias is not None else attr.replace("weight", "bias")
         return Writer("linear", module, attr, axis, LinearSite(module, attr, bias_attr, OUT_IN))
 
-    def _check_stream_readers(self, stream: dict[fx.Node, int], blockers: list[str]) -> None:
+    def _check_stream_readers(self, stream: dict[fx.Node, int], names: set[str], blockers: list[str]) -> None:
         for node in stream:
             for user in node.users:
                 if user in stream or user.target in _IGNORED | _ZEROS:
                     continue
-                if user in self.member and node in user.all_input_nodes:
+                if self.member.get(user) in names and node in user.all_input_nodes:
                     continue  # a norm reading the stream: mean-invariant for LayerNorm (checked by the rewrite)
                 user = _last_of_sum(user)  # a sum that no norm reads: say who reads it in the end
-                if user.op == "output":
+                how = "the model output" if user.op == "output" else f"{self._where(user)} through {_op(user)}"
+                if node in self.member:
+                    blockers.append(f"{self.member[node]} is Post-LN: its output is the residual stream, read by {how}")
+                elif user.op == "output":
                     blockers.append(f"{type(self.model).__name__} returns the residual stream "
                                     f"(from {self._where(node)}) without a norm")
                 else:
-                    blockers.append(f"{self._where(user)} reads the residual stream through {_op(user)}")
+                    blockers.append(f"{how} reads the residual stream")
 
     def _check_shared_weights(self, stream: dict[fx.Node, int], blockers: list[str]) -> None:
         """A re-centred weight must feed nothing but the stream (tied copies are untied by the rewrite)."""
@@ -376,6 +415,20 @@ class _Graph:
 def _get(model: nn.Module, fqn: str) -> torch.Tensor:
     module, _, attr = fqn.rpartition(".")
     return getattr(model.get_submodule(module), attr)
+
+
+def _merge_overlapping(walks: list[tuple]) -> list[tuple]:
+    """Norms whose input walks share a node read the same stream: merge them (Pre-LN: one stream)."""
+    merged: list[tuple] = []
+    for names, stream, starts, blockers in walks:
+        for other in [m for m in merged if m[1].keys() & stream.keys()]:
+            merged.remove(other)
+            for node, axis in other[1].items():
+                if stream.setdefault(node, axis) != axis:
+                    blockers.append(f"{node.name} holds the residual stream on two different axes")
+            names, starts, blockers = other[0] + names, other[2] + starts, other[3] + blockers
+        merged.append((names, stream, list(dict.fromkeys(starts)), blockers))
+    return merged
 
 
 def _last_of_sum(node: fx.Node) -> fx.Node:

@@ -20,7 +20,7 @@ from convert.rewrites.pre_rmsnorm import centre_residual_stream
 
 def to_pre_crmsnorm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> nn.Module:
     inputs = example_inputs(model) if inputs is None else inputs
-    analysis = centre_residual_stream(model, inputs)
+    analysis, _ = centre_residual_stream(model, inputs, boundaries=False, complete=True)
     blocked = [f"{name}'s output cannot be compressed: {use.blockers[0]}" for name, use in analysis.norms.items()
                if use.blockers]  # its output has width d−1: only linear readers can absorb the missing entry
     if blocked:

@@ -142,13 +142,15 @@ class TinyViT(nn.Module):
     """A hand-written Pre-LN ViT: patch Linear, cls token and position parameters, final LN + head."""
 
     def __init__(self, width: int = WIDTH, depth: int = 2, patch_dim: int = 16, patches: int = 4,
-                 classes: int = 5, post_ln: bool = False, moe: bool = False):
+                 classes: int = 5, post_ln: bool | int = False, moe: bool = False, embed_norm: bool = False):
         super().__init__()
         self.patches, self.patch_dim = patches, patch_dim
         self.patch = nn.Linear(patch_dim, width)
         self.cls = nn.Parameter(torch.randn(1, 1, width))
         self.pos = nn.Parameter(torch.randn(1, patches + 1, width) + 0.5)
-        self.blocks = nn.ModuleList(Block(width, post_ln) for _ in range(depth))
+        # post_ln: True for all blocks, or the number of leading Post-LN blocks (a Mix-LN prefix)
+        self.blocks = nn.ModuleList(Block(width, i < (depth if post_ln is True else int(post_ln))) for i in range(depth))
+        self.embed_norm = nn.LayerNorm(width) if embed_norm else None  # BLOOM/CLIP-style LN on the embeddings
         if moe:
             for block in self.blocks:
                 block.moe = MoE(width)
@@ -162,6 +164,8 @@ class TinyViT(nn.Module):
     def forward(self, x):
         h = self.patch(x)  # (B, P, d)
         h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1) + self.pos  # (B, P+1, d)
+        if self.embed_norm is not None:
+            h = self.embed_norm(h)
         for block in self.blocks:
             h = block(h)
         return self.head(self.norm(h)[:, 0])  # (B, classes)

@@ -114,7 +114,8 @@ def test_transformer_encoder_centres_its_input_and_refuses_compression():
 def test_bert_is_post_ln_and_refused():
     model = models.bert()
     for variant in ("rmsnorm", "crmsnorm"):
-        with pytest.raises(NotApplicable, match=r"embeddings\.LayerNorm is Post-LN: its output is the residual stream"):
+        with pytest.raises(NotApplicable, match=r"(embeddings|encoder\.layer\.\d\.[a-z.]+)\.LayerNorm is Post-LN: "
+                                                r"its output is the residual stream"):
             rewrite(model, variant)
     with pytest.raises(NotApplicable, match=r"LayerNorm is read by .* through add.*not by a linear layer"):
         rewrite(model, "affine")

@@ -1,12 +1,13 @@
 """`rmsnorm`: Pre-LN → Pre-RMSNorm by re-centring every writer of the residual stream."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
 from torch import nn
 
-from convert.modules import RMSNorm
+from convert.modules import Center, RMSNorm
 from convert.rewrites import NotApplicable, rewrite
 from convert.rewrites.analysis import analyse
 from tests.convert._models_a import WIDTH, TinyViT, check_equivalence, low_precision_ratio
@@ -62,6 +63,28 @@ def test_post_ln_is_refused_with_the_layer_named():
         rewrite(TinyViT(post_ln=True), "rmsnorm")
 
 
+def test_a_post_ln_prefix_is_kept_and_centred_at_the_boundary():
+    model = TinyViT(depth=3, post_ln=1)  # Mix-LN: block 0 Post-LN, blocks 1-2 Pre-LN
+    converted = rewrite(model, "rmsnorm")
+    assert isinstance(converted.blocks[0].norm1, nn.LayerNorm)  # its output feeds qkv: stays LayerNorm
+    boundary = converted.blocks[0].norm2  # the prefix's last norm writes the Pre-LN stream
+    assert isinstance(boundary, nn.Sequential) and isinstance(boundary[1], Center)
+    assert all(isinstance(b.norm1, RMSNorm) and isinstance(b.norm2, RMSNorm) for b in converted.blocks[1:])
+    assert isinstance(converted.norm, RMSNorm)
+    check_equivalence(model, "rmsnorm", inputs(model))
+    with pytest.raises(NotApplicable, match=r"blocks\.0\.norm\d is Post-LN"):
+        rewrite(model, "crmsnorm")  # compression does not centre at a boundary
+
+
+def test_an_embedding_layernorm_is_converted_and_centred_after():
+    model = TinyViT(embed_norm=True)
+    converted = rewrite(model, "rmsnorm")
+    assert isinstance(converted.embed_norm[0], RMSNorm) and isinstance(converted.embed_norm[1], Center)
+    assert converted.embed_norm[0].bias is not None  # read by the stream, not by linear layers: β kept
+    assert not any(isinstance(m, nn.LayerNorm) for m in converted.modules())
+    check_equivalence(model, "rmsnorm", inputs(model))
+
+
 class StreamOut(TinyViT):
     """Returns the residual stream itself (no final norm): re-centring would change the output."""
 
@@ -102,20 +125,33 @@ def test_rmsnorm_in_low_precision_stays_within_twice_the_original_error(dtype):
     assert low_precision_ratio(model, "rmsnorm", dtype, inputs(model, batch=16)) <= 2.0
 
 
+def ort_op_counts(path, tmp_path):
+    """Op types left after ONNX Runtime's ORT_ENABLE_ALL optimization on CPU."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / f"{path.stem}.opt.onnx")
+    ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+
 def test_exported_rmsnorm_is_fused_by_onnx_runtime(tmp_path):
     """The explicit ones weight is what lets ORT fuse the pattern into SimplifiedLayerNormalization."""
-    np = pytest.importorskip("numpy")
-    from convert.export import census, export_onnx
+    import numpy as np
+
+    from convert.export import export_onnx
     from engines.manifest import TensorInfo
 
     model = TinyViT()
     example = {"x": np.random.default_rng(0).standard_normal((2, 4, 16)).astype(np.float32)}
     specs = {"inputs": [TensorInfo(name="x", datatype="FP32", shape=[-1, 4, 16])],
              "outputs": [TensorInfo(name="y", datatype="FP32", shape=[-1, 5])]}
-    counts = census(export_onnx(rewrite(model, "rmsnorm"), example, tmp_path / "rms.onnx", **specs))
-    assert counts.get("SimplifiedLayerNormalization", 0) + counts.get("SkipSimplifiedLayerNormalization", 0) == 5
-    assert "LayerNormalization" not in counts and "Sqrt" not in counts
+    counts = ort_op_counts(export_onnx(rewrite(model, "rmsnorm"), example, tmp_path / "rms.onnx", **specs), tmp_path)
+    assert counts["SimplifiedLayerNormalization"] + counts["SkipSimplifiedLayerNormalization"] == 5
+    assert counts["LayerNormalization"] == 0 and counts["Sqrt"] == 0
     # the same graph as the affine fold (which adds the β biases the bias-free qkv layers lacked): one
     # fused norm in place of each LayerNormalization, no leftover ops around it
-    folded = census(export_onnx(rewrite(model, "affine"), example, tmp_path / "ln.onnx", **specs))
-    assert counts["total"] == folded["total"] and folded["LayerNormalization"] == 5
+    folded = ort_op_counts(export_onnx(rewrite(model, "affine"), example, tmp_path / "ln.onnx", **specs), tmp_path)
+    assert sum(counts.values()) == sum(folded.values()) and folded["LayerNormalization"] == 5
