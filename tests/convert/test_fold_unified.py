@@ -168,6 +168,7 @@ def test_refuses_a_tied_reader_weight():
         rewrite(model, "folded")
 
 
+@pytest.mark.slow  # trains vit-digits-un and -pn once (then the weight cache answers)
 def test_trained_un_and_pn_keep_their_accuracy():
     for builder in (vd.vit_digits_un, vd.vit_digits_pn):
         source = builder()
