@@ -19,6 +19,7 @@ Each variant also gets `model.pt` (the pickled eval-mode module, see `export_tor
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 import warnings
@@ -123,6 +124,7 @@ def ort_session(onnx_path: Path, *, threads: int | None = None, optimization: st
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False  # conversion runs each session briefly: hold no arena between runs
     if threads:
         options.intra_op_num_threads = threads
     if optimized_path is not None:  # the dump is read only for its op types: keep its weights in a side file
@@ -154,6 +156,7 @@ def census(onnx_path: Path, *, threads: int | None = None,
         session = ort_session(onnx_path, threads=threads, optimized_path=optimized)
         outputs = run_onnx(session, inputs) if inputs is not None else None
         del session
+        gc.collect()
         graph = onnx.load(str(optimized), load_external_data=False).graph
         counts = Counter(node.op_type for node in graph.node)
     return {op: counts[op] for op in CENSUS_OPS if counts[op]} | {"total": sum(counts.values())}, outputs

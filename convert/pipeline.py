@@ -10,6 +10,8 @@ so a failed conversion never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import os
 import platform
@@ -65,6 +67,7 @@ def convert(source: str | Source, name: str, repo: str | Path, options: ConvertO
         for variant in bar:
             bar.set_postfix_str(variant)
             info = build_variant(context, variant, not_applicable)
+            release_memory()  # a variant's model copy, export buffers and session are gone: give the pages back
             if info is not None:
                 built[variant] = info
         if "unfused" not in built or not built["unfused"].servable:
@@ -127,6 +130,16 @@ def unfused_failure(info, reason: str | None) -> str:
     failed = [p for p in info.parity if not p.passed]
     detail = "; ".join(f"{p.candidate}: rel_l2 {p.rel_l2:.3g} > gate {p.gate.get('rel_l2')}" for p in failed)
     return f"the exported original model does not match torch ({detail})"
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise, and peak RSS
+    then grows by one model copy per variant)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def tool_versions() -> dict[str, str]:
