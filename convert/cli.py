@@ -1,8 +1,9 @@
 """`normfuse convert SOURCE --name NAME --repo DIR [--variants LIST]`.
 
 Backends beyond ONNX Runtime plug in through BACKENDS: a module named there may define
-`add_arguments(parser)` (its own options, e.g. --precision) and must define `build(model_dir, manifest, args)`,
-called after the ONNX conversion has been written (e.g. to build TensorRT plans from each variant's ONNX).
+`add_arguments(parser)` (its own options, e.g. --precision) and `check(args)` (raise, before converting, when
+it cannot build here), and must define `build(model_dir, manifest, args)`, called after the ONNX conversion
+has been written (e.g. to build TensorRT plans from each variant's ONNX).
 """
 
 from __future__ import annotations
@@ -79,14 +80,18 @@ def run(args: argparse.Namespace) -> int:
         samples=args.samples, benchmark=not args.no_benchmark, torch_artifacts=not args.no_torch,
         threads=args.threads, progress=not args.quiet,
     )
+    backend = _backend_module(BACKENDS[args.backend]) if BACKENDS[args.backend] else None
+    if BACKENDS[args.backend] and (backend is None or not hasattr(backend, "build")):
+        return fail(f"backend {args.backend!r} is not available in this installation")
+    try:
+        if hasattr(backend, "check"):  # fail fast, before a long conversion, when the backend cannot build here
+            backend.check(args)
+    except Exception as exc:  # the backend's own error says what is missing
+        return fail(f"backend {args.backend!r} cannot build engines here: {exc}")
     try:
         manifest = convert(args.source, args.name, args.repo, options)
-        if BACKENDS[args.backend]:
-            module = _backend_module(BACKENDS[args.backend])
-            if module is None or not hasattr(module, "build"):
-                raise ConversionError(f"backend {args.backend!r} is not available in this installation; the ONNX "
-                                      f"files were written and ONNX Runtime can serve them")
-            module.build(args.repo / args.name, manifest, args)
+        if backend is not None:
+            backend.build(args.repo / args.name, manifest, args)
     except SourceError as exc:
         return fail(f"cannot use SOURCE {args.source!r}: {exc}")
     except PermissionError as exc:

@@ -160,3 +160,11 @@ def test_unknown_variant(tmp_path):
     result = normfuse("convert", "vit-digits", "--name", "x", "--repo", tmp_path, "--variants", "affine,fastest")
     assert_error_paragraph(result, "unknown variant(s) ['fastest']")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_backend_that_cannot_build_here_fails_before_converting(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine may be able to build TensorRT engines")
+    result = normfuse("convert", "vit-digits", "--name", "x", "--repo", tmp_path, "--backend", "tensorrt")
+    assert_error_paragraph(result, "backend 'tensorrt' cannot build engines here")
+    assert list(tmp_path.iterdir()) == []
