@@ -11,6 +11,7 @@ the figure reported is the median over rounds. Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -63,10 +64,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sessions, accuracy, ops = {}, {}, {}
         for i, (label, source, model) in enumerate(built):
-            path = export_onnx(model, source.sample_inputs(2), Path(tmp) / f"{i}.onnx",
+            accuracy[label] = source.evaluate(model)["test_accuracy"]
+            # a copy: the exporter may leave the module it is given in training mode
+            path = export_onnx(copy.deepcopy(model), source.sample_inputs(2), Path(tmp) / f"{i}.onnx",
                                inputs=source.inputs, outputs=source.outputs)
             sessions[label] = ort_session(path, threads=args.threads)
-            accuracy[label] = source.evaluate(model)["test_accuracy"]
             ops[label] = census(path, threads=args.threads)
         latency = {b: time_sessions(sessions, built[0][1].sample_inputs(b)["images"], args.rounds, args.iters)
                    for b in (1, 8)}

@@ -158,7 +158,7 @@ class GroupScaling(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grouped = x.unflatten(-1, (self.group_num, -1))                             # [..., G, C/G]
         rms = (grouped.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()             # [..., G, 1]
-        return (grouped / rms).flatten(-2)                                          # [..., C]
+        return (grouped / rms).reshape(x.shape)  # [..., C]; not flatten(-2), which exports as a 2-D Flatten
 
 
 class _PowerFunction(torch.autograd.Function):
