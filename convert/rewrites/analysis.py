@@ -47,7 +47,8 @@ class Writer:
     """One start of the residual stream."""
 
     # "linear" (W, b centred over outputs), "tensor" (a parameter/buffer), "input" (a model input),
-    # "norm" (a norm's output: a Post-LN prefix or an embedding LN, centred by an inserted op)
+    # "norm" (a norm's output: a Post-LN prefix or an embedding LN, centred by an inserted op),
+    # "scaled" (a per-channel scale `attr` on the output of the linear `site`: folded into it, then centred)
     kind: str
     module: str
     attr: str  # the tensor's attribute (the weight for "linear"; the input's name for "input")
@@ -265,7 +266,8 @@ class _Graph:
         stream[node] = axis
         if self._input_alias(node):
             self._walk_back(node.args[0], axis, stream, starts, blockers)
-        elif node in self.member or node.op == "placeholder" or self._linear(node) or _is_writer_op(node):
+        elif (node in self.member or node.op == "placeholder" or self._linear(node) or _is_writer_op(node)
+              or self._scaled_linear(node, axis)):
             starts.append(node)  # a start of the stream; classified by _writer
         elif node.target in _ZEROS:
             return  # a zero tensor (e.g. the accumulator of an MoE combine) is zero-mean already
@@ -309,6 +311,8 @@ class _Graph:
             return Writer("norm", self.member[node], "", axis)
         elif (linear := self._linear(node)) and axis == _ndim(node) - 1:
             return Writer("linear", linear[1].module, linear[1].weight, axis, linear[1])
+        elif scaled := self._scaled_linear(node, axis):
+            return scaled
         elif _is_writer_op(node):
             return self._op_writer(node, axis, blockers)
         elif node.op == "placeholder":
@@ -384,6 +388,22 @@ class _Graph:
         module, attr = self._owner(node, weight)
         bias_attr = self._owner(node, bias)[1] if bias is not None else attr.replace("weight", "bias")
         return x, LinearSite(module, attr, bias_attr, layout)
+
+    def _scaled_linear(self, node: fx.Node, axis: int) -> Writer | None:
+        """A per-channel parameter scaling a linear layer's output (LayerScale: DINOv2, CaiT)."""
+        if node.target != aten.mul.Tensor or axis != _ndim(node) - 1:
+            return None
+        for scale, x in (node.args[:2], node.args[1::-1]):
+            scale_axis = _broadcast_axis(node, scale, axis) if self._is_weight(scale) else None
+            if scale_axis is None or _prod(_shape(scale)) != _shape(node)[axis] or not isinstance(x, fx.Node):
+                continue
+            while (x.target in _IDENTITY or x.target == aten.dropout.default and _passes_through(x)) \
+                    and len(x.users) == 1:
+                x = x.args[0]
+            linear = self._linear(x)
+            if linear and len(x.users) == 1 and not self._uses(x, _weight_arg(x)):
+                return Writer("scaled", *self._owner(node, scale), scale_axis, linear[1])
+        return None
 
     def _input_alias(self, node: fx.Node) -> bool:
         """A no-op cast inside a norm of its own input (x.to(float32) on float32): tracing hands that

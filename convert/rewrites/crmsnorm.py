@@ -28,9 +28,9 @@ def to_pre_crmsnorm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = N
     for writer in analysis.writers:
         if writer.kind == "input":
             raise NotApplicable(f"the model input {writer.attr!r} is the residual stream: its width cannot be compressed")
-        if writer.kind == "linear":
+        if writer.kind in ("linear", "scaled"):
             _compress_writer(model, writer.site)
-        else:
+        if writer.kind != "linear":  # a tensor, or the (now all-ones) scale of a "scaled" writer
             tensor = getattr(model.get_submodule(writer.module), writer.attr)
             write_tensor(model, writer.module, writer.attr, drop_last_along(tensor, writer.axis))
             _sync_shape_attributes(model.get_submodule(writer.module))

@@ -56,6 +56,16 @@ def center_output_rows(
     return new_w, new_b
 
 
+def scale_output_rows(
+    w: torch.Tensor, b: torch.Tensor | None, scale: torch.Tensor, layout: str = OUT_IN
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """s ⊙ (W u + b) == W' u + b' with W' = diag(s)·W, b' = s ⊙ b (LayerScale folded into its linear)."""
+    out_axis = _out_axis(layout)
+    s64 = scale.double().reshape([-1 if a == out_axis else 1 for a in range(w.dim())])
+    new_b = None if b is None else (b.double() * scale.double().reshape(-1)).to(b.dtype)
+    return (w.double() * s64).to(w.dtype), new_b
+
+
 def center_along(t: torch.Tensor, axis: int) -> torch.Tensor:
     """Subtract the mean over `axis` (a cls token, a position table, a constant added to the stream)."""
     t64 = t.double()

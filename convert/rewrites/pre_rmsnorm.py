@@ -29,7 +29,7 @@ from convert.rewrites.analysis import (
     computes_standard_norm,
     example_inputs,
 )
-from convert.rewrites.math import center_along, center_output_rows
+from convert.rewrites.math import center_along, center_output_rows, scale_output_rows
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +113,15 @@ def _why_not(analysis: Analysis, stream: Stream, boundaries: bool) -> str | None
 
 
 def _centre(model: nn.Module, writer: Writer) -> None:
-    if writer.kind == "linear":
+    if writer.kind in ("linear", "scaled"):
         site = writer.site
         owner = model.get_submodule(site.module)
-        weight, bias = center_output_rows(getattr(owner, site.weight), getattr(owner, site.bias, None), site.layout)
+        weight, bias = getattr(owner, site.weight), getattr(owner, site.bias, None)
+        if writer.kind == "scaled":  # fold the per-channel scale into the linear first, then make it 1
+            scale = getattr(model.get_submodule(writer.module), writer.attr)
+            weight, bias = scale_output_rows(weight, bias, scale, site.layout)
+            write_tensor(model, writer.module, writer.attr, torch.ones_like(scale))
+        weight, bias = center_output_rows(weight, bias, site.layout)
         write_tensor(model, site.module, site.weight, weight)
         if bias is not None:
             write_tensor(model, site.module, site.bias, bias)

@@ -76,6 +76,19 @@ def vit():
               intermediate_size=64, image_size=8, patch_size=4, num_labels=3)
 
 
+def dinov2():
+    """LayerScale: a per-channel parameter scales each branch output before the residual add."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    model = hf(Dinov2Config, Dinov2Model, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+               image_size=8, patch_size=4, layerscale_value=0.5)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith("lambda1"):
+                tensor.copy_(0.5 + 0.3 * torch.randn(tensor.shape, generator=torch.Generator().manual_seed(len(name))))
+    return model
+
+
 def bert():
     from transformers import BertConfig, BertModel
 

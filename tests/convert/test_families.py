@@ -99,6 +99,18 @@ def test_llama_rmsnorm_model_folds_gamma_but_is_not_recentred():
         rewrite(model, "rmsnorm")
 
 
+def test_dinov2_layerscale_is_folded_into_its_linear_before_centring():
+    model = models.dinov2()
+    pixels = {"pixel_values": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(8))}
+    for variant in ("affine", "rmsnorm"):
+        check_equivalence(model, variant, pixels, lambda out: out.last_hidden_state)
+    converted = rewrite(model, "rmsnorm")
+    layer = converted.encoder.layer[0]
+    assert torch.equal(layer.layer_scale1.lambda1, torch.ones(WIDTH)) and zero_mean(layer.attention.o_proj.weight, 0)
+    with pytest.raises(NotApplicable, match="layernorm's output cannot be compressed: .*model output"):
+        rewrite(model, "crmsnorm")  # the final norm's output is the model's output
+
+
 def test_transformer_encoder_centres_its_input_and_refuses_compression():
     model = models.transformer_encoder()
     src = {"src": torch.randn(2, 5, WIDTH, generator=torch.Generator().manual_seed(6))}

@@ -15,6 +15,7 @@ from convert.rewrites.math import (
     compress_writer,
     drop_last_along,
     fold_affine_into_linear,
+    scale_output_rows,
 )
 
 D, OUT = 6, 5
@@ -128,3 +129,12 @@ def test_rmsnorm_keeps_the_input_dtype_and_computes_statistics_in_float32(dtype)
     y = RMSNorm(D, eps=1e-5).to(dtype)(x)
     assert y.dtype == dtype and torch.isfinite(y).all()
     torch.testing.assert_close(y.float().abs(), torch.ones(2, D), atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("layout", [OUT_IN, IN_OUT])
+def test_a_per_channel_output_scale_folds_into_the_linear(g, layout):
+    w, b = layout_weight(g, layout), torch.randn(OUT, generator=g, dtype=torch.float64)
+    scale = torch.randn(OUT, generator=g, dtype=torch.float64)
+    u = torch.randn(3, D, generator=g, dtype=torch.float64)
+    new_w, new_b = scale_output_rows(w, b, scale, layout)
+    torch.testing.assert_close(linear(new_w, new_b, u, layout), scale * linear(w, b, u, layout), atol=1e-12, rtol=0)
