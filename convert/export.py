@@ -79,7 +79,8 @@ def export_onnx(model: torch.nn.Module, example: dict[str, np.ndarray], path: Pa
     """Export `model` (eval) to `path` with dynamic axes, check it with onnx.checker, return the path."""
     import onnx
 
-    wrapped = _Positional(model.eval(), [t.name for t in inputs], len(outputs))
+    # the wrapper must be in eval mode too: the exporter restores the wrapper's mode onto the model afterwards
+    wrapped = _Positional(model.eval(), [t.name for t in inputs], len(outputs)).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with warnings.catch_warnings(), torch.no_grad():
