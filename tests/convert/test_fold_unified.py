@@ -186,10 +186,7 @@ def test_folded_variant_goes_through_the_conversion_pipeline(builder, tmp_path):
     source = load_source(builder)
     probe = copy.deepcopy(source.model)
     export_onnx(probe, source.sample_inputs(2), tmp_path / "probe.onnx", inputs=source.inputs, outputs=source.outputs)
-    if probe.training:
-        pytest.xfail("convert/export.py: export_onnx leaves the model in training mode (its _Positional wrapper is "
-                     "created in training mode and torch.onnx.export restores that mode recursively); fix: "
-                     "_Positional(...).eval()")
+    assert not probe.training, "export_onnx must leave the model it exports in eval mode"
     options = ConvertOptions(variants=["unfused", "folded"], benchmark=False, torch_artifacts=False,
                              progress=False, samples=16)
     manifest = convert(source, "m", tmp_path / "repo", options)
