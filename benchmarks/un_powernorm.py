@@ -1,6 +1,6 @@
 """Accuracy and ONNX Runtime CPU latency of LN / UN / PowerNorm vit-digits variants (docs/un-powernorm.md).
 
-    .venv/bin/python docs/un_powernorm_bench.py [--rounds 30] [--iters 50] [--threads 1]
+    .venv/bin/python benchmarks/un_powernorm.py [--rounds 30] [--iters 50] [--threads 1]
 
 Every variant is exported with the conversion pipeline's exporter (TorchScript, opset 17, dynamic batch),
 loaded into an ORT_ENABLE_ALL CPU session, and timed on the same held-out batch. Runs are interleaved:
