@@ -77,24 +77,23 @@ def center_embedding_rows(table: torch.Tensor) -> torch.Tensor:
     return center_along(table, -1)
 
 
-def drop_last_along(t: torch.Tensor, axis: int) -> torch.Tensor:
-    """CRMS writer compression: a zero-mean vector is stored without its last entry (x_d = −Σx̃)."""
-    return t.narrow(axis, 0, t.shape[axis] - 1).clone()
+def drop_along(t: torch.Tensor, axis: int, index: int = -1) -> torch.Tensor:
+    """CRMS writer compression: a zero-mean vector is stored without entry `index` (x_k = −Σ others)."""
+    keep = [i for i in range(t.shape[axis]) if i != index % t.shape[axis]]
+    return t.index_select(axis, torch.tensor(keep, device=t.device)).clone()
 
 
 def compress_writer(
-    w: torch.Tensor, b: torch.Tensor | None, layout: str = OUT_IN
+    w: torch.Tensor, b: torch.Tensor | None, layout: str = OUT_IN, index: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Drop the last output coordinate of an already centred writer (W_o[:d−1, :], b_o[:d−1])."""
+    """Drop output coordinate `index` of an already centred writer (W_o[:d−1, :], b_o[:d−1] for the last)."""
     out_axis = _out_axis(layout)
-    return drop_last_along(w, out_axis), None if b is None else drop_last_along(b, 0)
+    return drop_along(w, out_axis, index), None if b is None else drop_along(b, 0, index)
 
 
-def compress_readers(w: torch.Tensor, layout: str = OUT_IN) -> torch.Tensor:
-    """A reader of a zero-mean x̂ given only x̂[:d−1]: W̃ = W[:, :d−1] − W[:, d−1]·1ᵀ (input axis)."""
+def compress_readers(w: torch.Tensor, layout: str = OUT_IN, index: int = -1) -> torch.Tensor:
+    """A reader of a zero-mean x̂ given x̂ without entry k: W̃ = W[:, ≠k] − W[:, k]·1ᵀ (input axis)."""
     in_axis = 1 - _out_axis(layout)
     w64 = w.double()
-    d = w.shape[in_axis]
-    kept = w64.narrow(in_axis, 0, d - 1)
-    last = w64.narrow(in_axis, d - 1, 1)
-    return (kept - last).to(w.dtype)
+    dropped = w64.narrow(in_axis, index % w.shape[in_axis], 1)
+    return (drop_along(w64, in_axis, index) - dropped).to(w.dtype)

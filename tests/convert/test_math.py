@@ -13,7 +13,7 @@ from convert.rewrites.math import (
     center_output_rows,
     compress_readers,
     compress_writer,
-    drop_last_along,
+    drop_along,
     fold_affine_into_linear,
     scale_output_rows,
 )
@@ -90,22 +90,27 @@ def test_centring_tables_and_tensors(g):
 
 
 @pytest.mark.parametrize("layout", [OUT_IN, IN_OUT])
-def test_compressed_reader_reads_the_zero_mean_vector_without_its_last_entry(g, layout):
+@pytest.mark.parametrize("index", [-1, 2])
+def test_compressed_reader_reads_the_zero_mean_vector_without_one_entry(g, layout, index):
     w = layout_weight(g, layout)  # reads D inputs, writes OUT outputs
     x = torch.randn(3, D, generator=g, dtype=torch.float64)
     x = x - x.mean(-1, keepdim=True)
-    compressed = compress_readers(w, layout)
+    compressed = compress_readers(w, layout, index)
     assert compressed.shape == ((OUT, D - 1) if layout == OUT_IN else (D - 1, OUT))
-    torch.testing.assert_close(linear(compressed, None, x[:, :-1], layout), linear(w, None, x, layout), atol=1e-12, rtol=0)
+    kept = drop_along(x, 1, index)
+    torch.testing.assert_close(linear(compressed, None, kept, layout), linear(w, None, x, layout), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("layout", [OUT_IN, IN_OUT])
-def test_compressed_writer_drops_the_last_output(g, layout):
+def test_compressed_writer_drops_one_output(g, layout):
     w, b = layout_weight(g, layout), torch.randn(OUT, generator=g, dtype=torch.float64)
-    new_w, new_b = compress_writer(w, b, layout)
     u = torch.randn(2, D, generator=g, dtype=torch.float64)
+    new_w, new_b = compress_writer(w, b, layout)
     torch.testing.assert_close(linear(new_w, new_b, u, layout), linear(w, b, u, layout)[:, :-1], atol=1e-12, rtol=0)
-    assert drop_last_along(torch.zeros(2, 7, 3), 1).shape == (2, 6, 3)
+    new_w, new_b = compress_writer(w, b, layout, index=1)
+    want = linear(w, b, u, layout)[:, [0, 2, 3, 4]]
+    torch.testing.assert_close(linear(new_w, new_b, u, layout), want, atol=1e-12, rtol=0)
+    assert drop_along(torch.zeros(2, 7, 3), 1).shape == (2, 6, 3)
 
 
 def test_layernorm_of_a_zero_mean_vector_is_rmsnorm_with_the_same_eps(g):
