@@ -1,8 +1,9 @@
 """`crmsnorm`: Pre-LN → Pre-CRMSNorm, the residual stream stored at width d−1 (notes §3).
 
 After the Pre-RMSNorm centring every stream vector is zero-mean, so its last entry is −Σ of the others
-and need not be stored: writers drop their last output, readers absorb the missing input
-(W̃ = W[:, :d−1] − W[:, d−1]), and each LayerNorm becomes a CRMSNorm that divides by d.
+and need not be stored: writers drop that output, readers absorb the missing input
+(W̃ = W[:, ≠k] − W[:, k]), and each LayerNorm becomes a CRMSNorm that divides by d. Which entry k is
+dropped does not matter in exact arithmetic; in float16/bfloat16 it does (see `channel_to_drop`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 from convert.modules import CRMSNorm
 from convert.rewrites import NotApplicable
 from convert.rewrites.affine import replace_module, write_tensor
-from convert.rewrites.analysis import LinearSite, example_inputs
+from convert.rewrites.analysis import Analysis, LinearSite, example_inputs
 from convert.rewrites.math import compress_readers, compress_writer, drop_along
 from convert.rewrites.pre_rmsnorm import centre_residual_stream
 
@@ -27,7 +28,7 @@ def to_pre_crmsnorm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = N
         raise NotApplicable(blocked[0])
     if any(writer.kind == "input" for writer in analysis.writers):
         raise NotApplicable("a model input is the residual stream: its width cannot be compressed")
-    index = largest_channel(model, list(analysis.norms), inputs, analysis.width)
+    index = channel_to_drop(model, analysis, inputs)
     for writer in analysis.writers:
         if writer.kind in ("linear", "scaled"):
             _compress_writer(model, writer.site, index)
@@ -47,26 +48,31 @@ def to_pre_crmsnorm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = N
     return model
 
 
-def largest_channel(model: nn.Module, norms: list[str], inputs: dict[str, torch.Tensor], width: int) -> int:
-    """The stream channel with the largest mean square at the norms' inputs, on the example inputs.
+def channel_to_drop(model: nn.Module, analysis: Analysis, inputs: dict[str, torch.Tensor]) -> int:
+    """The stream channel whose reconstruction adds the least rounding error in low precision.
 
-    The dropped entry is rebuilt as −Σ(the others), which carries the others' rounding errors; dropping
-    the largest channel (an outlier, if the stream has one) keeps that sum of errors smallest, and in
-    float16/bfloat16 keeps the rewritten model's error close to the original's.
+    The dropped entry k is rebuilt as −Σ(the others), so it carries the others' rounding errors, and every
+    reader sees them through its column W[:, k]. Score each channel by Σ‖W[:, k]‖² over the readers times
+    the mean square of the other channels at the norms' inputs (on the example inputs); drop the smallest.
     """
-    totals = torch.zeros(width, dtype=torch.float64)
+    width = analysis.width
+    squares = torch.zeros(width, dtype=torch.float64)
 
     def record(module, args):
-        totals.add_(args[0].detach().double().reshape(-1, width).pow(2).mean(0).cpu())
+        squares.add_(args[0].detach().double().reshape(-1, width).pow(2).mean(0).cpu())
 
-    hooks = [model.get_submodule(name).register_forward_pre_hook(record) for name in norms]
+    hooks = [model.get_submodule(name).register_forward_pre_hook(record) for name in analysis.norms]
     try:
         with torch.no_grad():
             model(**inputs)
     finally:
         for hook in hooks:
             hook.remove()
-    return int(totals.argmax())
+    columns = torch.zeros(width, dtype=torch.float64)
+    for site in (site for use in analysis.norms.values() for site in use.readers):
+        weight = getattr(model.get_submodule(site.module), site.weight).detach().double().cpu()
+        columns += weight.pow(2).sum(0 if site.layout == "out_in" else 1)
+    return int((columns * (squares.sum() - squares)).argmin())
 
 
 def _compress_writer(model: nn.Module, site: LinearSite, index: int) -> None:

@@ -26,6 +26,16 @@ def test_stream_is_compressed_to_d_minus_1_and_outputs_match():
     check_equivalence(model, "crmsnorm", inputs(model))
 
 
+def test_the_largest_stream_channel_is_the_one_dropped():
+    model = TinyViT()
+    with torch.no_grad():
+        model.pos[..., 3] += 40.0  # an outlier channel, as trained transformers grow
+    compressed = rewrite(model, "crmsnorm")
+    centred = model.pos.detach() - model.pos.detach().mean(-1, keepdim=True)
+    torch.testing.assert_close(compressed.pos.detach(), centred[..., [i for i in range(WIDTH) if i != 3]])
+    check_equivalence(model, "crmsnorm", inputs(model))
+
+
 def test_post_ln_is_refused():
     with pytest.raises(NotApplicable, match="is Post-LN: its output is the residual stream"):
         rewrite(TinyViT(post_ln=True), "crmsnorm")
