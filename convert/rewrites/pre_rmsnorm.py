@@ -42,7 +42,7 @@ def to_pre_rmsnorm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = No
         # folded: γ = 1 stays as the explicit weight, β is gone; unfoldable (a reader is not linear): kept
         gamma, beta = norm_affine(use.module) if use.blockers else (None, None)
         like = use.module.weight if use.module.weight is not None else next(model.parameters())
-        norm = RMSNorm(stream_width(streams), float(use.module.eps), bias=beta is not None).to(like.dtype).to(like.device)
+        norm = RMSNorm(stream_width(streams), float(use.module.eps), bias=beta is not None).to(like.device, like.dtype)
         with torch.no_grad():
             for tensor, value in ((norm.weight, gamma), (norm.bias, beta)):
                 if value is not None:
@@ -79,7 +79,10 @@ def _convertible(model: nn.Module, analysis: Analysis, boundaries: bool, complet
     chosen, reasons = [], []
     for stream in analysis.streams:
         reason = _why_not(analysis, stream, boundaries)
-        (reasons.append(reason) if reason else chosen.append(stream))
+        if reason:
+            reasons.append(reason)
+        else:
+            chosen.append(stream)
     reason = ([r for r in reasons if "Post-LN" in r] or reasons or ["the streams have different widths"])[0]
     if not chosen or (complete and reasons) or len({s.width for s in chosen}) > 1:
         raise NotApplicable(reason)
