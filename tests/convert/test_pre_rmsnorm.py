@@ -95,6 +95,22 @@ class StreamOut(TinyViT):
         return h
 
 
+class NonAffineWriter(TinyViT):
+    """The stream starts at a tanh: no weight edit can remove its mean."""
+
+    def forward(self, x):
+        h = torch.tanh(self.patch(x))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h)[:, 0])
+
+
+def test_a_non_affine_writer_is_refused():
+    with pytest.raises(NotApplicable, match=r"^NonAffineWriter writes the residual stream through tanh.*not affine"):
+        rewrite(NonAffineWriter(), "rmsnorm")
+    rewrite(NonAffineWriter(), "affine")  # folding γ/β does not care who writes the stream
+
+
 def test_a_model_returning_the_raw_stream_is_refused():
     with pytest.raises(NotApplicable, match=r"StreamOut returns the residual stream .*without a norm"):
         rewrite(StreamOut(), "rmsnorm")
