@@ -98,7 +98,7 @@ class CenteredInputs(nn.Module):
         for name, axis in self.axes.items():
             if name in kwargs:
                 kwargs[name] = Center(axis)(kwargs[name])
-            elif self._names.index(name) < len(args):
+            elif name in self._names and self._names.index(name) < len(args):
                 index = self._names.index(name)
                 args[index] = Center(axis)(args[index])
         return self.model(*args, **kwargs)
