@@ -49,6 +49,8 @@ def register(subparsers) -> None:
         p.add_argument("--serving-variant", default="unfused")
         p.add_argument("--servers", type=_names, default=("normfuse", "plain", "litserve", "triton"))
         p.add_argument("--concurrency", type=_ints, default=None, help="default 1,4,16,32")
+        p.add_argument("--max-queue-delay-ms", type=float, default=0.0,
+                       help="every batching server's queue delay (default 0: opportunistic batching)")
     for p in (engines_p, serving_p, all_p):
         _common(p)
     all_p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
@@ -100,6 +102,7 @@ def _serving_config(args):
     given = {"concurrencies": args.concurrency} if args.concurrency else {}
     return ServingBenchConfig(**(quick | given), model=args.serving_model, variant=args.serving_variant,
                               servers=tuple(args.servers), threads=args.threads,
+                              max_queue_delay_ms=args.max_queue_delay_ms,
                               log_dir=Path(args.repo).parent / "logs")
 
 

@@ -104,7 +104,10 @@ def glance_table(result: dict) -> str:
 
 
 def serving_section(result: dict) -> str:
-    parts = [f"Model `{result['model']}`, variant `{result['variant']}` (the same ONNX file for every server).",
+    config = result.get("config", {})
+    parts = [f"Model `{result['model']}`, variant `{result['variant']}` (the same ONNX file for every server). "
+             f"Batching servers (normfuse, LitServe, Triton): max batch {config.get('max_batch_size')}, queue delay "
+             f"{config.get('max_queue_delay_ms')} ms; ONNX Runtime threads: {config.get('threads') or 'default'}.",
              "At a glance (batch-1 requests):", glance_table(result),
              "p50 ms at concurrency 1, and what each server adds to the raw engine's p50 at the same batch size:",
              overhead_table(result),
@@ -140,7 +143,9 @@ METHOD = """\
   it is undefined ("–") when removing the norms gave no gain.
 - **Serving.** Every server serves the same ONNX file through the same `OnnxRuntimeEngine` options and receives
   the same pre-encoded payloads from `normfuse loadgen`'s client (httpx, asyncio). Batching servers share
-  `max_batch_size` and a 2 ms queue delay. The load generator runs on the same cores as the servers.
+  `max_batch_size` and the queue delay (0 ms by default: a batch is whatever queued while the engine was busy,
+  Triton's default; a delay > 0 makes a lone request wait for company). The load generator runs on the same
+  cores as the servers, so its CPU time is inside every latency and caps every throughput.
 - **Closed loop** (a fixed number of requests in flight) is how vendors publish; it hides overload
   (coordinated omission). **Open loop** schedules Poisson arrivals in advance and measures each latency from its
   scheduled send time.

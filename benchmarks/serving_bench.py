@@ -45,8 +45,8 @@ class ServingBenchConfig:
     step_requests: int = 3000
     open_fractions: tuple[float, ...] = (0.3, 0.6)    # open-loop rates as fractions of the closed-loop peak
     open_timeout_s: float = 10.0                      # open loop: cancel what is still out this long after
-    max_batch_size: int = 16                          # every batching server: same cap and queue delay
-    max_queue_delay_ms: float = 2.0
+    max_batch_size: int = 16                          # every batching server: same cap and queue delay;
+    max_queue_delay_ms: float = 0.0                   # 0 = opportunistic batching (Triton's default)
     threads: int | None = None
     engine_rounds: int = 40
     seq_len: int = 128
