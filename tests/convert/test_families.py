@@ -42,6 +42,13 @@ def test_hf_family_rewrite_is_exact(family, variant):
     check_equivalence(build(), variant, make_inputs(), output)
 
 
+@pytest.mark.parametrize("variant", ["rmsnorm", "crmsnorm"])
+def test_gpt2_in_float16_stays_within_twice_the_original_error(variant):
+    model = Wrapped(models.gpt2())
+    ids = {"input_ids": torch.randint(0, VOCAB, (8, SEQ), generator=torch.Generator().manual_seed(9))}
+    assert models.low_precision_ratio(model, variant, torch.float16, ids) <= 2.0
+
+
 def test_gpt2_tied_head_is_untied_and_every_writer_centred():
     model = models.gpt2()
     assert model.lm_head.weight is model.transformer.wte.weight
