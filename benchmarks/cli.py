@@ -142,9 +142,17 @@ def run_all(args) -> int:
         ready = prepare.prepare(args.repo, Path(args.repo).parent, wanted, threads=args.threads,
                                 reconvert=args.reconvert)
         notes += [f"model {m} could not be converted (see the log); not benchmarked" for m in wanted if m not in ready]
+    results_path = args.json or Path(args.repo).parent / "results.json"
     engine_result = engines_bench.run(args.repo, _engine_config(args))
-    serving_result = None if args.skip_serving else serving_bench.run(args.repo, _serving_config(args))
-    _dump({"engines": engine_result, "serving": serving_result}, args.json or Path(args.repo).parent / "results.json")
+    _dump({"engines": engine_result, "serving": None}, results_path)  # kept even if serving fails below
+    serving_result = None
+    if not args.skip_serving:
+        try:
+            serving_result = serving_bench.run(args.repo, _serving_config(args))
+        except Exception as exc:  # report what was measured rather than nothing
+            log.exception("serving benchmark failed")
+            notes.append(f"the serving benchmark failed: {type(exc).__name__}: {exc}")
+    _dump({"engines": engine_result, "serving": serving_result}, results_path)
     command = "normfuse bench all " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "all"] else "make bench"
     report.write(args.out, engine_result, serving_result, plot_dir=args.plots, command=command, started=started,
                  notes=notes, load_at_start=load_at_start)
