@@ -180,3 +180,9 @@ def test_a_reconversion_replaces_the_model_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["block"]
     assert not (tmp_path / "block" / "stale.txt").exists()
     assert second.created_at > first.created_at and set(second.variants["unfused"].files) == {"onnx"}
+
+
+def test_export_leaves_the_model_in_eval_mode(tmp_path):
+    model = Block().eval()
+    export_onnx(model, ids(2, 5), tmp_path / "m.onnx", inputs=INPUTS, outputs=OUTPUTS)
+    assert not any(m.training for m in model.modules())  # the exporter restores the wrapper's mode onto it
