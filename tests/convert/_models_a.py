@@ -23,12 +23,19 @@ def perturb_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def seeded(build, seed: int = 0):
+    """Build with a fixed seed without touching the global RNG (tests must not depend on their order)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build()
+
+
 def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).norm() / want.double().norm())
 
 
 def hf(config_cls, model_cls, **config):
-    model = model_cls(config_cls(**config, attn_implementation="eager"))
+    model = seeded(lambda: model_cls(config_cls(**config, attn_implementation="eager")))
     return perturb_norms(model)
 
 
@@ -97,10 +104,11 @@ def bert():
 
 
 def transformer_encoder():
-    torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(WIDTH, 2, 64, dropout=0.0, batch_first=True, norm_first=True)
-    model = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(WIDTH), enable_nested_tensor=False)
-    return perturb_norms(model)
+    def build():
+        layer = nn.TransformerEncoderLayer(WIDTH, 2, 64, dropout=0.0, batch_first=True, norm_first=True)
+        return nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(WIDTH), enable_nested_tensor=False)
+
+    return perturb_norms(seeded(build))
 
 
 class Block(nn.Module):
@@ -155,8 +163,15 @@ class TinyViT(nn.Module):
     """A hand-written Pre-LN ViT: patch Linear, cls token and position parameters, final LN + head."""
 
     def __init__(self, width: int = WIDTH, depth: int = 2, patch_dim: int = 16, patches: int = 4,
-                 classes: int = 5, post_ln: bool | int = False, moe: bool = False, embed_norm: bool = False):
+                 classes: int = 5, post_ln: bool | int = False, moe: bool = False, embed_norm: bool = False,
+                 seed: int = 0):
         super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self._build(width, depth, patch_dim, patches, classes, post_ln, moe, embed_norm)
+        perturb_norms(self)
+
+    def _build(self, width, depth, patch_dim, patches, classes, post_ln, moe, embed_norm):
         self.patches, self.patch_dim = patches, patch_dim
         self.patch = nn.Linear(patch_dim, width)
         self.cls = nn.Parameter(torch.randn(1, 1, width))
@@ -169,10 +184,9 @@ class TinyViT(nn.Module):
                 block.moe = MoE(width)
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, classes)
-        perturb_norms(self)
 
     def example_inputs(self):
-        return {"x": torch.randn(2, self.patches, self.patch_dim, dtype=self.patch.weight.dtype)}
+        return {"x": torch.randn(2, self.patches, self.patch_dim, generator=torch.Generator().manual_seed(0))}
 
     def forward(self, x):
         h = self.patch(x)  # (B, P, d)
@@ -189,13 +203,11 @@ class NormThenGelu(nn.Module):
 
     def __init__(self, width: int = WIDTH):
         super().__init__()
-        self.embed = nn.Linear(8, width)
-        self.norm = nn.LayerNorm(width)
-        self.out = nn.Linear(width, 3)
+        self.embed, self.norm, self.out = seeded(lambda: (nn.Linear(8, width), nn.LayerNorm(width), nn.Linear(width, 3)))
         perturb_norms(self)
 
     def example_inputs(self):
-        return {"x": torch.randn(2, 8, dtype=self.embed.weight.dtype)}
+        return {"x": torch.randn(2, 8, generator=torch.Generator().manual_seed(0))}
 
     def forward(self, x):
         return self.out(torch.nn.functional.gelu(self.norm(self.embed(x))))
