@@ -182,6 +182,8 @@ class Context:
         # batch 2 so the exporter cannot specialise on 1, and a shorter sequence than the held-out data so
         # the parity check proves the sequence axis really stayed dynamic
         self.example = shorter(self.source.sample_inputs(2), self.source.inputs)
+        # what the rewrites trace the model with: a small held-out batch (models need no example_inputs())
+        self.trace = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.source.sample_inputs(2).items()}
         self.reference = run(self.source.model, self.held_out, torch.float32)  # the ORIGINAL model's outputs
 
 
@@ -240,7 +242,7 @@ def _build(ctx: Context, variant: str) -> VariantInfo:
     from convert.verify import compare, run
 
     src, parity, flags = ctx.source, [], []
-    model = src.model if variant == "unfused" else rewrite(src.model, variant)
+    model = src.model if variant == "unfused" else rewrite(src.model, variant, inputs=ctx.trace)
     reference = "torch unfused fp32"
     if variant != "unfused":
         torch_check = compare(ctx.reference, run(model, ctx.held_out, torch.float32), dtype="float32")

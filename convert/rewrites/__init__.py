@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 
 import torch
 
@@ -30,8 +31,12 @@ EXACT_VARIANTS = ("affine", "rmsnorm", "crmsnorm", "folded")
 BENCHMARK_ONLY = ("nonorm",)
 
 
-def rewrite(model: torch.nn.Module, variant: str) -> torch.nn.Module:
+def rewrite(model: torch.nn.Module, variant: str, *, inputs: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """Return a new module in eval mode computing the same function as `model` with `variant` applied.
+
+    `inputs`: example keyword inputs to trace the model with (a small batch); they are handed to the
+    variant's function when it takes an `inputs` argument (the graph-analysing rewrites), and otherwise
+    the function finds its own (`model.example_inputs()`, or from the model's config).
 
     The input model is left untouched. Raises NotApplicable (a ValueError) when the rewrite cannot be
     applied exactly, and ValueError for an unknown variant name.
@@ -40,6 +45,12 @@ def rewrite(model: torch.nn.Module, variant: str) -> torch.nn.Module:
         raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(REWRITES)}")
     module_name, function_name = REWRITES[variant].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
+    extra = {"inputs": inputs} if inputs is not None and takes_inputs(function) else {}
     # the copy keeps the input's train/eval mode so a rewrite can refuse statistics that are not fixed
-    new = function(copy.deepcopy(model))
+    new = function(copy.deepcopy(model), **extra)
     return new.eval()
+
+
+def takes_inputs(function) -> bool:
+    """Whether a rewrite function accepts example inputs (`inputs=`)."""
+    return "inputs" in inspect.signature(function).parameters
