@@ -69,7 +69,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.heads = cfg.heads
-        self.scale = (cfg.dim // cfg.heads) ** -0.5  # given explicitly: SDPA's default exports as a Sqrt op
+        self.scale = (cfg.dim // cfg.heads) ** -0.5  # a Python float: no Sqrt op in the exported graph
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
 
@@ -77,7 +77,10 @@ class Attention(nn.Module):
         B, N = x.size(0), x.size(1)  # the width comes from qkv, not x: Pre-CRMSNorm narrows x to dim − 1
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, -1)               # [B, N, 3, H, D/H]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                  # each [B, H, N, D/H]
-        y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)      # [B, H, N, D/H]
+        # written out rather than F.scaled_dot_product_attention, whose ONNX symbolic splits the scale into
+        # sqrt(scale)·q and sqrt(scale)·k (a Sqrt node): the folded UN graph must hold no Sqrt at all
+        att = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)    # [B, H, N, N]
+        y = att @ v                                                      # [B, H, N, D/H]
         return self.proj(y.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -211,8 +214,12 @@ def _fit(model: ViT, x: torch.Tensor, y: torch.Tensor, recipe: TrainRecipe, prog
     model.eval()
 
 
+MODEL_REVISION = 2  # bump when forward() changes: cached weights were trained by the old code
+
+
 def cache_key(cfg: ViTConfig, recipe: TrainRecipe) -> str:
-    blob = json.dumps({"config": asdict(cfg), "recipe": asdict(recipe), "torch": torch.__version__}, sort_keys=True)
+    blob = json.dumps({"config": asdict(cfg), "recipe": asdict(recipe), "torch": torch.__version__,
+                       "model": MODEL_REVISION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
