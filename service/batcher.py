@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engines.base import Engine
+from engines.base import Engine, EngineError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,9 @@ class Batcher:
         self._held: deque[Pending] = deque()  # taken from the queue but left for the next batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._worker: asyncio.Task | None = None
+        self._batch: list[Pending] = []  # the batch being collected or run: answered even if the worker is cancelled
         self._running = False
+        self.dead: str | None = None  # why the worker stopped, if it ever stops other than by drain()
         self.accepting = True
         self.dropped = 0
 
@@ -122,6 +124,8 @@ class Batcher:
                       max(p.batch_size for p in parts))
 
     async def _submit_one(self, inputs: dict[str, np.ndarray], timeout_s: float | None) -> Result:
+        if self.dead is not None:
+            raise EngineError(f"this model's batcher has stopped: {self.dead}")
         if not self.accepting:
             raise Draining("the server is shutting down")
         loop = asyncio.get_running_loop()
@@ -158,6 +162,21 @@ class Batcher:
     # -- the worker ------------------------------------------------------------------------------
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+        self._worker.add_done_callback(self._worker_done)
+
+    @property
+    def alive(self) -> bool:
+        """The worker is running (or not started yet): False once it has died, which makes the model not ready."""
+        return self.dead is None
+
+    def _worker_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() and not self.accepting:
+            return  # stopped by drain()
+        self.dead = "the worker was cancelled" if task.cancelled() else f"the worker died: {task.exception()!r}"
+        log.error("batcher for %s stopped unexpectedly: %s", type(self.engine).__name__, self.dead)
+        error = EngineError(f"this model's batcher has stopped: {self.dead}")
+        _fail([*self._batch, *self._held, *_drain_queue(self._queue)], error)
+        self._held.clear()
 
     async def _next(self, timeout: float | None) -> Pending | None:
         if self._held:
@@ -179,12 +198,14 @@ class Batcher:
             return False
         return True
 
-    async def _collect(self) -> list[Pending]:
+    async def _collect(self, batch: list[Pending]) -> None:
+        """Fill `batch` (owned by the loop, so a cancelled collect still answers what it took)."""
         first = await self._next(None)
         while not self._live(first):
             first = await self._next(None)
         self._running = True  # from here until the batch is answered, drain must wait for us
-        batch, rows = [first], first.rows
+        batch.append(first)
+        rows = first.rows
         close_at = first.enqueued_at + self.max_queue_delay_s
         while rows < self.max_batch_size:
             waiting = bool(self._held) or not self._queue.empty()
@@ -200,18 +221,27 @@ class Batcher:
                 break
             batch.append(item)
             rows += item.rows
-        return batch
 
     async def _loop(self) -> None:
+        """One batch per turn. Cancelled (drain timed out): the batch in hand is answered with Draining.
+        Anything else going wrong fails that batch only, and the loop goes on."""
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._collect()
+            self._batch = []
             try:
-                batch = [p for p in batch if self._live(p)]  # last look before compute
+                await self._collect(self._batch)
+                batch = [p for p in self._batch if self._live(p)]  # last look before compute
                 if batch:
                     await self._run(loop, batch)
+            except asyncio.CancelledError:
+                _fail(self._batch, Draining("the server shut down before this request was answered"))
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug in batching must not stop the worker
+                log.exception("batch of %d requests failed outside the engine", len(self._batch))
+                _fail(self._batch, EngineError(f"the batch failed: {type(exc).__name__}: {exc}"))
             finally:
                 self._running = False
+                self._batch = []
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[Pending]) -> None:
         started = time.perf_counter()
@@ -224,10 +254,12 @@ class Batcher:
             outputs, compute_s = await loop.run_in_executor(self._executor, _timed, self.engine, inputs)
         except Exception as exc:  # noqa: BLE001 - every request of this batch gets the same error
             log.warning("batch of %d rows failed: %s", len(batch), exc)
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
+            _fail(batch, exc)
             return
+        total = int(inputs[names[0]].shape[0])
+        short = {k: np.shape(v)[:1] for k, v in outputs.items() if np.ndim(v) == 0 or np.shape(v)[0] != total}
+        if short:
+            raise EngineError(f"the engine returned outputs whose batch axis is not {total} rows: {short}")
         offset = 0
         for p in batch:
             rows = p.rows
@@ -260,13 +292,21 @@ class Batcher:
             if not p.future.done():
                 p.future.set_exception(Draining("the server shut down before this request ran"))
         self._held.clear()
-        self._executor.shutdown(wait=True)
+        # an engine call still running (drain timed out) is waited for off the event loop, so the engine is
+        # not closed under it and the loop keeps answering
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
 
 def _timed(engine: Engine, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
     start = time.perf_counter()
     outputs = engine.infer(inputs)
     return outputs, time.perf_counter() - start
+
+
+def _fail(batch: list[Pending], error: BaseException) -> None:
+    for p in batch:
+        if not p.future.done():
+            p.future.set_exception(error)
 
 
 def _drain_queue(queue: asyncio.Queue) -> list[Pending]:

@@ -47,12 +47,17 @@ class ModelEntry:
     failed: dict[str, str] = field(default_factory=dict)  # variant (or "*" for the model) -> reason
 
     @property
+    def dead(self) -> dict[str, str]:
+        """Variants that loaded but whose batcher has since stopped (never expected; see Batcher.alive)."""
+        return {v: f"batcher stopped: {s.batcher.dead}" for v, s in self.variants.items() if not s.batcher.alive}
+
+    @property
     def ready(self) -> bool:
-        return bool(self.variants) and not self.failed
+        return bool(self.variants) and not self.failed and not self.dead
 
     @property
     def reason(self) -> str:
-        return "; ".join(f"{v}: {why}" if v != "*" else why for v, why in self.failed.items())
+        return "; ".join(f"{v}: {why}" if v != "*" else why for v, why in {**self.failed, **self.dead}.items())
 
 
 class Repository:
@@ -75,7 +80,10 @@ class Repository:
             raise ModelNotReady(f"model {model!r} is not ready: {entry.reason}")
         variant = version or entry.manifest.default_variant
         if variant in entry.variants:
-            return entry.variants[variant]
+            servable = entry.variants[variant]
+            if not servable.batcher.alive:
+                raise ModelNotReady(f"model {model!r} version {variant!r} is not ready: {entry.dead[variant]}")
+            return servable
         if variant in entry.failed:
             raise ModelNotReady(f"model {model!r} version {variant!r} is not ready: {entry.failed[variant]}")
         raise ModelNotFound(f"model {model!r} has no version {variant!r}; versions: {entry.manifest.servable()}")

@@ -60,11 +60,11 @@ def repository_index(repo: Repository, ready_only: bool) -> list[dict]:
     for name, entry in sorted(repo.models.items()):
         versions = entry.manifest.servable() if entry.manifest else [""]
         for version in versions:
-            ready = version in entry.variants
+            ready = version in entry.variants and entry.variants[version].batcher.alive
             if ready_only and not ready:
                 continue
             row = {"name": name, "version": version, "state": "READY" if ready else "UNAVAILABLE"}
             if not ready:
-                row["reason"] = entry.failed.get(version) or entry.reason
+                row["reason"] = entry.failed.get(version) or entry.dead.get(version) or entry.reason
             rows.append(row)
     return rows

@@ -166,3 +166,22 @@ def test_every_bad_request_is_a_4xx_naming_the_problem(test_repo):
     assert e["header"][0] == 400 and "only 2 bytes" in e["header"][1]
     assert e["output"][0] == 400 and "unknown output(s) ['logits']" in e["output"][1]
     assert e["timeout"][0] == 400 and "microseconds" in e["timeout"][1]
+
+
+def test_a_dead_batcher_makes_its_model_not_ready(test_repo):
+    async def main():
+        async with serving(test_repo) as (c, app):
+            assert (await c.get("/v2/health/ready")).status_code == 200
+            servable = app.state.repo.get(MODEL, "affine")
+            servable.batcher._worker.cancel()  # the worker dies (not by drain)
+            await asyncio.sleep(0.05)
+            assert (await c.get(f"/v2/models/{MODEL}/ready")).status_code == 503
+            assert (await c.get("/v2/health/ready")).status_code == 503
+            r = await c.post(f"/v2/models/{MODEL}/versions/affine/infer", json=infer_body(np.ones((1, 4), np.float32)))
+            assert r.status_code == 503 and "batcher stopped" in r.json()["error"]
+            index = {(x["name"], x["version"]): x["state"] for x in (await c.post("/v2/repository/index")).json()}
+            assert index[(MODEL, "affine")] == "UNAVAILABLE" and index[(MODEL, "unfused")] == "READY"
+            ok = await c.post(f"/v2/models/{MODEL}/versions/unfused/infer", json=infer_body(np.ones((1, 4), np.float32)))
+            assert ok.status_code == 200
+
+    run(main())

@@ -4,6 +4,7 @@ import threading
 import numpy as np
 import pytest
 
+from engines.base import EngineError
 from service.batcher import Batcher, Draining, QueueFull, QueueTimeout
 from tests.service.fakes import POISON, AffineEngine, rows
 
@@ -160,3 +161,74 @@ def test_preferred_size_dispatches_without_waiting_for_the_delay():
 
     engine, _ = asyncio.run(main())
     assert engine.batches == [2]
+
+
+def test_drain_timeout_answers_the_batch_being_run_and_the_one_being_collected():
+    """drain() cancels the worker after its timeout: requests it had taken must still get an answer (Draining)."""
+    async def main():
+        gate = threading.Event()
+        engine = AffineEngine(gate=gate).load()
+        b = await started(make(engine, max_batch_size=2, max_queue_delay_s=30.0))
+        running = [asyncio.ensure_future(b.submit({"x": rows(i, 1)})) for i in range(2)]  # a full batch: runs
+        await asyncio.to_thread(engine.entered.wait, 5)
+        collecting = asyncio.ensure_future(b.submit({"x": rows(9, 1)}))  # waits 30 s for company
+        await asyncio.sleep(0.05)
+        drain = asyncio.ensure_future(b.drain(0.1))
+        try:
+            done = await asyncio.wait_for(asyncio.gather(*running, collecting, return_exceptions=True), 5)
+        finally:
+            gate.set()
+            await drain
+        return done
+
+    for outcome in asyncio.run(main()):
+        assert isinstance(outcome, Draining), outcome
+
+
+class ShortEngine(AffineEngine):
+    """Returns one row fewer than it was given when the batch holds the value 7 (a broken backend)."""
+
+    def _run(self, inputs):
+        out = super()._run(inputs)
+        if (inputs["x"] == 7).any():
+            return {"y": out["y"][:-1]}
+        return out
+
+
+def test_a_batch_that_fails_outside_the_engine_fails_alone_and_the_worker_goes_on():
+    async def main():
+        engine = ShortEngine().load()
+        b = await started(make(engine, max_queue_delay_s=0.0))
+        with pytest.raises(EngineError, match="batch axis"):
+            await asyncio.wait_for(b.submit({"x": rows(7, 2)}), 5)
+        later = await asyncio.wait_for(b.submit({"x": rows(1, 2)}), 5)
+        alive = b.alive
+        await b.drain(5)
+        return later, alive
+
+    later, alive = asyncio.run(main())
+    np.testing.assert_array_equal(later.outputs["y"], 2 * rows(1, 2) + 1)
+    assert alive
+
+
+def test_a_dead_worker_fails_waiting_requests_and_marks_the_batcher_not_alive():
+    async def main():
+        gate = threading.Event()
+        engine = AffineEngine(gate=gate).load()
+        b = await started(make(engine, max_batch_size=1, max_queue_delay_s=0.0))
+        first = asyncio.ensure_future(b.submit({"x": rows(0, 1)}))
+        await asyncio.to_thread(engine.entered.wait, 5)
+        queued = asyncio.ensure_future(b.submit({"x": rows(1, 1)}))
+        await asyncio.sleep(0.01)
+        b._worker.cancel()  # the worker dies for a reason the loop does not handle (not drain)
+        outcomes = await asyncio.wait_for(asyncio.gather(first, queued, return_exceptions=True), 5)
+        gate.set()
+        with pytest.raises(EngineError, match="stopped"):
+            await b.submit({"x": rows(2, 1)})
+        alive = b.alive
+        await b.drain(5)
+        return outcomes, alive
+
+    outcomes, alive = asyncio.run(main())
+    assert not alive
+    assert all(isinstance(o, Exception) for o in outcomes), outcomes
