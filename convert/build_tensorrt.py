@@ -9,7 +9,8 @@ engines/tensorrt.py). The flow follows tensorrt.md §1.2:
 Version switch (tensorrt.md §0.1, §1.4): on 11.x every network is strongly typed and there is no FP16
 builder flag, so `--precision fp16` means parsing the FP16 precision-annotated ONNX (convert/precision.py);
 on 10.x the same ONNX is parsed into a STRONGLY_TYPED network. `EXPLICIT_BATCH` is never referenced.
-Plans are cached by engines.trt_cache; a matching plan is reused, anything else is rebuilt.
+Plans are cached by engines.trt_cache (the plan-cache schema, which with engines.manifest is all of `engines`
+that convert imports); a matching plan is reused, anything else is rebuilt.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from engines.manifest import Manifest, TensorInfo, sha256_file, verify_files
 from engines.trt_cache import (
     EngineKey,
     ShapeProfile,
+    capturing_logger,
     files_digest,
     lookup,
     timing_cache_path,
@@ -231,8 +233,6 @@ def parse_onnx(trt, network, logger, onnx_path: Path):
 def build_plan(trt, onnx_path: Path, profiles: dict[str, ShapeProfile], options: BuildOptions,
                timing_cache: Path) -> tuple[bytes, list[str]]:
     """Build one serialized plan; returns (plan bytes, TensorRT's WARNING+ log lines)."""
-    from engines.tensorrt import capturing_logger
-
     logger = capturing_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt))

@@ -7,6 +7,7 @@ Layout of a repository::
     REPO/NAME/<variant>/tensorrt/<key>.plan  (built on the target GPU, never committed)
 
 Every file a variant uses is listed with its sha256; `read_manifest` + `verify_files` refuse a mismatch.
+The only modules convert shares with engines are manifest.py and trt_cache.py, the artifact schemas.
 """
 
 from __future__ import annotations

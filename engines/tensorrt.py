@@ -15,7 +15,6 @@ A batch larger than the profile's maximum is an InputError (the batcher splits b
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.base import Engine, EngineError, InputError, TensorSpec
+from engines.trt_cache import capturing_logger
 
 log = logging.getLogger(__name__)
 
@@ -54,41 +54,6 @@ def import_tensorrt():
                 f"TensorRT is not installed (import tensorrt: {full_error}; tensorrt_lean is absent too). "
                 "Install it on a GPU host (docs/gpu-tensorrt.md) or use the onnxruntime backend."
             ) from None
-
-
-def capturing_logger(trt, min_severity=None):
-    """A `trt.ILogger` that forwards to Python logging and keeps WARNING-and-worse lines in `.lines`.
-
-    TensorRT reports build and deserialization failures only through its logger (tensorrt.md §1.2), so the
-    captured lines go into every error raised after a call that returned None or False.
-    """
-    severity = trt.ILogger.Severity
-    levels = {
-        severity.INTERNAL_ERROR: logging.CRITICAL,
-        severity.ERROR: logging.ERROR,
-        severity.WARNING: logging.WARNING,
-        severity.INFO: logging.INFO,
-        severity.VERBOSE: logging.DEBUG,
-    }
-    keep = {severity.INTERNAL_ERROR, severity.ERROR, severity.WARNING}
-
-    class CapturingLogger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.lines: collections.deque[str] = collections.deque(maxlen=200)  # long-lived runtimes log on
-            if min_severity is not None:
-                self.min_severity = min_severity
-
-        def log(self, sev, msg) -> None:
-            level = levels.get(sev, logging.INFO)
-            log.log(level, "tensorrt: %s", msg)
-            if sev in keep:
-                self.lines.append(f"[{getattr(sev, 'name', sev)}] {msg}")
-
-        def tail(self, n: int = 20) -> str:
-            return "\n".join(list(self.lines)[-n:]) or "(TensorRT logged nothing at WARNING or above)"
-
-    return CapturingLogger()
 
 
 class CudaDevice:

@@ -1,22 +1,32 @@
-"""The TensorRT engine cache: which plan file belongs to which (ONNX, TensorRT, GPU, precision, profile).
+"""The TensorRT engine cache schema: which plan file belongs to which (ONNX, TensorRT, GPU, precision, profile).
 
-Pure Python, testable without TensorRT. A plan is only valid for the exact TensorRT version, GPU model and
-compute capability it was built on (tensorrt.md §3), so every plan is stored as ``<stem>.plan`` next to a
-sidecar ``<stem>.json`` holding its full `EngineKey`. The stem is readable and ends in a hash of the key,
-so two keys never share a file and a lookup is a file-name check plus a key comparison.
+An on-disk artifact schema like manifest.json, and with engines/manifest.py the only engines module that
+`convert` imports: the builder (convert/build_tensorrt.py) writes plans and sidecars, the runtime
+(engines/tensorrt.py) finds and reads them. So it stays pure Python with no runtime logic: keys, file names,
+sidecar read/write and lookup, plus `capturing_logger`, the one TensorRT log sink both sides hand to
+TensorRT, which takes the `trt` module as an argument and imports nothing.
+
+A plan is only valid for the exact TensorRT version, GPU model and compute capability it was built on
+(tensorrt.md §3), so every plan is stored as ``<stem>.plan`` next to a sidecar ``<stem>.json`` holding its
+full `EngineKey`. The stem is readable and ends in a hash of the key, so two keys never share a file and a
+lookup is a file-name check plus a key comparison.
 
 Plans and timing caches are build artifacts of one (GPU, TensorRT) pair: never commit them.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import logging
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from engines.base import EngineError
+
+log = logging.getLogger(__name__)
 
 KEY_VERSION = 1
 
@@ -252,3 +262,38 @@ def select_plan(
         f"(sm {compute_capability}) with TensorRT {trt_version} [{detail}]. Plans are built per GPU and "
         "TensorRT version: run `normfuse convert ... --backend tensorrt` on this host."
     )
+
+
+def capturing_logger(trt, min_severity=None):
+    """A `trt.ILogger` that forwards to Python logging and keeps WARNING-and-worse lines in `.lines`.
+
+    TensorRT reports build and deserialization failures only through its logger (tensorrt.md §1.2), so the
+    captured lines go into every error raised after a call that returned None or False.
+    """
+    severity = trt.ILogger.Severity
+    levels = {
+        severity.INTERNAL_ERROR: logging.CRITICAL,
+        severity.ERROR: logging.ERROR,
+        severity.WARNING: logging.WARNING,
+        severity.INFO: logging.INFO,
+        severity.VERBOSE: logging.DEBUG,
+    }
+    keep = {severity.INTERNAL_ERROR, severity.ERROR, severity.WARNING}
+
+    class CapturingLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.lines: collections.deque[str] = collections.deque(maxlen=200)  # long-lived runtimes log on
+            if min_severity is not None:
+                self.min_severity = min_severity
+
+        def log(self, sev, msg) -> None:
+            level = levels.get(sev, logging.INFO)
+            log.log(level, "tensorrt: %s", msg)
+            if sev in keep:
+                self.lines.append(f"[{getattr(sev, 'name', sev)}] {msg}")
+
+        def tail(self, n: int = 20) -> str:
+            return "\n".join(list(self.lines)[-n:]) or "(TensorRT logged nothing at WARNING or above)"
+
+    return CapturingLogger()

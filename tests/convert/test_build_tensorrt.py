@@ -7,9 +7,11 @@ artifact. The fake's enums hold only what the real 10.x / 11.x Python API has: t
 
 from __future__ import annotations
 
+import ast
 import enum
 import json
 import types
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -385,3 +387,19 @@ def test_the_convert_cli_fails_fast_without_tensorrt(tmp_path, capsys):
     assert code == 2
     err = " ".join(capsys.readouterr().err.split())  # the CLI wraps its error paragraph
     assert "--backend tensorrt needs TensorRT's builder and an NVIDIA GPU" in err
+
+
+def test_convert_imports_only_the_artifact_schemas_from_engines():
+    # STYLE.md: convert shares only the artifact schemas (manifest.py, trt_cache.py) with engines
+    allowed = {"engines.manifest", "engines.trt_cache"}
+    found = set()
+    for path in Path(build.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            found |= {(path.name, n) for n in names if n == "engines" or n.startswith("engines.")}
+    assert found and {name for _, name in found} <= allowed, sorted(found)

@@ -334,7 +334,7 @@ def test_capturing_logger_works_with_the_real_lean_runtime():
     # in a subprocess: the lean runtime's CUDA probing is not something to do inside the test process
     code = (
         "import tensorrt_lean as trt\n"
-        "from engines.tensorrt import capturing_logger\n"
+        "from engines.trt_cache import capturing_logger\n"
         "logger = capturing_logger(trt)\n"
         "logger.log(trt.ILogger.Severity.INFO, 'not kept')\n"
         "logger.log(trt.ILogger.Severity.WARNING, 'kept')\n"
