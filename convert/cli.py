@@ -90,8 +90,6 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"backend {args.backend!r} cannot build engines here: {exc}")
     try:
         manifest = convert(args.source, args.name, args.repo, options)
-        if backend is not None:
-            backend.build(args.repo / args.name, manifest, args)
     except SourceError as exc:
         return fail(f"cannot use SOURCE {args.source!r}: {exc}")
     except PermissionError as exc:
@@ -100,9 +98,17 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"could not convert {args.source!r}: {exc}")
     except ValueError as exc:
         return fail(str(exc))
-    except KeyboardInterrupt:
-        return fail("interrupted; nothing was written", code=130)
+    except KeyboardInterrupt:  # conversions are written to a temp dir and moved into place only at the end
+        return fail(f"interrupted; {args.repo / args.name} was left as it was", code=130)
     sys.stdout.write(summary(manifest, args.repo / args.name))
+    if backend is not None:
+        try:
+            backend.build(args.repo / args.name, manifest, args)
+        except RuntimeError as exc:  # the backend's errors (parse, build, cache, manifest) say what went wrong
+            return fail(f"the ONNX variants were written to {args.repo / args.name}, but building "
+                        f"{args.backend} engines failed: {exc}")
+        except KeyboardInterrupt:
+            return fail(f"interrupted while building {args.backend} engines; the ONNX variants are in place", code=130)
     return 0
 
 
