@@ -21,23 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 import convert.build_tensorrt as build
 from engines.manifest import Manifest, TensorInfo, VariantInfo, file_ref, write_manifest
 from engines.trt_cache import read_sidecar
+from tests.fakes.tensorrt_api import ILogger, Severity
 
 # -- the fake TensorRT builder API ------------------------------------------------------------------
-
-
-class Severity(enum.Enum):
-    INTERNAL_ERROR = 0
-    ERROR = 1
-    WARNING = 2
-    INFO = 3
-    VERBOSE = 4
-
-
-class ILogger:
-    Severity = Severity
-
-    def __init__(self) -> None:
-        pass
 
 
 class ParserError:

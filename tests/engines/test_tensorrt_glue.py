@@ -21,23 +21,9 @@ import torch
 import engines.tensorrt as trt_engine
 from engines.base import EngineError, InputError
 from engines.trt_cache import EngineKey, ShapeProfile, write_sidecar
+from tests.fakes.tensorrt_api import ILogger, Severity
 
 # -- a recording fake of the TensorRT runtime API -------------------------------------------------
-
-
-class Severity(enum.Enum):
-    INTERNAL_ERROR = 0
-    ERROR = 1
-    WARNING = 2
-    INFO = 3
-    VERBOSE = 4
-
-
-class ILogger:
-    Severity = Severity
-
-    def __init__(self) -> None:
-        pass
 
 
 class DataType(enum.Enum):
