@@ -19,6 +19,9 @@ from pydantic import BaseModel, Field, ValidationError
 from engines.base import DATATYPES, numpy_dtype
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_DIM = 2**31 - 1  # one dimension of a tensor (Triton's dims are int32-sized too)
+MAX_TENSOR_BYTES = 2**62  # nonzero dimensions x item size: beyond this numpy cannot even describe an empty array
+MAX_TIMEOUT_US = 2**53  # a request timeout, in microseconds (exact as a float; about 285 years)
 Parameters = dict[str, Any]
 
 
@@ -131,6 +134,8 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[InferenceReq
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         hint = "" if header_length else f" (binary tensors need the {HEADER_LENGTH} header)"
         raise ProtocolError(f"request body is not valid JSON: {exc}{hint}") from None
+    except ValueError as exc:  # an integer literal of more than 4300 digits
+        raise ProtocolError(f"request body holds a number that cannot be read: {exc}") from None
     try:
         request = InferenceRequest.model_validate(raw)
     except ValidationError as exc:
@@ -144,11 +149,16 @@ def _decode_inputs(request: InferenceRequest, blob: memoryview) -> dict[str, np.
         if item.name in arrays:
             raise ProtocolError(f"input {item.name!r} is given twice")
         if any(d < 0 for d in item.shape):
-            raise ProtocolError(f"input {item.name!r}: shape {item.shape} has a negative dimension")
+            raise ProtocolError(f"input {item.name!r}: shape {_short(item.shape)} has a negative dimension")
+        if any(d > MAX_DIM for d in item.shape):
+            raise ProtocolError(f"input {item.name!r}: shape {_short(item.shape)} has a dimension above {MAX_DIM}")
         try:
             dtype = numpy_dtype(item.datatype)
         except ValueError as exc:
             raise ProtocolError(f"input {item.name!r}: {exc}") from None
+        if math.prod(d for d in item.shape if d) * dtype.itemsize > MAX_TENSOR_BYTES:
+            raise ProtocolError(f"input {item.name!r}: shape {_short(item.shape)} of {item.datatype} is too large "
+                                f"to describe (over {MAX_TENSOR_BYTES} bytes, counting nonzero dimensions)")
         count = math.prod(item.shape)
         nbytes = item.parameters.get("binary_data_size")
         if nbytes is not None:
@@ -191,6 +201,31 @@ def _from_json(item: RequestInput, dtype: np.dtype, count: int) -> np.ndarray:
     if array.size != count:
         raise ProtocolError(f"input {item.name!r}: shape {item.shape} needs {count} values, data has {array.size}")
     return array
+
+
+def _short(shape: list[int]) -> str:
+    text = "[" + ", ".join(_shown(d) for d in shape[:8]) + (", ...]" if len(shape) > 8 else "]")
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _shown(value: Any) -> str:
+    """repr for an error message, short even for huge integers or containers."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"<{value.bit_length()}-bit integer>"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def timeout_of(parameters: Parameters) -> float | None:
+    """Triton's per-request `timeout` parameter: microseconds in the queue; 0 or absent = none."""
+    value = parameters.get("timeout")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TIMEOUT_US:
+        shown = _shown(value)
+        raise ProtocolError(f"parameter 'timeout' must be an integer number of microseconds in [0, {MAX_TIMEOUT_US}], "
+                            f"got {shown}")
+    return value / 1e6 if value else None
 
 
 def _first_error(exc: ValidationError) -> str:

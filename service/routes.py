@@ -17,7 +17,6 @@ from service.protocol import (
     HEADER_LENGTH,
     InferenceResponse,
     ModelMetadata,
-    ProtocolError,
     ResponseOutput,
     ServerMetadata,
     TensorMetadata,
@@ -25,6 +24,7 @@ from service.protocol import (
     decode_request,
     decompress,
     encode_response,
+    timeout_of,
 )
 from service.repository import Repository
 from service.triton import EXTENSIONS, model_config, platform, repository_index, statistics
@@ -198,16 +198,6 @@ async def read_body(request: Request, limit: int) -> bytes:
         return decompress(b"".join(chunks), request.headers.get("content-encoding", "").strip().lower(), limit)
     except OverflowError as exc:
         raise BodyTooLarge(str(exc)) from None
-
-
-def timeout_of(parameters: dict[str, Any]) -> float | None:
-    """Triton's per-request `timeout` parameter: microseconds in the queue; 0 or absent = none."""
-    value = parameters.get("timeout")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ProtocolError(f"parameter 'timeout' must be a non-negative integer (microseconds), got {value!r}")
-    return value / 1e6 if value else None
 
 
 async def until_disconnect(request: Request, work):

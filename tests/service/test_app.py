@@ -185,3 +185,29 @@ def test_a_dead_batcher_makes_its_model_not_ready(test_repo):
             assert ok.status_code == 200
 
     run(main())
+
+
+def test_huge_or_odd_numbers_are_400_not_500(test_repo):
+    async def main():
+        async with serving(test_repo) as (c, _):
+            url = f"/v2/models/{MODEL}/infer"
+            x = np.ones((1, 4), np.float32)
+
+            def post(body):
+                return c.post(url, content=json.dumps(body), headers={"content-type": "application/json"})
+
+            return {
+                "timeout": await post(infer_body(x, parameters={"timeout": 10**400})),
+                "negative": await post(infer_body(x, parameters={"timeout": -1})),
+                "dims": await post({"inputs": [{"name": "x", "shape": [0, 10**30], "datatype": "FP32", "data": []}]}),
+                "product": await post({"inputs": [{"name": "x", "shape": [0, 2**31 - 1, 2**31 - 1, 4],
+                                                   "datatype": "FP32", "data": []}]}),
+                "digits": await c.post(url, content=b'{"inputs": [], "id": ' + b"9" * 5000 + b"}"),
+            }
+
+    e = {k: error(r) for k, r in run(main()).items()}
+    assert e["timeout"][0] == 400 and "microseconds in [0, 9007199254740992]" in e["timeout"][1], e["timeout"]
+    assert e["negative"][0] == 400 and "microseconds" in e["negative"][1]
+    assert e["dims"][0] == 400 and "dimension above 2147483647" in e["dims"][1], e["dims"]
+    assert e["product"][0] == 400 and "too large" in e["product"][1], e["product"]
+    assert e["digits"][0] == 400 and "number" in e["digits"][1], e["digits"]

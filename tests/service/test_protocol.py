@@ -2,6 +2,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from service.protocol import (
     InferenceRequest,
@@ -12,6 +14,7 @@ from service.protocol import (
     binary_choices,
     decode_request,
     encode_response,
+    timeout_of,
 )
 
 
@@ -58,7 +61,8 @@ def test_json_inputs_flat_or_nested():
      b' {"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', None, "given twice"),
     (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}',
      "100", "needs 8"),
-    (b'{"inputs": [{"name": "x", "shape": [1, 1000000000000], "datatype": "FP32", "data": [1]}]}', None, "needs"),
+    (b'{"inputs": [{"name": "x", "shape": [1, 1000000000000], "datatype": "FP32", "data": [1]}]}', None,
+     "dimension above"),
     (b"[" * 100_000 + b"]" * 100_000, None, "nested too deeply"),
     (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [null]}]}', None, "not numbers"),
     (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [{"a": 1}]}]}', None, "not numbers"),
@@ -117,3 +121,46 @@ def test_decompress_gzip_deflate_and_limits():
         decompress(b"plain", "gzip", 1000)
     with pytest.raises(ProtocolError, match="'br' is not supported"):
         decompress(data, "br", 1000)
+
+
+@pytest.mark.parametrize(("parameters", "message"), [
+    ({"timeout": 10**400}, "microseconds in"),
+    ({"timeout": 2**53 + 1}, "microseconds in"),
+    ({"timeout": -5}, "microseconds in"),
+    ({"timeout": 1.5}, "microseconds in"),
+    ({"timeout": True}, "microseconds in"),
+])
+def test_timeout_out_of_range_is_a_protocol_error(parameters, message):
+    with pytest.raises(ProtocolError, match=message):
+        timeout_of(parameters)
+
+
+def test_timeout_in_range():
+    assert timeout_of({}) is None and timeout_of({"timeout": 0}) is None
+    assert timeout_of({"timeout": 2500}) == 0.0025
+    assert timeout_of({"timeout": 2**53}) == 2**53 / 1e6
+
+
+ODD_INTS = st.one_of(st.integers(-3, 3), st.integers(-(2**80), 2**80), st.sampled_from([2**31 - 1, 2**31, 2**63, 10**30]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=st.lists(ODD_INTS, max_size=4), datatype=st.sampled_from(["FP32", "INT8", "UINT64", "BOOL", "FP16"]),
+       data=st.one_of(st.none(), st.lists(ODD_INTS, max_size=4)), size=st.one_of(st.none(), ODD_INTS),
+       timeout=st.one_of(st.none(), ODD_INTS), binary=st.one_of(st.none(), ODD_INTS, st.booleans()))
+def test_odd_integers_never_raise_anything_but_protocol_errors(shape, datatype, data, size, timeout, binary):
+    """Large, negative and boundary integers anywhere in a request: a ProtocolError or SchemaError, never else."""
+    item = {"name": "x", "shape": shape, "datatype": datatype}
+    if data is not None:
+        item["data"] = data
+    if size is not None:
+        item["parameters"] = {"binary_data_size": size}
+    parameters = {k: v for k, v in {"timeout": timeout, "binary_data_output": binary}.items() if v is not None}
+    head = json.dumps({"inputs": [item], "parameters": parameters}).encode()
+    body = head + b"\0" * 16
+    try:
+        request, _ = decode_request(body, str(len(head)) if size is not None else None)
+        timeout_of(request.parameters)
+        binary_choices(request, ["y"])
+    except (ProtocolError, SchemaError):
+        pass
