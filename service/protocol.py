@@ -256,13 +256,22 @@ def encode_response(
 
 def binary_choices(request: InferenceRequest, available: list[str]) -> dict[str, bool]:
     """Which outputs to return (all when none are named) and whether each goes back as binary."""
-    default = bool(request.parameters.get("binary_data_output", False))
+    default = flag(request.parameters, "binary_data_output", False, "parameters.binary_data_output")
     if request.outputs is None:
         return {name: default for name in available}
     unknown = [o.name for o in request.outputs if o.name not in available]
     if unknown:
         raise ProtocolError(f"unknown output(s) {unknown}; this model's outputs are {available}")
-    return {o.name: bool(o.parameters.get("binary_data", default)) for o in request.outputs}
+    return {o.name: flag(o.parameters, "binary_data", default, f"outputs[{o.name!r}].parameters.binary_data")
+            for o in request.outputs}
+
+
+def flag(parameters: Parameters, key: str, default: bool, where: str) -> bool:
+    """A boolean parameter: JSON true/false only ("false" is not false, and 0 is not a boolean)."""
+    value = parameters.get(key, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{where} must be a JSON boolean (true or false), got {_shown(value)}")
+    return value
 
 
 DATATYPE_NAMES = list(DATATYPES)

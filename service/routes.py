@@ -24,6 +24,7 @@ from service.protocol import (
     decode_request,
     decompress,
     encode_response,
+    flag,
     timeout_of,
 )
 from service.repository import Repository
@@ -108,7 +109,7 @@ async def config(model: str, repo: Repo, version: str | None = None) -> dict[str
 
 @router.post("/v2/repository/index")
 async def index(repo: Repo, body: Annotated[dict[str, Any] | None, Body()] = None) -> list[dict[str, Any]]:
-    return repository_index(repo, bool((body or {}).get("ready", False)))
+    return repository_index(repo, flag(body or {}, "ready", False, "ready"))
 
 
 @router.get("/v2/models/{model}/compare")

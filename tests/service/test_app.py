@@ -211,3 +211,18 @@ def test_huge_or_odd_numbers_are_400_not_500(test_repo):
     assert e["dims"][0] == 400 and "dimension above 2147483647" in e["dims"][1], e["dims"]
     assert e["product"][0] == 400 and "too large" in e["product"][1], e["product"]
     assert e["digits"][0] == 400 and "number" in e["digits"][1], e["digits"]
+
+
+def test_string_flags_are_400_naming_the_field(test_repo):
+    async def main():
+        async with serving(test_repo) as (c, _):
+            x = np.ones((1, 4), np.float32)
+            infer = await c.post(f"/v2/models/{MODEL}/infer", json=infer_body(x, parameters={"binary_data_output": "false"}))
+            index = await c.post("/v2/repository/index", json={"ready": "no"})
+            fine = await c.post("/v2/repository/index", json={"ready": True})
+            return error(infer), error(index), fine.json()
+
+    infer, index, fine = run(main())
+    assert infer[0] == 400 and "binary_data_output must be a JSON boolean" in infer[1] and "'false'" in infer[1]
+    assert index[0] == 400 and "ready must be a JSON boolean" in index[1]
+    assert {r["state"] for r in fine} == {"READY"}

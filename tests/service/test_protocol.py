@@ -164,3 +164,22 @@ def test_odd_integers_never_raise_anything_but_protocol_errors(shape, datatype, 
         binary_choices(request, ["y"])
     except (ProtocolError, SchemaError):
         pass
+
+
+@pytest.mark.parametrize(("body", "where"), [
+    ({"parameters": {"binary_data_output": "false"}}, "parameters.binary_data_output"),
+    ({"parameters": {"binary_data_output": 1}}, "parameters.binary_data_output"),
+    ({"outputs": [{"name": "y", "parameters": {"binary_data": "no"}}]}, "outputs['y'].parameters.binary_data"),
+    ({"outputs": [{"name": "y", "parameters": {"binary_data": None}}]}, "outputs['y'].parameters.binary_data"),
+])
+def test_string_or_number_flags_are_rejected_not_truthy(body, where):
+    request = InferenceRequest.model_validate({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32"}], **body})
+    with pytest.raises(ProtocolError, match=r"must be a JSON boolean") as info:
+        binary_choices(request, ["y"])
+    assert where in str(info.value)
+
+
+def test_json_boolean_flags_are_honoured():
+    request = InferenceRequest.model_validate({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32"}],
+                                               "parameters": {"binary_data_output": False}})
+    assert binary_choices(request, ["y"]) == {"y": False}
