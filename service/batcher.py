@@ -27,6 +27,10 @@ class QueueFull(Exception):
     """The queue is at `max_queue_size`: come back later (503 + Retry-After)."""
 
 
+class TooManyRows(ValueError):
+    """The request holds more rows than the whole queue can ever take (413): it could never run."""
+
+
 class QueueTimeout(Exception):
     """The request's queue deadline passed before it could run."""
 
@@ -108,6 +112,10 @@ class Batcher:
     async def submit(self, inputs: dict[str, np.ndarray], timeout_s: float | None = None) -> Result:
         """Queue `inputs` (already checked) and wait for the outputs; split if larger than a batch."""
         rows = next(iter(inputs.values())).shape[0]
+        capacity = self.max_batch_size * self._queue.maxsize
+        if self._queue.maxsize > 0 and rows > capacity:
+            raise TooManyRows(f"request has {rows} rows; this model takes at most {capacity} per request "
+                              f"(max_batch_size {self.max_batch_size} x max_queue_size {self._queue.maxsize})")
         if rows <= self.max_batch_size:
             return await self._submit_one(inputs, timeout_s)
         chunks = [{k: v[i : i + self.max_batch_size] for k, v in inputs.items()}

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engines.base import EngineError, InputError
-from service.batcher import Draining, QueueFull, QueueTimeout
+from service.batcher import Draining, QueueFull, QueueTimeout, TooManyRows
 from service.protocol import ErrorBody, ProtocolError, SchemaError
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ STATUS: list[tuple[type[BaseException], int, dict[str, str]]] = [
     (SchemaError, 422, {}),
     (ModelNotFound, 404, {}),
     (BodyTooLarge, 413, {}),
+    (TooManyRows, 413, {}),
     (QueueFull, 503, {"Retry-After": RETRY_AFTER_S}),
     (QueueTimeout, 503, {"Retry-After": RETRY_AFTER_S}),
     (Draining, 503, {"Retry-After": RETRY_AFTER_S}),

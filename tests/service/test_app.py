@@ -226,3 +226,16 @@ def test_string_flags_are_400_naming_the_field(test_repo):
     assert infer[0] == 400 and "binary_data_output must be a JSON boolean" in infer[1] and "'false'" in infer[1]
     assert index[0] == 400 and "ready must be a JSON boolean" in index[1]
     assert {r["state"] for r in fine} == {"READY"}
+
+
+def test_request_that_can_never_fit_the_queue_is_413_without_retry_after(test_repo):
+    async def main():
+        async with serving(test_repo, max_queue_size=2) as (c, _):
+            r = await c.post(f"/v2/models/{MODEL}/infer", json=infer_body(np.ones((17, 4), np.float32)))
+            ok = await c.post(f"/v2/models/{MODEL}/infer", json=infer_body(np.ones((16, 4), np.float32)))
+            return r, ok
+
+    r, ok = run(main())
+    assert r.status_code == 413 and "retry-after" not in r.headers
+    assert "at most 16" in r.json()["error"] and "max_queue_size 2" in r.json()["error"]
+    assert ok.status_code == 200

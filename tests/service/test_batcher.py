@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from engines.base import EngineError
-from service.batcher import Batcher, Draining, QueueFull, QueueTimeout
+from service.batcher import Batcher, Draining, QueueFull, QueueTimeout, TooManyRows
 from tests.service.fakes import POISON, AffineEngine, rows
 
 pytestmark = pytest.mark.timeout(30)
@@ -232,3 +232,18 @@ def test_a_dead_worker_fails_waiting_requests_and_marks_the_batcher_not_alive():
     outcomes, alive = asyncio.run(main())
     assert not alive
     assert all(isinstance(o, Exception) for o in outcomes), outcomes
+
+
+def test_a_request_larger_than_the_whole_queue_is_rejected_up_front_not_retried():
+    async def main():
+        engine = AffineEngine(max_batch_size=2).load()
+        b = await started(make(engine, max_batch_size=2, max_queue_size=3))
+        with pytest.raises(TooManyRows, match=r"7 rows.*at most 6.*max_batch_size 2 x max_queue_size 3"):
+            await b.submit({"x": rows(0, 7)})
+        fits = await b.submit({"x": rows(0, 6)})
+        await b.drain(5)
+        return engine, fits
+
+    engine, fits = asyncio.run(main())
+    np.testing.assert_array_equal(fits.outputs["y"], 2 * rows(0, 6) + 1)
+    assert sum(engine.batches) == 6  # the rejected request never ran any chunk
