@@ -12,14 +12,14 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import yaml
+
+from tests.process import running
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -88,12 +88,6 @@ def substitute(expr: str, variables: dict[str, str] = TEST_VARIABLES) -> str:
     return expr
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def render_test_config(path: Path, *, target: str, self_target: str, interval: str = "1s") -> Path:
     """The project's prometheus.yml, pointed at `target`, scraping and evaluating every `interval`."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
@@ -112,30 +106,12 @@ def running_prometheus(config: Path, data_dir: Path, port: int, timeout_s: float
     """Start a real Prometheus on 127.0.0.1:port, wait until ready, yield its base URL, stop it."""
     binary = shutil.which("prometheus")
     assert binary, "prometheus is not installed (apt-get install prometheus; .ci/run does it)"
-    log = (data_dir / "prometheus.log").open("w")
-    proc = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={data_dir / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert proc.poll() is None, f"prometheus exited: {(data_dir / 'prometheus.log').read_text()}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "prometheus did not become ready"
-            time.sleep(0.1)
+    cmd = [binary, f"--config.file={config}", f"--storage.tsdb.path={data_dir / 'tsdb'}",
+           f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
+    with running(cmd, ready_url=f"{url}/-/ready", log_path=data_dir / "prometheus.log", timeout_s=timeout_s,
+                 grace_s=10):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def instant_query(url: str, expr: str) -> list[dict]:

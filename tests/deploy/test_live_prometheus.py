@@ -28,7 +28,6 @@ from tests.deploy.promkit import (
     compose_binary,
     dashboard_targets,
     finite_values,
-    free_port,
     instant_query,
     load_dashboard,
     load_rules,
@@ -36,6 +35,7 @@ from tests.deploy.promkit import (
     running_prometheus,
     substitute,
 )
+from tests.process import free_port, running
 
 pytestmark = [
     pytest.mark.e2e,
@@ -51,29 +51,11 @@ def running_server(repo: Path, port: int, log_path: Path) -> Iterator[str]:
     """`normfuse serve` as a real process; yields its base URL once /v2/health/ready answers 200."""
     env = {**os.environ, "NORMFUSE_SHADOW_RATE": "1.0", "NORMFUSE_MAX_QUEUE_DELAY_MS": "5",
            "NORMFUSE_INTRA_OP_THREADS": "1", "NORMFUSE_LOG_LEVEL": "warning"}
-    log = log_path.open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "normfuse.cli", "serve", "--repo", str(repo), "--host", "127.0.0.1",
-         "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    cmd = [sys.executable, "-m", "normfuse.cli", "serve", "--repo", str(repo), "--host", "127.0.0.1",
+           "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, f"server exited:\n{log_path.read_text()[-3000:]}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, f"server not ready:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.2)
+    with running(cmd, ready_url=f"{url}/v2/health/ready", log_path=log_path, env=env):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 class Traffic:
