@@ -247,11 +247,23 @@ def encode_response(
             out.parameters = {**(out.parameters or {}), "binary_data_size": len(data)}
             blobs.append(data)
         else:
-            out.data = array.reshape(-1).tolist()
-    head = json.dumps(response.model_dump(exclude_none=True), separators=(",", ":")).encode()
+            out.data = _json_values(array)
+    head = json.dumps(response.model_dump(exclude_none=True), separators=(",", ":"), allow_nan=False).encode()
     if not blobs:
         return head, {"content-type": "application/json"}
     return head + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+
+
+def _json_values(array: np.ndarray) -> list:
+    """Flat values for a JSON output. JSON has no NaN or Infinity: those become the strings "NaN", "Infinity" and
+    "-Infinity" (what `float()` and `np.array(..., dtype=float32)` read back), so the body stays strict JSON."""
+    flat = array.reshape(-1)
+    values = flat.tolist()
+    if flat.dtype.kind == "f":
+        for i in np.flatnonzero(~np.isfinite(flat)).tolist():
+            v = values[i]
+            values[i] = "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
+    return values
 
 
 def binary_choices(request: InferenceRequest, available: list[str]) -> dict[str, bool]:

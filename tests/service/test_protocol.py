@@ -183,3 +183,25 @@ def test_json_boolean_flags_are_honoured():
     request = InferenceRequest.model_validate({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32"}],
                                                "parameters": {"binary_data_output": False}})
     assert binary_choices(request, ["y"]) == {"y": False}
+
+
+def _strict(constant):
+    raise AssertionError(f"non-standard JSON constant {constant}")
+
+
+def test_non_finite_json_outputs_stay_strict_json_and_read_back_exactly():
+    y = np.array([[1.5, np.nan], [np.inf, -np.inf]], np.float32)
+    response = InferenceResponse(model_name="m", outputs=[ResponseOutput(name="y", shape=[2, 2], datatype="FP32")])
+    body, headers = encode_response(response, {"y": y}, {"y": False})
+    assert headers["content-type"] == "application/json"
+    data = json.loads(body, parse_constant=_strict)["outputs"][0]["data"]  # a strict parser accepts it
+    assert data == [1.5, "NaN", "Infinity", "-Infinity"]
+    np.testing.assert_array_equal(np.array(data, dtype=np.float32).reshape(2, 2), y)  # what tritonclient does
+
+
+def test_non_finite_binary_outputs_are_untouched():
+    y = np.array([np.nan, np.inf], np.float64)
+    response = InferenceResponse(model_name="m", outputs=[ResponseOutput(name="y", shape=[2], datatype="FP64")])
+    body, headers = encode_response(response, {"y": y}, {"y": True})
+    n = int(headers["Inference-Header-Content-Length"])
+    np.testing.assert_array_equal(np.frombuffer(body[n:], np.float64), y)
