@@ -118,12 +118,14 @@ async def compare(model: str, repo: Repo) -> dict[str, Any]:
     entry = repo.entry(model)
     if entry.manifest is None:
         raise ModelNotReady(f"model {model!r} is not ready: {entry.reason}")
+    names = entry.manifest.servable()
+    summaries = await repo.compare.summaries(model, names)  # the bootstrap runs off the event loop
     variants = {}
-    for name in entry.manifest.servable():
+    for name in names:
         info = entry.manifest.variants[name]
         variants[name] = {
             "ready": name in entry.variants,
-            **repo.compare.summary(model, name),
+            **summaries[name],
             "parity": [p.model_dump() for p in info.parity],
         }
     return {"model": model, "baseline": "unfused", "default_variant": entry.manifest.default_variant,

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 from collections import defaultdict, deque
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,15 +23,32 @@ log = logging.getLogger(__name__)
 UNFUSED = "unfused"
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """Copies of one variant's windows, taken on the event loop so they can be summarised on another thread."""
+
+    key: tuple[str, str]
+    latency: dict[int, list[float]]
+    ratios: list[float]
+    errors: list[float]
+    added: int  # pairs ever added: identifies the ratio window's contents for the bootstrap cache
+
+
 class CompareStats:
-    """Bounded windows of recent compute times per (model, variant, batch size) and paired shadow ratios."""
+    """Bounded windows of recent compute times per (model, variant, batch size) and paired shadow ratios.
+
+    The windows are written on the event loop; `summaries()` copies them there and computes off the loop (the
+    bootstrap is 1000 resamples of up to `window` ratios), caching each variant's interval until a new pair
+    arrives."""
 
     def __init__(self, window: int = 512, seed: int = 0) -> None:
         self.window = window
+        self.seed = seed
         self.latency: dict[tuple[str, str], dict[int, deque[float]]] = defaultdict(dict)
         self.ratios: dict[tuple[str, str], deque[float]] = defaultdict(lambda: deque(maxlen=window))
         self.errors: dict[tuple[str, str], deque[float]] = defaultdict(lambda: deque(maxlen=window))
-        self.rng = np.random.default_rng(seed)
+        self.added: dict[tuple[str, str], int] = defaultdict(int)
+        self._ci: dict[tuple[str, str], tuple[int, list[float] | None]] = {}  # key -> (added, interval)
 
     def add_latency(self, model: str, variant: str, rows: int, seconds: float) -> None:
         self.latency[model, variant].setdefault(rows, deque(maxlen=self.window)).append(seconds)
@@ -38,28 +56,50 @@ class CompareStats:
     def add_pair(self, model: str, variant: str, ratio: float, abs_error: float) -> None:
         self.ratios[model, variant].append(ratio)
         self.errors[model, variant].append(abs_error)
+        self.added[model, variant] += 1
+
+    def snapshot(self, model: str, variant: str) -> Snapshot:
+        key = (model, variant)
+        return Snapshot(key, {b: list(w) for b, w in self.latency.get(key, {}).items()},
+                        list(self.ratios.get(key, ())), list(self.errors.get(key, ())), self.added.get(key, 0))
+
+    async def summaries(self, model: str, variants: list[str]) -> dict[str, dict]:
+        """`summary` of each variant, computed on a worker thread (never on the event loop)."""
+        snaps = [self.snapshot(model, v) for v in variants]
+        done = await asyncio.to_thread(lambda: [self.summarize(s) for s in snaps])
+        return dict(zip(variants, done, strict=True))
 
     def summary(self, model: str, variant: str) -> dict:
-        per_batch = self.latency.get((model, variant), {})
-        every = [s for window in per_batch.values() for s in window]
-        ratios = list(self.ratios.get((model, variant), ()))
-        errors = list(self.errors.get((model, variant), ()))
+        return self.summarize(self.snapshot(model, variant))
+
+    def summarize(self, snap: Snapshot) -> dict:
+        every = [s for window in snap.latency.values() for s in window]
         return {
-            "compute_ms": {"all": _percentiles(every), **{str(b): _percentiles(list(w)) for b, w in sorted(per_batch.items())}},
+            "compute_ms": {"all": _percentiles(every), **{str(b): _percentiles(w) for b, w in sorted(snap.latency.items())}},
             "shadow": {
-                "pairs": len(ratios),
-                "ratio_median": float(np.median(ratios)) if ratios else None,
-                "ratio_ci95": self.bootstrap_ci(ratios),
-                "max_abs_error": max(errors) if errors else None,
+                "pairs": len(snap.ratios),
+                "ratio_median": float(np.median(snap.ratios)) if snap.ratios else None,
+                "ratio_ci95": self._cached_ci(snap),
+                "max_abs_error": max(snap.errors) if snap.errors else None,
             },
         }
 
-    def bootstrap_ci(self, values: list[float], resamples: int = 1000) -> list[float] | None:
-        """95 % percentile-bootstrap interval of the median; None with fewer than 2 samples."""
+    def _cached_ci(self, snap: Snapshot) -> list[float] | None:
+        cached = self._ci.get(snap.key)
+        if cached is not None and cached[0] == snap.added:
+            return cached[1]
+        interval = self.bootstrap_ci(snap.ratios, seed=(self.seed, snap.added))
+        self._ci[snap.key] = (snap.added, interval)
+        return interval
+
+    def bootstrap_ci(self, values: list[float], resamples: int = 1000, seed=0) -> list[float] | None:
+        """95 % percentile-bootstrap interval of the median; None with fewer than 2 samples. A generator of its
+        own per call (seeded), so concurrent calls on different threads are safe and repeatable."""
         if len(values) < 2:
             return None
         data = np.asarray(values)
-        medians = np.median(self.rng.choice(data, size=(resamples, len(data)), replace=True), axis=1)
+        rng = np.random.default_rng(seed)
+        medians = np.median(rng.choice(data, size=(resamples, len(data)), replace=True), axis=1)
         return [float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))]
 
 

@@ -1,4 +1,5 @@
 import asyncio
+import threading
 
 import numpy as np
 
@@ -53,3 +54,36 @@ def test_shadow_skips_while_the_unfused_batcher_is_busy():
         return result, engine.batches
 
     assert asyncio.run(main()) == ("skipped", [])
+
+
+class CountingStats(CompareStats):
+    """Records which thread ran each bootstrap (a spy on the real computation, which still runs)."""
+
+    def __init__(self):
+        super().__init__(window=100)
+        self.threads = []
+
+    def bootstrap_ci(self, values, resamples=1000, seed=0):
+        self.threads.append(threading.get_ident())
+        return super().bootstrap_ci(values, resamples, seed)
+
+
+def test_compare_bootstrap_runs_off_the_event_loop_and_is_cached_until_a_new_pair():
+    async def main():
+        stats = CountingStats()
+        for r in np.linspace(0.8, 1.0, 21):
+            stats.add_pair("m", "v", float(r), 0.0)
+        loop_thread = threading.get_ident()
+        first = await stats.summaries("m", ["v", "w"])
+        again = await stats.summaries("m", ["v", "w"])
+        runs_before_new_pair = len(stats.threads)
+        stats.add_pair("m", "v", 0.9, 0.0)
+        third = await stats.summaries("m", ["v"])
+        return stats, loop_thread, first, again, third, runs_before_new_pair
+
+    stats, loop_thread, first, again, third, before = asyncio.run(main())
+    assert loop_thread not in stats.threads and stats.threads
+    assert before == 2  # v and w once each; the second call reused both
+    assert len(stats.threads) == 3
+    assert first == again and first["v"]["shadow"]["ratio_ci95"] is not None
+    assert third["v"]["shadow"]["pairs"] == 22
