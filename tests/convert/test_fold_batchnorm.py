@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import pytest
 import torch
@@ -163,8 +162,6 @@ def test_a_model_without_batchnorm_returns_nothing():
     assert fold_batchnorms(model) == []
 
 
-@pytest.mark.skipif(importlib.util.find_spec("convert.rewrites.fold_unified") is None,
-                    reason="the UN/PowerNorm pass (fold_unified) has not landed")
 def test_rewrite_folded_leaves_its_input_untouched():
     torch.manual_seed(0)
     model = randomize_batchnorms(TinyResNet()).eval()

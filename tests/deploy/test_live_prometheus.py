@@ -36,6 +36,7 @@ from tests.deploy.promkit import (
     substitute,
 )
 from tests.process import free_port, running
+from tests.service import repo_builder
 
 pytestmark = [
     pytest.mark.e2e,
@@ -136,8 +137,6 @@ def run_compose_loadgen(server: str, model: str) -> subprocess.CompletedProcess:
 
 
 def test_rules_and_dashboard_queries_return_data(tmp_path):
-    repo_builder = pytest.importorskip("tests.service.repo_builder")
-    pytest.importorskip("service.app")
     repo = repo_builder.build_test_repo(tmp_path / "repo")
     shutil.rmtree(repo / repo_builder.BROKEN)  # the deliberately unloadable model has no metrics to show
     model, variants = repo_builder.MODEL, ["unfused", "affine"]

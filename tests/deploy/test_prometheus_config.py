@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from service.metrics import Metrics
 from tests.deploy.promkit import (
     PROMETHEUS_CONFIG,
     ROOT,
@@ -135,8 +136,7 @@ def test_dashboard_references_only_real_series():
 
 def test_known_series_are_what_the_server_registers():
     """SERVER_METRICS above matches the server's own registry (service/metrics.py), family by family."""
-    metrics = pytest.importorskip("service.metrics")
     suffixes = {"counter": ("_total",), "gauge": ("",), "info": ("_info",), "histogram": ("_bucket", "_sum", "_count")}
-    exported = {family.name + suffix for family in metrics.Metrics().registry.collect()
+    exported = {family.name + suffix for family in Metrics().registry.collect()
                 for suffix in suffixes.get(family.type, ("",))}
     assert SERVER_METRICS <= exported, sorted(SERVER_METRICS - exported)
