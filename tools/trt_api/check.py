@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BUILDER_API = HERE / "builder_api.txt"
 SUPPORTED_MAJORS = ("10", "11")
-RUNTIME_FILE = "engines/tensorrt.py"
+RUNTIME_FILES = ("engines/tensorrt.py", "engines/trt_cache.py")  # trt_cache holds the TensorRT logger
 BUILDER_FILE = "convert/build_tensorrt.py"
 
 # variable (or self attribute) name -> the TensorRT class it holds, by our naming convention
@@ -122,8 +122,10 @@ def resolve(module, qualified: str) -> bool:
 def check_runtime(root: Path, module=None) -> list[str]:
     module = module or importlib.import_module("tensorrt_lean")
     return [
-        f"{RUNTIME_FILE}: {name} does not exist in tensorrt_lean {module.__version__}"
-        for name in sorted(names_in_file(root / RUNTIME_FILE))
+        f"{path}: {name} does not exist in tensorrt_lean {module.__version__}"
+        for path in RUNTIME_FILES
+        if (root / path).is_file()
+        for name in sorted(names_in_file(root / path))
         if not resolve(module, name)
     ]
 
