@@ -88,7 +88,10 @@ def load(
         opener = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as exc:
         raise EngineError(f"backend {backend!r} is not available here: {exc}") from exc
-    engine = opener(model_dir, manifest, info, paths, **options)
+    try:
+        engine = opener(model_dir, manifest, info, paths, **options)
+    except TypeError as exc:  # an option this backend does not take: say which backend, not just the signature
+        raise EngineError(f"backend {backend!r} does not accept the options {sorted(options)}: {exc}") from exc
     engine.max_batch_size = engine.max_batch_size or manifest.max_batch_size
     return engine.load()
 

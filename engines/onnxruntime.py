@@ -69,7 +69,8 @@ def resolve_providers(providers: list | None) -> list:
 
 
 class OnnxRuntimeEngine(Engine):
-    """Run an ONNX file in ONNX Runtime. `optimization`: disable | basic | extended | layout | all."""
+    """Run an ONNX file in ONNX Runtime. `optimization`: disable | basic | extended | layout | all;
+    `allow_spinning` (default False) lets ORT's pool threads busy-wait between runs."""
 
     backend = "onnxruntime"
 
@@ -82,6 +83,7 @@ class OnnxRuntimeEngine(Engine):
         inter_op_threads: int | None = None,
         optimization: str = "all",
         optimized_model_path: str | Path | None = None,
+        allow_spinning: bool = False,
     ) -> None:
         super().__init__()
         if optimization not in _LEVELS:
@@ -92,6 +94,10 @@ class OnnxRuntimeEngine(Engine):
         self.inter_op_threads = inter_op_threads
         self.optimization = optimization
         self.optimized_model_path = optimized_model_path  # where ORT dumps its optimized graph (op census)
+        # ORT's pool threads spin-wait for work by default: several sessions (variants, shadow runs) on a few
+        # cores then burn each other's CPU and skew timings. Off unless asked for (one session per machine).
+        self.allow_spinning = allow_spinning
+        self.session_options = None  # the SessionOptions the session was built with (after load)
         self._session = None
 
     def load(self) -> OnnxRuntimeEngine:
@@ -108,6 +114,10 @@ class OnnxRuntimeEngine(Engine):
         if self.optimized_model_path is not None:
             options.optimized_model_filepath = str(self.optimized_model_path)
         options.log_severity_level = 3  # errors only: ORT warns about hardware-specific optimized dumps
+        spin = "1" if self.allow_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        self.session_options = options
         try:
             self._session = ort.InferenceSession(
                 str(self.path), sess_options=options, providers=resolve_providers(self.providers)
@@ -148,4 +158,5 @@ class OnnxRuntimeEngine(Engine):
             "device": "cpu" if names[0] == "CPUExecutionProvider" else "cuda",
             "precision": floats[0].lower() if floats else "unknown",
             "optimization": self.optimization,
+            "spinning": "on" if self.allow_spinning else "off",
         }

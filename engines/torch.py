@@ -11,7 +11,8 @@ saved variant artifact:
 Options: `device` "cpu" | "cuda"; `mode` "eager" | "compile" (`torch.compile`, dynamic shapes);
 `cuda_graphs=True` compiles with mode="reduce-overhead" (CUDA graphs, needs device="cuda");
 `precision` "fp32" | "fp16" | "bf16" runs weights and floating inputs in that dtype and returns outputs in
-the output spec's dtype.
+the output spec's dtype; `intra_op_threads` (0 / None = torch's default) calls `torch.set_num_threads` on load,
+which is process-wide.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class TorchEngine(Engine):
         mode: str = "eager",
         cuda_graphs: bool = False,
         precision: str = "fp32",
+        intra_op_threads: int | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("eager", "compile"):
@@ -70,6 +72,9 @@ class TorchEngine(Engine):
         self.source = model  # an nn.Module, or the path of a .pt2 file
         self.input_specs, self.output_specs = list(inputs), list(outputs)
         self.device, self.mode, self.cuda_graphs, self.precision = device, mode, cuda_graphs, precision
+        if intra_op_threads is not None and intra_op_threads < 0:
+            raise ValueError(f"intra_op_threads must be >= 0, got {intra_op_threads}")
+        self.intra_op_threads = intra_op_threads or None  # 0 / None: torch's default
         self._module = None
         self._dtype = None
         self._positional = False
@@ -79,6 +84,9 @@ class TorchEngine(Engine):
 
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise EngineError("TorchEngine: device='cuda' was asked for but CUDA is not available in this torch build")
+        if self.intra_op_threads:
+            # torch's intra-op pool is process-wide: the last engine loaded sets it for all torch engines
+            torch.set_num_threads(self.intra_op_threads)
         self._dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
         module = self._open()
         module = module.to(self._dtype) if self.precision != "fp32" else module

@@ -22,7 +22,17 @@ FLAGS = {
     "--shadow-rate": ("shadow_rate", float, "fraction of batches re-run on unfused (NORMFUSE_SHADOW_RATE)"),
     "--warmup-batch-sizes": ("warmup_batch_sizes", str, "e.g. 1,8 (NORMFUSE_WARMUP_BATCH_SIZES)"),
     "--intra-op-threads": ("intra_op_threads", int, "engine threads, 0 = default (NORMFUSE_INTRA_OP_THREADS)"),
+    "--device": ("device", str, "torch backend: cpu | cuda (NORMFUSE_DEVICE)"),
+    "--torch-mode": ("torch_mode", str, "torch backend: eager | compile (NORMFUSE_TORCH_MODE)"),
+    "--ort-providers": ("ort_providers", str, "onnxruntime backend: e.g. cuda,tensorrt (NORMFUSE_ORT_PROVIDERS)"),
     "--log-level": ("log_level", str, "debug | info | warning | error (NORMFUSE_LOG_LEVEL)"),
+}
+
+
+# NORMFUSE_* variables read by other parts of normfuse, which the server must not call typos
+NOT_SERVER_SETTINGS = {
+    "NORMFUSE_CACHE_DIR",  # convert/models/vit_digits.py: where built-in model weights are cached
+    "NORMFUSE_TEST_COMPILE",  # tests/engines: opt into the slow torch.compile cases
 }
 
 
@@ -60,7 +70,8 @@ def serve(args: argparse.Namespace) -> int:
 def unknown_variables(environ) -> list[str]:
     from service.settings import Settings
 
-    return sorted(k for k in environ if k.startswith("NORMFUSE_") and k[9:].lower() not in Settings.model_fields)
+    return sorted(k for k in environ if k.startswith("NORMFUSE_") and k[9:].lower() not in Settings.model_fields
+                  and k not in NOT_SERVER_SETTINGS)
 
 
 def build_server(settings):

@@ -112,10 +112,7 @@ class Repository:
 
     def _open(self, manifest: Manifest, variant: str) -> Servable:
         s = self.settings
-        options = {"intra_op_threads": s.intra_op_threads} if s.intra_op_threads else {}
-        if s.backend == "tensorrt" and s.precision:
-            options["precision"] = s.precision
-        engine = self.loader(s.repo, manifest.name, variant, s.backend, **options)
+        engine = self.loader(s.repo, manifest.name, variant, s.backend, **backend_options(s))
         limit = min(s.max_batch_size, manifest.max_batch_size, engine.max_batch_size or s.max_batch_size)
         for size in sorted({*s.warmup_batch_sizes, *s.preferred_batch_sizes, limit}):
             if size <= limit:
@@ -173,6 +170,20 @@ class Repository:
     def close(self) -> None:
         for servable in self.servables():
             servable.engine.close()
+
+
+def backend_options(s: Settings) -> dict:
+    """The engine options of the chosen backend, from the settings: each backend gets only what it takes."""
+    options: dict = {"intra_op_threads": s.intra_op_threads} if s.intra_op_threads else {}
+    if s.backend == "onnxruntime":
+        if s.ort_providers:
+            options["providers"] = list(s.ort_providers)
+        options["allow_spinning"] = s.ort_allow_spinning
+    elif s.backend == "torch":
+        options.update(device=s.device, mode=s.torch_mode)
+    elif s.backend == "tensorrt" and s.precision:
+        options["precision"] = s.precision
+    return options
 
 
 def warmup_inputs(engine: Engine, rows: int) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Sizes = Annotated[list[int], NoDecode]  # "1,4,8" in the environment, not JSON
+Names = Annotated[list[str], NoDecode]  # "cuda,tensorrt"
 
 
 class Settings(BaseSettings):
@@ -30,6 +31,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 << 20, ge=1024, description="larger request bodies -> 413")
     warmup_batch_sizes: Sizes = Field(default_factory=lambda: [1], description="each warmed up before ready")
     intra_op_threads: int = Field(0, ge=0, description="engine threads; 0 = the backend's default")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="torch backend: where the module runs")
+    torch_mode: Literal["eager", "compile"] = Field("eager", description="torch backend: eager or torch.compile")
+    ort_providers: Names = Field(default_factory=list, description="onnxruntime backend: execution providers in "
+                                 "order, e.g. cuda,tensorrt (CPU is always appended); empty = CPU")
+    ort_allow_spinning: bool = Field(False, description="onnxruntime backend: let pool threads busy-wait")
     drain_timeout_s: float = Field(30.0, gt=0, description="on shutdown, how long queued work may take to finish")
     compare_window: int = Field(512, ge=8, description="recent samples kept per variant and batch size for /compare")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -48,6 +54,13 @@ class Settings(BaseSettings):
             return [int(part) for part in value.replace(" ", "").split(",") if part]
         if isinstance(value, int):
             return [value]
+        return value
+
+    @field_validator("ort_providers", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part for part in value.replace(" ", "").split(",") if part]
         return value
 
     @field_validator("preferred_batch_sizes", "warmup_batch_sizes")

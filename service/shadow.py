@@ -1,10 +1,18 @@
 """Fused vs unfused, live: shadow re-runs of sampled batches on `unfused`, and the numbers behind /compare.
 
-A sampled batch of a variant is re-run on the unfused engine, on the unfused batcher's own engine thread (which
-owns that engine, e.g. its CUDA context), off the request path: only while the unfused batcher is idle, at
-most one shadow run at a time per variant, and a sampled batch arriving otherwise is skipped (counted), so
-shadowing never queues work or delays the variant's responses. Each shadow run records the paired
-ratio (variant compute time / unfused compute time on the same batch) and the max |Δ| of the outputs.
+A sampled batch of a variant is re-run on the unfused engine, on the unfused batcher's own one-thread executor
+(which owns that engine, e.g. its CUDA context), after the variant's responses were sent: a shadow run starts
+only while the unfused batcher is idle, at most one at a time per variant, and a sampled batch arriving
+otherwise is skipped (counted). What that does and does not promise:
+
+* the variant's own requests never wait for a shadow run (they run on the variant's executor);
+* a shadow run *does* occupy the unfused executor: an `unfused` batch that becomes ready while a shadow run is
+  in flight queues behind it on that executor, so unfused requests can be delayed by up to one shadow run (and
+  with several variants shadowing, by several, one after another);
+* on CPU every run shares the same cores, so shadow runs also slow concurrent batches of every variant a little.
+
+Each shadow run records the paired ratio (variant compute time / unfused compute time on the same batch) and
+the max |Δ| of the outputs.
 """
 
 from __future__ import annotations

@@ -154,3 +154,34 @@ def test_missing_execution_provider_is_an_error_not_a_silent_fallback(model_dir)
         pytest.skip("this onnxruntime has the TensorRT provider")
     with pytest.raises(EngineError, match="TensorrtExecutionProvider is not available"):
         OnnxRuntimeEngine(model_dir / "unfused" / "model.onnx", providers=["tensorrt"]).load()
+
+
+def test_ort_threads_do_not_spin_unless_asked(model_dir):
+    from engines.onnxruntime import OnnxRuntimeEngine
+
+    onnx = model_dir / "unfused" / "model.onnx"
+    quiet = OnnxRuntimeEngine(onnx, intra_op_threads=1).load()
+    spinning = OnnxRuntimeEngine(onnx, intra_op_threads=1, allow_spinning=True).load()
+    try:
+        for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+            assert quiet.session_options.get_session_config_entry(key) == "0"
+            assert spinning.session_options.get_session_config_entry(key) == "1"
+        assert quiet.describe()["spinning"] == "off"
+        np.testing.assert_allclose(quiet.infer({"x": x(2)})["y"], expected(x(2)), rtol=1e-5, atol=1e-5)
+    finally:
+        quiet.close()
+        spinning.close()
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_every_cpu_backend_takes_intra_op_threads(model_dir, backend):
+    """The server passes intra_op_threads to whichever backend it runs (torch used to refuse it: TypeError)."""
+    with engines.load(model_dir.parent, "tiny", backend=backend, intra_op_threads=1) as engine:
+        np.testing.assert_allclose(engine.infer({"x": x(3)})["y"], expected(x(3)), rtol=1e-5, atol=1e-5)
+    if backend == "torch":
+        assert torch.get_num_threads() == 1
+
+
+def test_an_option_a_backend_does_not_take_is_an_engine_error_naming_it(model_dir):
+    with pytest.raises(EngineError, match=r"backend 'torch' does not accept the options \['providers'\]"):
+        engines.load(model_dir.parent, "tiny", backend="torch", providers=["cuda"])

@@ -3,8 +3,8 @@
     from tests.service.repo_builder import build_test_repo, expected
     repo = build_test_repo(tmp_path)          # REPO/linear (unfused + affine), REPO/broken (corrupt artifact)
 
-`linear`: y = x @ W with a small integer W, FP32, x (-1, 4) -> y (-1, 3), dynamic batch; both variants are
-exact, so integer-valued inputs give exactly `expected(x)`. `broken`: a manifest whose ONNX file is garbage
+`linear`: y = x @ W with a small integer W, FP32, x (-1, 4) -> y (-1, 3), dynamic batch, as model.onnx and
+model.pt (the torch backend's pickled module, role "torch"); both variants are exact, so integer-valued inputs give exactly `expected(x)`. `broken`: a manifest whose ONNX file is garbage
 (sha256 matches, so the failure is the runtime refusing to load it).
 """
 
@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from engines.manifest import Manifest, Parity, TensorInfo, VariantInfo, file_ref, write_manifest
 
@@ -26,22 +27,26 @@ def expected(x: np.ndarray) -> np.ndarray:
     return (x.astype(np.float64) @ W.astype(np.float64)).astype(np.float32)
 
 
+class Linear(torch.nn.Module):
+    """y = x @ W, at module level so model.pt (a pickled module) can import it as tests.service.repo_builder.Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("w", torch.from_numpy(W.copy()))
+
+    def forward(self, x):  # (batch, 4) -> (batch, 3)
+        return x @ self.w
+
+
 def _export(path: Path) -> None:
-    import torch
-
-    class Linear(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.register_buffer("w", torch.from_numpy(W.copy()))
-
-        def forward(self, x):  # (batch, 4) -> (batch, 3)
-            return x @ self.w
-
     path.parent.mkdir(parents=True, exist_ok=True)
+    module = Linear().eval()
     with warnings.catch_warnings():  # the legacy exporter warns that it is legacy
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(Linear(), (torch.zeros(1, FEATURES),), str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(module, (torch.zeros(1, FEATURES),), str(path), dynamo=False, opset_version=17,
                           input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    # the torch backend's artifact, as convert/export.py's export_torch writes it (role "torch" in the manifest)
+    torch.save(module, str(path.with_name("model.pt")))
 
 
 def _parity() -> Parity:
@@ -49,10 +54,16 @@ def _parity() -> Parity:
                   samples=8, max_abs=0.0, rel_l2=0.0, cosine=1.0, gate={"max_abs": 1e-5}, needed={"max_abs": 0.0})
 
 
+def _files(model_dir: Path, variant: str) -> dict:
+    files = {"onnx": file_ref(model_dir, model_dir / variant / "model.onnx")}
+    if (model_dir / variant / "model.pt").is_file():
+        files["torch"] = file_ref(model_dir, model_dir / variant / "model.pt")
+    return files
+
+
 def _manifest(name: str, model_dir: Path, variants: list[str]) -> Manifest:
     infos = {
-        v: VariantInfo(name=v, servable=True, files={"onnx": file_ref(model_dir, model_dir / v / "model.onnx")},
-                       parity=[_parity()], description="y = x @ W")
+        v: VariantInfo(name=v, servable=True, files=_files(model_dir, v), parity=[_parity()], description="y = x @ W")
         for v in variants
     }
     return Manifest(name=name, source="tests.service.repo_builder", task="test",
@@ -67,7 +78,8 @@ def build_test_repo(path: Path, broken: bool = True) -> Path:
     model_dir = repo / MODEL
     _export(model_dir / "unfused" / "model.onnx")
     (model_dir / "affine").mkdir(parents=True, exist_ok=True)
-    (model_dir / "affine" / "model.onnx").write_bytes((model_dir / "unfused" / "model.onnx").read_bytes())
+    for artifact in ("model.onnx", "model.pt"):
+        (model_dir / "affine" / artifact).write_bytes((model_dir / "unfused" / artifact).read_bytes())
     write_manifest(model_dir, _manifest(MODEL, model_dir, ["unfused", "affine"]))
     if not broken:
         return repo

@@ -52,3 +52,55 @@ def test_sigterm_turns_readiness_false_before_uvicorn_shuts_down(tmp_path):
 def test_unknown_normfuse_variables_are_reported():
     env = {"NORMFUSE_SHADOW_RATIO": "0.2", "NORMFUSE_SHADOW_RATE": "0.2", "PATH": "/bin"}
     assert cli.unknown_variables(env) == ["NORMFUSE_SHADOW_RATIO"]
+
+
+def test_unknown_variables_ignore_other_normfuse_settings_read_elsewhere():
+    env = {"NORMFUSE_CACHE_DIR": "/tmp/cache", "NORMFUSE_DEVICE": "cuda", "NORMFUSE_TORCH_MODE": "eager"}
+    assert cli.unknown_variables(env) == []
+
+
+def test_each_backend_gets_only_its_own_options(tmp_path):
+    from service.repository import backend_options
+
+    common = dict(repo=tmp_path, intra_op_threads=2, device="cpu", torch_mode="eager", ort_providers="cuda,tensorrt")
+    assert backend_options(Settings(backend="onnxruntime", **common)) == {
+        "intra_op_threads": 2, "providers": ["cuda", "tensorrt"], "allow_spinning": False}
+    assert backend_options(Settings(backend="torch", **common)) == {
+        "intra_op_threads": 2, "device": "cpu", "mode": "eager"}
+    assert backend_options(Settings(backend="tensorrt", precision="fp16", **common)) == {
+        "intra_op_threads": 2, "precision": "fp16"}
+
+
+def test_serve_with_the_torch_backend_and_intra_op_threads(test_repo):
+    """`normfuse serve --backend torch --intra-op-threads 1`, in-process: the model.pt variants load and answer."""
+    import asyncio
+
+    import httpx
+    import numpy as np
+
+    from service.app import create_app
+    from tests.service.repo_builder import MODEL, expected
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--repo", str(test_repo), "--backend", "torch", "--intra-op-threads", "1",
+                              "--torch-mode", "eager", "--device", "cpu"])
+    settings = cli.build_settings(args)
+
+    async def main():
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                x = np.arange(8, dtype=np.float32).reshape(2, 4)
+                body = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+                ready = (await c.get(f"/v2/models/{MODEL}/ready")).status_code
+                r = await c.post(f"/v2/models/{MODEL}/versions/unfused/infer", json=body)
+                meta = (await c.get(f"/v2/models/{MODEL}/config")).json()
+                return ready, r, x, meta
+
+    ready, r, x, meta = asyncio.run(main())
+    assert ready == 200
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(np.array(r.json()["outputs"][0]["data"], np.float32).reshape(2, 3), expected(x))
+    assert meta["platform"] == "pytorch_libtorch"
