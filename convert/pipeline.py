@@ -26,7 +26,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from convert.export import ExportError, census, export_onnx, export_torch, lost_fusions, ort_session
+from convert.export import (
+    ExportError,
+    census,
+    check_onnx,
+    export_onnx,
+    export_torch,
+    lost_fusions,
+    ort_session,
+)
 from convert.models import Source, load_source
 from convert.rewrites import BENCHMARK_ONLY, EXACT_VARIANTS
 from engines.manifest import Manifest, VariantInfo, file_ref, write_manifest
@@ -64,12 +72,15 @@ def convert(source: str | Source, name: str, repo: str | Path, options: ConvertO
         built, not_applicable = {}, {}
         bar = tqdm(names, desc="rewrite/verify/export", unit="variant", disable=not options.progress)
         context = Context(src, staging, options.samples, options.threads, options.torch_artifacts)
-        for variant in bar:
-            bar.set_postfix_str(variant)
-            info = build_variant(context, variant, not_applicable)
-            release_memory()  # a variant's model copy, export buffers and session are gone: give the pages back
-            if info is not None:
-                built[variant] = info
+        try:
+            for variant in bar:
+                bar.set_postfix_str(variant)
+                info = build_variant(context, variant, not_applicable)
+                release_memory()  # a variant's model copy, export buffers and session are gone: give the pages back
+                if info is not None:
+                    built[variant] = info
+        finally:
+            context.weights.close()  # the caller's Source gets its model's weights back
         if "unfused" not in built or not built["unfused"].servable:
             raise ConversionError(unfused_failure(built.get("unfused"), not_applicable.get("unfused")))
         flag_lost_fusions(built)
@@ -142,6 +153,61 @@ def release_memory() -> None:
         pass
 
 
+PARK_MIN_BYTES = 64 * 1024**2  # smaller models stay in memory (nothing to gain from a file)
+
+
+class ParkedWeights:
+    """A model's parameters kept in a temporary file while the pipeline does not need them.
+
+    Between rewrites the source model only waits for the next variant, while that variant's copy is
+    verified, exported, checked and run: parking writes the parameters to a file once and empties them;
+    `restore` maps the file back (`torch.load(mmap=True)`: pages are read as the rewrite touches them).
+    The Parameter objects stay the same, so tied weights stay tied; only their `.data` is swapped.
+    Models under PARK_MIN_BYTES or not on the CPU are left alone.
+    """
+
+    def __init__(self, model) -> None:
+        self.params = dict(model.named_parameters())
+        size = sum(p.numel() * p.element_size() for p in self.params.values())
+        self.enabled = size >= PARK_MIN_BYTES and all(p.device.type == "cpu" for p in self.params.values())
+        self.path: Path | None = None
+        self.parked = False
+
+    def park(self) -> None:
+        import torch
+
+        if not self.enabled or self.parked:
+            return
+        if self.path is None:
+            handle, name = tempfile.mkstemp(prefix="normfuse-source-", suffix=".pt")
+            os.close(handle)
+            self.path = Path(name)
+            torch.save({name: p.detach() for name, p in self.params.items()}, str(self.path))
+        for param in self.params.values():
+            param.data = torch.empty(0, dtype=param.dtype)
+        self.parked = True
+        release_memory()
+
+    def restore(self, *, mmap: bool = True) -> None:
+        import torch
+
+        if not self.parked:
+            return
+        state = torch.load(str(self.path), mmap=mmap, weights_only=True)
+        for name, param in self.params.items():
+            param.data = state[name]
+        self.parked = False
+
+    def close(self) -> None:
+        """Restore the weights into memory (no longer backed by the file) and delete the file."""
+        try:
+            self.restore(mmap=False)
+        finally:
+            if self.path is not None:
+                self.path.unlink(missing_ok=True)
+                self.path = None
+
+
 def tool_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for package in ("normfuse", "torch", "onnx", "onnxruntime", "transformers", "numpy"):
@@ -185,6 +251,7 @@ class Context:
         # what the rewrites trace the model with: a small held-out batch (models need no example_inputs())
         self.trace = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.source.sample_inputs(2).items()}
         self.reference = run(self.source.model, self.held_out, torch.float32)  # the ORIGINAL model's outputs
+        self.weights = ParkedWeights(self.source.model)
 
 
 OUTPUT_BUDGET = 8 * 1024**2  # output elements kept per parity run (64 MB in float64): GPT-2's logits are 1.6M/sample
@@ -242,13 +309,21 @@ def _build(ctx: Context, variant: str) -> VariantInfo:
     from convert.verify import compare, run
 
     src, parity, flags = ctx.source, [], []
-    model = src.model if variant == "unfused" else rewrite(src.model, variant, inputs=ctx.trace)
+    if variant == "unfused":
+        model = src.model
+    else:
+        ctx.weights.restore()
+        try:
+            model = rewrite(src.model, variant, inputs=ctx.trace)
+        finally:
+            ctx.weights.park()  # from here on only the variant's copy is in memory
     reference = "torch unfused fp32"
     if variant != "unfused":
         torch_check = compare(ctx.reference, run(model, ctx.held_out, torch.float32), dtype="float32")
         parity.append(torch_check.to_parity(reference, f"torch {variant} fp32"))
     directory = ctx.staging / variant
-    onnx_path = export_onnx(model, ctx.example, directory / "model.onnx", inputs=src.inputs, outputs=src.outputs)
+    onnx_path = export_onnx(model, ctx.example, directory / "model.onnx", inputs=src.inputs, outputs=src.outputs,
+                            check=False)
     files = {"onnx": file_ref(ctx.staging, onnx_path)}
     if ctx.torch_artifacts:
         try:
@@ -257,6 +332,8 @@ def _build(ctx: Context, variant: str) -> VariantInfo:
             log.warning("variant %s: no torch artifact: %s", variant, exc)
             flags.append(f"no-torch-artifact: {str(exc).splitlines()[0][:200]}")
     del model
+    release_memory()
+    check_onnx(onnx_path)  # holds the ONNX model twice: run once the torch copy is gone
     op_census, outputs = census(onnx_path, threads=ctx.threads, inputs=ctx.held_out)
     ort_check = compare(ctx.reference, outputs, dtype="float32")
     parity.append(ort_check.to_parity(reference, f"onnxruntime cpu {variant} fp32"))
