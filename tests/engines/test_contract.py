@@ -185,3 +185,14 @@ def test_every_cpu_backend_takes_intra_op_threads(model_dir, backend):
 def test_an_option_a_backend_does_not_take_is_an_engine_error_naming_it(model_dir):
     with pytest.raises(EngineError, match=r"backend 'torch' does not accept the options \['providers'\]"):
         engines.load(model_dir.parent, "tiny", backend="torch", providers=["cuda"])
+
+
+@pytest.mark.slow
+def test_torch_compile_engine_matches_the_reference(model_dir):
+    """torch.compile always runs once here (two batch sizes, a shape change); the whole contract suite runs
+    against it with NORMFUSE_TEST_COMPILE=1."""
+    with _factory("torch-compile", model_dir)() as engine:
+        assert engine.describe()["runtime"] == engine.backend
+        for batch in (2, 5):
+            inputs = x(batch)
+            np.testing.assert_allclose(engine.infer({"x": inputs})["y"], expected(inputs), rtol=1e-5, atol=1e-5)
