@@ -2,6 +2,8 @@
 
 Per model × backend × batch size, all variants (servable ones and the benchmark-only `nonorm` bound) run
 interleaved on the same input batch: round r runs every variant once, in an order rotated each round.
+A timed sample is the mean of enough back-to-back calls to last ≥ 20 ms (the same count for every variant
+of a batch size), so sub-millisecond models are not timed at the timer's resolution.
 Per variant we report the median and p99 latency, the ratio of its median to unfused's with a paired
 bootstrap 95% interval, and — when the bound exists — gain captured = (T_unfused − T_v)/(T_unfused − T_nonorm).
 """
@@ -9,7 +11,9 @@ bootstrap 95% interval, and — when the bound exists — gain captured = (T_unf
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +35,7 @@ class EngineBenchConfig:
     min_rounds: int = 5
     max_seconds: float = 90.0         # per model × backend × batch size (keeps `make bench` near 20 min)
     warmup: int = 1
+    min_sample_s: float = 0.02        # one timed sample = enough back-to-back calls to last this long
     seq_len: int = 128                # for dynamic non-batch axes (text models)
     threads: int | None = None        # ORT intra-op threads (None: ORT's default, all cores)
     backends: tuple[str, ...] = ("onnxruntime", "tensorrt")  # one that cannot run here is reported as skipped
@@ -49,17 +54,30 @@ def input_specs(manifest, seq_len: int) -> list[dict]:
              "shape": [t.shape[0]] + [seq_len if d < 0 else d for d in t.shape[1:]]} for t in manifest.inputs]
 
 
-def measure(runners: dict[str, callable], rounds: int, min_rounds: int, max_seconds: float) -> dict[str, list[float]]:
-    """Interleaved timing of zero-argument callables; stops early (after min_rounds) when time runs out."""
+def calls_per_sample(run: Callable[[], object], min_sample_s: float) -> int:
+    """How many back-to-back calls make one timed sample last at least `min_sample_s` (timeit's autorange):
+    a sub-millisecond model timed one call at a time measures the timer and the scheduler."""
+    start = time.perf_counter()
+    run()
+    once = max(time.perf_counter() - start, 1e-7)
+    return max(1, math.ceil(min_sample_s / once))
+
+
+def measure(runners: dict[str, Callable[[], object]], rounds: int, min_rounds: int, max_seconds: float,
+            calls: int = 1) -> dict[str, list[float]]:
+    """Interleaved timing (seconds per call, each sample the mean of `calls` calls); stops early (after
+    min_rounds) when time runs out."""
     times: dict[str, list[float]] = {name: [] for name in runners}
     deadline = time.perf_counter() + max_seconds
     for r, order in enumerate(interleave(list(runners), rounds)):
         if r >= min_rounds and time.perf_counter() > deadline:
             break
         for name in order:
+            run = runners[name]
             start = time.perf_counter()
-            runners[name]()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(calls):
+                run()
+            times[name].append((time.perf_counter() - start) / calls)
     return times
 
 
@@ -98,7 +116,9 @@ def bench_model(repo, model: str, backend: str, config: EngineBenchConfig) -> li
             for run in runners.values():
                 for _ in range(config.warmup):
                     run()
-            times = measure(runners, config.rounds, config.min_rounds, config.max_seconds)
+            calls = calls_per_sample(runners[BASELINE if BASELINE in runners else next(iter(runners))],
+                                     config.min_sample_s)
+            times = measure(runners, config.rounds, config.min_rounds, config.max_seconds, calls)
             rows += rows_for(model, backend, batch, times, exact)
             log.info("%s/%s b%d: %s", model, backend, batch,
                      ", ".join(f"{v} {np.median(t) * 1e3:.1f} ms" for v, t in times.items()))

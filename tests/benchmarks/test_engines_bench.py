@@ -44,3 +44,13 @@ def test_bench_runs_every_variant_of_a_real_repo(bench_repo):
     assert "gain" in affine and (math.isnan(affine["gain"]) or math.isfinite(affine["gain"]))
     assert "tiny/no-such-backend" in result["skipped"]
     assert result["not_applicable"] == {"tiny": {}}
+
+
+def test_calls_per_sample_makes_samples_long_enough():
+    import time
+
+    assert engines_bench.calls_per_sample(lambda: time.sleep(0.03), 0.02) == 1
+    assert engines_bench.calls_per_sample(lambda: None, 0.02) > 100
+    calls = []
+    times = engines_bench.measure({"a": lambda: calls.append(1)}, rounds=3, min_rounds=2, max_seconds=10, calls=5)
+    assert len(times["a"]) == 3 and len(calls) == 15
