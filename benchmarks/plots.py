@@ -9,7 +9,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-from matplotlib.ticker import ScalarFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
+
+_PLAIN = FuncFormatter(lambda value, _: f"{value:g}")  # 1, 2, 4 … instead of 2^0 or 1.0
 
 
 def _save(fig, path: Path) -> Path:
@@ -40,7 +42,7 @@ def latency_vs_batch(rows: list[dict], path: Path) -> Path | None:
             style = "--" if variant == "nonorm" else "-"
             ax.plot(*zip(*points, strict=True), style, marker="o", label=variant)
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_major_formatter(_PLAIN)
         ax.set_xlabel("batch size")
         ax.set_ylabel("median ms per item")
         ax.set_title(title)
@@ -82,7 +84,7 @@ def throughput_vs_concurrency(rows: list[dict], path: Path) -> Path | None:
         ax_p99.plot(levels, p99, marker="o", label=f"{key[0]} {key[1]}")
     for axis, label in ((ax, "requests/s"), (ax_p99, "p99 latency, ms")):
         axis.set_xscale("log", base=2)
-        axis.xaxis.set_major_formatter(ScalarFormatter())
+        axis.xaxis.set_major_formatter(_PLAIN)
         axis.set_xlabel("concurrency (closed loop)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
