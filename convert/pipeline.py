@@ -314,7 +314,8 @@ def _build(ctx: Context, variant: str) -> VariantInfo:
     else:
         ctx.weights.restore()
         try:
-            model = rewrite(src.model, variant, inputs=ctx.trace)
+            # the copy shares the tensors the rewrite leaves alone; parking then swaps only the source's
+            model = rewrite(src.model, variant, inputs=ctx.trace, share_weights=True)
         finally:
             ctx.weights.park()  # from here on only the variant's copy is in memory
     reference = "torch unfused fp32"
@@ -332,6 +333,7 @@ def _build(ctx: Context, variant: str) -> VariantInfo:
             log.warning("variant %s: no torch artifact: %s", variant, exc)
             flags.append(f"no-torch-artifact: {str(exc).splitlines()[0][:200]}")
     del model
+    ctx.weights.park()  # after the unfused export the source waits for the next rewrite (no-op otherwise)
     release_memory()
     check_onnx(onnx_path)  # holds the ONNX model twice: run once the torch copy is gone
     op_census, outputs = census(onnx_path, threads=ctx.threads, inputs=ctx.held_out)

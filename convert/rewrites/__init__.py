@@ -31,12 +31,18 @@ EXACT_VARIANTS = ("affine", "rmsnorm", "crmsnorm", "folded")
 BENCHMARK_ONLY = ("nonorm",)
 
 
-def rewrite(model: torch.nn.Module, variant: str, *, inputs: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+def rewrite(model: torch.nn.Module, variant: str, *, inputs: dict[str, torch.Tensor] | None = None,
+            share_weights: bool = False) -> torch.nn.Module:
     """Return a new module in eval mode computing the same function as `model` with `variant` applied.
 
     `inputs`: example keyword inputs to trace the model with (a small batch); they are handed to the
     variant's function when it takes an `inputs` argument (the graph-analysing rewrites), and otherwise
     the function finds its own (`model.example_inputs()`, or from the model's config).
+
+    `share_weights`: the new module reuses the input's parameter and buffer storage wherever the rewrite does
+    not replace a tensor, instead of copying every tensor first (a model's size less memory). The rewrites
+    never write a tensor in place (they assign new ones), so the input still stays untouched; but neither
+    module may then be modified in place (training, `.copy_()`) without changing the other.
 
     The input model is left untouched. Raises NotApplicable (a ValueError) when the rewrite cannot be
     applied exactly, and ValueError for an unknown variant name.
@@ -47,8 +53,19 @@ def rewrite(model: torch.nn.Module, variant: str, *, inputs: dict[str, torch.Ten
     function = getattr(importlib.import_module(module_name), function_name)
     extra = {"inputs": inputs} if inputs is not None and takes_inputs(function) else {}
     # the copy keeps the input's train/eval mode so a rewrite can refuse statistics that are not fixed
-    new = function(copy.deepcopy(model), **extra)
+    memo = shared_tensors(model) if share_weights else {}
+    new = function(copy.deepcopy(model, memo), **extra)
     return new.eval()
+
+
+def shared_tensors(model: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """A deepcopy memo giving each parameter/buffer a new tensor object over the same storage (ties kept)."""
+    memo: dict[int, torch.Tensor] = {}
+    for param in model.parameters():
+        memo[id(param)] = torch.nn.Parameter(param.detach(), requires_grad=param.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = buffer.detach()
+    return memo
 
 
 def takes_inputs(function) -> bool:

@@ -71,8 +71,9 @@ def channel_to_drop(model: nn.Module, analysis: Analysis, inputs: dict[str, torc
             hook.remove()
     columns = torch.zeros(width, dtype=torch.float64)
     for site in (site for use in analysis.norms.values() for site in use.readers):
-        weight = getattr(model.get_submodule(site.module), site.weight).detach().double().cpu()
-        columns += weight.pow(2).sum(0 if site.layout == "out_in" else 1)
+        weight = getattr(model.get_submodule(site.module), site.weight).detach()
+        weight = weight.to("cpu", torch.float64, copy=True)  # squared in place: one float64 copy of the head
+        columns += weight.pow_(2).sum(0 if site.layout == "out_in" else 1)
     return int((columns * (squares.sum() - squares)).argmin())
 
 

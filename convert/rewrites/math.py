@@ -13,6 +13,14 @@ OUT_IN = "out_in"
 IN_OUT = "in_out"
 
 
+def _float64_copy(t: torch.Tensor) -> torch.Tensor:
+    """A float64 copy that may be changed in place (`.double()` returns `t` itself when it is float64).
+
+    The in-place steps below compute exactly what their out-of-place forms do, with one float64 temporary
+    of a weight instead of two or three (GPT-2's 50257×768 head: 0.3 GB each)."""
+    return t.detach().to(torch.float64, copy=True)
+
+
 def _out_axis(layout: str) -> int:
     if layout not in (OUT_IN, IN_OUT):
         raise ValueError(f"unknown weight layout {layout!r}; expected {OUT_IN!r} or {IN_OUT!r}")
@@ -32,14 +40,18 @@ def fold_affine_into_linear(
     both are None.
     """
     out_axis = _out_axis(layout)
-    w64 = w.double()
+    w64 = _float64_copy(w)
     in_axis = 1 - out_axis
-    new_w = w64 if gamma is None else w64 * gamma.double().reshape([-1 if a == in_axis else 1 for a in range(2)])
-    if beta is None:
-        return new_w.to(w.dtype), b
-    shift = w64 @ beta.double() if layout == OUT_IN else beta.double() @ w64  # (out,)
+    # β first: it uses the original W, and W is then scaled in place (one float64 copy of W, not two)
+    shift = None
+    if beta is not None:
+        shift = w64 @ beta.double() if layout == OUT_IN else beta.double() @ w64  # (out,)
+    if gamma is not None:
+        w64.mul_(gamma.double().reshape([-1 if a == in_axis else 1 for a in range(2)]))
+    if shift is None:
+        return w64.to(w.dtype), b
     new_b = shift if b is None else b.double() + shift
-    return new_w.to(w.dtype), new_b.to(w.dtype if b is None else b.dtype)
+    return w64.to(w.dtype), new_b.to(w.dtype if b is None else b.dtype)
 
 
 def center_output_rows(
@@ -50,8 +62,8 @@ def center_output_rows(
     W ← W − mean over the output axis (each input column is centred), b ← b − mean(b).
     """
     out_axis = _out_axis(layout)
-    w64 = w.double()
-    new_w = (w64 - w64.mean(out_axis, keepdim=True)).to(w.dtype)
+    w64 = _float64_copy(w)
+    new_w = w64.sub_(w64.mean(out_axis, keepdim=True)).to(w.dtype)
     new_b = None if b is None else (b.double() - b.double().mean()).to(b.dtype)
     return new_w, new_b
 
@@ -68,8 +80,8 @@ def scale_output_rows(
 
 def center_along(t: torch.Tensor, axis: int) -> torch.Tensor:
     """Subtract the mean over `axis` (a cls token, a position table, a constant added to the stream)."""
-    t64 = t.double()
-    return (t64 - t64.mean(axis, keepdim=True)).to(t.dtype)
+    t64 = _float64_copy(t)
+    return t64.sub_(t64.mean(axis, keepdim=True)).to(t.dtype)
 
 
 def center_embedding_rows(table: torch.Tensor) -> torch.Tensor:
@@ -80,7 +92,7 @@ def center_embedding_rows(table: torch.Tensor) -> torch.Tensor:
 def drop_along(t: torch.Tensor, axis: int, index: int = -1) -> torch.Tensor:
     """CRMS writer compression: a zero-mean vector is stored without entry `index` (x_k = −Σ others)."""
     keep = [i for i in range(t.shape[axis]) if i != index % t.shape[axis]]
-    return t.index_select(axis, torch.tensor(keep, device=t.device)).clone()
+    return t.index_select(axis, torch.tensor(keep, device=t.device))  # a new tensor, never a view
 
 
 def compress_writer(
@@ -94,6 +106,6 @@ def compress_writer(
 def compress_readers(w: torch.Tensor, layout: str = OUT_IN, index: int = -1) -> torch.Tensor:
     """A reader of a zero-mean x̂ given x̂ without entry k: W̃ = W[:, ≠k] − W[:, k]·1ᵀ (input axis)."""
     in_axis = 1 - _out_axis(layout)
-    w64 = w.double()
-    dropped = w64.narrow(in_axis, index % w.shape[in_axis], 1)
-    return (drop_along(w64, in_axis, index) - dropped).to(w.dtype)
+    dropped = w.narrow(in_axis, index % w.shape[in_axis], 1).double()
+    # select, then widen (exact): one float64 temporary of the kept columns, not of W and of them
+    return drop_along(w.detach(), in_axis, index).to(torch.float64).sub_(dropped).to(w.dtype)

@@ -63,3 +63,22 @@ def test_the_pipeline_analyses_a_model_without_example_inputs(tmp_path):
     manifest = convert(source, "noexample", tmp_path, options)
     assert manifest.not_applicable == {}
     assert manifest.variants["rmsnorm"].servable
+
+
+@pytest.mark.parametrize("variant", ["affine", "rmsnorm", "crmsnorm", "nonorm"])
+def test_shared_weights_leave_the_input_untouched(variant):
+    import copy
+
+    model = TinyViT().eval()
+    before = copy.deepcopy(model.state_dict())
+    shared = rewrite(model, variant, share_weights=True)
+    copied = rewrite(model, variant)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    x = batch(model)
+    with torch.no_grad():
+        assert torch.equal(shared(**x), copied(**x))
+    # the stream writers: re-centred (new tensors) by rmsnorm/crmsnorm, left alone (the same storage, in a
+    # new Parameter so that `.data =` on one spares the other) by affine and nonorm
+    new, old = shared.blocks[0].proj.weight, model.blocks[0].proj.weight
+    assert new is not old
+    assert (new.data_ptr() == old.data_ptr()) == (variant in ("affine", "nonorm"))
