@@ -38,7 +38,8 @@ class ClientGone(Exception):
     """The client disconnected while its request was queued or running."""
 
 
-def get_repo(request: Request) -> Repository:
+async def get_repo(request: Request) -> Repository:
+    # async: FastAPI runs a plain `def` dependency on its thread pool, a thread hop on every request
     return request.app.state.repo
 
 
