@@ -9,6 +9,7 @@ from importlib.metadata import version as package_version
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engines.base import check_inputs
@@ -143,10 +144,18 @@ INFER_DOC = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}}}}
 
 
-@router.post("/v2/models/{model}/infer", openapi_extra=INFER_DOC,
-             responses={200: {"model": InferenceResponse}})
-@router.post("/v2/models/{model}/versions/{version}/infer", openapi_extra=INFER_DOC,
-             responses={200: {"model": InferenceResponse}})
+class InferRoute(APIRoute):
+    """The inference route reads the raw request itself and returns a ready Response, so it skips FastAPI's
+    per-request dependency solving and response handling; its signature still documents it in the schema."""
+
+    def get_route_handler(self):
+        async def handler(request: Request) -> Response:
+            params = request.path_params
+            return await infer(params["model"], request, request.app.state.repo, params.get("version"))
+
+        return handler
+
+
 async def infer(model: str, request: Request, repo: Repo, version: str | None = None) -> Response:
     # the code recorded in metrics; stays 499 if this handler is cancelled (the client went away)
     started, code, queue_s, rows, servable = time.perf_counter(), CLIENT_GONE, None, 0, None
@@ -176,6 +185,11 @@ async def infer(model: str, request: Request, repo: Repo, version: str | None = 
     finally:
         if servable is not None:
             record(request, servable, code, time.perf_counter() - started, queue_s, rows)
+
+
+for _path in ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer"):
+    router.add_api_route(_path, infer, methods=["POST"], openapi_extra=INFER_DOC,
+                         responses={200: {"model": InferenceResponse}}, route_class_override=InferRoute)
 
 
 def record(request: Request, servable, code: int, seconds: float, queue_s: float | None, rows: int) -> None:
