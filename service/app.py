@@ -61,6 +61,8 @@ def _openapi(app: FastAPI) -> dict:
     """FastAPI's schema plus the inference request body, which the route reads raw (JSON or binary)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version="2", summary=app.summary, routes=app.routes)
+        # the inference routes are matched first (service.routes) but listed last, as they are declared
+        schema["paths"] = dict(sorted(schema["paths"].items(), key=lambda item: item[0].endswith("/infer")))
         request = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(request.pop("$defs", {}))
