@@ -57,6 +57,23 @@ class Metrics:
                                       LABELS, registry=r)
 
 
+class Children:
+    """One servable's labelled metric children, each looked up once: `metric.labels(...)` takes a lock and builds
+    a key on every call. Created on first use, so a series appears in /metrics exactly when it did before."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.labels = labels
+        self._cache: dict[tuple, object] = {}
+
+    def of(self, metric, code: str | None = None):
+        key = (metric, code)
+        child = self._cache.get(key)
+        if child is None:
+            child = metric.labels(**self.labels) if code is None else metric.labels(**self.labels, code=code)
+            self._cache[key] = child
+        return child
+
+
 @dataclass
 class Duration:
     count: int = 0

@@ -18,7 +18,7 @@ from engines.base import Engine
 from engines.manifest import Manifest, list_models, read_manifest
 from service.batcher import Batch, Batcher
 from service.errors import ModelNotFound, ModelNotReady
-from service.metrics import Metrics, ServableStats
+from service.metrics import Children, Metrics, ServableStats
 from service.settings import Settings
 from service.shadow import UNFUSED, CompareStats, Shadow
 
@@ -37,6 +37,10 @@ class Servable:
     batcher: Batcher = field(init=False)  # built right after: its callbacks need the servable
     stats: ServableStats = field(default_factory=ServableStats)
     shadow: Shadow | None = None
+    children: Children = field(init=False, repr=False)  # labelled metric children, cached
+
+    def __post_init__(self) -> None:
+        self.children = Children(self.labels)
 
 
 @dataclass
@@ -143,9 +147,9 @@ class Repository:
                                          lambda ratio, err, labels=labels: self._record_pair(labels, ratio, err))
 
     def _observe(self, servable: Servable, batch: Batch) -> None:
-        labels = servable.labels
-        self.metrics.compute.labels(**labels).observe(batch.compute_s)
-        self.metrics.batch_size.labels(**labels).observe(batch.rows)
+        labels, children = servable.labels, servable.children
+        children.of(self.metrics.compute).observe(batch.compute_s)
+        children.of(self.metrics.batch_size).observe(batch.rows)
         servable.stats.record_batch(batch.rows, batch.compute_s)
         self.compare.add_latency(servable.model, servable.variant, batch.rows, batch.compute_s)
         if servable.shadow is not None and servable.shadow.offer(batch) == "skipped":

@@ -161,7 +161,7 @@ async def infer(model: str, request: Request, repo: Repo, version: str | None = 
     started, code, queue_s, rows, servable = time.perf_counter(), CLIENT_GONE, None, 0, None
     try:
         servable = repo.get(model, version)
-        request.app.state.metrics.inflight.labels(**servable.labels).inc()
+        servable.children.of(request.app.state.metrics.inflight).inc()
         body = await read_body(request, request.app.state.settings.max_body_bytes)
         req, arrays = decode_request(body, request.headers.get(HEADER_LENGTH))
         check_inputs(servable.engine.inputs, arrays)
@@ -197,12 +197,12 @@ router.routes.sort(key=lambda route: not isinstance(route, InferRoute))
 
 
 def record(request: Request, servable, code: int, seconds: float, queue_s: float | None, rows: int) -> None:
-    m = request.app.state.metrics
-    m.inflight.labels(**servable.labels).dec()
-    m.requests.labels(**servable.labels, code=str(code)).inc()
-    m.request.labels(**servable.labels).observe(seconds)
+    m, children = request.app.state.metrics, servable.children
+    children.of(m.inflight).dec()
+    children.of(m.requests, str(code)).inc()
+    children.of(m.request).observe(seconds)
     if queue_s is not None:
-        m.queue.labels(**servable.labels).observe(queue_s)
+        children.of(m.queue).observe(queue_s)
     servable.stats.record_request(code == 200, seconds, queue_s, rows)
 
 
