@@ -18,13 +18,12 @@ from service.protocol import (
     HEADER_LENGTH,
     InferenceResponse,
     ModelMetadata,
-    ResponseOutput,
     ServerMetadata,
     TensorMetadata,
     binary_choices,
     decode_request,
     decompress,
-    encode_response,
+    encode_body,
     flag,
     timeout_of,
 )
@@ -169,10 +168,14 @@ async def infer(model: str, request: Request, repo: Repo, version: str | None = 
         binary = binary_choices(req, [spec.name for spec in servable.engine.outputs])
         result = await until_disconnect(request, servable.batcher.submit(arrays, timeout_of(req.parameters)))
         queue_s = result.queue_s
-        specs = {spec.name: spec for spec in servable.engine.outputs}
-        response = InferenceResponse(model_name=model, model_version=servable.variant, id=req.id, outputs=[
-            ResponseOutput(name=n, shape=list(result.outputs[n].shape), datatype=specs[n].datatype) for n in binary])
-        content, headers = encode_response(response, result.outputs, binary)
+        datatypes = {spec.name: spec.datatype for spec in servable.engine.outputs}
+        # InferenceResponse(...).model_dump(exclude_none=True), built directly (same keys, same order)
+        response = {"model_name": model, "model_version": servable.variant}
+        if req.id is not None:
+            response["id"] = req.id
+        response["outputs"] = [{"name": n, "shape": list(result.outputs[n].shape), "datatype": datatypes[n]}
+                               for n in binary]
+        content, headers = encode_body(response, result.outputs, binary)
         headers["x-queue-time"] = f"{result.queue_s * 1e3:.3f}"
         headers["x-compute-time"] = f"{result.compute_s * 1e3:.3f}"
         code = 200

@@ -13,6 +13,7 @@ from service.protocol import (
     SchemaError,
     binary_choices,
     decode_request,
+    encode_body,
     encode_response,
     timeout_of,
 )
@@ -95,6 +96,20 @@ def test_encode_binary_and_json_outputs_in_order():
     assert head["outputs"][0] == {"name": "z", "shape": [1, 1], "datatype": "INT32", "data": [5]}
     assert head["outputs"][1]["parameters"] == {"binary_data_size": 16}
     np.testing.assert_array_equal(np.frombuffer(body[n:], np.float32).reshape(2, 2), arrays["y"])
+
+
+@pytest.mark.parametrize("request_id", [None, "req-7"])
+@pytest.mark.parametrize("binary_y", [False, True])
+def test_encode_body_from_a_dict_is_byte_identical_to_encode_response(request_id, binary_y):
+    """The infer route builds its response as a dict (no pydantic model): same bytes, same headers."""
+    arrays = {"y": np.array([[1.5, np.nan], [np.inf, -2.0]], np.float32), "z": np.array([[5]], np.int32)}
+    choices = {"y": binary_y, "z": False}
+    datatypes = {"y": "FP32", "z": "INT32"}
+    model = InferenceResponse(model_name="m", model_version="fused", id=request_id, outputs=[
+        ResponseOutput(name=n, shape=list(arrays[n].shape), datatype=datatypes[n]) for n in choices])
+    as_dict = {"model_name": "m", "model_version": "fused", **({"id": request_id} if request_id else {}),
+               "outputs": [{"name": n, "shape": list(arrays[n].shape), "datatype": datatypes[n]} for n in choices]}
+    assert encode_body(as_dict, arrays, choices) == encode_response(model, arrays, choices)
 
 
 def test_binary_data_output_applies_to_all_unless_overridden():
