@@ -58,6 +58,8 @@ def register(subparsers) -> None:
     all_p.add_argument("--no-prepare", action="store_true", help="benchmark what is in --repo; convert nothing")
     all_p.add_argument("--reconvert", action="store_true", help="convert every model again (new rewrites landed)")
     all_p.add_argument("--skip-serving", action="store_true")
+    all_p.add_argument("--skip-norms", action="store_true",
+                       help="skip the LN / UN / PowerNorm vit-digits table (trains the UN and PN demo models once)")
     engines_p.set_defaults(handler=run_engines)
     serving_p.set_defaults(handler=run_serving)
     all_p.set_defaults(handler=run_all)
@@ -153,9 +155,14 @@ def run_all(args) -> int:
             log.exception("serving benchmark failed")
             notes.append(f"the serving benchmark failed: {type(exc).__name__}: {exc}")
     _dump({"engines": engine_result, "serving": serving_result}, results_path)
+    norms = None
+    if not args.skip_norms:  # issue 7: LN / LN→rmsnorm / UN-folded / PN and the no-norm bound, trained models
+        from benchmarks import un_powernorm
+
+        norms = un_powernorm.measure(rounds=10 if args.quick else 30, iters=20 if args.quick else 50)
     command = "normfuse bench all " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "all"] else "make bench"
     report.write(args.out, engine_result, serving_result, plot_dir=args.plots, command=command, started=started,
-                 notes=notes, load_at_start=load_at_start)
+                 notes=notes, load_at_start=load_at_start, norms=norms)
     log.info("wrote %s", args.out)
     return 0
 

@@ -154,7 +154,7 @@ METHOD = """\
 
 def write(out: Path, engine_result: dict | None, serving_result: dict | None, *, plot_dir: Path,
           command: str, started: datetime | None = None, notes: list[str] | None = None,
-          load_at_start: tuple[float, ...] | None = None) -> Path:
+          load_at_start: tuple[float, ...] | None = None, norms: str | None = None) -> Path:
     """Render BENCHMARKS.md (and its PNGs under plot_dir) from the results of one run."""
     out, plot_dir = Path(out), Path(plot_dir)
     engine_rows = (engine_result or {}).get("rows", [])
@@ -175,6 +175,10 @@ def write(out: Path, engine_result: dict | None, serving_result: dict | None, *,
                [[t.goal, t.measured, t.verdict] for t in evaluate(engine_rows, serving_result, max_batch)])]
     if engine_result is not None:
         doc.append("## Fused vs unfused, engine level\n\n" + engine_section(engine_result))
+    if norms is not None:
+        doc.append("## Trained-in norms: LN vs Unified Normalization vs PowerNorm (vit-digits)\n\n" + norms
+                   + "\n\nUN folds away completely (no norm op left); PowerNorm keeps its per-token group scaling. "
+                   "Details: [docs/un-powernorm.md](docs/un-powernorm.md).")
     if serving_result is not None:
         doc.append("## Serving overhead and peers\n\n" + serving_section(serving_result))
     doc.append("## Plots\n\n" + "\n\n".join(

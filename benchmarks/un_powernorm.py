@@ -60,12 +60,8 @@ def time_sessions(sessions: dict[str, object], images, rounds: int, iters: int) 
     return {name: 1e3 * statistics.median(values) for name, values in per_round.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+def measure(rounds: int = 30, iters: int = 50, threads: int = 1) -> str:
+    """Accuracy and interleaved ORT latency at batch 1 and 8 of every variant, as a Markdown table."""
     built = variants()
     with tempfile.TemporaryDirectory() as tmp:
         sessions, accuracy, ops = {}, {}, {}
@@ -75,20 +71,30 @@ def main() -> None:
             path = export_onnx(copy.deepcopy(model), source.sample_inputs(2), Path(tmp) / f"{i}.onnx",
                                inputs=source.inputs, outputs=source.outputs)
             optimized = Path(tmp) / f"{i}.optimized.onnx"
-            sessions[label] = ort_session(path, threads=args.threads, optimized_path=optimized)
+            sessions[label] = ort_session(path, threads=threads, optimized_path=optimized)
             counts = Counter(node.op_type for node in onnx.load(str(optimized)).graph.node)
             ops[label] = {op: counts[op] for op in NORM_OPS if counts[op]}
-        latency = {b: time_sessions(sessions, built[0][1].sample_inputs(b)["images"], args.rounds, args.iters)
+        latency = {b: time_sessions(sessions, built[0][1].sample_inputs(b)["images"], rounds, iters)
                    for b in (1, 8)}
     base = latency[1]["LN (vit-digits)"], latency[8]["LN (vit-digits)"]
-    print(f"ORT CPU, {args.threads} thread(s), {args.rounds} interleaved rounds × {args.iters} calls, medians\n")  # noqa: T201
-    print("| variant | test accuracy | batch 1 (ms) | vs LN | batch 8 (ms) | vs LN | norm ops after ORT optimization |")  # noqa: T201
-    print("|---|---|---|---|---|---|---|")  # noqa: T201
+    lines = [f"ORT CPU, {threads} thread(s), {rounds} interleaved rounds × {iters} calls, medians.", "",
+             "| variant | test accuracy | batch 1 (ms) | vs LN | batch 8 (ms) | vs LN | norm ops after ORT optimization |",
+             "|---|---|---|---|---|---|---|"]
     for label in sessions:
         l1, l8 = latency[1][label], latency[8][label]
         norm_ops = ", ".join(f"{k} {v}" for k, v in ops[label].items()) or "none"
-        print(f"| {label} | {accuracy[label]:.4f} | {l1:.4f} | {l1 / base[0] - 1:+.1%} | {l8:.4f} | "  # noqa: T201
-              f"{l8 / base[1] - 1:+.1%} | {norm_ops} |")
+        lines.append(f"| {label} | {accuracy[label]:.4f} | {l1:.4f} | {l1 / base[0] - 1:+.1%} | {l8:.4f} | "
+                     f"{l8 / base[1] - 1:+.1%} | {norm_ops} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    print(measure(args.rounds, args.iters, args.threads))  # noqa: T201 - a script's output
 
 
 if __name__ == "__main__":

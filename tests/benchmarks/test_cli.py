@@ -31,6 +31,8 @@ def test_bench_all_quick_writes_the_report(bench_repo, tmp_path):
     assert {r["variant"] for r in data["serving"]["open"]} == {"unfused", "affine"}
     text = out.read_text()
     assert "## Targets" in text and "| normfuse | binary | 4 | 1 |" in text
+    # issue 7's table: the trained LN / UN / PN demo models, folded, with the no-norm bound
+    assert "## Trained-in norms" in text and "| UN folded |" in text and "| no-norm bound" in text
 
 
 @pytest.mark.e2e
