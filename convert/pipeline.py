@@ -79,15 +79,18 @@ def convert(source: str | Source, name: str, repo: str | Path, options: ConvertO
                 release_memory()  # a variant's model copy, export buffers and session are gone: give the pages back
                 if info is not None:
                     built[variant] = info
+            if "unfused" not in built or not built["unfused"].servable:
+                raise ConversionError(unfused_failure(built.get("unfused"), not_applicable.get("unfused")))
+            flag_lost_fusions(built)
+            default = "unfused"
+            if options.benchmark and len(built) > 1:
+                # while the source's weights are still parked: only the benchmark's sessions are resident
+                context.reference = None
+                release_memory()
+                default = benchmark(context, built, options.benchmark_rounds, options.benchmark_batch,
+                                    progress=options.progress)
         finally:
             context.weights.close()  # the caller's Source gets its model's weights back
-        if "unfused" not in built or not built["unfused"].servable:
-            raise ConversionError(unfused_failure(built.get("unfused"), not_applicable.get("unfused")))
-        flag_lost_fusions(built)
-        default = "unfused"
-        if options.benchmark and len(built) > 1:
-            default = benchmark(context, built, options.benchmark_rounds, options.benchmark_batch,
-                                      progress=options.progress)
         manifest = Manifest(
             name=name, source=str(source if not isinstance(source, Source) else source.name), task=src.task,
             tools=tool_versions() | options.tools, inputs=src.inputs, outputs=src.outputs,
@@ -361,25 +364,35 @@ REPEATS = 3  # each timing is the best of 3 runs: noise on a shared machine only
 BUDGET_S = 6.0  # seconds per (unfused, variant) pair; fewer rounds (at least 3) for slow models
 
 
+BOTH_SESSIONS_MAX_BYTES = 256 * 1024**2  # two ONNX files at most this large are benchmarked with both sessions open
+
+
 def benchmark(ctx: Context, built: dict[str, VariantInfo], rounds: int, batch: int, *, progress: bool) -> str:
-    """Time unfused against each other variant, interleaved (A B, B A, ...); return the default variant."""
+    """Time unfused against each other variant, interleaved (A B, B A, ...); return the default variant.
+
+    The order A B B A A B ... runs each model twice in a row, so when the two ONNX files together are over
+    BOTH_SESSIONS_MAX_BYTES only one session is open at a time (reopened once per round: GPT-2-small's
+    two sessions together would hold 1.5 GB); smaller models keep both open. Each timing is the best of
+    REPEATS runs, so the first run of a reopened session does not count against it.
+    """
     inputs = ctx.source.sample_inputs(batch)
-    unfused = ort_session(ctx.staging / built["unfused"].files["onnx"].path, threads=ctx.threads)
+    paths = {name: ctx.staging / info.files["onnx"].path for name, info in built.items()}
     others = [v for v in built if v != "unfused"]
     bar = tqdm(total=rounds * len(others), desc="benchmark", unit="round", disable=not progress)
     baseline_times, ratios, wins = [], {}, {}
     for variant in others:
-        session = ort_session(ctx.staging / built[variant].files["onnx"].path, threads=ctx.threads)
-        pair = {"unfused": unfused, variant: session}
-        warm = max(timed(pair[name], inputs) for name in pair)  # warm-up, and the cost of one run
+        pair = Sessions(paths["unfused"], paths[variant], threads=ctx.threads)
+        warm = max(timed(pair.get(name), inputs) for name in (variant, "unfused"))  # warm-up; round 0 starts with unfused
         pair_rounds = max(3, min(rounds, int(BUDGET_S / (2 * REPEATS * warm))))
         times = {"unfused": [], variant: []}
         for r in range(pair_rounds):
             for name in (("unfused", variant) if r % 2 == 0 else (variant, "unfused")):
-                times[name].append(min(timed(pair[name], inputs) for _ in range(REPEATS)))
+                session = pair.get(name)
+                times[name].append(min(timed(session, inputs) for _ in range(REPEATS)))
+                del session
             bar.update()
         bar.update(rounds - pair_rounds)
-        del session, pair
+        pair.close()
         baseline_times += times["unfused"]
         paired = [b / a for a, b in zip(times["unfused"], times[variant], strict=True)]
         # faster beyond noise: the median paired ratio clears NOISE and the variant won most rounds
@@ -393,6 +406,30 @@ def benchmark(ctx: Context, built: dict[str, VariantInfo], rounds: int, batch: i
     faster = [v for v in others if built[v].servable and ratios[v] <= 1 - NOISE and wins[v] >= 0.75]
     log.info("benchmark ratios vs unfused: %s", {v: round(r, 3) for v, r in ratios.items()})
     return min(faster, key=ratios.__getitem__) if faster else "unfused"
+
+
+class Sessions:
+    """The benchmark's two ONNX Runtime sessions: both open for small models, one at a time for large ones."""
+
+    def __init__(self, *paths: Path, threads: int | None) -> None:
+        self.paths = dict(zip(("unfused", "variant"), paths, strict=True))
+        self.threads = threads
+        self.both = sum(p.stat().st_size for p in paths) <= BOTH_SESSIONS_MAX_BYTES
+        self.open: dict[Path, object] = {}
+        self.opened = 0  # sessions created (a test reads it)
+
+    def get(self, name: str):
+        path = self.paths["unfused" if name == "unfused" else "variant"]
+        if path not in self.open:
+            if not self.both:
+                self.close()  # the other session's memory is given back before this one is built
+            self.open[path] = ort_session(path, threads=self.threads)
+            self.opened += 1
+        return self.open[path]
+
+    def close(self) -> None:
+        self.open.clear()
+        release_memory()
 
 
 def timed(session, inputs: dict[str, np.ndarray]) -> float:

@@ -67,7 +67,20 @@ def write_tensor(model: nn.Module, module: str, attr: str, value: torch.Tensor) 
     if old is not None and _is_shared(model, old):
         _untie_in_config(model)
     requires_grad = old.requires_grad if isinstance(old, torch.Tensor) else True
-    setattr(owner, attr, nn.Parameter(value.detach().clone(), requires_grad=requires_grad))
+    # a tensor the rewrite just computed is used as it is (a 50257×768 head is 0.15 GB: no second copy);
+    # one over the storage of any of the model's tensors is copied, so nothing ever aliases it
+    value = value.detach()
+    if _aliases(model, value):
+        value = value.clone()
+    setattr(owner, attr, nn.Parameter(value, requires_grad=requires_grad))
+
+
+def _aliases(model: nn.Module, value: torch.Tensor) -> bool:
+    if value.numel() == 0:
+        return True  # an empty tensor has no storage to compare: copying it costs nothing
+    pointer = value.untyped_storage().data_ptr()
+    tensors = [*model.parameters(), *model.buffers()]
+    return any(t.numel() and t.untyped_storage().data_ptr() == pointer for t in tensors)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

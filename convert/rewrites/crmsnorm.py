@@ -15,7 +15,7 @@ from convert.modules import CRMSNorm
 from convert.rewrites import NotApplicable
 from convert.rewrites.affine import replace_module, write_tensor
 from convert.rewrites.analysis import Analysis, LinearSite, example_inputs
-from convert.rewrites.math import compress_readers, compress_writer, drop_along
+from convert.rewrites.math import compress_readers, compress_writer, drop_along, spans
 from convert.rewrites.pre_rmsnorm import centre_residual_stream
 
 
@@ -72,8 +72,10 @@ def channel_to_drop(model: nn.Module, analysis: Analysis, inputs: dict[str, torc
     columns = torch.zeros(width, dtype=torch.float64)
     for site in (site for use in analysis.norms.values() for site in use.readers):
         weight = getattr(model.get_submodule(site.module), site.weight).detach()
-        weight = weight.to("cpu", torch.float64, copy=True)  # squared in place: one float64 copy of the head
-        columns += weight.pow_(2).sum(0 if site.layout == "out_in" else 1)
+        along = 0 if site.layout == "out_in" else 1  # the output axis, summed over
+        for start, length in spans(weight, along):  # a block of outputs at a time: no float64 copy of the head
+            block = weight.narrow(along, start, length).to("cpu", torch.float64, copy=True)
+            columns += block.pow_(2).sum(along)
     return int((columns * (squares.sum() - squares)).argmin())
 
 

@@ -21,6 +21,21 @@ def _float64_copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float64, copy=True)
 
 
+CHUNK_VALUES = 4 * 1024**2  # values per float64 chunk of a large weight (32 MB)
+
+
+def spans(t: torch.Tensor, axis: int) -> list[tuple[int, int]]:
+    """(start, length) slices of `t` along `axis`, each holding at most CHUNK_VALUES values.
+
+    A weight no larger than CHUNK_VALUES is one slice (small models compute exactly as before); a large
+    one (GPT-2's 50257×768 head: 0.3 GB in float64) is computed a block of rows at a time, so its float64
+    temporary is one block, not a whole copy."""
+    size = t.shape[axis] if t.dim() else 1
+    per_slice = max(1, t.numel() // max(size, 1))
+    step = max(1, CHUNK_VALUES // per_slice)
+    return [(start, min(step, size - start)) for start in range(0, size, step)] or [(0, size)]
+
+
 def _out_axis(layout: str) -> int:
     if layout not in (OUT_IN, IN_OUT):
         raise ValueError(f"unknown weight layout {layout!r}; expected {OUT_IN!r} or {IN_OUT!r}")
@@ -40,18 +55,23 @@ def fold_affine_into_linear(
     both are None.
     """
     out_axis = _out_axis(layout)
-    w64 = _float64_copy(w)
     in_axis = 1 - out_axis
-    # β first: it uses the original W, and W is then scaled in place (one float64 copy of W, not two)
-    shift = None
-    if beta is not None:
-        shift = w64 @ beta.double() if layout == OUT_IN else beta.double() @ w64  # (out,)
-    if gamma is not None:
-        w64.mul_(gamma.double().reshape([-1 if a == in_axis else 1 for a in range(2)]))
+    beta64 = None if beta is None else beta.double()
+    gamma64 = None if gamma is None else gamma.double().reshape([-1 if a == in_axis else 1 for a in range(2)])
+    new_w = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    shift = None if beta is None else torch.empty(w.shape[out_axis], dtype=torch.float64, device=w.device)
+    # block by block along the output axis (every output row is independent): one float64 block at a time
+    for start, length in spans(w, out_axis):
+        w64 = _float64_copy(w.narrow(out_axis, start, length))
+        if shift is not None:  # β first: it uses the original W, which is then scaled in place
+            shift[start:start + length] = w64 @ beta64 if layout == OUT_IN else beta64 @ w64
+        if gamma64 is not None:
+            w64.mul_(gamma64)
+        new_w.narrow(out_axis, start, length).copy_(w64)
     if shift is None:
-        return w64.to(w.dtype), b
+        return new_w, b
     new_b = shift if b is None else b.double() + shift
-    return w64.to(w.dtype), new_b.to(w.dtype if b is None else b.dtype)
+    return new_w, new_b.to(w.dtype if b is None else b.dtype)
 
 
 def center_output_rows(
@@ -80,8 +100,15 @@ def scale_output_rows(
 
 def center_along(t: torch.Tensor, axis: int) -> torch.Tensor:
     """Subtract the mean over `axis` (a cls token, a position table, a constant added to the stream)."""
-    t64 = _float64_copy(t)
-    return t64.sub_(t64.mean(axis, keepdim=True)).to(t.dtype)
+    axis = axis % max(t.dim(), 1)
+    if t.dim() < 2 or axis == 0:
+        t64 = _float64_copy(t)
+        return t64.sub_(t64.mean(axis, keepdim=True)).to(t.dtype)
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    for start, length in spans(t, 0):  # rows are independent: centre a block of rows at a time
+        t64 = _float64_copy(t.narrow(0, start, length))
+        out.narrow(0, start, length).copy_(t64.sub_(t64.mean(axis, keepdim=True)))
+    return out
 
 
 def center_embedding_rows(table: torch.Tensor) -> torch.Tensor:
@@ -106,6 +133,10 @@ def compress_writer(
 def compress_readers(w: torch.Tensor, layout: str = OUT_IN, index: int = -1) -> torch.Tensor:
     """A reader of a zero-mean x̂ given x̂ without entry k: W̃ = W[:, ≠k] − W[:, k]·1ᵀ (input axis)."""
     in_axis = 1 - _out_axis(layout)
-    dropped = w.narrow(in_axis, index % w.shape[in_axis], 1).double()
-    # select, then widen (exact): one float64 temporary of the kept columns, not of W and of them
-    return drop_along(w.detach(), in_axis, index).to(torch.float64).sub_(dropped).to(w.dtype)
+    along = 1 - in_axis if w.dim() == 2 else 0  # the output axis: every entry is computed independently
+    kept = drop_along(w.detach(), in_axis, index)  # a new tensor: the result is written into it in place
+    dropped = w.detach().narrow(in_axis, index % w.shape[in_axis], 1)
+    for start, length in spans(kept, along):  # one float64 block at a time (the same values as whole)
+        block = kept.narrow(along, start, length)
+        block.copy_(block.to(torch.float64).sub_(dropped.narrow(along, start, length).double()))
+    return kept

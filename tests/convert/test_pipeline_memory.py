@@ -3,11 +3,13 @@
 import copy
 
 import numpy as np
+import pytest
 import torch
 
 from convert import pipeline
 from convert.models import Source
 from convert.pipeline import ConvertOptions, ParkedWeights, convert
+from convert.rewrites import math
 from engines.manifest import TensorInfo
 from tests.convert._models_a import VOCAB, gpt2
 
@@ -64,3 +66,61 @@ def test_a_conversion_with_parking_leaves_the_source_intact(tmp_path, monkeypatc
     assert all(info.servable for info in manifest.variants.values())
     assert model.lm_head.weight is model.transformer.wte.weight
     assert all(torch.equal(before[k], v) for k, v in wrapped.state_dict().items())
+
+
+# ------------------------------------------------------------------ large weights in float64 blocks
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_large_weights_are_computed_in_blocks_with_the_same_values(monkeypatch, layout):
+    """A weight over CHUNK_VALUES is computed a block of outputs at a time; every value matches the
+    whole-matrix computation (the element-wise steps bit for bit, the β products to float32 rounding)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 11, generator=g) if layout == "out_in" else torch.randn(11, 37, generator=g)
+    b, gamma, beta = torch.randn(37, generator=g), torch.rand(11, generator=g) + 0.5, torch.randn(11, generator=g)
+    table = torch.randn(37, 11, generator=g)
+    whole = (math.fold_affine_into_linear(w, b, gamma, beta, layout), math.compress_readers(w, layout, 3),
+             math.center_along(table, -1))
+    monkeypatch.setattr(math, "CHUNK_VALUES", 40)  # blocks of 3 or 4 outputs
+    assert len(math.spans(w, 0 if layout == "out_in" else 1)) > 5
+    (fw, fb), reader, centred = (math.fold_affine_into_linear(w, b, gamma, beta, layout),
+                                 math.compress_readers(w, layout, 3), math.center_along(table, -1))
+    assert torch.equal(fw, whole[0][0]) and torch.equal(reader, whole[1]) and torch.equal(centred, whole[2])
+    torch.testing.assert_close(fb, whole[0][1], rtol=0, atol=1e-6)
+    assert fw.dtype == reader.dtype == centred.dtype == torch.float32
+
+
+def test_spans_cover_the_axis_once():
+    t = torch.zeros(50257, 768)
+    covered = [i for start, length in math.spans(t, 0) for i in range(start, start + length)]
+    assert covered == list(range(50257))
+    assert all(length * 768 <= math.CHUNK_VALUES for _, length in math.spans(t, 0))
+    assert math.spans(torch.zeros(4, 3), 0) == [(0, 4)]
+
+
+# ------------------------------------------------------------------ benchmark sessions
+
+
+def _identity_onnx(path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize(("limit", "opened", "open_at_end"), [(None, 2, 2), (0, 3, 1)])
+def test_benchmark_sessions_of_large_models_are_open_one_at_a_time(tmp_path, monkeypatch, limit, opened,
+                                                                   open_at_end):
+    if limit is not None:
+        monkeypatch.setattr(pipeline, "BOTH_SESSIONS_MAX_BYTES", limit)
+    pair = pipeline.Sessions(_identity_onnx(tmp_path / "a.onnx"), _identity_onnx(tmp_path / "b.onnx"), threads=1)
+    x = np.ones((2, 3), dtype=np.float32)
+    for name in ("unfused", "v", "v", "unfused"):  # the A B B A order of two benchmark rounds
+        np.testing.assert_array_equal(pair.get(name).run(None, {"x": x})[0], x)
+    assert pair.opened == opened and len(pair.open) == open_at_end
+    pair.close()
+    assert not pair.open
