@@ -124,3 +124,31 @@ def test_benchmark_sessions_of_large_models_are_open_one_at_a_time(tmp_path, mon
     assert pair.opened == opened and len(pair.open) == open_at_end
     pair.close()
     assert not pair.open
+
+
+# ------------------------------------------------------------------ onnx.checker without the weights in memory
+
+
+def _matmul_onnx(path, rows):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 20])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 20])
+    w = numpy_helper.from_array(np.arange(rows * 20, dtype=np.float32).reshape(rows, 20), "w")  # > 1 KB
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_the_checker_sees_initializer_shapes_and_leaves_no_files(tmp_path):
+    from convert.export import ExportError, _without_weights, check_onnx
+
+    good = _matmul_onnx(tmp_path / "good.onnx", 20)
+    assert check_onnx(good) == good
+    skeleton = _without_weights(good, good.name)
+    assert len(skeleton) < 1600 < good.stat().st_size  # the weight's 1600 bytes stay in the file
+    bad = _matmul_onnx(tmp_path / "bad.onnx", 7)  # [N, 20] @ [7, 20]: shape inference must reject it
+    with pytest.raises(ExportError, match="onnx.checker rejected"):
+        check_onnx(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "good.onnx"]
