@@ -10,14 +10,17 @@ so a failed conversion never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
+import mmap as mmap_module
 import os
 import platform
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -156,6 +159,7 @@ def release_memory() -> None:
         pass
 
 
+MADV_DONTNEED = 4  # <sys/mman.h> on Linux
 PARK_MIN_BYTES = 64 * 1024**2  # smaller models stay in memory (nothing to gain from a file)
 
 
@@ -175,6 +179,7 @@ class ParkedWeights:
         self.enabled = size >= PARK_MIN_BYTES and all(p.device.type == "cpu" for p in self.params.values())
         self.path: Path | None = None
         self.parked = False
+        self._mapped: dict | None = None  # the mapped state while restored with mmap (keeps the mapping alive)
 
     def park(self) -> None:
         import torch
@@ -188,6 +193,7 @@ class ParkedWeights:
             torch.save({name: p.detach() for name, p in self.params.items()}, str(self.path))
         for param in self.params.values():
             param.data = torch.empty(0, dtype=param.dtype)
+        self._mapped = None
         self.parked = True
         release_memory()
 
@@ -199,7 +205,52 @@ class ParkedWeights:
         state = torch.load(str(self.path), mmap=mmap, weights_only=True)
         for name, param in self.params.items():
             param.data = state[name]
+        self._mapped = state if mmap else None
         self.parked = False
+
+    def shed(self) -> None:
+        """Drop the mapped file's pages from this process's RSS (no-op unless restored with mmap).
+
+        The pages a rewrite has read count in RSS as long as they stay mapped; `MADV_DONTNEED` on the
+        file's private, never-written mapping only unmaps them: a later read faults them back in from the
+        page cache with the same contents (the rewrites never write a tensor in place).
+        """
+        if self._mapped is None:
+            return
+        spans = [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in self._mapped.values()
+                 if t.untyped_storage().nbytes()]
+        if not spans:
+            return
+        page = mmap_module.PAGESIZE
+        start = min(ptr for ptr, _ in spans) // page * page  # the mapping starts on a page below the data
+        end = -(-max(ptr + size for ptr, size in spans) // page) * page  # and ends on the same last page
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        except OSError:  # not glibc
+            return
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+    @contextlib.contextmanager
+    def shedding(self, every: float = 0.02):
+        """While the body runs, shed the mapped pages every `every` seconds (a rewrite reads the source
+        weight by weight: only the few it has just read stay resident, not the whole 0.5 GB file)."""
+        if self._mapped is None:
+            yield
+            return
+        done = threading.Event()
+
+        def loop() -> None:
+            while not done.wait(every):
+                self.shed()
+
+        thread = threading.Thread(target=loop, name="normfuse-shed", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+            self.shed()
 
     def close(self) -> None:
         """Restore the weights into memory (no longer backed by the file) and delete the file."""
@@ -318,7 +369,8 @@ def _build(ctx: Context, variant: str) -> VariantInfo:
         ctx.weights.restore()
         try:
             # the copy shares the tensors the rewrite leaves alone; parking then swaps only the source's
-            model = rewrite(src.model, variant, inputs=ctx.trace, share_weights=True)
+            with ctx.weights.shedding():
+                model = rewrite(src.model, variant, inputs=ctx.trace, share_weights=True)
         finally:
             ctx.weights.park()  # from here on only the variant's copy is in memory
     reference = "torch unfused fp32"

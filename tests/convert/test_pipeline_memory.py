@@ -152,3 +152,20 @@ def test_the_checker_sees_initializer_shapes_and_leaves_no_files(tmp_path):
     with pytest.raises(ExportError, match="onnx.checker rejected"):
         check_onnx(bad)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "good.onnx"]
+
+
+def test_shedding_the_mapped_pages_keeps_the_values(monkeypatch):
+    monkeypatch.setattr(pipeline, "PARK_MIN_BYTES", 0)
+    model = gpt2()
+    before = copy.deepcopy(model.state_dict())
+    weights = ParkedWeights(model)
+    weights.park()
+    weights.restore()
+    with weights.shedding(every=0.001):
+        for _ in range(3):
+            assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    weights.shed()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    weights.close()
+    weights.shed()  # restored into memory: nothing mapped, nothing to do
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
