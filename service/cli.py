@@ -19,6 +19,8 @@ FLAGS = {
     "--max-queue-delay-ms": ("max_queue_delay_ms", float, "batching window (NORMFUSE_MAX_QUEUE_DELAY_MS)"),
     "--preferred-batch-sizes": ("preferred_batch_sizes", str, "e.g. 4,8 (NORMFUSE_PREFERRED_BATCH_SIZES)"),
     "--max-queue-size": ("max_queue_size", int, "queued requests per variant before 503 (NORMFUSE_MAX_QUEUE_SIZE)"),
+    "--default-variant": ("default_variant", str, "variant for requests without a version; default: the manifest's "
+                          "(NORMFUSE_DEFAULT_VARIANT)"),
     "--shadow-rate": ("shadow_rate", float, "fraction of batches re-run on unfused (NORMFUSE_SHADOW_RATE)"),
     "--warmup-batch-sizes": ("warmup_batch_sizes", str, "e.g. 1,8 (NORMFUSE_WARMUP_BATCH_SIZES)"),
     "--intra-op-threads": ("intra_op_threads", int, "engine threads, 0 = default (NORMFUSE_INTRA_OP_THREADS)"),

@@ -49,6 +49,7 @@ class ModelEntry:
     manifest: Manifest | None = None
     variants: dict[str, Servable] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # variant (or "*" for the model) -> reason
+    default_override: str | None = None  # Settings.default_variant
 
     @property
     def dead(self) -> dict[str, str]:
@@ -58,6 +59,11 @@ class ModelEntry:
     @property
     def ready(self) -> bool:
         return bool(self.variants) and not self.failed and not self.dead
+
+    @property
+    def default(self) -> str:
+        """The variant an unversioned request gets: the manifest's default unless the setting overrides it."""
+        return self.default_override or self.manifest.default_variant
 
     @property
     def reason(self) -> str:
@@ -78,11 +84,11 @@ class Repository:
             raise ModelNotFound(f"unknown model {model!r}; this server has {sorted(self.models)}") from None
 
     def get(self, model: str, version: str | None = None) -> Servable:
-        """The servable for (model, version); no version means the manifest's default variant."""
+        """The servable for (model, version); no version means the default variant (`ModelEntry.default`)."""
         entry = self.entry(model)
         if entry.manifest is None:
             raise ModelNotReady(f"model {model!r} is not ready: {entry.reason}")
-        variant = version or entry.manifest.default_variant
+        variant = version or entry.default
         if variant in entry.variants:
             servable = entry.variants[variant]
             if not servable.batcher.alive:
@@ -99,12 +105,17 @@ class Repository:
             log.warning("no models (no */manifest.json) in %s", self.settings.repo)
         for name in names:
             entry = self.models[name] = ModelEntry(name)
+            wanted = self.settings.default_variant
             try:
-                entry.manifest = read_manifest(Path(self.settings.repo) / name)
+                manifest = read_manifest(Path(self.settings.repo) / name)
+                if wanted and wanted not in manifest.servable():
+                    raise ValueError(f"NORMFUSE_DEFAULT_VARIANT={wanted!r}, but model {name!r} has no such "
+                                     f"servable variant; it has {manifest.servable()}")
             except Exception as exc:  # noqa: BLE001 - keep serving the other models
                 entry.failed["*"] = str(exc)
                 log.error("model %s not loaded: %s", name, exc)
                 continue
+            entry.manifest, entry.default_override = manifest, wanted
             for variant in entry.manifest.servable():
                 try:
                     entry.variants[variant] = await asyncio.to_thread(self._open, entry.manifest, variant)

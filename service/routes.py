@@ -129,7 +129,7 @@ async def compare(model: str, repo: Repo) -> dict[str, Any]:
             **summaries[name],
             "parity": [p.model_dump() for p in info.parity],
         }
-    return {"model": model, "baseline": "unfused", "default_variant": entry.manifest.default_variant,
+    return {"model": model, "baseline": "unfused", "default_variant": entry.default,
             "variants": variants}
 
 

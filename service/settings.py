@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(2.0, ge=0, le=60_000, description="how long the first request waits for company")
     preferred_batch_sizes: Sizes = Field(default_factory=list, description="dispatch at once on reaching one")
     max_queue_size: int = Field(256, ge=1, description="requests waiting per (model, variant); more -> 503")
+    default_variant: str | None = Field(None, description="the variant a request without a version gets, for every "
+                                        "model (instead of the manifest's default); a model without it is not ready")
     shadow_rate: float = Field(0.0, ge=0.0, le=1.0, description="fraction of served batches re-run on unfused")
     max_body_bytes: int = Field(64 << 20, ge=1024, description="larger request bodies -> 413")
     warmup_batch_sizes: Sizes = Field(default_factory=lambda: [1], description="each warmed up before ready")

@@ -239,3 +239,26 @@ def test_request_that_can_never_fit_the_queue_is_413_without_retry_after(test_re
     assert r.status_code == 413 and "retry-after" not in r.headers
     assert "at most 16" in r.json()["error"] and "max_queue_size 2" in r.json()["error"]
     assert ok.status_code == 200
+
+
+def test_default_variant_setting_picks_what_an_unversioned_request_gets(test_repo):
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+
+    async def main():
+        async with serving(test_repo) as (c, _):  # the manifest's default is the last variant, affine
+            assert (await c.post(f"/v2/models/{MODEL}/infer", json=infer_body(x))).json()["model_version"] == "affine"
+        async with serving(test_repo, default_variant="unfused") as (c, _):
+            r = await c.post(f"/v2/models/{MODEL}/infer", json=infer_body(x))
+            assert r.status_code == 200 and r.json()["model_version"] == "unfused"
+            np.testing.assert_allclose(np.array(r.json()["outputs"][0]["data"]).reshape(2, -1), expected(x),
+                                       rtol=1e-5, atol=1e-5)
+            v = await c.post(f"/v2/models/{MODEL}/versions/affine/infer", json=infer_body(x))
+            assert v.json()["model_version"] == "affine"  # every variant stays reachable as a version
+            assert (await c.get(f"/v2/models/{MODEL}/compare")).json()["default_variant"] == "unfused"
+        async with serving(test_repo, default_variant="rmsnorm") as (c, _):  # a variant the model lacks
+            assert (await c.get("/v2/health/ready")).status_code == 503
+            r = await c.get(f"/v2/models/{MODEL}/ready")
+            assert r.status_code == 503
+            assert "NORMFUSE_DEFAULT_VARIANT='rmsnorm'" in r.json()["error"] and "'unfused', 'affine'" in r.json()["error"]
+
+    run(main())
