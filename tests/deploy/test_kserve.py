@@ -1,0 +1,375 @@
+"""deploy/kserve checked without a cluster: shape, KServe's conventions, and the real server behind them.
+
+1. Shape. Every key of every manifest is checked, recursively, against KServe's published API: the model classes
+   of the `kserve` PyPI package (generated from KServe's OpenAPI spec), read from their source with `ast` so the
+   SDK's server dependencies are not needed (`pip install --no-deps kserve`). An unknown field or a wrong type
+   anywhere fails. The Kubernetes parts KServe embeds (ObjectMeta, PodSpec fields, Container, Probe, ...) are
+   validated against Kubernetes' own strict JSON schemas, bundled with `kubernetes-validate`.
+2. Conventions KServe relies on for a custom predictor (container name, PROTOCOL, STORAGE_URI, port), the
+   security and probe settings, and what the canary's two revisions claim (docs/kserve.md cites the sources).
+3. Behaviour (e2e): `normfuse serve` started with exactly the container's command, args and env (only the model
+   repository path, bind address and port substituted), answering over HTTP with the variant the manifest says.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import functools
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.process import ROOT, free_port, running
+
+KSERVE_DIR = ROOT / "deploy/kserve"
+MAIN = KSERVE_DIR / "inferenceservice.yaml"
+CANARY = [KSERVE_DIR / "canary/01-unfused-default.yaml", KSERVE_DIR / "canary/02-fused-canary.yaml"]
+KINDS = {  # (apiVersion, kind) -> the kserve SDK model class describing it
+    ("serving.kserve.io/v1beta1", "InferenceService"): "V1beta1InferenceService",
+    ("serving.kserve.io/v1alpha1", "ServingRuntime"): "V1alpha1ServingRuntime",
+    ("serving.kserve.io/v1alpha1", "ClusterServingRuntime"): "V1alpha1ClusterServingRuntime",
+}
+PREDICTOR = "kserve-container"  # KServe's InferenceServiceContainerName
+MODEL_DIR = "/mnt/models"  # KServe's DefaultModelLocalMountPath
+UNFUSED = "unfused"
+
+needs_kserve = pytest.mark.skipif(importlib.util.find_spec("kserve") is None,
+                                  reason="the kserve SDK's API models are needed: pip install --no-deps kserve==0.21.0")
+
+
+def documents() -> list[tuple[Path, dict]]:
+    return [(path, doc) for path in sorted(KSERVE_DIR.rglob("*.yaml"))
+            for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def services() -> list[tuple[Path, dict]]:
+    return [(path, doc) for path, doc in documents() if doc["kind"] == "InferenceService"]
+
+
+def load(path: Path) -> dict:
+    [doc] = [d for p, d in services() if p == path]
+    return doc
+
+
+def predictor_container(isvc: dict) -> dict:
+    [container] = [c for c in isvc["spec"]["predictor"]["containers"] if c["name"] == PREDICTOR]
+    return container
+
+
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", [])}
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+# -- 1. shape: KServe's API models + Kubernetes' schemas ---------------------------------------------------------
+@dataclass(frozen=True)
+class ApiModel:
+    fields: dict[str, str]  # JSON key -> OpenAPI-generator type, e.g. "list[V1Container]", "dict(str, str)"
+    required: frozenset[str]
+
+
+@functools.cache
+def kserve_models() -> dict[str, ApiModel]:
+    """Class name -> ApiModel, from kserve/models/*.py without importing kserve (its server needs grpc, pandas...)."""
+    spec = importlib.util.find_spec("kserve")  # locates the package, runs nothing
+    models = {}
+    for path in sorted(Path(next(iter(spec.submodule_search_locations)), "models").glob("*.py")):
+        source = path.read_text()
+        for node in ast.parse(source).body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            attrs = {t.id: ast.literal_eval(s.value) for s in node.body if isinstance(s, ast.Assign)
+                     for t in s.targets if isinstance(t, ast.Name) and t.id in ("openapi_types", "attribute_map")}
+            if "openapi_types" not in attrs:
+                continue
+            keys = attrs["attribute_map"]
+            # the generated setters refuse None for required fields: "Invalid value for `spec`, must not be `None`"
+            required = set(re.findall(r"Invalid value for `(\w+)`, must not be `None`", ast.get_source_segment(source, node)))
+            models[node.name] = ApiModel({keys[a]: t for a, t in attrs["openapi_types"].items()},
+                                         frozenset(keys[a] for a in required))
+    return models
+
+
+@functools.cache
+def k8s_schemas() -> tuple[dict, dict[str, str]]:
+    """Kubernetes' strict definitions (newest bundled release) and python-client name -> definition name."""
+    import kubernetes_validate
+
+    base = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    version = kubernetes_validate.latest_version()
+    defs = json.loads((base / f"v{version}-local-strict/_definitions.json").read_text())
+    names: dict[str, list[str]] = {}
+    for key in defs["$defs"]:
+        parts = key.split(".")  # io.k8s.api.core.v1.Container, io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta
+        if re.fullmatch(r"v\d+((alpha|beta)\d+)?", parts[-2]):
+            names.setdefault(parts[-2].capitalize() + parts[-1], []).append(key)  # V1Container (kubernetes client)
+            if parts[:3] == ["io", "k8s", "api"]:  # K8sIoApiAppsV1DeploymentStrategy (Go package path)
+                names.setdefault("K8sIoApi" + parts[3].capitalize() + parts[4].capitalize() + parts[5], []).append(key)
+    names["ResourceQuantity"] = ["io.k8s.apimachinery.pkg.api.resource.Quantity"]
+    preferred = ("io.k8s.api.core.", "io.k8s.apimachinery.pkg.apis.meta.")
+    resolved = {}
+    for name, keys in names.items():  # V1Condition exists in several groups; the kserve SDK means core/meta ones
+        core = [k for k in keys if k.startswith(preferred)]
+        if len(keys) == 1 or len(core) == 1:
+            resolved[name] = keys[0] if len(keys) == 1 else core[0]
+    return defs, resolved
+
+
+PRIMITIVES = {"str": str, "int": int, "bool": bool, "float": (int, float), "datetime": str}
+
+
+def shape_errors(value: object, kind: str, path: str = "") -> list[str]:
+    """Every place where `value` does not fit the OpenAPI-generator type `kind`; unknown fields are errors."""
+    if value is None:
+        return []
+    if kind.startswith("list[") and kind.endswith("]"):
+        if not isinstance(value, list):
+            return [f"{path}: expected a list, got {value!r}"]
+        return [e for i, item in enumerate(value) for e in shape_errors(item, kind[5:-1], f"{path}[{i}]")]
+    if kind.startswith("dict(") and kind.endswith(")"):
+        if not isinstance(value, dict):
+            return [f"{path}: expected a mapping, got {value!r}"]
+        inner = kind[5:-1].split(", ", 1)[1]
+        return [e for k, v in value.items() for e in shape_errors(v, inner, f"{path}.{k}")]
+    if kind in PRIMITIVES:
+        ok = isinstance(value, PRIMITIVES[kind]) and not (kind != "bool" and isinstance(value, bool))
+        return [] if ok else [f"{path}: expected {kind}, got {value!r}"]
+    if kind == "object":
+        return []
+    models = kserve_models()
+    if kind in models:
+        return _model_errors(value, models[kind], kind, path)
+    defs, k8s_names = k8s_schemas()
+    if kind in k8s_names:
+        return _k8s_errors(value, k8s_names[kind], defs, path)
+    return [f"{path}: type {kind} is in neither the kserve SDK nor Kubernetes' schemas, so it cannot be checked"]
+
+
+def _model_errors(value: object, model: ApiModel, kind: str, path: str) -> list[str]:
+    if not isinstance(value, dict):
+        return [f"{path}: expected a {kind} mapping, got {value!r}"]
+    errors = [f"{path}.{key}: unknown field for {kind} (known: {sorted(model.fields)})"
+              for key in value if key not in model.fields]
+    errors += [f"{path}.{key}: required by {kind}" for key in model.required if value.get(key) is None]
+    return errors + [e for key, item in value.items() if key in model.fields
+                     for e in shape_errors(item, model.fields[key], f"{path}.{key}")]
+
+
+def _k8s_errors(value: object, definition: str, defs: dict, path: str) -> list[str]:
+    import jsonschema
+    from referencing import Registry, Resource
+
+    registry = Registry().with_resource(defs["$id"], Resource.from_contents(defs))
+    validator = jsonschema.Draft202012Validator({"$ref": f"{defs['$id']}#/$defs/{definition}"}, registry=registry)
+    return [f"{path}{''.join(f'[{p}]' if isinstance(p, int) else f'.{p}' for p in e.absolute_path)}: "
+            f"{e.message} ({definition})" for e in validator.iter_errors(value)]
+
+
+def resource_errors(doc: dict) -> list[str]:
+    kind = KINDS.get((doc.get("apiVersion"), doc.get("kind")))
+    if kind is None:
+        return [f"{doc.get('apiVersion')} {doc.get('kind')}: not a KServe kind this test knows"]
+    return shape_errors(doc, kind, doc["kind"])
+
+
+def test_manifests_exist_and_are_kserve_kinds():
+    docs = documents()
+    assert {p for p, _ in docs} >= {MAIN, *CANARY}
+    assert all((d["apiVersion"], d["kind"]) in KINDS for _, d in docs), [d["kind"] for _, d in docs]
+
+
+@needs_kserve
+@pytest.mark.parametrize("path", sorted(KSERVE_DIR.rglob("*.yaml")), ids=lambda p: str(p.relative_to(KSERVE_DIR)))
+def test_every_key_fits_kserve_and_kubernetes_schemas(path):
+    for doc in yaml.safe_load_all(path.read_text()):
+        assert resource_errors(doc) == [], f"{path.name}: {doc['metadata']['name']}"
+
+
+@needs_kserve
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: d["spec"]["predictor"].__setitem__("canaryTraficPercent", 10), "canaryTraficPercent: unknown field"),
+    (lambda d: d["spec"]["predictor"].__setitem__("minReplicas", "1"), "minReplicas: expected int"),
+    (lambda d: d["spec"].pop("predictor"), "spec.predictor: required"),
+    (lambda d: predictor_container(d).__setitem__("imagePullPolicyy", "Always"), "containers[0]: Additional properties"),
+    (lambda d: predictor_container(d)["readinessProbe"]["httpGet"].pop("port"), "'port' is a required property"),
+    (lambda d: d["metadata"]["annotations"].__setitem__("serving.kserve.io/enable-tag-routing", True),
+     "metadata.annotations.serving.kserve.io/enable-tag-routing: True is not of type"),
+])
+def test_the_shape_check_catches_mistakes(mutate, expected):
+    """The check is not vacuous: a misspelt field, a wrong type, a missing required field each fail it."""
+    doc = copy.deepcopy(load(MAIN))
+    assert resource_errors(doc) == []
+    mutate(doc)
+    errors = resource_errors(doc)
+    assert any(expected in e for e in errors), errors
+
+
+# -- 2. KServe's custom-predictor conventions, security, probes, and the canary's claims -------------------------
+def _settings_fields() -> set[str]:
+    from service.settings import Settings
+
+    return set(Settings.model_fields)
+
+
+@pytest.mark.parametrize("path", [p for p, _ in services()], ids=lambda p: str(p.relative_to(KSERVE_DIR)))
+def test_custom_predictor_conventions(path):
+    isvc = load(path)
+    container = predictor_container(isvc)
+    env, args = env_of(container), container["args"]
+    assert env["PROTOCOL"] == "v2"  # KServe's CustomSpecProtocolEnvVarKey: Open Inference Protocol
+    assert env["STORAGE_URI"].startswith("pvc://normfuse-models")  # deploy/k8s's PVC, mounted at /mnt/models
+    assert flag(args, "--repo") == MODEL_DIR
+    port = int(flag(args, "--port"))
+    assert port == 8080 and flag(args, "--host") == "0.0.0.0"
+    assert [p["containerPort"] for p in container["ports"]] == [port]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": port}
+    annotations = isvc["metadata"]["annotations"]
+    assert annotations["prometheus.kserve.io/port"] == str(port)
+    assert annotations["prometheus.kserve.io/path"] == "/metrics"
+    unknown = [k for k in env if k.startswith("NORMFUSE_") and k[9:].lower() not in _settings_fields()]
+    assert unknown == [], "not normfuse serve settings (typos?)"
+
+
+def test_container_commands_parse_with_the_real_cli():
+    from normfuse.cli import build_parser
+
+    parser = build_parser()
+    for path, isvc in services():
+        container = predictor_container(isvc)
+        assert container["command"][0] == "normfuse", path
+        args = parser.parse_args([*container["command"][1:], *container["args"]])
+        assert args.command == "serve" and args.port == 8080 and args.repo == MODEL_DIR, path
+
+
+@pytest.mark.parametrize("path", [p for p, _ in services()], ids=lambda p: str(p.relative_to(KSERVE_DIR)))
+def test_non_root_read_only_with_resources(path):
+    isvc = load(path)
+    container = predictor_container(isvc)
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] == 10001  # the image's user
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    # the only writable path is an emptyDir on /tmp
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in isvc["spec"]["predictor"]["volumes"]}
+    assert list(mounts) == ["/tmp"] and "emptyDir" in volumes[mounts["/tmp"]]
+    resources = container["resources"]
+    assert resources["requests"] == resources["limits"]  # Guaranteed QoS
+    assert set(resources["limits"]) == {"cpu", "memory"}
+    assert env_of(container)["NORMFUSE_INTRA_OP_THREADS"] == str(resources["limits"]["cpu"])
+
+
+def test_main_service_defaults_to_a_fused_variant():
+    default = env_of(predictor_container(load(MAIN)))["NORMFUSE_DEFAULT_VARIANT"]
+    assert default != UNFUSED and default in {"affine", "rmsnorm", "crmsnorm", "folded"}
+
+
+def test_canary_rolls_out_the_fused_default_and_changes_nothing_else():
+    before, after = (load(p) for p in CANARY)
+    assert before["metadata"]["name"] == after["metadata"]["name"]  # two revisions of one InferenceService
+    for isvc in (before, after):  # canary traffic splitting needs KServe's Knative mode
+        assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Knative"
+    assert "canaryTrafficPercent" not in before["spec"]["predictor"]
+    assert 0 < after["spec"]["predictor"]["canaryTrafficPercent"] < 100
+    old, new = (env_of(predictor_container(isvc))["NORMFUSE_DEFAULT_VARIANT"] for isvc in (before, after))
+    assert old == UNFUSED
+    assert new == env_of(predictor_container(load(MAIN)))["NORMFUSE_DEFAULT_VARIANT"]
+    # the revisions differ only in the default variant (and the split), so the fleet compares variants alone
+    same_before, same_after = copy.deepcopy(before), copy.deepcopy(after)
+    same_after["spec"]["predictor"].pop("canaryTrafficPercent")
+    for isvc in (same_before, same_after):
+        for item in predictor_container(isvc)["env"]:
+            if item["name"] == "NORMFUSE_DEFAULT_VARIANT":
+                item["value"] = "?"
+    assert same_before == same_after
+
+
+# -- 3. behaviour: the container's own command line, run for real -----------------------------------------------
+def _repo_with(tmp_path: Path, fused: str) -> Path:
+    """The test repository (variants unfused, affine; manifest default affine) plus `fused`, a copy of affine.
+
+    The manifest's own default is neither `unfused` nor `fused`, so an answer from either proves that
+    NORMFUSE_DEFAULT_VARIANT, not the manifest, chose it.
+    """
+    from engines.manifest import file_ref, read_manifest, write_manifest
+    from tests.service.repo_builder import MODEL, build_test_repo
+
+    repo = build_test_repo(tmp_path / "repo", broken=False)
+    model_dir = repo / MODEL
+    manifest = read_manifest(model_dir)
+    assert manifest.default_variant not in (UNFUSED, fused)
+    shutil.copytree(model_dir / "affine", model_dir / fused)
+    files = {role: file_ref(model_dir, model_dir / fused / Path(ref.path).name)
+             for role, ref in manifest.variants["affine"].files.items()}
+    manifest.variants[fused] = manifest.variants["affine"].model_copy(update={"name": fused, "files": files})
+    write_manifest(model_dir, manifest)
+    return repo
+
+
+def _command(container: dict, repo: Path, port: int) -> list[str]:
+    """The container's command + args, with the repository, bind address and port substituted (nothing else)."""
+    argv = [*container["command"], *container["args"]]
+    substitutes = {"--repo": str(repo), "--host": "127.0.0.1", "--port": str(port)}
+    argv = [substitutes.get(argv[i - 1], a) if i else a for i, a in enumerate(argv)]
+    executable = ROOT / ".venv/bin/normfuse"
+    return [str(executable)] + argv[1:] if executable.exists() else [sys.executable, "-m", "normfuse.cli", *argv[1:]]
+
+
+def _env(container: dict, repo: Path) -> dict[str, str]:
+    """Ours (PATH, the venv) plus the container's env; STORAGE_URI as KServe rewrites it: the mounted path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NORMFUSE_")}
+    return {**env, **env_of(container), "STORAGE_URI": str(repo), "NORMFUSE_LOG_LEVEL": "warning"}
+
+
+def _infer(url: str, model: str, version: str | None) -> tuple[str, np.ndarray, np.ndarray]:
+    import tritonclient.http as triton
+
+    x = np.array([[1, 2, 3, 4], [0, -1, 2, 5]], dtype=np.float32)
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    try:
+        tensor = triton.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        result = client.infer(model, [tensor], model_version=version or "")
+        return result.get_response()["model_version"], x, result.as_numpy("y")
+    finally:
+        client.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("path", [MAIN, *CANARY], ids=lambda p: str(p.relative_to(KSERVE_DIR)))
+def test_the_container_serves_the_default_it_claims_and_unfused_as_a_version(path, tmp_path):
+    import httpx
+
+    from tests.service.repo_builder import MODEL, expected
+
+    container = predictor_container(load(path))
+    claimed = env_of(container)["NORMFUSE_DEFAULT_VARIANT"]
+    fused = env_of(predictor_container(load(MAIN)))["NORMFUSE_DEFAULT_VARIANT"]
+    repo = _repo_with(tmp_path, fused)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    probes = {kind: container[kind]["httpGet"]["path"] for kind in ("readinessProbe", "livenessProbe")}
+    with running(_command(container, repo, port), ready_url=url + probes["readinessProbe"],
+                 log_path=tmp_path / "server.log", env=_env(container, repo)):
+        for probe in probes.values():
+            assert httpx.get(url + probe, timeout=5).status_code == 200, probe
+        for version, answered_by in ((None, claimed), (UNFUSED, UNFUSED), (fused, fused)):
+            served, x, y = _infer(url, MODEL, version)
+            assert served == answered_by, f"version {version!r}"
+            np.testing.assert_array_equal(y, expected(x))
+        assert f'variant="{claimed}"' in httpx.get(url + "/metrics", timeout=5).text
