@@ -6,21 +6,22 @@ Assumptions (docs/scaling.md discusses each):
   (kube-proxy in iptables mode) splits them into n independent Poisson streams of rate/n (Poisson
   thinning); round-robin gives each replica *less* variable arrivals, so the random split is the
   conservative case.
-* A replica is one queue with saturation throughput `mu` (req/s, measured closed-loop at its batch
-  cap) and a latency quantile
+* A replica is one queue with a latency quantile
 
       T_q(λ) = base + κ · (−ln(1 − q)) / (μ − λ)
 
-  For κ = 1 and base = 0 this is the M/M/1 sojourn-time quantile (the sojourn time of M/M/1 FCFS is
+  For κ = 1 and base = 0 this is the M/M/1 sojourn-time quantile (the time in system of M/M/1 FCFS is
   exponential with rate μ − λ). `base` is the part no queue explains (HTTP, parsing, the spread of one
-  engine run) and κ scales the queueing term: by Kingman's heavy-traffic approximation the waiting
-  time of G/G/1 is roughly exponential with mean (c_a² + c_s²)/2 · 1/(μ − λ), so with Poisson
-  arrivals κ ≈ (1 + c_s²)/2 — 1 for exponential service, ½ for deterministic service. Both are fitted
-  to the replica's measured open-loop p99 at several offered rates; μ is not fitted but measured.
+  engine run). κ scales the queueing term: by Kingman's heavy-traffic approximation the waiting time
+  of G/G/1 is roughly exponential with mean (c_a² + c_s²)/2 · 1/(μ − λ), so with Poisson arrivals
+  κ ≈ (1 + c_s²)/2 — 1 for exponential service, ½ for deterministic service. By default κ = 1 and
+  (μ, base) are fitted to the replica's measured open-loop p99 at several offered rates (relative
+  least squares); the closed-loop saturation throughput is measured separately as a check.
 * Where it breaks: dynamic batching makes the service rate load-dependent (a replica serves faster
-  the more requests it batches), so no single μ is right at every load. Taking μ at saturation (the
-  largest batches) makes the model optimistic near saturation and the fitted κ < 1 absorbs part of it;
-  the utilisation cap keeps plans away from the region where that error explodes.
+  the more requests it batches), so no single μ is right at every load: the closed-loop μ (largest
+  batches, a client that never idles) over-states what Poisson arrivals get, which is why μ is fitted
+  to the open-loop curve. Beyond the fitted range the model extrapolates; the utilisation cap keeps
+  plans away from saturation, where every queueing model's error explodes.
 """
 
 from __future__ import annotations
@@ -99,45 +100,84 @@ class QueueFit:
                 "cs2": 2 * self.kappa - 1, "rms_rel_error": self.rms_rel_error, "points": self.points}
 
 
-def fit_queue(points: Iterable[tuple[float, float]], mu: float, q: float = 0.99) -> QueueFit:
-    """Least squares of measured (rate req/s, q-quantile s) points on base + κ·x, x = −ln(1−q)/(μ − λ).
+def fit_queue(points: Iterable[tuple[float, float]], q: float = 0.99, *, mu: float | None = None,
+              kappa: float | None = 1.0, mu_hint: float | None = None) -> QueueFit:
+    """Fit T_q(λ) = base + κ·(−ln(1−q))/(μ − λ) to measured (rate req/s, q-quantile s) points.
 
-    The model is linear in (base, κ) once μ is fixed, so this is an ordinary regression, constrained
-    to base ≥ 0 and κ ≥ 0. Points at or beyond μ carry no information about the stable queue and are
-    dropped. One point fixes κ = 1 (M/M/1) and fits the base alone.
+    Relative least squares (each point weighted 1/T², so a 5 ms point counts as much as a 200 ms one),
+    base ≥ 0 and κ ≥ 0. `mu` fixed, or None: profiled over (max rate, 20 × max rate]; when the data
+    cannot place it (the optimum is the search's upper edge: no queueing visible) `mu_hint` (a measured
+    saturation throughput) is used if given. `kappa` fixed (default 1: M/M/1 plus a fixed overhead, two
+    parameters) or None: fitted too. Points at or beyond a fixed μ carry no information about a stable
+    queue and are dropped.
     """
-    kept = [(r, t) for r, t in points if 0 <= r < mu and math.isfinite(t)]
+    kept = [(r, t) for r, t in points if r >= 0 and math.isfinite(t) and t > 0 and (mu is None or r < mu)]
     if not kept:
-        raise ValueError(f"no measured point below the saturation rate {mu:.1f} req/s to fit")
+        raise ValueError("no measured point below the saturation rate to fit")
+    if mu is None:
+        top = max(r for r, _ in kept)
+        low, high = top * 1.0005 + 1e-9, top * 20 + 1.0
+        grid = [low * (high / low) ** (i / 400) for i in range(401)]
+
+        def cost(m: float) -> float:
+            return _fit_at(kept, q, m, kappa)[2]
+
+        i = min(range(len(grid)), key=lambda j: cost(grid[j]))
+        best = _golden_min(cost, grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)])
+        mu = mu_hint if (i == len(grid) - 1 and mu_hint) else best
+        kept = [(r, t) for r, t in kept if r < mu]
+        if not kept:
+            raise ValueError(f"every measured point is at or beyond the saturation rate {mu:.1f} req/s")
+    base, k, sse = _fit_at(kept, q, mu, kappa)
+    return QueueFit(mu=mu, base_s=base, kappa=k, q=q, rms_rel_error=math.sqrt(sse / len(kept)), points=len(kept))
+
+
+def _golden_min(f, lo: float, hi: float, iterations: int = 60) -> float:
+    """Golden-section search for the minimum of f on [lo, hi] (f unimodal there)."""
+    g = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    for _ in range(iterations):
+        c, d = b - g * (b - a), a + g * (b - a)
+        if f(c) <= f(d):
+            b = d
+        else:
+            a = c
+    return (a + b) / 2
+
+
+def _fit_at(points: Sequence[tuple[float, float]], q: float, mu: float, kappa: float | None) -> tuple:
+    """(base, κ, Σ relative squared error) at a fixed μ: weighted linear least squares in x = tail/(μ − λ)."""
     tail = -math.log1p(-q)
-    xs = [tail / (mu - r) for r, _ in kept]
-    ys = [t for _, t in kept]
-    if len(kept) == 1:
-        base, kappa = max(0.0, ys[0] - xs[0]), 1.0
+    xs = [tail / (mu - r) for r, _ in points]
+    ys = [t for _, t in points]
+    ws = [1 / (t * t) for t in ys]
+    if kappa is None and len(points) > 1:
+        base, k = _nonnegative_line(xs, ys, ws)
     else:
-        base, kappa = _nonnegative_line(xs, ys)
-    fit = QueueFit(mu=mu, base_s=base, kappa=kappa, q=q, points=len(kept))
-    errors = [(fit.latency(r) - t) / t for r, t in kept if t > 0]
-    rms = math.sqrt(sum(e * e for e in errors) / len(errors)) if errors else math.nan
-    return replace(fit, rms_rel_error=rms)
+        k = 1.0 if kappa is None else kappa
+        base = max(0.0, sum(w * (y - k * x) for x, y, w in zip(xs, ys, ws, strict=True)) / sum(ws))
+    sse = sum(w * (y - base - k * x) ** 2 for x, y, w in zip(xs, ys, ws, strict=True))
+    return base, k, sse
 
 
-def _nonnegative_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
-    """(a, b) minimising Σ(y − a − b·x)² subject to a ≥ 0, b ≥ 0 (two parameters: check the faces)."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx > 0 else 0.0
+def _nonnegative_line(xs: Sequence[float], ys: Sequence[float], ws: Sequence[float]) -> tuple[float, float]:
+    """(a, b) minimising Σ w(y − a − b·x)² subject to a ≥ 0, b ≥ 0 (two parameters: check the faces)."""
+    sw = sum(ws)
+    mx = sum(w * x for x, w in zip(xs, ws, strict=True)) / sw
+    my = sum(w * y for y, w in zip(ys, ws, strict=True)) / sw
+    sxx = sum(w * (x - mx) ** 2 for x, w in zip(xs, ws, strict=True))
+    sxy = sum(w * (x - mx) * (y - my) for x, y, w in zip(xs, ys, ws, strict=True))
+    b = sxy / sxx if sxx > 0 else 0.0
     a = my - b * mx
     if b >= 0 and a >= 0:
         return a, b
-    candidates = [(max(0.0, my), 0.0)]  # b = 0: a is the mean
-    x2 = sum(x * x for x in xs)
+    candidates = [(max(0.0, my), 0.0)]  # b = 0: a is the weighted mean
+    x2 = sum(w * x * x for x, w in zip(xs, ws, strict=True))
     if x2 > 0:  # a = 0: regression through the origin
-        candidates.append((0.0, max(0.0, sum(x * y for x, y in zip(xs, ys, strict=True)) / x2)))
+        candidates.append((0.0, max(0.0, sum(w * x * y for x, y, w in zip(xs, ys, ws, strict=True)) / x2)))
 
     def sse(ab: tuple[float, float]) -> float:
-        return sum((y - ab[0] - ab[1] * x) ** 2 for x, y in zip(xs, ys, strict=True))
+        return sum(w * (y - ab[0] - ab[1] * x) ** 2 for x, y, w in zip(xs, ys, ws, strict=True))
 
     return min(candidates, key=sse)
 

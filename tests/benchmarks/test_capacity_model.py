@@ -44,27 +44,44 @@ def test_queue_fit_is_monotone_and_diverges_at_saturation():
     assert fit.max_rate(fit.floor_s) == 0.0
 
 
-def test_fit_recovers_the_parameters_of_noise_free_points():
+def test_fit_recovers_mu_and_base_of_noise_free_mm1_points():
+    truth = QueueFit(mu=800, base_s=0.003, kappa=1.0)
+    points = [(r, truth.latency(r)) for r in (80, 240, 400, 560, 720)]
+    fit = fit_queue(points)  # κ = 1: (μ, base) fitted
+    assert fit.mu == pytest.approx(800, rel=1e-4)
+    assert fit.base_s == pytest.approx(0.003, rel=1e-3)
+    assert fit.rms_rel_error < 1e-4 and fit.points == 5
+
+
+def test_fit_recovers_kappa_and_base_at_a_fixed_mu():
     truth = QueueFit(mu=800, base_s=0.003, kappa=0.6)
     points = [(r, truth.latency(r)) for r in (80, 240, 400, 560, 720)]
-    fit = fit_queue(points + [(900, 1.0)], mu=800)  # the point beyond μ is dropped
+    fit = fit_queue(points + [(900, 1.0)], mu=800, kappa=None)  # the point beyond μ is dropped
     assert fit.points == 5
     assert fit.base_s == pytest.approx(0.003, rel=1e-9)
     assert fit.kappa == pytest.approx(0.6, rel=1e-9)
     assert fit.rms_rel_error == pytest.approx(0.0, abs=1e-9)
 
 
+def test_fit_falls_back_to_the_measured_saturation_when_no_queueing_shows():
+    flat = [(100, 0.004), (200, 0.004), (300, 0.004)]
+    assert fit_queue(flat, mu_hint=5000).mu == 5000
+    assert fit_queue(flat).mu > 20 * 300 * 0.99  # no hint: the edge of the search, i.e. "no queue seen"
+
+
 def test_fit_keeps_parameters_nonnegative():
     # latency falling with load (batching amortises) would give κ < 0: clamp to κ = 0, base = the mean
-    fit = fit_queue([(100, 0.005), (500, 0.004), (800, 0.003)], mu=1000)
-    assert fit.kappa == 0 and fit.base_s == pytest.approx(0.004)
+    fit = fit_queue([(100, 0.004), (500, 0.004), (800, 0.004 * 0.999)], mu=1000, kappa=None)
+    assert fit.kappa == 0 and fit.base_s == pytest.approx(0.004, rel=1e-3)
     # a steep curve with tiny latency at low load would give base < 0: fit through the origin instead
-    fit = fit_queue([(0, 0.0001), (900, 0.2)], mu=1000)
+    fit = fit_queue([(0, 0.0001), (900, 0.2)], mu=1000, kappa=None)
     assert fit.base_s == 0 and fit.kappa > 0
-    one = fit_queue([(500, 0.05)], mu=1000)  # one point: M/M/1's κ = 1, base from the rest
+    one = fit_queue([(500, 0.05)], mu=1000)  # κ = 1 and one point: the base is the rest
     assert one.kappa == 1 and one.base_s == pytest.approx(0.05 - math.log(100) / 500)
     with pytest.raises(ValueError, match="no measured point"):
         fit_queue([(1000, 0.1)], mu=1000)
+    with pytest.raises(ValueError, match="beyond the saturation"):
+        fit_queue([(100, 0.004), (200, 0.004)], mu_hint=50)
 
 
 def test_plan_is_minimal_and_meets_both_limits():
