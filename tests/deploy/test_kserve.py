@@ -74,6 +74,53 @@ def flag(args: list[str], name: str) -> str:
     return args[args.index(name) + 1]
 
 
+@dataclass(frozen=True)
+class Predictor:
+    """What one InferenceService runs, in either form: a custom container, or predictor.model on a ServingRuntime."""
+
+    isvc: dict
+    container: dict  # the kserve-container as KServe would run it (runtime container + the model's env)
+    pod: dict  # where the pod-level fields (volumes) are: the predictor, or the runtime's spec
+    annotations: dict[str, str]  # the runtime's and the service's, as KServe unions them onto the pod
+    storage_uri: str
+    protocol: str
+
+
+MODEL_SPEC_KEYS = {"modelFormat", "runtime", "protocolVersion", "storageUri", "env"}  # what our models may set
+
+
+def predictor_of(isvc: dict) -> Predictor:
+    predictor, annotations = isvc["spec"]["predictor"], dict(isvc["metadata"].get("annotations", {}))
+    if "model" not in predictor:  # custom predictor: STORAGE_URI and PROTOCOL are the container's env
+        container = predictor_container(isvc)
+        env = env_of(container)
+        return Predictor(isvc, container, predictor, annotations, env["STORAGE_URI"], env["PROTOCOL"])
+    model = predictor["model"]
+    assert set(model) <= MODEL_SPEC_KEYS, f"only these model fields are merged here: {MODEL_SPEC_KEYS}"
+    [runtime] = [d for _, d in documents() if d["kind"] == "ServingRuntime" and d["metadata"]["name"] == model["runtime"]]
+    wanted = model["modelFormat"]
+    assert any(f["name"] == wanted["name"] and f.get("version") == wanted.get("version")
+               for f in runtime["spec"]["supportedModelFormats"]), "the runtime does not support this model format"
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    [container] = copy.deepcopy([c for c in runtime["spec"]["containers"] if c["name"] == PREDICTOR])
+    # KServe merges the model's container fields into the runtime's container; env entries by name
+    merged = {**env_of(container), **env_of(model)}
+    container["env"] = [{"name": k, "value": v} for k, v in merged.items()]
+    annotations = {**runtime["metadata"].get("annotations", {}), **annotations}
+    return Predictor(isvc, container, runtime["spec"], annotations, model["storageUri"], model["protocolVersion"])
+
+
+def default_of(path: Path) -> str:
+    return env_of(predictor_of(load(path)).container)["NORMFUSE_DEFAULT_VARIANT"]
+
+
+SERVICE_PATHS = [p for p, _ in services()]
+
+
+def path_id(path: Path) -> str:
+    return str(path.relative_to(KSERVE_DIR))
+
+
 # -- 1. shape: KServe's API models + Kubernetes' schemas ---------------------------------------------------------
 @dataclass(frozen=True)
 class ApiModel:
@@ -192,7 +239,7 @@ def test_manifests_exist_and_are_kserve_kinds():
 
 
 @needs_kserve
-@pytest.mark.parametrize("path", sorted(KSERVE_DIR.rglob("*.yaml")), ids=lambda p: str(p.relative_to(KSERVE_DIR)))
+@pytest.mark.parametrize("path", sorted(KSERVE_DIR.rglob("*.yaml")), ids=path_id)
 def test_every_key_fits_kserve_and_kubernetes_schemas(path):
     for doc in yaml.safe_load_all(path.read_text()):
         assert resource_errors(doc) == [], f"{path.name}: {doc['metadata']['name']}"
@@ -224,22 +271,22 @@ def _settings_fields() -> set[str]:
     return set(Settings.model_fields)
 
 
-@pytest.mark.parametrize("path", [p for p, _ in services()], ids=lambda p: str(p.relative_to(KSERVE_DIR)))
-def test_custom_predictor_conventions(path):
-    isvc = load(path)
-    container = predictor_container(isvc)
-    env, args = env_of(container), container["args"]
-    assert env["PROTOCOL"] == "v2"  # KServe's CustomSpecProtocolEnvVarKey: Open Inference Protocol
-    assert env["STORAGE_URI"].startswith("pvc://normfuse-models")  # deploy/k8s's PVC, mounted at /mnt/models
+@pytest.mark.parametrize("path", SERVICE_PATHS, ids=path_id)
+def test_kserve_predictor_conventions(path):
+    run = predictor_of(load(path))
+    container, args = run.container, run.container["args"]
+    assert run.protocol == "v2"  # custom: the PROTOCOL env (CustomSpecProtocolEnvVarKey); runtime: protocolVersion
+    assert run.storage_uri.startswith("pvc://normfuse-models")  # deploy/k8s's PVC, put at /mnt/models by KServe
     assert flag(args, "--repo") == MODEL_DIR
     port = int(flag(args, "--port"))
     assert port == 8080 and flag(args, "--host") == "0.0.0.0"
     assert [p["containerPort"] for p in container["ports"]] == [port]
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": port}
-    annotations = isvc["metadata"]["annotations"]
-    assert annotations["prometheus.kserve.io/port"] == str(port)
-    assert annotations["prometheus.kserve.io/path"] == "/metrics"
+    assert run.annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
+    assert run.annotations["prometheus.kserve.io/port"] == str(port)
+    assert run.annotations["prometheus.kserve.io/path"] == "/metrics"
+    env = env_of(container)
     unknown = [k for k in env if k.startswith("NORMFUSE_") and k[9:].lower() not in _settings_fields()]
     assert unknown == [], "not normfuse serve settings (typos?)"
 
@@ -248,24 +295,24 @@ def test_container_commands_parse_with_the_real_cli():
     from normfuse.cli import build_parser
 
     parser = build_parser()
-    for path, isvc in services():
-        container = predictor_container(isvc)
+    for path in SERVICE_PATHS:
+        container = predictor_of(load(path)).container
         assert container["command"][0] == "normfuse", path
         args = parser.parse_args([*container["command"][1:], *container["args"]])
         assert args.command == "serve" and args.port == 8080 and args.repo == MODEL_DIR, path
 
 
-@pytest.mark.parametrize("path", [p for p, _ in services()], ids=lambda p: str(p.relative_to(KSERVE_DIR)))
+@pytest.mark.parametrize("path", SERVICE_PATHS, ids=path_id)
 def test_non_root_read_only_with_resources(path):
-    isvc = load(path)
-    container = predictor_container(isvc)
+    run = predictor_of(load(path))
+    container = run.container
     security = container["securityContext"]
     assert security["runAsNonRoot"] is True and security["runAsUser"] == 10001  # the image's user
     assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
     assert security["capabilities"]["drop"] == ["ALL"]
     # the only writable path is an emptyDir on /tmp
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    volumes = {v["name"]: v for v in isvc["spec"]["predictor"]["volumes"]}
+    volumes = {v["name"]: v for v in run.pod["volumes"]}
     assert list(mounts) == ["/tmp"] and "emptyDir" in volumes[mounts["/tmp"]]
     resources = container["resources"]
     assert resources["requests"] == resources["limits"]  # Guaranteed QoS
@@ -273,9 +320,11 @@ def test_non_root_read_only_with_resources(path):
     assert env_of(container)["NORMFUSE_INTRA_OP_THREADS"] == str(resources["limits"]["cpu"])
 
 
-def test_main_service_defaults_to_a_fused_variant():
-    default = env_of(predictor_container(load(MAIN)))["NORMFUSE_DEFAULT_VARIANT"]
-    assert default != UNFUSED and default in {"affine", "rmsnorm", "crmsnorm", "folded"}
+def test_every_service_but_the_canary_baseline_defaults_to_the_fused_variant():
+    fused = default_of(MAIN)
+    assert fused != UNFUSED and fused in {"affine", "rmsnorm", "crmsnorm", "folded"}
+    assert {p: default_of(p) for p in SERVICE_PATHS if p != CANARY[0]} == {p: fused for p in SERVICE_PATHS
+                                                                           if p != CANARY[0]}
 
 
 def test_canary_rolls_out_the_fused_default_and_changes_nothing_else():
@@ -285,9 +334,8 @@ def test_canary_rolls_out_the_fused_default_and_changes_nothing_else():
         assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Knative"
     assert "canaryTrafficPercent" not in before["spec"]["predictor"]
     assert 0 < after["spec"]["predictor"]["canaryTrafficPercent"] < 100
-    old, new = (env_of(predictor_container(isvc))["NORMFUSE_DEFAULT_VARIANT"] for isvc in (before, after))
-    assert old == UNFUSED
-    assert new == env_of(predictor_container(load(MAIN)))["NORMFUSE_DEFAULT_VARIANT"]
+    assert default_of(CANARY[0]) == UNFUSED
+    assert default_of(CANARY[1]) == default_of(MAIN)
     # the revisions differ only in the default variant (and the split), so the fleet compares variants alone
     same_before, same_after = copy.deepcopy(before), copy.deepcopy(after)
     same_after["spec"]["predictor"].pop("canaryTrafficPercent")
@@ -331,8 +379,10 @@ def _command(container: dict, repo: Path, port: int) -> list[str]:
 
 def _env(container: dict, repo: Path) -> dict[str, str]:
     """Ours (PATH, the venv) plus the container's env; STORAGE_URI as KServe rewrites it: the mounted path."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NORMFUSE_")}
-    return {**env, **env_of(container), "STORAGE_URI": str(repo), "NORMFUSE_LOG_LEVEL": "warning"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("NORMFUSE_")}, **env_of(container)}
+    if "STORAGE_URI" in env:
+        env["STORAGE_URI"] = str(repo)
+    return {**env, "NORMFUSE_LOG_LEVEL": "warning"}
 
 
 def _infer(url: str, model: str, version: str | None) -> tuple[str, np.ndarray, np.ndarray]:
@@ -351,15 +401,14 @@ def _infer(url: str, model: str, version: str | None) -> tuple[str, np.ndarray, 
 
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("path", [MAIN, *CANARY], ids=lambda p: str(p.relative_to(KSERVE_DIR)))
+@pytest.mark.parametrize("path", SERVICE_PATHS, ids=path_id)
 def test_the_container_serves_the_default_it_claims_and_unfused_as_a_version(path, tmp_path):
     import httpx
 
     from tests.service.repo_builder import MODEL, expected
 
-    container = predictor_container(load(path))
-    claimed = env_of(container)["NORMFUSE_DEFAULT_VARIANT"]
-    fused = env_of(predictor_container(load(MAIN)))["NORMFUSE_DEFAULT_VARIANT"]
+    container = predictor_of(load(path)).container
+    claimed, fused = default_of(path), default_of(MAIN)
     repo = _repo_with(tmp_path, fused)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
