@@ -297,6 +297,7 @@ def analyse(result: dict) -> dict:
                 "processes": n, "variant": v, "slo_ms": slo,
                 "saturation_rps": float(np.median(rps[n, v])), "saturation_model_rps": n * closed[v]["median"] / one,
                 "server_cores": cores[n, v], "cpu_share": share[n, v],
+                "saturation_client_cores": float(np.mean([r["client_cores"] for r in sat[n, v]])),
                 "max_rate_measured": measured["rate"], "max_rate_bound": measured["bound"],
                 "max_rate_model": n * fits[v].max_rate(slo / 1e3), "max_rate_model_cpu": n * cpu_fit.max_rate(slo / 1e3),
                 "p99_error_median_pct": 100 * float(np.median(errors)) if errors else math.nan,

@@ -262,3 +262,27 @@ def _total_or_none(rate: float, slo: float, fit: QueueFit, util_cap: float, spar
         return plan(rate, slo, fit, util_cap=util_cap, spare=spare).total
     except (InfeasibleSLO, ValueError):
         return None
+
+
+def fits_from_results(data: dict, q: float = 0.99) -> dict[str, QueueFit]:
+    """Per-variant fits from `normfuse bench capacity`'s JSON (its "fits"), or fitted here from a
+    `normfuse loadgen --json` file: its open-loop steps per label are the points, the best closed-loop
+    throughput per label the fallback μ."""
+    if "fits" in data:
+        return {v: QueueFit(mu=f["mu"], base_s=f["base_ms"] / 1e3, kappa=f["kappa"], q=f["q"],
+                            rms_rel_error=f.get("rms_rel_error", math.nan), points=f.get("points", 0))
+                for v, f in data["fits"].items()}
+    rows = data.get("results")
+    if not isinstance(rows, list):
+        raise ValueError("expected the JSON of `normfuse bench capacity` (with 'fits') or of "
+                         "`normfuse loadgen --json` (with 'results')")
+    fits = {}
+    for label in dict.fromkeys(r["label"] for r in rows):
+        mine = [r for r in rows if r["label"] == label and r["ok"]]
+        points = [(r["level"], r[f"p{q * 100:g}_ms"] / 1e3) for r in mine if r["mode"] == "open" and r["ok"] == r["sent"]]
+        closed = [r["throughput_rps"] for r in mine if r["mode"] == "closed"]
+        if points:
+            fits[label] = fit_queue(points, q, mu_hint=max(closed) if closed else None)
+    if not fits:
+        raise ValueError("no open-loop step answered in full: run `normfuse loadgen ... --rates R1,R2,...`")
+    return fits

@@ -1,4 +1,6 @@
-"""`normfuse bench {engines,serving,all}` and `normfuse loadgen URL`. Heavy imports happen in the handlers."""
+"""`normfuse bench {engines,serving,capacity,all}`, `normfuse loadgen URL` and `normfuse capacity {plan,report}`.
+
+Heavy imports happen in the handlers."""
 
 from __future__ import annotations
 
@@ -37,7 +39,9 @@ def register(subparsers) -> None:
     modes = bench.add_subparsers(dest="mode", required=True, metavar="MODE")
     engines_p = modes.add_parser("engines", help="every variant vs unfused and the no-norm bound, in-process")
     serving_p = modes.add_parser("serving", help="the server vs the raw engine, a plain endpoint, LitServe, Triton")
-    all_p = modes.add_parser("all", help="prepare the repository, run both benchmarks, write the report")
+    capacity_p = modes.add_parser("capacity", help="one replica's latency curve, the queueing model fitted to it, "
+                                  "checked against two replicas; replicas at fleet scale, fused vs unfused")
+    all_p = modes.add_parser("all", help="prepare the repository, run the benchmarks, write the report")
     for p in (engines_p, all_p):
         p.add_argument("--models", type=_names, default=None, help="comma list (default: all in the repo)")
         p.add_argument("--batch-sizes", type=_ints, default=None, help="default 1,8")
@@ -51,17 +55,22 @@ def register(subparsers) -> None:
         p.add_argument("--concurrency", type=_ints, default=None, help="default 1,4,16,32")
         p.add_argument("--max-queue-delay-ms", type=float, default=0.0,
                        help="every batching server's queue delay (default 0: opportunistic batching)")
-    for p in (engines_p, serving_p, all_p):
+    for p in (engines_p, serving_p, capacity_p, all_p):
         _common(p)
+    _capacity_options(capacity_p)
     all_p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     all_p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
     all_p.add_argument("--no-prepare", action="store_true", help="benchmark what is in --repo; convert nothing")
     all_p.add_argument("--reconvert", action="store_true", help="convert every model again (new rewrites landed)")
     all_p.add_argument("--skip-serving", action="store_true")
+    all_p.add_argument("--skip-capacity", action="store_true",
+                       help="no capacity measurement; its section is rendered from --capacity-results if that exists")
+    all_p.add_argument("--capacity-results", type=Path, default=Path("benchmarks/results/capacity.json"))
     all_p.add_argument("--skip-norms", action="store_true",
                        help="skip the LN / UN / PowerNorm vit-digits table (trains the UN and PN demo models once)")
     engines_p.set_defaults(handler=run_engines)
     serving_p.set_defaults(handler=run_serving)
+    capacity_p.set_defaults(handler=run_capacity)
     all_p.set_defaults(handler=run_all)
 
     loadgen_p = subparsers.add_parser("loadgen", help="closed-loop sweep and open-loop Poisson load on an OIP v2 server")
@@ -80,6 +89,43 @@ def register(subparsers) -> None:
     loadgen_p.add_argument("--timeout", type=float, default=30.0, help="per request")
     loadgen_p.add_argument("--json", type=Path, default=None)
     loadgen_p.set_defaults(handler=run_loadgen)
+    _register_capacity(subparsers)
+
+
+def _capacity_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="vit-digits")
+    p.add_argument("--fused", default=None, help="the fused variant (default: the manifest's default if it is "
+                   "not unfused, else rmsnorm)")
+    p.add_argument("--slo-ms", type=float, default=10.0, help="p99 SLO of the 1-vs-2-process check (default 10)")
+    p.add_argument("--fractions", type=_floats, default=None,
+                   help="open-loop rates as fractions of one process's saturation (default 0.2,0.4,0.6,0.8,0.9)")
+    p.add_argument("--fleet-slo-ms", type=_floats, default=(10.0, 50.0), help="p99 SLOs of the fleet table")
+    p.add_argument("--fleet-rates", type=_floats, default=(1e3, 1e4, 1e5), help="req/s rows of the fleet table")
+    p.add_argument("--no-pin", action="store_true", help="do not pin each server process to its own core")
+    p.add_argument("--out", type=Path, default=None, help="also render the capacity section into this BENCHMARKS.md")
+    p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+
+
+def _register_capacity(subparsers) -> None:
+    capacity = subparsers.add_parser("capacity", help="replicas needed for a request rate and a p99 SLO")
+    modes = capacity.add_subparsers(dest="mode", required=True, metavar="MODE")
+    plan_p = modes.add_parser("plan", help="replicas per variant for request rates at a p99 SLO")
+    plan_p.add_argument("--results", type=Path, default=Path("benchmarks/results/capacity.json"),
+                        help="`normfuse bench capacity` JSON, or `normfuse loadgen --json` with open-loop --rates")
+    plan_p.add_argument("--rate", type=_floats, required=True, help="req/s, comma list")
+    plan_p.add_argument("--p99-ms", type=float, required=True)
+    plan_p.add_argument("--variants", type=_names, default=(), help="default: every variant in the results")
+    plan_p.add_argument("--util-cap", type=float, default=0.8, help="largest utilisation per replica (default 0.8)")
+    plan_p.add_argument("--spare", type=int, default=1, help="replicas on top for a disruption budget (default 1)")
+    plan_p.add_argument("--mu", type=float, default=None, help="a curve by hand instead of --results: μ req/s")
+    plan_p.add_argument("--base-ms", type=float, default=0.0, help="with --mu: the fixed latency")
+    plan_p.add_argument("--kappa", type=float, default=1.0, help="with --mu: the queueing-term scale")
+    plan_p.set_defaults(handler=run_capacity_plan)
+    report_p = modes.add_parser("report", help="render BENCHMARKS.md's capacity section and plot from a results JSON")
+    report_p.add_argument("--results", type=Path, default=Path("benchmarks/results/capacity.json"))
+    report_p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    report_p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+    report_p.set_defaults(handler=run_capacity_report)
 
 
 def _setup_logging() -> None:
@@ -108,6 +154,20 @@ def _serving_config(args):
                               log_dir=Path(args.repo).parent / "logs")
 
 
+def _capacity_config(args):
+    from benchmarks.capacity_bench import CapacityConfig
+
+    quick = {"saturation_concurrency": 4, "saturation_rounds": 2, "saturation_step_s": 0.4, "fractions": (0.3, 0.6),
+             "open_step_s": 0.6, "open_timeout_s": 5.0, "max_batch_size": 4} if args.quick else {}
+    given = {"fractions": args.fractions} if getattr(args, "fractions", None) else {}
+    return CapacityConfig(**(quick | given), model=getattr(args, "model", None) or args.serving_model,
+                          fused=getattr(args, "fused", None), threads=args.threads or 1,
+                          slo_ms=getattr(args, "slo_ms", 10.0), pin=not getattr(args, "no_pin", False),
+                          fleet_slos_ms=tuple(getattr(args, "fleet_slo_ms", (10.0, 50.0))),
+                          fleet_rates=tuple(getattr(args, "fleet_rates", (1e3, 1e4, 1e5))),
+                          log_dir=Path(args.repo).parent / "logs")
+
+
 def _dump(result: dict, path: Path | None) -> None:
     text = json.dumps(result, indent=1, default=str)
     if path:
@@ -133,6 +193,58 @@ def run_serving(args) -> int:
     return 0
 
 
+def run_capacity(args) -> int:
+    from benchmarks import capacity_bench, report
+
+    _setup_logging()
+    result = capacity_bench.run(args.repo, _capacity_config(args))
+    _dump(result, args.json or Path(args.repo).parent / "capacity.json")
+    if args.out:
+        report.write_capacity(args.out, result, plot_dir=args.plots)
+        log.info("wrote the capacity section of %s", args.out)
+    return 0
+
+
+def run_capacity_plan(args) -> int:
+    from benchmarks.capacity_model import InfeasibleSLO, QueueFit, fits_from_results, plan
+
+    try:
+        fits = ({"curve": QueueFit(mu=args.mu, base_s=args.base_ms / 1e3, kappa=args.kappa)} if args.mu
+                else fits_from_results(json.loads(args.results.read_text())))
+    except (OSError, ValueError, KeyError) as exc:
+        sys.stderr.write(f"normfuse capacity plan: cannot read a curve: {exc}\n")
+        return 2
+    names = list(args.variants) or list(fits)
+    unknown = [n for n in names if n not in fits]
+    if unknown:
+        sys.stderr.write(f"normfuse capacity plan: no curve for {unknown}; have {list(fits)}\n")
+        return 2
+    sys.stdout.write(f"p99 SLO {args.p99_ms:g} ms, utilisation cap {args.util_cap:g}, spare {args.spare}\n"
+                     f"{'variant':>10} {'mu req/s':>9} {'base ms':>8} {'rate req/s':>11} {'replicas':>8} "
+                     f"{'total':>6} {'util':>5} {'p99 ms':>7}  limited by\n")
+    status = 0
+    for name in names:
+        fit = fits[name]
+        for rate in args.rate:
+            try:
+                p = plan(rate, args.p99_ms / 1e3, fit, util_cap=args.util_cap, spare=args.spare)
+            except InfeasibleSLO as exc:
+                sys.stderr.write(f"{name}: {exc}\n")
+                status = 3
+                continue
+            sys.stdout.write(f"{name:>10} {fit.mu:9.0f} {fit.base_s * 1e3:8.2f} {rate:11.0f} {p.replicas:8d} "
+                             f"{p.total:6d} {p.utilisation:5.2f} {p.predicted_s * 1e3:7.2f}  {p.limited_by}\n")
+    return status
+
+
+def run_capacity_report(args) -> int:
+    from benchmarks import report
+
+    report.write_capacity(args.out, json.loads(args.results.read_text()), plot_dir=args.plots)
+    sys.stdout.write(f"wrote the capacity section of {args.out}\n")
+    return 0
+
+
 def run_all(args) -> int:
     from benchmarks import engines_bench, prepare, report, serving_bench
 
@@ -154,7 +266,18 @@ def run_all(args) -> int:
         except Exception as exc:  # report what was measured rather than nothing
             log.exception("serving benchmark failed")
             notes.append(f"the serving benchmark failed: {type(exc).__name__}: {exc}")
-    _dump({"engines": engine_result, "serving": serving_result}, results_path)
+    capacity = None
+    if not args.skip_capacity:
+        from benchmarks import capacity_bench
+
+        try:
+            capacity = capacity_bench.run(args.repo, _capacity_config(args))
+        except Exception as exc:  # report what was measured rather than nothing
+            log.exception("capacity benchmark failed")
+            notes.append(f"the capacity benchmark failed: {type(exc).__name__}: {exc}")
+    elif args.capacity_results.is_file():
+        capacity = json.loads(args.capacity_results.read_text())
+    _dump({"engines": engine_result, "serving": serving_result, "capacity": capacity}, results_path)
     norms = None
     if not args.skip_norms:  # issue 7: LN / LN→rmsnorm / UN-folded / PN and the no-norm bound, trained models
         from benchmarks import un_powernorm
@@ -162,7 +285,7 @@ def run_all(args) -> int:
         norms = un_powernorm.measure(rounds=10 if args.quick else 30, iters=20 if args.quick else 50)
     command = "normfuse bench all " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "all"] else "make bench"
     report.write(args.out, engine_result, serving_result, plot_dir=args.plots, command=command, started=started,
-                 notes=notes, load_at_start=load_at_start, norms=norms)
+                 notes=notes, load_at_start=load_at_start, norms=norms, capacity=capacity)
     log.info("wrote %s", args.out)
     return 0
 

@@ -91,3 +91,47 @@ def throughput_vs_concurrency(rows: list[dict], path: Path) -> Path | None:
     ax_p99.set_yscale("log")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def capacity_curves(result: dict, path: Path) -> Path | None:
+    """p99 vs offered rate per variant: measured with 1 and 2 processes, the model for 1 and 2 replicas."""
+    import numpy as np
+
+    from benchmarks.capacity_model import QueueFit
+
+    variants = [result["baseline"], result["fused"]]
+    if not result.get("sweep") or not result.get("fits"):
+        return None
+    share = {(c["processes"], c["variant"]): c["cpu_share"] for c in result.get("checks", [])}
+    slo = result["config"]["slo_ms"]
+    fig, axes = plt.subplots(1, len(variants), figsize=(6 * len(variants), 4.2), sharey=True, squeeze=False)
+    colors = {1: "tab:blue", 2: "tab:orange", 3: "tab:green", 4: "tab:red"}
+    for ax, variant in zip(axes[0], variants, strict=True):
+        f = result["fits"][variant]
+        fit = QueueFit(mu=f["mu"], base_s=f["base_ms"] / 1e3, kappa=f["kappa"], q=f["q"])
+        for n in sorted({r["processes"] for r in result["sweep"]}):
+            rows = sorted((r for r in result["sweep"] if (r["processes"], r["variant"]) == (n, variant)),
+                          key=lambda r: r["level"])
+            clean = [r for r in rows if r["ok"] == r["sent"]]
+            color = colors.get(n, "tab:gray")
+            ax.plot([r["level"] for r in clean], [r["p99_ms"] for r in clean], "o", color=color,
+                    label=f"measured, {n} process{'es' if n > 1 else ''}")
+            ax.plot([r["level"] for r in rows if r not in clean], [r["p99_ms"] for r in rows if r not in clean],
+                    "x", color=color, label="_errors")
+            rates = np.linspace(0, n * fit.mu * 0.995, 200)
+            ax.plot(rates, [fit.latency(x / n) * 1e3 for x in rates], "-", color=color,
+                    label=f"model, {n} replica{'s' if n > 1 else ''}")
+            cpu = share.get((n, variant), 1.0)
+            if n > 1 and cpu < 0.99:
+                slow = fit.with_mu(fit.mu * cpu)
+                rates = np.linspace(0, n * slow.mu * 0.995, 200)
+                ax.plot(rates, [slow.latency(x / n) * 1e3 for x in rates], ":", color=color,
+                        label=f"model, {n} replicas at the measured CPU share ({cpu:.2f} core each)")
+        ax.axhline(slo, color="black", linewidth=0.8, linestyle="--", label=f"SLO {slo:g} ms")
+        ax.set_yscale("log")
+        ax.set_xlabel("offered rate, req/s (open loop, Poisson)")
+        ax.set_title(f"{result['model']} {variant}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("p99 latency, ms")
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)

@@ -135,6 +135,104 @@ def serving_section(result: dict) -> str:
     return "\n\n".join(parts)
 
 
+CAPACITY_BEGIN, CAPACITY_END = "<!-- capacity:begin -->", "<!-- capacity:end -->"
+
+
+def _range(cell: dict) -> str:
+    if "infeasible" in cell:
+        return "infeasible"
+    low, high = cell.get("total_range", [None, None])
+    spread = f" [{low}–{high}]" if low is not None and high is not None and (low, high) != (cell["total"],) * 2 else ""
+    return f"{cell['total']}{spread}"
+
+
+def _max_rate(check: dict) -> str:
+    bound = check["max_rate_bound"]
+    if bound.startswith("below"):
+        return "< " + bound.split()[1]
+    return ("≥ " if bound == "at least" else "") + _num(check["max_rate_measured"], ".0f")
+
+
+def capacity_section(result: dict, plot: Path | None = None, out_dir: Path | None = None) -> str:
+    """The capacity section of BENCHMARKS.md from `normfuse bench capacity`'s results (self-describing:
+    it names its own run, so it can be rendered into a report made by another run)."""
+    config, base, fused = result["config"], result["baseline"], result["fused"]
+    load = result["machine"].get("load average (1/5/15 min) at start", "?")
+    end = " ".join(f"{x:.2f}" for x in result.get("load_at_end", []))
+    pinned = all(r.get("pinned") for r in result["saturation"])
+    parts = [f"Measured by `normfuse bench capacity` at {result['started']} ({result['wall_s']:.0f} s; load average "
+             f"{load} at start, {end} at end; {result['machine'].get('logical cores')} logical cores). Model "
+             f"`{result['model']}`, `{base}` vs `{fused}` ({result['fused_why']}). Each server process: 1 replica, "
+             f"NORMFUSE_INTRA_OP_THREADS={config['threads']}, max batch {config['max_batch_size']}, queue delay "
+             f"{config['max_queue_delay_ms']} ms, {'pinned to its own core' if pinned else 'not pinned'}; the load "
+             "generator runs unpinned on the same cores. Model and method: [docs/scaling.md](docs/scaling.md)."]
+    mu, ratio = result["closed_mu"], result["closed_mu_ratio"]
+    parts.append(f"Saturation, closed loop (concurrency {config['saturation_concurrency']} split over the processes, "
+                 f"{config['saturation_rounds']} interleaved rounds of {config['saturation_step_s']} s per variant; "
+                 f"median [95% bootstrap CI]). One process: `{fused}` ÷ `{base}` = {ratio['estimate']:.3f} "
+                 f"[{ratio['low']:.3f}, {ratio['high']:.3f}].")
+    parts.append(table(
+        ["processes", "variant", "req/s measured", "req/s model (n × 1 process)", "cores per server", "client cores"],
+        [[c["processes"], c["variant"], _num(c["saturation_rps"], ".0f") + (
+            f" [{mu[c['variant']]['low']:.0f}, {mu[c['variant']]['high']:.0f}]" if c["processes"] == 1 else ""),
+          _num(c["saturation_model_rps"], ".0f"), _num(c["server_cores"]), _num(c["saturation_client_cores"])]
+         for c in result["checks"]]))
+    parts.append("Fitted per replica (one process's open-loop p99; κ = 1, μ and base fitted, relative least squares):")
+    parts.append(table(["variant", "μ req/s [from the closed-loop CI]", "base ms", "κ", "rms relative error", "points"],
+                       [[v, f"{f['mu']:.0f} [{f['mu_low']:.0f}, {f['mu_high']:.0f}]", _num(f["base_ms"]),
+                         _num(f["kappa"]), _num(f["rms_rel_error"], ".0%"), f["points"]]
+                        for v, f in result["fits"].items()]))
+    parts.append("Open loop, Poisson arrivals, each request to a process drawn at random; model p99 for n replicas "
+                 "= p99(λ/n), with a core each, and with each replica's μ scaled by the CPU share its process got at "
+                 "saturation:")
+    parts.append(table(
+        ["processes", "variant", "offered req/s", "achieved", "codes", "p50 ms", "p99 ms", "model p99 ms",
+         "model p99 at CPU share", "client cores", "cores per server", "machine busy cores"],
+        [[r["processes"], r["variant"], _num(r["level"], ".0f"), _num(r["throughput_rps"], ".0f"),
+          ", ".join(f"{k}: {v}" for k, v in r["codes"].items()), _num(r["p50_ms"]), _num(r["p99_ms"]),
+          _num(r["model_p99_ms"]), _num(r["model_cpu_p99_ms"]), _num(r["client_cores"]),
+          _num(sum(r["server_cores"]) / len(r["server_cores"])), _num(r.get("machine_cores"))]
+         for r in sorted(result["sweep"], key=lambda r: (r["processes"], r["variant"], r["level"]))]))
+    parts.append(f"Largest rate meeting p99 ≤ {config['slo_ms']:g} ms:")
+    parts.append(table(
+        ["processes", "variant", "measured req/s", "model req/s", "model at CPU share", "median p99 error of the model"],
+        [[c["processes"], c["variant"], _max_rate(c), _num(c["max_rate_model"], ".0f"),
+          _num(c["max_rate_model_cpu"], ".0f"), _num(c["p99_error_median_pct"], "+.0f") + "%"]
+         for c in result["checks"]]))
+    parts.append(f"Fleet scale (the fitted curves; utilisation ≤ {config['util_cap']:g}, N+{config['spare']}; "
+                 "[range] = replicas over μ's interval):")
+    parts.append(table(
+        ["req/s", "p99 SLO ms", f"{base} replicas", f"{fused} replicas", "saving", "limited by"],
+        [[_num(row["rate"], ",.0f"), _num(row["slo_ms"], "g"), _range(row["variants"][base]),
+          _range(row["variants"][fused]),
+          (f"{row['variants'][fused]['saving']} ({row['variants'][fused]['saving_pct']:+.1f}%)"
+           if "saving" in row["variants"][fused] else "–"),
+          row["variants"][base].get("limited_by", "–")] for row in result["fleet"]]))
+    if plot:
+        rel = os.path.relpath(plot, out_dir) if out_dir else str(plot)
+        parts.append(f"![p99 vs offered rate, measured and modelled]({rel})")
+    return "\n\n".join(parts)
+
+
+def write_capacity(out: Path, result: dict, *, plot_dir: Path) -> Path:
+    """Render the capacity section (and its plot) into `out`, replacing a previous one; the rest is kept."""
+    out = Path(out)
+    plot = plots.capacity_curves(result, Path(plot_dir) / "capacity.png")
+    block = (f"{CAPACITY_BEGIN}\n## Capacity: replicas for a rate and a p99\n\n"
+             f"{capacity_section(result, plot, out.parent)}\n{CAPACITY_END}")
+    text = out.read_text() if out.is_file() else "# Benchmarks\n"
+    if CAPACITY_BEGIN in text and CAPACITY_END in text:
+        head, rest = text.split(CAPACITY_BEGIN, 1)
+        text = head + block + rest.split(CAPACITY_END, 1)[1]
+    elif "\n## Plots" in text:
+        head, rest = text.split("\n## Plots", 1)
+        text = head + block + "\n\n## Plots" + rest
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    out.write_text(text)
+    return out
+
+
 METHOD = """\
 - **Engines.** All variants of a model (and the benchmark-only `nonorm` bound: the same graph with every norm
   removed, never served) are loaded at once and run interleaved on the same batch, the order rotated each round
@@ -154,7 +252,8 @@ METHOD = """\
 
 def write(out: Path, engine_result: dict | None, serving_result: dict | None, *, plot_dir: Path,
           command: str, started: datetime | None = None, notes: list[str] | None = None,
-          load_at_start: tuple[float, ...] | None = None, norms: str | None = None) -> Path:
+          load_at_start: tuple[float, ...] | None = None, norms: str | None = None,
+          capacity: dict | None = None) -> Path:
     """Render BENCHMARKS.md (and its PNGs under plot_dir) from the results of one run."""
     out, plot_dir = Path(out), Path(plot_dir)
     engine_rows = (engine_result or {}).get("rows", [])
@@ -181,6 +280,10 @@ def write(out: Path, engine_result: dict | None, serving_result: dict | None, *,
                    "Details: [docs/un-powernorm.md](docs/un-powernorm.md).")
     if serving_result is not None:
         doc.append("## Serving overhead and peers\n\n" + serving_section(serving_result))
+    if capacity is not None:
+        plot = plots.capacity_curves(capacity, plot_dir / "capacity.png")
+        doc.append(f"{CAPACITY_BEGIN}\n## Capacity: replicas for a rate and a p99\n\n"
+                   f"{capacity_section(capacity, plot, out.parent)}\n{CAPACITY_END}")
     doc.append("## Plots\n\n" + "\n\n".join(
         f"{title}:\n\n![{title}]({os.path.relpath(path, out.parent)})" for title, path in figures if path))
     doc.append("## Method\n\n" + METHOD)
