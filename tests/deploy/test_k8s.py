@@ -4,17 +4,23 @@ real deploy depends on, checked against the real thing they name (the FastAPI ap
 class, the `normfuse` CLI parser, the metrics registry, convert's move_into_place, `promtool`).
 
 Objects of CRD kinds (the ServiceMonitor) have no schema there: they are checked field by field against
-what the Prometheus Operator reads. The HPA's PromQL runs in test_k8s_live.py against a real Prometheus.
+what the Prometheus Operator reads. The HPA's PromQL (prometheus-adapter's rules) runs at the end, against a
+real Prometheus running the pod-annotation scrape job on a real `normfuse serve` started as the Deployment
+starts it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import re
 import shutil
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -36,10 +42,14 @@ from tests.deploy.k8skit import (
     one,
     pod_spec,
     render,
+    render_metrics_query,
     render_with_components,
     scrape_config,
     series_name,
 )
+from tests.deploy.promkit import instant_query, running_prometheus
+from tests.process import free_port, running
+from tests.service import repo_builder
 
 KUBERNETES_VERSIONS = ("1.30", "1.33")  # the oldest minor still maintained upstream when written, and a current one
 EXPECTED_KINDS = {"Namespace", "ServiceAccount", "ConfigMap", "PersistentVolumeClaim", "Job", "Deployment",
@@ -425,3 +435,122 @@ def test_scrape_config_passes_promtool(tmp_path):
     keep = next(r for r in relabel if r.get("action") == "keep")
     assert keep["source_labels"] == ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"]
     assert re.fullmatch(keep["regex"], annotations["prometheus.io/scrape"])
+
+
+# -- the HPA's PromQL, live -----------------------------------------------------------------------
+NAMESPACE = "normfuse"
+PODS = ["normfuse-server-5d8f7c9b4-abcde", "normfuse-server-5d8f7c9b4-fghij"]
+LIVE_DEADLINE_S = 40.0
+
+
+def _serve_as_the_deployment_does(objects, repo: Path, port: int, scratch: Path) -> tuple[list[str], dict]:
+    """The server container's command and environment from the rendered cpu overlay, with only the repository
+    path, the bind address and the port changed, and the pod's /tmp emptyDir as a scratch directory."""
+    serve = container(server(objects), "server")
+    env = {k: v.replace("/tmp", str(scratch)) for k, v in container_env(objects, serve).items()}
+    argv = expand(serve["command"], env)
+    swaps = {"--repo": str(repo), "--host": "127.0.0.1", "--port": str(port)}
+    argv = [swaps.get(argv[i - 1], arg) if i else arg for i, arg in enumerate(argv)]
+    assert argv[:2] == ["normfuse", "serve"]
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("NORMFUSE_")}
+    return [sys.executable, "-m", "normfuse.cli", *argv[1:]], {**inherited, **env}
+
+
+def _pods(objects, port: int) -> list[dict]:
+    """What Kubernetes discovery would report: the two server pods (annotated and labelled as the
+    Deployment's template says, the port annotation pointing at the test's port), a pod of another app
+    without the scrape annotation, and a server pod still Pending. Only the first two must be scraped."""
+    template = server(objects)["spec"]["template"]["metadata"]
+    annotations = {**template["annotations"], "prometheus.io/port": str(port)}
+    base = {"namespace": NAMESPACE, "address": "127.0.0.1:8000", "labels": template["labels"]}
+    return [*({**base, "name": name, "annotations": annotations} for name in PODS),
+            {**base, "name": "unrelated-0", "annotations": {}, "labels": {"app": "other"}},
+            {**base, "name": "normfuse-server-pending", "annotations": annotations, "phase": "Pending"}]
+
+
+class Load:
+    """Client threads sending valid requests back to back (so requests queue) until stopped."""
+
+    def __init__(self, url: str, model: str, threads: int = 4) -> None:
+        self.url, self.model, self.ok = url, model, 0
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=10)
+
+    def _run(self) -> None:
+        body = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": [1.0] * 8}]}
+        with httpx.Client(timeout=10) as client:
+            while not self.stop.is_set():
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.post(f"{self.url}/v2/models/{self.model}/infer", json=body).status_code == 200:
+                        self.ok += 1
+
+
+def _per_pod(prometheus: str, queries: dict[str, str]) -> dict[str, dict[str, float]]:
+    """metric -> {pod: value} for the finite samples each query returns."""
+    found = {}
+    for metric, query in queries.items():
+        result = instant_query(prometheus, query)
+        found[metric] = {s["metric"].get("pod", "?"): float(s["value"][1]) for s in result
+                         if math.isfinite(float(s["value"][1]))}
+    return found
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(150)
+def test_hpa_queries_return_a_value_per_pod_from_a_real_prometheus(tmp_path):
+    """prometheus-adapter's metricsQuery for each HPA metric, filled in as the adapter fills it for the HPA's
+    pods, evaluated by a real Prometheus that runs monitoring/prometheus-scrape.yaml's relabeling (discovery
+    replaced by static targets carrying the same __meta_kubernetes_* labels) against a real `normfuse serve`
+    started with the Deployment's command and environment, under load. Both "pods" are the same process."""
+    objects = render("cpu")
+    repo = repo_builder.build_test_repo(tmp_path / "repo", broken=False)
+    (tmp_path / "pod-tmp").mkdir()
+    server_port, prom_port = free_port(), free_port()
+    command, env = _serve_as_the_deployment_does(objects, repo, server_port, tmp_path / "pod-tmp")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump(loopback_scrape_config(_pods(objects, server_port))))
+    rules = {rule["name"]["as"]: rule for rule in adapter_rules()}
+    queries = {name: render_metrics_query(rule, NAMESPACE, PODS) for name, rule in rules.items()}
+    series_of = {name: f'{rule["seriesQuery"]}' for name, rule in rules.items()}
+
+    with (running(command, ready_url=f"http://127.0.0.1:{server_port}/v2/health/ready",
+                  log_path=tmp_path / "server.log", env=env, grace_s=40),
+          running_prometheus(config, tmp_path, prom_port) as prometheus,
+          Load(f"http://127.0.0.1:{server_port}", repo_builder.MODEL) as load):
+        deadline = time.monotonic() + LIVE_DEADLINE_S
+        values = _per_pod(prometheus, queries)
+        while not all(sorted(v) == PODS for v in values.values()) and time.monotonic() < deadline:
+            time.sleep(1)
+            values = _per_pod(prometheus, queries)
+        assert all(sorted(v) == PODS for v in values.values()), \
+            f"not one finite value per pod after {LIVE_DEADLINE_S:.0f} s ({load.ok} requests ok): " + \
+            "; ".join(f"{name}: {queries[name]} -> {values[name]}" for name in queries)
+
+        # the relabeling scraped exactly the annotated, running pods, labelled as the adapter needs
+        up = instant_query(prometheus, 'up{job="kubernetes-pods"}')
+        assert sorted(s["metric"]["pod"] for s in up) == PODS
+        assert all(s["metric"]["namespace"] == NAMESPACE and s["value"][1] == "1" for s in up)
+        assert all(s["metric"]["component"] == "server" for s in up)
+        # each rule's seriesQuery finds the series it names, on both pods (what the adapter lists)
+        for name, series_query in series_of.items():
+            found = httpx.get(f"{prometheus}/api/v1/series", params={"match[]": series_query}, timeout=5).json()
+            assert {s["pod"] for s in found["data"]} == set(PODS), name
+        # plausible values: a depth is a request count (often 0 at a scrape instant below saturation); under
+        # load the p95 queue time comes from the histogram, not the idle fallback (0): every first request of
+        # a batch waits out the batching window, so it is > 0, and within the histogram's range (~13 s)
+        assert all(v >= 0 for v in values["normfuse_queue_depth_avg1m"].values())
+        assert all(0 < v < 14 for v in values["normfuse_queue_time_p95_seconds"].values())
+        # the control: a pod the HPA does not own gets nothing
+        for rule in rules.values():
+            assert instant_query(prometheus, render_metrics_query(rule, NAMESPACE, ["normfuse-server-gone"])) == []
+    assert load.ok > 0
