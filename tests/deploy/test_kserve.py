@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import functools
 import importlib.util
@@ -22,13 +23,16 @@ import os
 import re
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import yaml
 
+from tests.deploy.promkit import finite_values, instant_query, render_test_config, running_prometheus
 from tests.process import ROOT, free_port, running
 
 KSERVE_DIR = ROOT / "deploy/kserve"
@@ -403,8 +407,6 @@ def _infer(url: str, model: str, version: str | None) -> tuple[str, np.ndarray, 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("path", SERVICE_PATHS, ids=path_id)
 def test_the_container_serves_the_default_it_claims_and_unfused_as_a_version(path, tmp_path):
-    import httpx
-
     from tests.service.repo_builder import MODEL, expected
 
     container = predictor_of(load(path)).container
@@ -422,3 +424,50 @@ def test_the_container_serves_the_default_it_claims_and_unfused_as_a_version(pat
             assert served == answered_by, f"version {version!r}"
             np.testing.assert_array_equal(y, expected(x))
         assert f'variant="{claimed}"' in httpx.get(url + "/metrics", timeout=5).text
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed (.ci/run installs it)")
+def test_the_canary_revisions_compare_at_fleet_level(tmp_path):
+    """Both canary revisions side by side, scraped by a real Prometheus with the project's config and rules:
+    each revision reports its own default variant, and the fleet-wide fused/unfused ratio has data."""
+    from tests.service.repo_builder import MODEL
+
+    fused = default_of(CANARY[1])
+    repo = _repo_with(tmp_path, fused)
+    revisions = {name: (predictor_of(load(path)).container, free_port())
+                 for name, path in (("prev", CANARY[0]), ("latest", CANARY[1]))}
+    prom_port = free_port()
+    config = render_test_config(tmp_path / "prometheus.yml", target="unused:1", self_target=f"127.0.0.1:{prom_port}")
+    rendered = yaml.safe_load(config.read_text())
+    [job] = [j for j in rendered["scrape_configs"] if j["job_name"] == "normfuse"]
+    # one target per revision, labelled as a Knative pod-label relabel would label it (docs/kserve.md)
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{port}"], "labels": {"revision": name}}
+                             for name, (_, port) in revisions.items()]
+    config.write_text(yaml.safe_dump(rendered, sort_keys=False))
+    body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]}
+    ratio_query = f'normfuse:request_duration_seconds:p50_ratio_to_unfused_1m{{model="{MODEL}"}}'
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for name, (container, port) in revisions.items():
+            urls[name] = f"http://127.0.0.1:{port}"
+            stack.enter_context(running(_command(container, repo, port), ready_url=urls[name] + "/v2/health/ready",
+                                        log_path=tmp_path / f"{name}.log", env=_env(container, repo)))
+        prometheus = stack.enter_context(running_prometheus(config, tmp_path, prom_port))
+        client = stack.enter_context(httpx.Client(timeout=10))
+        deadline = time.monotonic() + 45
+        while True:  # unversioned traffic to both revisions, as the split would send it
+            for url in urls.values():
+                for _ in range(10):
+                    assert client.post(f"{url}/v2/models/{MODEL}/infer", json=body).status_code == 200
+            ratio = finite_values(instant_query(prometheus, ratio_query))
+            if ratio or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert ratio and all(value > 0 for value in ratio), f"no fleet ratio: {instant_query(prometheus, ratio_query)}"
+        served = instant_query(prometheus, f'sum by (revision, variant) (normfuse_requests_total{{model="{MODEL}"}})')
+        assert sorted((s["metric"]["revision"], s["metric"]["variant"]) for s in served) == \
+            [("latest", fused), ("prev", UNFUSED)]
+        [series] = instant_query(prometheus, ratio_query)
+        assert series["metric"]["variant"] == fused
