@@ -22,7 +22,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -471,3 +473,67 @@ def test_the_canary_revisions_compare_at_fleet_level(tmp_path):
             [("latest", fused), ("prev", UNFUSED)]
         [series] = instant_query(prometheus, ratio_query)
         assert series["metric"]["variant"] == fused
+
+
+# -- 4. non-root, read-only root filesystem, /tmp the only writable place ----------------------------------------
+SANDBOX = """set -e
+for mp in $(awk '{print $2}' /proc/self/mounts | sort -u); do
+  case "$mp" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) ;; *) mount -o remount,bind,ro "$mp" ;; esac
+done
+mount -t tmpfs -o size=64m,mode=1777 normfuse-tmp "$TMPDIR"
+exec setpriv --reuid "$RUN_AS" --regid "$RUN_AS" --clear-groups -- "$@"
+"""
+
+
+def _sandboxed(argv: list[str], uid: int) -> tuple[list[str], dict[str, str]]:
+    """`argv` as `uid` in a private mount namespace where every filesystem is remounted read-only and a fresh
+    tmpfs at $TMPDIR is the only writable place (the pod: readOnlyRootFilesystem, an emptyDir on /tmp)."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", SANDBOX, "sandbox", *argv], {
+        "RUN_AS": str(uid)}
+
+
+def _sandbox_works(workdir: Path) -> bool:
+    if not (shutil.which("unshare") and shutil.which("setpriv")):
+        return False
+    argv, extra = _sandboxed(["true"], 0)
+    env = {**os.environ, **extra, "TMPDIR": str(workdir)}
+    return subprocess.run(argv, env=env, capture_output=True).returncode == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_the_container_runs_non_root_with_a_read_only_root_filesystem():
+    from tests.service.repo_builder import MODEL, expected
+
+    run = predictor_of(load(MAIN))
+    security = run.container["securityContext"]
+    assert security["readOnlyRootFilesystem"] and [m["mountPath"] for m in run.container["volumeMounts"]] == ["/tmp"]
+    # a world-traversable work directory (pytest's tmp_path is private to root): the repository, a writable tmp
+    work = Path(tempfile.mkdtemp(prefix="normfuse-kserve-"))
+    try:
+        work.chmod(0o755)
+        (work / "tmp").mkdir()
+        if not _sandbox_works(work / "tmp"):
+            pytest.skip("no private mount namespaces here (unshare --mount needs CAP_SYS_ADMIN)")
+        fused = default_of(MAIN)
+        repo = _repo_with(work, fused)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        argv, extra = _sandboxed(_command(run.container, repo, port), security["runAsUser"])
+        env = {**_env(run.container, repo), **extra, "TMPDIR": str(work / "tmp"), "HOME": str(work)}
+        # the sandbox is real: the repository cannot be written, TMPDIR can
+        probe = "touch \"$1/probe\" 2>/dev/null && echo writable || echo read-only"
+        for where, want in ((repo, "read-only"), (work / "tmp", "writable")):
+            sandbox, _ = _sandboxed(["sh", "-c", probe, "probe", str(where)], security["runAsUser"])
+            answer = subprocess.run(sandbox, env=env, capture_output=True, text=True, check=True).stdout.strip()
+            assert answer == want, where
+        log = work / "server.log"
+        with running(argv, ready_url=url + "/v2/health/ready", log_path=log, env=env) as proc:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            assert re.search(r"^Uid:\s+10001\s", status, re.M), status  # exec'd all the way down: same pid
+            served, x, y = _infer(url, MODEL, None)
+            assert served == fused
+            np.testing.assert_array_equal(y, expected(x))
+        assert "Read-only file system" not in log.read_text(), log.read_text()[-2000:]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
