@@ -8,7 +8,9 @@
 2. Conventions KServe relies on for a custom predictor (container name, PROTOCOL, STORAGE_URI, port), the
    security and probe settings, and what the canary's two revisions claim (docs/kserve.md cites the sources).
 3. Behaviour (e2e): `normfuse serve` started with exactly the container's command, args and env (only the model
-   repository path, bind address and port substituted), answering over HTTP with the variant the manifest says.
+   repository path, bind address and port substituted), answering over HTTP with the variant the manifest says;
+   the canary's two revisions side by side under a real Prometheus with the project's rules (fleet comparison).
+4. The container's security settings, enacted (e2e): uid 10001, every filesystem read-only but a tmpfs TMPDIR.
 """
 
 from __future__ import annotations
