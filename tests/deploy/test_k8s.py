@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from tests.deploy.k8skit import (
+    KEDA_OVERLAYS,
     OVERLAYS,
     SCRAPE_CONFIG,
     adapter_rules,
@@ -41,6 +42,7 @@ from tests.deploy.k8skit import (
     normfuse_parser,
     one,
     pod_spec,
+    query_at,
     render,
     render_metrics_query,
     render_with_components,
@@ -404,6 +406,46 @@ def test_service_monitor_component_scrapes_the_server_service(overlay, tmp_path)
     assert {o["kind"] for o in objects} == EXPECTED_KINDS | {"ServiceMonitor"}
 
 
+@pytest.mark.parametrize("overlay", KEDA_OVERLAYS)
+def test_keda_overlays_swap_the_hpa_for_an_equivalent_scaled_object(overlay):
+    """overlays/*-keda: every non-CRD object valid and unchanged but the HPA, which is gone; the ScaledObject
+    (checked field by field as KEDA reads it) carries the HPA's bounds, behaviour, metrics and targets."""
+    objects, plain = render(overlay), render(KEDA_OVERLAYS[overlay])
+    assert {o["kind"] for o in objects} == EXPECTED_KINDS - {"HorizontalPodAutoscaler"} | {"ScaledObject"}
+    for obj in objects:
+        if obj["kind"] != "ScaledObject":
+            kubernetes_validate.validate(obj, KUBERNETES_VERSIONS[-1], strict=True)
+    assert [o for o in objects if o["kind"] != "ScaledObject"] == \
+        [o for o in plain if o["kind"] != "HorizontalPodAutoscaler"]
+
+    scaled, hpa = one(objects, "ScaledObject"), one(plain, "HorizontalPodAutoscaler")
+    deployment = server(objects)
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    spec = scaled["spec"]
+    assert set(spec) <= {"scaleTargetRef", "pollingInterval", "cooldownPeriod", "initialCooldownPeriod",
+                         "idleReplicaCount", "minReplicaCount", "maxReplicaCount", "fallback", "advanced", "triggers"}
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                      "name": deployment["metadata"]["name"]}
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"])
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior == hpa["spec"]["behavior"]
+    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["name"] != hpa["metadata"]["name"]
+
+    targets = {m["pods"]["metric"]["name"]: quantity(m["pods"]["target"]["averageValue"]) for m in hpa["spec"]["metrics"]}
+    triggers = {t["name"]: t for t in spec["triggers"]}
+    assert sorted(triggers) == sorted(targets)
+    namespace = deployment["metadata"]["namespace"]
+    for name, trigger in triggers.items():
+        assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+        metadata = trigger["metadata"]
+        assert set(metadata) == {"serverAddress", "query", "threshold"}
+        assert re.fullmatch(r"https?://[^/\s]+", metadata["serverAddress"])
+        assert float(metadata["threshold"]) == pytest.approx(targets[name])
+        namespaces = re.findall(r'namespace="([^"]*)"', metadata["query"])
+        assert namespaces and set(namespaces) == {namespace}, metadata["query"]
+
+
 def _promtool() -> str:
     binary = shutil.which("promtool")
     assert binary, "promtool is not installed (apt-get install prometheus; .ci/run does it)"
@@ -438,7 +480,6 @@ def test_scrape_config_passes_promtool(tmp_path):
 
 
 # -- the HPA's PromQL, live -----------------------------------------------------------------------
-NAMESPACE = "normfuse"
 PODS = ["normfuse-server-5d8f7c9b4-abcde", "normfuse-server-5d8f7c9b4-fghij"]
 LIVE_DEADLINE_S = 40.0
 
@@ -456,13 +497,13 @@ def _serve_as_the_deployment_does(objects, repo: Path, port: int, scratch: Path)
     return [sys.executable, "-m", "normfuse.cli", *argv[1:]], {**inherited, **env}
 
 
-def _pods(objects, port: int) -> list[dict]:
+def _pods(objects, namespace: str, port: int) -> list[dict]:
     """What Kubernetes discovery would report: the two server pods (annotated and labelled as the
     Deployment's template says, the port annotation pointing at the test's port), a pod of another app
     without the scrape annotation, and a server pod still Pending. Only the first two must be scraped."""
     template = server(objects)["spec"]["template"]["metadata"]
     annotations = {**template["annotations"], "prometheus.io/port": str(port)}
-    base = {"namespace": NAMESPACE, "address": "127.0.0.1:8000", "labels": template["labels"]}
+    base = {"namespace": namespace, "address": "127.0.0.1:8000", "labels": template["labels"]}
     return [*({**base, "name": name, "annotations": annotations} for name in PODS),
             {**base, "name": "unrelated-0", "annotations": {}, "labels": {"app": "other"}},
             {**base, "name": "normfuse-server-pending", "annotations": annotations, "phase": "Pending"}]
@@ -513,14 +554,15 @@ def test_hpa_queries_return_a_value_per_pod_from_a_real_prometheus(tmp_path):
     replaced by static targets carrying the same __meta_kubernetes_* labels) against a real `normfuse serve`
     started with the Deployment's command and environment, under load. Both "pods" are the same process."""
     objects = render("cpu")
+    namespace = one(objects, "Namespace")["metadata"]["name"]
     repo = repo_builder.build_test_repo(tmp_path / "repo", broken=False)
     (tmp_path / "pod-tmp").mkdir()
     server_port, prom_port = free_port(), free_port()
     command, env = _serve_as_the_deployment_does(objects, repo, server_port, tmp_path / "pod-tmp")
     config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump(loopback_scrape_config(_pods(objects, server_port))))
+    config.write_text(yaml.safe_dump(loopback_scrape_config(_pods(objects, namespace, server_port))))
     rules = {rule["name"]["as"]: rule for rule in adapter_rules()}
-    queries = {name: render_metrics_query(rule, NAMESPACE, PODS) for name, rule in rules.items()}
+    queries = {name: render_metrics_query(rule, namespace, PODS) for name, rule in rules.items()}
     series_of = {name: f'{rule["seriesQuery"]}' for name, rule in rules.items()}
 
     with (running(command, ready_url=f"http://127.0.0.1:{server_port}/v2/health/ready",
@@ -539,7 +581,7 @@ def test_hpa_queries_return_a_value_per_pod_from_a_real_prometheus(tmp_path):
         # the relabeling scraped exactly the annotated, running pods, labelled as the adapter needs
         up = instant_query(prometheus, 'up{job="kubernetes-pods"}')
         assert sorted(s["metric"]["pod"] for s in up) == PODS
-        assert all(s["metric"]["namespace"] == NAMESPACE and s["value"][1] == "1" for s in up)
+        assert all(s["metric"]["namespace"] == namespace and s["value"][1] == "1" for s in up)
         assert all(s["metric"]["component"] == "server" for s in up)
         # each rule's seriesQuery finds the series it names, on both pods (what the adapter lists)
         for name, series_query in series_of.items():
@@ -550,7 +592,15 @@ def test_hpa_queries_return_a_value_per_pod_from_a_real_prometheus(tmp_path):
         # a batch waits out the batching window, so it is > 0, and within the histogram's range (~13 s)
         assert all(v >= 0 for v in values["normfuse_queue_depth_avg1m"].values())
         assert all(0 < v < 14 for v in values["normfuse_queue_time_p95_seconds"].values())
+        # KEDA's queries (overlays/cpu-keda) are the sums of the adapter's per-pod values: evaluated at one
+        # instant, KEDA's value / replicas is exactly the average the HPA compares with the same target
+        at = time.time()
+        keda = {t["name"]: t["metadata"]["query"] for t in one(render("cpu-keda"), "ScaledObject")["spec"]["triggers"]}
+        for name, query in queries.items():
+            per_pod = [float(s["value"][1]) for s in query_at(prometheus, query, at)]
+            (total,) = query_at(prometheus, keda[name], at)
+            assert len(per_pod) == len(PODS) and float(total["value"][1]) == pytest.approx(sum(per_pod)), name
         # the control: a pod the HPA does not own gets nothing
         for rule in rules.values():
-            assert instant_query(prometheus, render_metrics_query(rule, NAMESPACE, ["normfuse-server-gone"])) == []
+            assert instant_query(prometheus, render_metrics_query(rule, namespace, ["normfuse-server-gone"])) == []
     assert load.ok > 0
