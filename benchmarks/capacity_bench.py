@@ -32,7 +32,14 @@ import numpy as np
 
 import engines
 from benchmarks import loadgen
-from benchmarks.capacity_model import fit_queue, fleet_table
+from benchmarks.capacity_model import (
+    QueueFit,
+    fit_queue,
+    fleet_table,
+    mm1_queue_length,
+    mm1_wait_quantile,
+    utilisation_where,
+)
 from benchmarks.engines_bench import input_specs
 from benchmarks.peers import launch
 from benchmarks.stats import bootstrap, interleave
@@ -61,6 +68,8 @@ class CapacityConfig:
     fleet_slos_ms: tuple[float, ...] = (10.0, 50.0)
     util_cap: float = 0.8
     spare: int = 1                     # N+1 for a disruption budget
+    hpa_queue_depth: float = 8.0       # deploy/k8s/base/hpa.yaml's per-pod targets, in model terms in the report
+    hpa_queue_p95_ms: float = 20.0
     seq_len: int = 128
     log_dir: Path = field(default=Path(".bench/logs"))
 
@@ -309,4 +318,15 @@ def analyse(result: dict) -> dict:
                         util_cap=config["util_cap"], spare=config["spare"], mu_intervals=intervals)
     return {"closed_mu": closed, "closed_mu_ratio": {"estimate": ratio.estimate, "low": ratio.low, "high": ratio.high},
             "fits": {v: f.to_dict() | {"mu_low": intervals[v][0], "mu_high": intervals[v][1]} for v, f in fits.items()},
-            "checks": checks, "fleet": fleet, "load_at_end": list(os.getloadavg())}
+            "checks": checks, "fleet": fleet, "hpa": {v: hpa_equivalents(f, config) for v, f in fits.items()},
+            "load_at_end": list(os.getloadavg())}
+
+
+def hpa_equivalents(fit: QueueFit, config: dict) -> dict:
+    """Where the HPA's per-pod targets sit on this replica's M/M/1 curve: the utilisation (and rate) at which
+    the mean queue depth, and the p95 queue wait, reach their targets, and the p99 predicted there."""
+    wait = config["hpa_queue_p95_ms"] / 1e3
+    rows = {"queue_depth": utilisation_where(mm1_queue_length, config["hpa_queue_depth"]),
+            "queue_p95": utilisation_where(lambda rho: mm1_wait_quantile(rho * fit.mu, fit.mu, 0.95), wait)}
+    return {name: {"utilisation": rho, "rate": rho * fit.mu, "p99_ms": fit.latency(rho * fit.mu) * 1e3}
+            for name, rho in rows.items()}

@@ -56,6 +56,33 @@ def kingman_wait(rate: float, mu: float, ca2: float = 1.0, cs2: float = 1.0) -> 
     return rho / (1 - rho) * (ca2 + cs2) / 2 / mu
 
 
+def mm1_queue_length(rho: float) -> float:
+    """Mean number of requests *waiting* (not in service) in M/M/1: ρ² / (1 − ρ)."""
+    if not 0 <= rho < 1:
+        return math.inf if rho >= 1 else math.nan
+    return rho * rho / (1 - rho)
+
+
+def mm1_wait_quantile(rate: float, mu: float, q: float) -> float:
+    """q-quantile of the M/M/1 waiting time in queue: P(W > t) = ρ·e^{−(μ−λ)t}, so ln(ρ/(1−q))/(μ − λ), 0 when
+    fewer than a share 1 − q of requests wait at all."""
+    if rate >= mu:
+        return math.inf
+    rho = rate / mu
+    return max(0.0, math.log(rho / (1 - q)) / (mu - rate)) if rho > 0 else 0.0
+
+
+def utilisation_where(metric, target: float, *, tolerance: float = 1e-9) -> float:
+    """The utilisation ρ in (0, 1) at which an increasing `metric(ρ)` reaches `target` (bisection)."""
+    low, high = 0.0, 1.0 - 1e-12
+    if metric(high) < target:
+        return high
+    while high - low > tolerance:
+        mid = (low + high) / 2
+        low, high = (mid, high) if metric(mid) < target else (low, mid)
+    return (low + high) / 2
+
+
 @dataclass(frozen=True)
 class QueueFit:
     """One replica: T_q(λ) = base_s + kappa · (−ln(1 − q)) / (mu − λ)."""

@@ -208,6 +208,14 @@ def capacity_section(result: dict, plot: Path | None = None, out_dir: Path | Non
           (f"{row['variants'][fused]['saving']} ({row['variants'][fused]['saving_pct']:+.1f}%)"
            if "saving" in row["variants"][fused] else "–"),
           row["variants"][base].get("limited_by", "–")] for row in result["fleet"]]))
+    if result.get("hpa"):
+        parts.append(f"The autoscaler's per-pod targets (deploy/k8s/base/hpa.yaml: mean queue depth "
+                     f"{config.get('hpa_queue_depth', 8):g}, p95 queue wait {config.get('hpa_queue_p95_ms', 20):g} ms) "
+                     "on each replica's fitted M/M/1 curve — where a pod is when the HPA starts adding pods:")
+        parts.append(table(["variant", "target", "utilisation", "req/s per replica", "model p99 ms there"],
+                           [[v, {"queue_depth": "queue depth", "queue_p95": "p95 queue wait"}[name],
+                             _num(h["utilisation"]), _num(h["rate"], ".0f"), _num(h["p99_ms"])]
+                            for v, targets in result["hpa"].items() for name, h in targets.items()]))
     if plot:
         rel = os.path.relpath(plot, out_dir) if out_dir else str(plot)
         parts.append(f"![p99 vs offered rate, measured and modelled]({rel})")

@@ -10,8 +10,11 @@ from benchmarks.capacity_model import (
     fit_queue,
     fleet_table,
     kingman_wait,
+    mm1_queue_length,
     mm1_sojourn_quantile,
+    mm1_wait_quantile,
     plan,
+    utilisation_where,
 )
 
 
@@ -129,3 +132,15 @@ def test_fleet_table_counts_savings_and_ranges():
     assert low <= loose["unfused"]["total"] <= high and low < high
     infeasible = [r for r in rows if r["slo_ms"] == 3.0][0]["variants"]
     assert "infeasible" in infeasible["unfused"] and "saving" not in infeasible["rmsnorm"]
+
+
+def test_mm1_queue_metrics_the_hpa_scales_on():
+    assert mm1_queue_length(0.5) == pytest.approx(0.5)  # ρ²/(1 − ρ)
+    assert mm1_queue_length(0.8) == pytest.approx(3.2)
+    assert mm1_queue_length(1.0) == math.inf
+    # P(W > t) = ρ e^{−(μ−λ)t}: at ρ = 0.8, μ = 100, the p95 wait is ln(16)/20
+    assert mm1_wait_quantile(80, 100, 0.95) == pytest.approx(math.log(16) / 20)
+    assert mm1_wait_quantile(4, 100, 0.95) == 0.0  # only 4% of requests wait at all
+    rho = utilisation_where(mm1_queue_length, 8.0)
+    assert mm1_queue_length(rho) == pytest.approx(8.0, rel=1e-6) and 0.88 < rho < 0.9
+    assert utilisation_where(lambda r: r, 2.0) > 0.999  # never reached: the top of the range
