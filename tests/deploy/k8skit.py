@@ -24,6 +24,7 @@ K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu")
 KEDA_OVERLAYS = {"cpu-keda": "cpu", "gpu-keda": "gpu"}  # overlay with KEDA -> the overlay it wraps
 ADAPTER_RULES = K8S / "monitoring" / "prometheus-adapter-rules.yaml"
+ADAPTER_VALUES = K8S / "monitoring" / "prometheus-adapter-values.yaml"  # Helm: the same rules under rules.custom
 SCRAPE_CONFIG = K8S / "monitoring" / "prometheus-scrape.yaml"
 COMPONENTS = K8S / "components"
 

@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from tests.deploy.k8skit import (
+    ADAPTER_VALUES,
     KEDA_OVERLAYS,
     OVERLAYS,
     SCRAPE_CONFIG,
@@ -380,6 +381,12 @@ def test_hpa_metrics_are_the_adapter_rules_and_the_server_exports_their_series()
         for metric in hpa["spec"]["metrics"]:
             assert metric["pods"]["target"]["type"] == "AverageValue"
             assert 0 < quantity(metric["pods"]["target"]["averageValue"]) < math.inf
+
+
+def test_helm_values_carry_the_same_adapter_rules():
+    values = yaml.safe_load(ADAPTER_VALUES.read_text())
+    assert values["rules"]["custom"] == adapter_rules()
+    assert values["prometheus"]["url"].startswith("http") and isinstance(values["prometheus"]["port"], int)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
