@@ -10,10 +10,13 @@ PORT   ?= 8000
 .PHONY: setup run convert serve test lint bench clean
 
 # One venv with the package, its test and benchmark extras. The stamp re-runs pip when pyproject changes.
-$(BIN)/.stamp: pyproject.toml
+# kserve's SDK comes without its dependencies (its server stack: pandas, grpcio-tools, ...): the KServe manifest
+# tests read only its generated model classes, as the published shape of InferenceService and ServingRuntime.
+$(BIN)/.stamp: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m pip install -q --no-deps 'kserve==0.21.0'
 	touch $@
 
 setup: $(BIN)/.stamp
