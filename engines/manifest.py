@@ -163,8 +163,10 @@ def verify_files(model_dir: Path, variant: VariantInfo) -> dict[str, Path]:
 
 
 def list_models(repo: Path) -> list[str]:
-    """Names of the model directories in a repository (those holding a manifest)."""
+    """Names of the model directories in a repository (those holding a manifest). Hidden directories are skipped:
+    a conversion stages into `.NAME.partial-*` and renames into place, so a server starting meanwhile must not
+    serve the half-built copy."""
     repo = Path(repo)
     if not repo.is_dir():
         return []
-    return sorted(p.parent.name for p in repo.glob(f"*/{MANIFEST_NAME}"))
+    return sorted(p.parent.name for p in repo.glob(f"*/{MANIFEST_NAME}") if not p.parent.name.startswith("."))

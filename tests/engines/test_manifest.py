@@ -14,6 +14,7 @@ from engines.manifest import (
     MANIFEST_NAME,
     Manifest,
     ManifestError,
+    list_models,
     read_manifest,
     sha256_file,
     write_manifest,
@@ -108,3 +109,9 @@ def test_a_corrupt_manifest_is_refused(model_dir):
     (model_dir / MANIFEST_NAME).write_text('{"name": "tiny"}')
     with pytest.raises(ManifestError, match="is not a valid normfuse manifest"):
         engines.load(model_dir.parent, "tiny")
+
+
+def test_a_conversion_in_progress_is_not_listed(model_dir):
+    repo = model_dir.parent
+    shutil.copytree(model_dir, repo / ".tiny.partial-abc123")  # what convert stages before its rename
+    assert list_models(repo) == ["tiny"]
