@@ -3,8 +3,8 @@
 For the baseline (`unfused`) and one fused variant, served by the same `normfuse serve` processes
 (each with NORMFUSE_INTRA_OP_THREADS=1 and, when the machine allows, pinned to its own core):
 
-1. one process: closed-loop saturation throughput μ in interleaved rounds (fused, unfused, unfused,
-   fused, …; the rounds give μ's bootstrap interval), then open-loop Poisson sweeps at fractions of the
+1. one process: closed-loop saturation throughput μ in interleaved rounds (A B, B A, …; the rounds
+   give μ's bootstrap interval), then open-loop Poisson sweeps at fractions of the
    baseline's μ, both variants at the same offered rates;
 2. the model (capacity_model) fitted per variant to the one-process p99 points, with μ as measured;
 3. two processes, the load generator picking one at random per request (as kube-proxy does): the same
@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import os
-import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -58,10 +59,10 @@ class CapacityConfig:
     max_batch_size: int = 16
     max_queue_delay_ms: float = 0.0    # opportunistic batching, as in `bench serving`
     saturation_concurrency: int = 32   # closed loop, split evenly over the processes
-    saturation_rounds: int = 6         # per variant, interleaved
+    saturation_rounds: int = 8         # per variant, interleaved
     saturation_step_s: float = 1.5
-    fractions: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 0.9)   # of the one-process baseline μ, per process
-    open_step_s: float = 4.0
+    fractions: tuple[float, ...] = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9)  # of one process's baseline μ, per process
+    open_step_s: float = 5.0
     open_timeout_s: float = 10.0
     slo_ms: float = 10.0               # the local check: the largest rate whose p99 meets it
     fleet_rates: tuple[float, ...] = (1_000.0, 10_000.0, 100_000.0)
@@ -140,12 +141,16 @@ async def closed_spread(targets: Sequence[loadgen.Target], concurrency: int, sec
 
 
 async def open_spread(targets: Sequence[loadgen.Target], rate: float, *, seconds: float, timeout: float,
-                      seed: int = 0, connections: int = 256) -> loadgen.LoadResult:
+                      seed: int = 0, connections: int = 256) -> tuple[loadgen.LoadResult, list[float]]:
     """loadgen.open_loop's Poisson schedule, each request sent to a target drawn at random (kube-proxy's
-    iptables mode); latency from the scheduled time, stragglers past `timeout` counted as "timeout"."""
+    iptables mode); latency from the scheduled time, stragglers past `timeout` counted as "timeout".
+
+    Also returns each request's send lag (seconds its send started after its scheduled time): the client's
+    own delay, which the latency includes by design (no coordinated omission) but which is not the server's."""
     offsets = loadgen.poisson_schedule(rate, int(rate * seconds * 2) + 10, seconds, seed)
     choice = np.random.default_rng(seed + 1).integers(0, len(targets), offsets.size)
     tasks: list[asyncio.Task] = []
+    lags: list[float] = []
     async with loadgen._client(connections, timeout) as client:
         for target in targets:  # one open connection each before the clock starts
             await loadgen._send(client, target, time.perf_counter())
@@ -154,6 +159,7 @@ async def open_spread(targets: Sequence[loadgen.Target], rate: float, *, seconds
             due = start + float(offset)
             if (delay := due - time.perf_counter()) > 0:
                 await asyncio.sleep(delay)
+            lags.append(time.perf_counter() - due)
             tasks.append(asyncio.create_task(loadgen._send(client, targets[which], due)))
         done, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
         for task in pending:
@@ -163,16 +169,26 @@ async def open_spread(targets: Sequence[loadgen.Target], rate: float, *, seconds
         samples += [loadgen.Sample(start + float(o), now, "timeout")
                     for t, o in zip(tasks, offsets, strict=True) if t in pending]
         end = max((s.end for s in samples), default=start)
-    return loadgen.LoadResult(targets[0].label, "open", rate, 1, end - start, samples)
+    return loadgen.LoadResult(targets[0].label, "open", rate, 1, end - start, samples), lags
 
 
-def _serve_repo(repo: Path, model: str, work: Path) -> Path:
-    """A repository holding only `model` (a symlink), so the servers load nothing else."""
-    target = work / "capacity-repo"
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(parents=True)
-    (target / model).symlink_to((repo / model).resolve(), target_is_directory=True)
-    return target
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """The client's garbage collector off for one step (collected before), so its pauses are not latency."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@contextlib.contextmanager
+def serve_repo(repo: Path, model: str) -> Iterator[Path]:
+    """A temporary repository holding only `model` (a symlink), so the servers load nothing else."""
+    with tempfile.TemporaryDirectory(prefix="normfuse-capacity-") as work:
+        (Path(work) / model).symlink_to((repo / model).resolve(), target_is_directory=True)
+        yield Path(work)
 
 
 @contextlib.contextmanager
@@ -200,7 +216,7 @@ def measure(repo: Path, n: int, config: CapacityConfig, variants: list[str], spe
                        for s in started] for v in variants}
         for round_index, order in enumerate(interleave(variants, config.saturation_rounds)):
             for v in order:
-                with cpu_meter(pids) as cpu:
+                with cpu_meter(pids) as cpu, no_gc():
                     rps, errors = asyncio.run(closed_spread(targets[v], config.saturation_concurrency,
                                                             config.saturation_step_s, config.open_timeout_s))
                 saturation.append({"processes": n, "variant": v, "round": round_index, "rps": rps,
@@ -210,10 +226,11 @@ def measure(repo: Path, n: int, config: CapacityConfig, variants: list[str], spe
             rates = [f * mu for f in config.fractions]
         for i, (per_process, order) in enumerate(zip(rates, interleave(variants, len(rates)), strict=True)):
             for v in order:
-                with cpu_meter(pids) as cpu:
-                    result = asyncio.run(open_spread(targets[v], n * per_process, seconds=config.open_step_s,
-                                                     timeout=config.open_timeout_s, seed=i))
+                with cpu_meter(pids) as cpu, no_gc():
+                    result, lags = asyncio.run(open_spread(targets[v], n * per_process, seconds=config.open_step_s,
+                                                           timeout=config.open_timeout_s, seed=i))
                 row = result.to_dict()
+                cpu["send_lag_p99_ms"] = float(np.percentile(lags, 99)) * 1e3 if lags else math.nan
                 sweep.append({"processes": n, "variant": v, "per_process_rate": per_process, "pinned": all(pinned),
                               **{k: row[k] for k in ("level", "sent", "ok", "codes", "throughput_rps", "p50_ms",
                                                      "p90_ms", "p99_ms")}, **cpu})
@@ -230,14 +247,14 @@ def run(repo: Path, config: CapacityConfig) -> dict:
     manifest, _ = engines.open_model(repo, config.model)
     fused, why = pick_variants(manifest, config.fused, config.baseline)
     specs = input_specs(manifest, config.seq_len)
-    serve_repo = _serve_repo(repo, config.model, config.log_dir.parent)
     cap = min(config.max_batch_size, manifest.max_batch_size or config.max_batch_size)
     warmup = ",".join(str(2**i) for i in range(cap.bit_length()) if 2**i <= cap)
     saturation, sweep, rates = [], [], None
-    for n in config.processes:  # the first topology sets the sweep's per-process rates
-        rounds, rows, rates = measure(serve_repo, n, config, [config.baseline, fused], specs, rates, warmup)
-        saturation += rounds
-        sweep += rows
+    with serve_repo(repo, config.model) as only_model:
+        for n in config.processes:  # the first topology sets the sweep's per-process rates
+            rounds, rows, rates = measure(only_model, n, config, [config.baseline, fused], specs, rates, warmup)
+            saturation += rounds
+            sweep += rows
     result = {"model": config.model, "baseline": config.baseline, "fused": fused, "fused_why": why,
               "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
               "wall_s": round(time.time() - started, 1), "machine": machine(load_at_start),

@@ -98,7 +98,7 @@ def _capacity_options(p: argparse.ArgumentParser) -> None:
                    "not unfused, else rmsnorm)")
     p.add_argument("--slo-ms", type=float, default=10.0, help="p99 SLO of the 1-vs-2-process check (default 10)")
     p.add_argument("--fractions", type=_floats, default=None,
-                   help="open-loop rates as fractions of one process's saturation (default 0.2,0.4,0.6,0.8,0.9)")
+                   help="open-loop rates as fractions of one process's saturation (default 0.2,0.4,0.6,0.7,0.8,0.9)")
     p.add_argument("--fleet-slo-ms", type=_floats, default=(10.0, 50.0), help="p99 SLOs of the fleet table")
     p.add_argument("--fleet-rates", type=_floats, default=(1e3, 1e4, 1e5), help="req/s rows of the fleet table")
     p.add_argument("--no-pin", action="store_true", help="do not pin each server process to its own core")
@@ -165,7 +165,14 @@ def _capacity_config(args):
                           slo_ms=getattr(args, "slo_ms", 10.0), pin=not getattr(args, "no_pin", False),
                           fleet_slos_ms=tuple(getattr(args, "fleet_slo_ms", (10.0, 50.0))),
                           fleet_rates=tuple(getattr(args, "fleet_rates", (1e3, 1e4, 1e5))),
-                          log_dir=Path(args.repo).parent / "logs")
+                          log_dir=_log_dir(args.repo))
+
+
+def _log_dir(repo: Path) -> Path:
+    """Server logs beside the repository (.bench/repo -> .bench/logs), or under .bench/ for a repository in
+    the working directory (model_repository), not loose in the source tree."""
+    parent = Path(repo).resolve().parent
+    return Path(".bench/logs") if parent == Path.cwd().resolve() else parent / "logs"
 
 
 def _dump(result: dict, path: Path | None) -> None:
@@ -198,7 +205,7 @@ def run_capacity(args) -> int:
 
     _setup_logging()
     result = capacity_bench.run(args.repo, _capacity_config(args))
-    _dump(result, args.json or Path(args.repo).parent / "capacity.json")
+    _dump(result, args.json or _log_dir(args.repo).parent / "capacity.json")
     if args.out:
         report.write_capacity(args.out, result, plot_dir=args.plots)
         log.info("wrote the capacity section of %s", args.out)
