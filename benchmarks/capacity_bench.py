@@ -307,8 +307,10 @@ def analyse(result: dict) -> dict:
         fits[v] = fit_queue([(r["level"] / one, r["p99_ms"] / 1e3) for r in rows],
                             mu_hint=closed[v]["median"] / one)
     share = {(n, v): cores[n, v] / cores[one, v] for n, v in sat}
+    single = {(r["variant"], r["per_process_rate"]): r["p99_ms"] for r in result["sweep"] if r["processes"] == one}
     for row in result["sweep"]:
         n, fit = row["processes"], fits[row["variant"]]
+        row["one_process_p99_ms"] = single.get((row["variant"], row["per_process_rate"]), math.nan)
         row["model_p99_ms"] = fit.latency(row["level"] / n) * 1e3
         row["model_cpu_p99_ms"] = fit.with_mu(fit.mu * min(1.0, share[n, row["variant"]])).latency(row["level"] / n) * 1e3
     checks = []

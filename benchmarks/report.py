@@ -186,12 +186,14 @@ def capacity_section(result: dict, plot: Path | None = None, out_dir: Path | Non
                  "= p99(λ/n), with a core each, and with each replica's μ scaled by the CPU share its process got at "
                  "saturation:")
     parts.append(table(
-        ["processes", "variant", "offered req/s", "achieved", "codes", "p50 ms", "p99 ms", "model p99 ms",
+        ["processes", "variant", "offered req/s", "achieved", "codes", "p50 ms", "p99 ms",
+         "p99 ms of 1 process at the same rate per process", "model p99 ms",
          "model p99 at CPU share", "client send lag p99 ms", "client cores", "cores per server",
          "machine busy cores"],
         [[r["processes"], r["variant"], _num(r["level"], ".0f"), _num(r["throughput_rps"], ".0f"),
           ", ".join(f"{k}: {v}" for k, v in r["codes"].items()), _num(r["p50_ms"]), _num(r["p99_ms"]),
-          _num(r["model_p99_ms"]), _num(r["model_cpu_p99_ms"]), _num(r.get("send_lag_p99_ms")),
+          _num(r.get("one_process_p99_ms")) if r["processes"] > 1 else "", _num(r["model_p99_ms"]),
+          _num(r["model_cpu_p99_ms"]), _num(r.get("send_lag_p99_ms")),
           _num(r["client_cores"]),
           _num(sum(r["server_cores"]) / len(r["server_cores"])), _num(r.get("machine_cores"))]
          for r in sorted(result["sweep"], key=lambda r: (r["processes"], r["variant"] != base, r["level"]))]))

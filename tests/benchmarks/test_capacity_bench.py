@@ -46,7 +46,8 @@ def _synthetic(truth: dict[str, QueueFit], share: float) -> dict:
                             "machine_cores": 1.9} for i in range(4)]
             for f in config["fractions"]:
                 slowed = fit.with_mu(fit.mu * cores)
-                sweep.append({"processes": n, "variant": v, "level": n * f * fit.mu, "sent": 100, "ok": 100,
+                sweep.append({"processes": n, "variant": v, "level": n * f * fit.mu, "per_process_rate": f * fit.mu,
+                              "sent": 100, "ok": 100,
                               "codes": {"200": 100}, "throughput_rps": n * f * fit.mu, "p50_ms": 1.0,
                               "p90_ms": 2.0, "p99_ms": slowed.latency(f * fit.mu) * 1e3 if f < cores else 5000.0,
                               "client_cores": 0.4, "server_cores": [cores] * n, "machine_cores": 1.9})
@@ -101,6 +102,9 @@ def test_bench_capacity_quick_against_real_servers(bench_repo, tmp_path):
     assert all(r["codes"] == {"200": r["sent"]} and r["sent"] > 0 for r in data["sweep"])
     assert [r["level"] for r in two if r["variant"] == "unfused"] == pytest.approx(
         [2 * r["level"] for r in data["sweep"] if r["processes"] == 1 and r["variant"] == "unfused"])
+    for i in range(2):  # each process took its share of the random spread
+        assert sum(r["server_cores"][i] for r in two) > 0
+    assert all(r["one_process_p99_ms"] > 0 and r["send_lag_p99_ms"] >= 0 for r in two)
     assert set(data["fits"]) == {"unfused", "affine"} and all(f["mu"] > 0 for f in data["fits"].values())
     assert {row["slo_ms"] for row in data["fleet"]} == {1000.0}
     text = out.read_text()
