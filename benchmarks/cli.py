@@ -55,7 +55,7 @@ def register(subparsers) -> None:
         p.add_argument("--concurrency", type=_ints, default=None, help="default 1,4,16,32")
         p.add_argument("--max-queue-delay-ms", type=float, default=0.0,
                        help="every batching server's queue delay (default 0: opportunistic batching)")
-    for p in (engines_p, serving_p, capacity_p, all_p):
+    for p in (engines_p, serving_p, all_p):
         _common(p)
     _capacity_options(capacity_p)
     all_p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
@@ -93,6 +93,11 @@ def register(subparsers) -> None:
 
 
 def _capacity_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo", type=Path, required=True, help="model repository (REPO/NAME/manifest.json)")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per process: one replica "
+                   "(default 1)")
+    p.add_argument("--quick", action="store_true", help="tiny counts and short steps: a smoke run, not numbers")
+    p.add_argument("--json", type=Path, default=None, help="write the raw results here (default .bench/capacity.json)")
     p.add_argument("--model", default="vit-digits")
     p.add_argument("--fused", default=None, help="the fused variant (default: the manifest's default if it is "
                    "not unfused, else rmsnorm)")
