@@ -34,7 +34,6 @@ FLAGS = {
 # NORMFUSE_* variables read by other parts of normfuse, which the server must not call typos
 NOT_SERVER_SETTINGS = {
     "NORMFUSE_CACHE_DIR",  # convert/models/vit_digits.py: where built-in model weights are cached
-    "NORMFUSE_TEST_COMPILE",  # tests/engines: opt into the slow torch.compile cases
 }
 
 
