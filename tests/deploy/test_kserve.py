@@ -479,6 +479,14 @@ def test_the_canary_revisions_compare_at_fleet_level(tmp_path):
 
 # -- 4. non-root, read-only root filesystem, /tmp the only writable place ----------------------------------------
 SANDBOX = """set -e
+umask 022
+# What the unprivileged user must reach but cannot enter (the checkout or the Python install below a mode-700
+# directory such as /root or a private temp dir): set each such path aside, cover its closed ancestor with an
+# empty tmpfs, and bind the path back at the same place, so every path stays the same.
+i=0; for pair in $EXPOSE; do i=$((i+1)); mkdir -p "$KEEP/$i"; mount --bind "${pair#*:}" "$KEEP/$i"; done
+covered=" "; for pair in $EXPOSE; do hidden="${pair%%:*}"; case "$covered" in *" $hidden "*) continue ;; esac
+  mount -t tmpfs -o mode=755 normfuse-path "$hidden"; covered="$covered$hidden "; done
+i=0; for pair in $EXPOSE; do i=$((i+1)); mkdir -p "${pair#*:}"; mount --bind "$KEEP/$i" "${pair#*:}"; done
 for mp in $(awk '{print $2}' /proc/self/mounts | sort -u); do
   case "$mp" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) ;; *) mount -o remount,bind,ro "$mp" ;; esac
 done
@@ -487,18 +495,35 @@ exec setpriv --reuid "$RUN_AS" --regid "$RUN_AS" --clear-groups -- "$@"
 """
 
 
-def _sandboxed(argv: list[str], uid: int) -> tuple[list[str], dict[str, str]]:
+def _closed_ancestors(paths: list[Path]) -> list[tuple[Path, Path]]:
+    """(topmost ancestor others may not enter, path) for each path below one; the sandbox re-exposes those."""
+    pairs = []
+    for path in paths:
+        path = path.resolve()
+        for ancestor in [*reversed(path.parents)][1:]:  # below /, from the top down
+            if not ancestor.stat().st_mode & 0o001:
+                assert not any(c in str(path) for c in " :\t\n"), f"cannot re-expose {path}"
+                pairs.append((ancestor, path))
+                break
+        assert path.stat().st_mode & 0o005 == 0o005, f"{path} itself is closed to other users"
+    return pairs
+
+
+def _sandboxed(argv: list[str], uid: int, work: Path) -> tuple[list[str], dict[str, str]]:
     """`argv` as `uid` in a private mount namespace where every filesystem is remounted read-only and a fresh
-    tmpfs at $TMPDIR is the only writable place (the pod: readOnlyRootFilesystem, an emptyDir on /tmp)."""
+    tmpfs at $TMPDIR is the only writable place (the pod: readOnlyRootFilesystem, an emptyDir on /tmp). The
+    checkout and the Python installation are made reachable for `uid` (`_closed_ancestors`)."""
+    needed = [ROOT, Path(sys.base_prefix), Path(sys.prefix)]
+    expose = " ".join(f"{hidden}:{path}" for hidden, path in _closed_ancestors(needed))
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", SANDBOX, "sandbox", *argv], {
-        "RUN_AS": str(uid)}
+        "RUN_AS": str(uid), "EXPOSE": expose, "KEEP": str(work / "keep")}
 
 
-def _sandbox_works(workdir: Path) -> bool:
+def _sandbox_works(work: Path) -> bool:
     if not (shutil.which("unshare") and shutil.which("setpriv")):
         return False
-    argv, extra = _sandboxed(["true"], 0)
-    env = {**os.environ, **extra, "TMPDIR": str(workdir)}
+    argv, extra = _sandboxed(["true"], 0, work)
+    env = {**os.environ, **extra, "TMPDIR": str(work / "tmp")}
     return subprocess.run(argv, env=env, capture_output=True).returncode == 0
 
 
@@ -515,18 +540,18 @@ def test_the_container_runs_non_root_with_a_read_only_root_filesystem():
     try:
         work.chmod(0o755)
         (work / "tmp").mkdir()
-        if not _sandbox_works(work / "tmp"):
+        if not _sandbox_works(work):
             pytest.skip("no private mount namespaces here (unshare --mount needs CAP_SYS_ADMIN)")
         fused = default_of(MAIN)
         repo = _repo_with(work, fused)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        argv, extra = _sandboxed(_command(run.container, repo, port), security["runAsUser"])
+        argv, extra = _sandboxed(_command(run.container, repo, port), security["runAsUser"], work)
         env = {**_env(run.container, repo), **extra, "TMPDIR": str(work / "tmp"), "HOME": str(work)}
         # the sandbox is real: the repository cannot be written, TMPDIR can
         probe = "touch \"$1/probe\" 2>/dev/null && echo writable || echo read-only"
         for where, want in ((repo, "read-only"), (work / "tmp", "writable")):
-            sandbox, _ = _sandboxed(["sh", "-c", probe, "probe", str(where)], security["runAsUser"])
+            sandbox, _ = _sandboxed(["sh", "-c", probe, "probe", str(where)], security["runAsUser"], work)
             answer = subprocess.run(sandbox, env=env, capture_output=True, text=True, check=True).stdout.strip()
             assert answer == want, where
         log = work / "server.log"
