@@ -140,38 +140,6 @@ async def closed_spread(targets: Sequence[loadgen.Target], concurrency: int, sec
     return ok / max(r.duration_s for r in results), sum(len(r.samples) for r in results) - ok
 
 
-async def open_spread(targets: Sequence[loadgen.Target], rate: float, *, seconds: float, timeout: float,
-                      seed: int = 0, connections: int = 256) -> tuple[loadgen.LoadResult, list[float]]:
-    """loadgen.open_loop's Poisson schedule, each request sent to a target drawn at random (kube-proxy's
-    iptables mode); latency from the scheduled time, stragglers past `timeout` counted as "timeout".
-
-    Also returns each request's send lag (seconds its send started after its scheduled time): the client's
-    own delay, which the latency includes by design (no coordinated omission) but which is not the server's."""
-    offsets = loadgen.poisson_schedule(rate, int(rate * seconds * 2) + 10, seconds, seed)
-    choice = np.random.default_rng(seed + 1).integers(0, len(targets), offsets.size)
-    tasks: list[asyncio.Task] = []
-    lags: list[float] = []
-    async with loadgen._client(connections, timeout) as client:
-        for target in targets:  # one open connection each before the clock starts
-            await loadgen._send(client, target, time.perf_counter())
-        start = time.perf_counter()
-        for offset, which in zip(offsets, choice, strict=True):
-            due = start + float(offset)
-            if (delay := due - time.perf_counter()) > 0:
-                await asyncio.sleep(delay)
-            lags.append(time.perf_counter() - due)
-            tasks.append(asyncio.create_task(loadgen._send(client, targets[which], due)))
-        done, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
-        for task in pending:
-            task.cancel()
-        now = time.perf_counter()
-        samples = [t.result() for t in tasks if t in done]
-        samples += [loadgen.Sample(start + float(o), now, "timeout")
-                    for t, o in zip(tasks, offsets, strict=True) if t in pending]
-        end = max((s.end for s in samples), default=start)
-    return loadgen.LoadResult(targets[0].label, "open", rate, 1, end - start, samples), lags
-
-
 @contextlib.contextmanager
 def no_gc() -> Iterator[None]:
     """The client's garbage collector off for one step (collected before), so its pauses are not latency."""
@@ -227,9 +195,11 @@ def measure(repo: Path, n: int, config: CapacityConfig, variants: list[str], spe
         for i, (per_process, order) in enumerate(zip(rates, interleave(variants, len(rates)), strict=True)):
             for v in order:
                 with cpu_meter(pids) as cpu, no_gc():
-                    result, lags = asyncio.run(open_spread(targets[v], n * per_process, seconds=config.open_step_s,
+                    rate = n * per_process  # spread at random over the n processes, as kube-proxy does
+                    result = asyncio.run(loadgen.open_loop(targets[v], rate, max_requests=int(rate * config.open_step_s * 2) + 10,
+                                                           max_seconds=config.open_step_s,
                                                            timeout=config.open_timeout_s, seed=i))
-                row = result.to_dict()
+                row, lags = result.to_dict(), result.send_lags
                 cpu["send_lag_p99_ms"] = float(np.percentile(lags, 99)) * 1e3 if lags else math.nan
                 sweep.append({"processes": n, "variant": v, "per_process_rate": per_process, "pinned": all(pinned),
                               **{k: row[k] for k in ("level", "sent", "ok", "codes", "throughput_rps", "p50_ms",

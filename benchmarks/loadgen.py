@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -65,6 +66,7 @@ class LoadResult:
     batch: int
     duration_s: float
     samples: list[Sample] = field(repr=False, default_factory=list)
+    send_lags: list[float] = field(repr=False, default_factory=list)  # open loop: send start - scheduled time, s
 
     @property
     def ok(self) -> list[Sample]:
@@ -143,24 +145,31 @@ def poisson_schedule(rate: float, max_requests: int, max_seconds: float, seed: i
     return offsets[offsets < max_seconds]
 
 
-async def open_loop(target: Target, rate: float, *, max_requests: int, max_seconds: float,
+async def open_loop(target: Target | Sequence[Target], rate: float, *, max_requests: int, max_seconds: float,
                     timeout: float = 30.0, seed: int = 0, connections: int = 256) -> LoadResult:
     """Poisson arrivals at `rate`/s, scheduled in advance; latency counts from each scheduled time.
 
-    Requests still outstanding `timeout` seconds after the last scheduled send are cancelled and
-    recorded as "timeout" at the moment of cancellation.
+    With several targets (replicas), each request goes to one drawn at random, as kube-proxy's iptables mode
+    spreads a Service's traffic. Requests still outstanding `timeout` seconds after the last scheduled send are
+    cancelled and recorded as "timeout" at the moment of cancellation. `send_lags` records how late the client
+    itself started each send: included in the latency by design (no coordinated omission), but not the server's.
     """
+    targets = [target] if isinstance(target, Target) else list(target)
     offsets = poisson_schedule(rate, max_requests, max_seconds, seed)
+    choice = np.random.default_rng(seed + 1).integers(0, len(targets), offsets.size)
     tasks: list[asyncio.Task] = []
+    lags: list[float] = []
     async with _client(connections, timeout) as client:
-        await _send(client, target, time.perf_counter())  # open one connection before the clock starts
+        for each in targets:  # one open connection each before the clock starts
+            await _send(client, each, time.perf_counter())
         start = time.perf_counter()
-        for offset in offsets:
+        for offset, which in zip(offsets, choice, strict=True):
             due = start + float(offset)
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_send(client, target, due)))
+            lags.append(time.perf_counter() - due)
+            tasks.append(asyncio.create_task(_send(client, targets[which], due)))
         done, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
         for task in pending:
             task.cancel()
@@ -168,7 +177,7 @@ async def open_loop(target: Target, rate: float, *, max_requests: int, max_secon
         samples = [t.result() for t in tasks if t in done]
         samples += [Sample(start + float(o), now, "timeout") for t, o in zip(tasks, offsets, strict=True) if t in pending]
         end = max((s.end for s in samples), default=start)
-    return LoadResult(target.label, "open", rate, target.batch, end - start, samples)
+    return LoadResult(targets[0].label, "open", rate, targets[0].batch, end - start, samples, lags)
 
 
 async def fetch_metadata(base: str, model: str, timeout: float = 10.0) -> dict:

@@ -80,3 +80,14 @@ def test_open_loop_cancels_what_outlives_the_timeout(plain_server):
     codes = result.codes()
     assert len(result.samples) == sum(codes.values()) > 0
     assert set(codes) <= {"200", "timeout"} and codes.get("timeout", 0) > 0
+
+
+@pytest.mark.e2e
+def test_open_loop_spreads_requests_over_several_targets_at_random(plain_server):
+    """Two 'replicas' told apart by their answers (200 vs 404): each request goes to one drawn at random."""
+    good = loadgen.make_target(plain_server.base_url, "tiny", SPECS)
+    wrong = loadgen.make_target(plain_server.base_url, "nope", SPECS)
+    result = asyncio.run(loadgen.open_loop([good, wrong], 100.0, max_requests=60, max_seconds=10, seed=5))
+    drawn = np.random.default_rng(6).integers(0, 2, 60)  # the draw open_loop makes for seed 5
+    assert result.codes() == {"200": int((drawn == 0).sum()), "404": int((drawn == 1).sum())}
+    assert len(result.send_lags) == 60 and min(result.send_lags) >= 0
