@@ -111,3 +111,18 @@ def test_bench_capacity_quick_against_real_servers(bench_repo, tmp_path):
     assert text.count("<!-- capacity:begin -->") == 1 and "kept" in text and "kept too" in text
     assert text.index("## Capacity") < text.index("## Plots")
     assert (tmp_path / "plots" / "capacity.png").stat().st_size > 10_000
+
+
+def test_the_hpa_targets_the_report_explains_are_the_ones_deployed():
+    import yaml  # the test extra
+
+    from benchmarks.capacity_model import mm1_queue_length
+    from tests.process import ROOT
+
+    hpa = yaml.safe_load((ROOT / "deploy/k8s/base/hpa.yaml").read_text())
+    targets = {m["pods"]["metric"]["name"]: m["pods"]["target"]["averageValue"] for m in hpa["spec"]["metrics"]}
+    config = CapacityConfig()
+    assert float(targets["normfuse_queue_depth_avg1m"]) == config.hpa_queue_depth
+    assert targets["normfuse_queue_time_p95_seconds"] == f"{config.hpa_queue_p95_ms:g}m"
+    # the queue-depth target is where an M/M/1 replica reaches the planner's default utilisation cap (0.8)
+    assert mm1_queue_length(0.78) < config.hpa_queue_depth < mm1_queue_length(0.82)
