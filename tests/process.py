@@ -12,6 +12,7 @@ import contextlib
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,12 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def normfuse(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`normfuse ARGS...` as a user runs it (this interpreter's package), output captured as text."""
+    return subprocess.run([sys.executable, "-m", "normfuse.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def free_port() -> int:

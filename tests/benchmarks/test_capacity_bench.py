@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 from dataclasses import asdict
 
 import pytest
@@ -11,6 +9,7 @@ import pytest
 from benchmarks.capacity_bench import CapacityConfig, analyse, max_rate_meeting, pick_variants
 from benchmarks.capacity_model import QueueFit
 from engines.manifest import read_manifest
+from tests.process import normfuse
 
 
 def _row(level, p99, ok=100, sent=100):
@@ -77,10 +76,6 @@ def test_analyse_recovers_the_curves_and_explains_two_processes_by_their_cpu_sha
     assert big["unfused"]["total"] == math.ceil(100_000 / (0.8 * mu)) + 1  # utilisation cap 0.8, N+1
     assert big["rmsnorm"]["saving"] > 0
 
-
-def normfuse(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "normfuse.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 @pytest.mark.e2e

@@ -2,17 +2,11 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
 from benchmarks.capacity_model import QueueFit
-
-
-def normfuse(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "normfuse.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+from tests.process import normfuse
 
 
 def _rows(stdout: str) -> list[list[str]]:

@@ -1,17 +1,11 @@
 """`normfuse bench all --quick` and `normfuse loadgen` end to end, with the real `normfuse serve` on loopback."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from benchmarks.peers import launch
-
-
-def normfuse(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "normfuse.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+from tests.process import normfuse
 
 
 @pytest.mark.e2e
