@@ -114,7 +114,7 @@ def predictor_of(isvc: dict) -> Predictor:
     # KServe merges the model's container fields into the runtime's container; env entries by name
     merged = {**env_of(container), **env_of(model)}
     container["env"] = [{"name": k, "value": v} for k, v in merged.items()]
-    annotations = {**runtime["metadata"].get("annotations", {}), **annotations}
+    annotations = {**runtime["spec"].get("annotations", {}), **annotations}  # the runtime's pod annotations
     return Predictor(isvc, container, runtime["spec"], annotations, model["storageUri"], model["protocolVersion"])
 
 
