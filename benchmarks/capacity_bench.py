@@ -6,7 +6,8 @@ For the baseline (`unfused`) and one fused variant, served by the same `normfuse
 1. one process: closed-loop saturation throughput μ in interleaved rounds (A B, B A, …; the rounds
    give μ's bootstrap interval), then open-loop Poisson sweeps at fractions of the
    baseline's μ, both variants at the same offered rates;
-2. the model (capacity_model) fitted per variant to the one-process p99 points, with μ as measured;
+2. the model (capacity_model) fitted per variant to the one-process p99 points (μ and base; the closed-loop
+   μ is kept beside it as a check);
 3. two processes, the load generator picking one at random per request (as kube-proxy does): the same
    saturation rounds and the same sweep at twice the rates, compared with what the model predicts
    for two replicas — p99 at each rate, the largest rate meeting the SLO, and saturation throughput.
@@ -70,7 +71,7 @@ class CapacityConfig:
     util_cap: float = 0.8
     spare: int = 1                     # N+1 for a disruption budget
     hpa_queue_depth: float = 3.0       # deploy/k8s/base/hpa.yaml's per-pod targets, in model terms in the report
-    hpa_queue_p95_ms: float = 8.0      # (tests/benchmarks/test_capacity_bench.py keeps them equal)
+    hpa_queue_p95_ms: float = 8.0      # the model's wait; hpa.yaml adds the 2 ms batching window (a test checks)
     seq_len: int = 128
     log_dir: Path = field(default=Path(".bench/logs"))
 

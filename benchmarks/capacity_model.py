@@ -87,7 +87,7 @@ def utilisation_where(metric, target: float, *, tolerance: float = 1e-9) -> floa
 class QueueFit:
     """One replica: T_q(λ) = base_s + kappa · (−ln(1 − q)) / (mu − λ)."""
 
-    mu: float                 # saturation throughput, req/s (measured closed loop, not fitted)
+    mu: float                 # service rate, req/s: fitted to the open-loop points (fit_queue), or given
     base_s: float             # latency no queue explains, seconds
     kappa: float = 1.0        # queueing-term scale: 1 = M/M/1, ½ = deterministic service (heavy traffic)
     q: float = 0.99

@@ -220,7 +220,7 @@ def capacity_section(result: dict, plot: Path | None = None, out_dir: Path | Non
           row["variants"][base].get("limited_by", "–")] for row in result["fleet"]]))
     if result.get("hpa"):
         parts.append(f"The autoscaler's per-pod targets (deploy/k8s/base/hpa.yaml: mean queue depth "
-                     f"{config.get('hpa_queue_depth', 3):g}, p95 queue wait {config.get('hpa_queue_p95_ms', 8):g} ms) "
+                     f"{config.get('hpa_queue_depth', 3):g}, p95 queue wait {config.get('hpa_queue_p95_ms', 8):g} ms of modelled wait + the 2 ms batching window) "
                      "on each replica's fitted M/M/1 curve — where a pod is when the HPA starts adding pods:")
         parts.append(table(["variant", "target", "utilisation", "req/s per replica", "model p99 ms there"],
                            [[v, {"queue_depth": "queue depth", "queue_p95": "p95 queue wait"}[name],

@@ -109,7 +109,7 @@ class Repository:
             try:
                 manifest = read_manifest(Path(self.settings.repo) / name)
                 if wanted and wanted not in manifest.servable():
-                    raise ValueError(f"NORMFUSE_DEFAULT_VARIANT={wanted!r}, but model {name!r} has no such "
+                    raise ValueError(f"NORMFUSE_DEFAULT_VARIANT / --default-variant {wanted!r}: model {name!r} has no such "
                                      f"servable variant; it has {manifest.servable()}")
             except Exception as exc:  # noqa: BLE001 - keep serving the other models
                 entry.failed["*"] = str(exc)

@@ -32,7 +32,7 @@ COMPONENTS = K8S / "components"
 def kubectl() -> str:
     binary = shutil.which("kubectl")
     assert binary, ("kubectl is not installed: the deploy/k8s checks render the manifests with `kubectl kustomize` "
-                    "(kubectl >= 1.27, kustomize v5); install it (e.g. Debian's kubernetes-client) and re-run")
+                    "(kubectl >= 1.27, kustomize v5); install it from the Kubernetes apt repository (pkgs.k8s.io; Debian's kubernetes-client is 1.20, too old) and re-run")
     return binary
 
 

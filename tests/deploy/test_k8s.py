@@ -596,9 +596,9 @@ def test_hpa_queries_return_a_value_per_pod_from_a_real_prometheus(tmp_path):
             assert {s["pod"] for s in found["data"]} == set(PODS), name
         # plausible values: a depth is a request count (often 0 at a scrape instant below saturation); under
         # load the p95 queue time comes from the histogram, not the idle fallback (0): every first request of
-        # a batch waits out the batching window, so it is > 0, and within the histogram's range (~13 s)
+        # a batch waits out the batching window, so it is > 0; on loopback with this light load, well under 1 s
         assert all(v >= 0 for v in values["normfuse_queue_depth_avg1m"].values())
-        assert all(0 < v < 14 for v in values["normfuse_queue_time_p95_seconds"].values())
+        assert all(0 < v < 1 for v in values["normfuse_queue_time_p95_seconds"].values())
         # KEDA's queries (overlays/cpu-keda) are the sums of the adapter's per-pod values: evaluated at one
         # instant, KEDA's value / replicas is exactly the average the HPA compares with the same target
         at = time.time()

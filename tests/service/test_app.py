@@ -259,6 +259,6 @@ def test_default_variant_setting_picks_what_an_unversioned_request_gets(test_rep
             assert (await c.get("/v2/health/ready")).status_code == 503
             r = await c.get(f"/v2/models/{MODEL}/ready")
             assert r.status_code == 503
-            assert "NORMFUSE_DEFAULT_VARIANT='rmsnorm'" in r.json()["error"] and "'unfused', 'affine'" in r.json()["error"]
+            assert "NORMFUSE_DEFAULT_VARIANT / --default-variant 'rmsnorm'" in r.json()["error"] and "'unfused', 'affine'" in r.json()["error"]
 
     run(main())
