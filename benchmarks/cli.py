@@ -97,7 +97,8 @@ def _capacity_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per process: one replica "
                    "(default 1)")
     p.add_argument("--quick", action="store_true", help="tiny counts and short steps: a smoke run, not numbers")
-    p.add_argument("--json", type=Path, default=None, help="write the raw results here (default .bench/capacity.json)")
+    p.add_argument("--json", type=Path, default=None, help="write the raw results here (default: capacity.json beside the server logs: "
+                   ".bench/ for a repository in the working directory, else the repository's parent)")
     p.add_argument("--model", default="vit-digits")
     p.add_argument("--fused", default=None, help="the fused variant (default: the manifest's default if it is "
                    "not unfused, else rmsnorm)")
