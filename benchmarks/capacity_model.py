@@ -103,10 +103,11 @@ class QueueFit:
         return -math.log1p(-self.q)
 
     def latency(self, rate: float) -> float:
-        """Predicted q-quantile (s) of one replica at `rate` req/s; inf at or beyond saturation."""
+        """Predicted q-quantile (s) of one replica at `rate` req/s: base + κ × the M/M/1 sojourn quantile;
+        inf at or beyond saturation (also for κ = 0)."""
         if rate < 0:
             raise ValueError(f"rate must be >= 0, got {rate}")
-        return math.inf if rate >= self.mu else self.base_s + self.kappa * self.tail / (self.mu - rate)
+        return math.inf if rate >= self.mu else self.base_s + self.kappa * mm1_sojourn_quantile(rate, self.mu, self.q)
 
     @property
     def floor_s(self) -> float:
