@@ -258,6 +258,16 @@ def run_capacity_report(args) -> int:
     return 0
 
 
+def _stage(name: str, run, notes: list[str]):
+    """run(); if it fails, the report says why and keeps what the other stages measured (None here)."""
+    try:
+        return run()
+    except Exception as exc:  # noqa: BLE001 - report what was measured rather than nothing
+        log.exception("%s benchmark failed", name)
+        notes.append(f"the {name} benchmark failed: {type(exc).__name__}: {exc}")
+        return None
+
+
 def run_all(args) -> int:
     from benchmarks import engines_bench, prepare, report, serving_bench
 
@@ -274,20 +284,12 @@ def run_all(args) -> int:
     _dump({"engines": engine_result, "serving": None}, results_path)  # kept even if serving fails below
     serving_result = None
     if not args.skip_serving:
-        try:
-            serving_result = serving_bench.run(args.repo, _serving_config(args))
-        except Exception as exc:  # report what was measured rather than nothing
-            log.exception("serving benchmark failed")
-            notes.append(f"the serving benchmark failed: {type(exc).__name__}: {exc}")
+        serving_result = _stage("serving", lambda: serving_bench.run(args.repo, _serving_config(args)), notes)
     capacity = None
     if not args.skip_capacity:
         from benchmarks import capacity_bench
 
-        try:
-            capacity = capacity_bench.run(args.repo, _capacity_config(args))
-        except Exception as exc:  # report what was measured rather than nothing
-            log.exception("capacity benchmark failed")
-            notes.append(f"the capacity benchmark failed: {type(exc).__name__}: {exc}")
+        capacity = _stage("capacity", lambda: capacity_bench.run(args.repo, _capacity_config(args)), notes)
     elif args.capacity_results.is_file():
         capacity = json.loads(args.capacity_results.read_text())
     _dump({"engines": engine_result, "serving": serving_result, "capacity": capacity}, results_path)
