@@ -16,7 +16,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -198,10 +197,3 @@ def loopback_scrape_config(pods: list[dict], interval: str = "1s") -> dict:
         del job["kubernetes_sd_configs"]
         job["static_configs"] = static_pod_targets(pods)
     return config
-
-
-def query_at(url: str, expr: str, at: float) -> list[dict]:
-    """Evaluate `expr` at the Unix time `at` through /api/v1/query (so several queries see the same data)."""
-    body = httpx.get(f"{url}/api/v1/query", params={"query": expr, "time": f"{at:.3f}"}, timeout=5).json()
-    assert body.get("status") == "success", f"{expr!r}: {body.get('errorType')}: {body.get('error')}"
-    return body["data"]["result"]

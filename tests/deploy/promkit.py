@@ -114,9 +114,11 @@ def running_prometheus(config: Path, data_dir: Path, port: int, timeout_s: float
         yield url
 
 
-def instant_query(url: str, expr: str) -> list[dict]:
-    """Evaluate `expr` now through /api/v1/query; return the result vector (raises on a PromQL error)."""
-    response = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=5)
+def instant_query(url: str, expr: str, at: float | None = None) -> list[dict]:
+    """Evaluate `expr` through /api/v1/query, now or at the Unix time `at` (so several queries see the same
+    data); return the result vector (raises on a PromQL error)."""
+    params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+    response = httpx.get(f"{url}/api/v1/query", params=params, timeout=5)
     body = response.json()
     if body.get("status") != "success":
         raise AssertionError(f"{expr!r}: {body.get('errorType')}: {body.get('error')}")

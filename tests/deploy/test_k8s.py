@@ -43,7 +43,6 @@ from tests.deploy.k8skit import (
     normfuse_parser,
     one,
     pod_spec,
-    query_at,
     render,
     render_metrics_query,
     render_with_components,
@@ -604,8 +603,8 @@ def test_hpa_queries_return_a_value_per_pod_from_a_real_prometheus(tmp_path):
         at = time.time()
         keda = {t["name"]: t["metadata"]["query"] for t in one(render("cpu-keda"), "ScaledObject")["spec"]["triggers"]}
         for name, query in queries.items():
-            per_pod = [float(s["value"][1]) for s in query_at(prometheus, query, at)]
-            (total,) = query_at(prometheus, keda[name], at)
+            per_pod = [float(s["value"][1]) for s in instant_query(prometheus, query, at)]
+            (total,) = instant_query(prometheus, keda[name], at)
             assert len(per_pod) == len(PODS) and float(total["value"][1]) == pytest.approx(sum(per_pod)), name
         # the control: a pod the HPA does not own gets nothing
         for rule in rules.values():
