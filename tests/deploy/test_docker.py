@@ -193,6 +193,13 @@ def test_smoke_through_the_published_ports(running):
         assert total(samples, "normfuse_requests_total", model=MODEL, variant=variant, code="200") >= 1, variant
 
 
+def test_grafana_is_left_out(running):
+    assert "grafana" not in {c["Service"] for c in running.containers()}
+    pytest.skip("Grafana cannot be pulled or installed here: left out of the stack (profile `grafana` in "
+                "deploy/compose.test.yml); its dashboard's queries are checked against a real Prometheus instead "
+                "(tests/deploy/test_live_prometheus.py)")
+
+
 def loadgen_runs(logs: str) -> list[dict]:
     """The summary lines `normfuse loadgen` prints after each run: label, ok, sent, codes."""
     found = re.findall(r"^\s*(\S+)\s+closed\s+\S+\s+ok\s+(\d+)/(\d+)\s.*codes (\{.*\})$", logs, re.M)
