@@ -9,10 +9,10 @@ Everything started here is torn down however the tests end.
 from __future__ import annotations
 
 import ast
+import concurrent.futures
 import os
 import re
 import socket
-import threading
 import time
 
 import httpx
@@ -48,7 +48,9 @@ def engine(tmp_path_factory):
 def stack(engine, tmp_path_factory):
     """The project, built (cached layers make a rebuild seconds), torn down at the end whatever happened."""
     work = tmp_path_factory.mktemp("stack")
-    ports = {"server": free_port(), "prometheus": free_port()}
+    # NORMFUSE_PORT / PROMETHEUS_PORT choose them (checked free before `up`); by default any free ones
+    ports = {"server": int(os.environ.get("NORMFUSE_PORT") or free_port()),
+             "prometheus": int(os.environ.get("PROMETHEUS_PORT") or free_port())}
     config = render_test_config(work / "prometheus.yml", target=f"127.0.0.1:{ports['server']}",
                                 self_target=f"127.0.0.1:{ports['prometheus']}")
     config.write_text(config.read_text().replace(str(ROOT / "deploy" / "prometheus"), "/etc/prometheus"))
@@ -58,6 +60,7 @@ def stack(engine, tmp_path_factory):
     stack = Stack(work, "normfuse-dockertest", NORMFUSE_PORT=str(ports["server"]),
                   PROMETHEUS_PORT=str(ports["prometheus"]), TEST_PROMETHEUS_CONFIG=str(config))
     stack.ports = ports
+    stack.down()  # what a run killed midway (SIGKILL, power loss) may have left
     try:
         stack.build("convert", "prometheus", log=work / "build.log")
         yield stack
@@ -106,7 +109,7 @@ def test_gpu_dockerfile_parses_and_stops_at_its_tensorrt_check(stack):
     assert result.returncode != 0
     assert f"FROM docker.io/{LOCAL_BASE}" in output, output[-3000:]
     assert "ModuleNotFoundError: No module named 'tensorrt'" in output, output[-3000:]
-    assert "pip install" not in output.split("No module named 'tensorrt'")[0].split("import tensorrt")[-1]
+    assert "COPY pyproject.toml" not in output  # nothing after the guard ran
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
@@ -249,22 +252,12 @@ def test_stop_answers_every_accepted_request(running):
     spec = httpx.get(f"{url}/v2/models/{MODEL}").json()["inputs"][0]
     shape = [1 if d < 0 else d for d in spec["shape"]]
     body = {"inputs": [{**spec, "shape": shape, "data": np.ones(shape, np.float32).reshape(-1).tolist()}]}
-    results: list[object] = [None] * 6
-
-    def call(i: int) -> None:
-        try:
-            results[i] = httpx.post(f"{url}/v2/models/{MODEL}/infer", json=body, timeout=60)
-        except httpx.HTTPError as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(results))]
-    for t in threads:
-        t.start()
-    wait_for(lambda: total(metrics(running), "normfuse_inflight_requests") == len(results),
-             "all requests accepted", 20, running)
-    running.compose("stop", "server", timeout=120)
-    for t in threads:
-        t.join(60)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        sent = [pool.submit(httpx.post, f"{url}/v2/models/{MODEL}/infer", json=body, timeout=60) for _ in range(6)]
+        wait_for(lambda: total(metrics(running), "normfuse_inflight_requests") == len(sent),
+                 "all requests accepted", 20, running)
+        running.compose("stop", "server", timeout=120)
+        results = [future.exception() or future.result() for future in sent]
     assert [getattr(r, "status_code", r) for r in results] == [200] * len(results)
     assert all(r.json()["outputs"][0]["shape"] == [1, 10] for r in results)
     (server,) = [c for c in running.containers() if c["Service"] == "server"]
