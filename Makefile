@@ -7,7 +7,7 @@ MODEL  ?= vit-digits
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: setup run convert serve test lint bench clean
+.PHONY: setup run convert serve test docker-test lint bench clean
 
 # One venv with the package, its test and benchmark extras. The stamp re-runs pip when pyproject changes.
 # kserve's SDK comes without its dependencies (its server stack: pandas, grpcio-tools, ...): the KServe manifest
@@ -30,6 +30,13 @@ run: convert
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && echo "pytest collected no tests" && rc=0; exit $$rc
+
+# The images built and the compose stack run with a real Docker engine (tests/deploy/test_docker.py): starts
+# dockerd if none answers (root; Debian's docker.io) and stops only that one, makes the local base image once
+# (debootstrap; cached), builds deploy/Dockerfile.cpu (cached layers), runs convert -> server -> Prometheus on
+# loopback, tears everything down. Needs root, docker.io and debootstrap where no engine answers.
+docker-test: setup
+	NORMFUSE_DOCKER_TEST=1 $(BIN)/python -m pytest -q tests/deploy/test_docker.py $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

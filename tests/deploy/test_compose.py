@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,84 @@ def test_service_commands_are_valid_normfuse_invocations(service, files):
     assert command[1] in commands, f"`normfuse {command[1]}` is not a subcommand: {sorted(commands)}"
     args = parser.parse_args(command[1:])
     assert args.command == command[1]
+
+
+# -- deploy/compose.test.yml: what `make docker-test` runs, and the only difference from production ------------
+
+TEST_OVERRIDE = ROOT / "deploy" / "compose.test.yml"
+TEST_PORTS = {"NORMFUSE_PORT": "18000", "PROMETHEUS_PORT": "19090"}
+TEST_SETTINGS = {"TEST_BASE_IMAGE": "normfuse-local/debian-python:bookworm",
+                 "TEST_PROMETHEUS_CONFIG": str(ROOT / "deploy" / "prometheus" / "prometheus.yml"), **TEST_PORTS}
+# Per service, what the override may change beyond networking (network_mode, networks, ports), and why.
+OVERRIDABLE = {
+    "convert": {"build"},                                 # local base image, local wheels, the CA bundle as a secret
+    "server": {"command", "healthcheck"},                 # 127.0.0.1:NORMFUSE_PORT instead of 0.0.0.0:8000
+    "prometheus": {"build", "image", "pull_policy", "command", "healthcheck", "volumes"},  # Debian's package
+    "grafana": {"profiles"},                              # cannot be pulled here: left out
+    "loadgen": {"command", "healthcheck"},                # the server on loopback instead of by service name
+}
+
+
+@functools.cache
+def with_test_override() -> dict:
+    args = ("--profile", "loadgen", "--profile", "grafana", "config", "--format", "json")
+    result = compose(*args, files=(BASE, TEST_OVERRIDE), extra_env=TEST_SETTINGS)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_production_wires_services_by_name():
+    import yaml
+
+    services = resolved()["services"]
+    assert all("network_mode" not in s for s in services.values())
+    server = services["server"]["command"]
+    assert server[server.index("--host") + 1] == "0.0.0.0" and server[server.index("--port") + 1] == "8000"
+    assert services["loadgen"]["command"][2] == "http://server:8000"
+    assert "http://127.0.0.1:8000/" in " ".join(services["server"]["healthcheck"]["test"])
+    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in prometheus["scrape_configs"]}
+    assert targets["normfuse"] == ["server:8000"]
+
+
+def test_the_test_override_changes_only_networking_and_local_sources():
+    prod, test = resolved(profiles=("loadgen",)), with_test_override()
+    assert "networks" not in test, "the test stack must create no network"
+    for name, service in prod["services"].items():
+        over = test["services"][name]
+        changed = {k for k in service.keys() | over.keys() if service.get(k) != over.get(k)}
+        assert changed <= OVERRIDABLE[name] | {"network_mode", "networks", "ports"}, (name, changed)
+        assert over["network_mode"] == "host" and not over.get("ports") and "networks" not in over, name
+    port = TEST_PORTS["NORMFUSE_PORT"]
+
+    def loopback(words: list[str]) -> list[str]:
+        return [w.replace("http://server:8000", f"http://127.0.0.1:{port}").replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+                for w in words]
+
+    server = prod["services"]["server"]["command"]
+    server = [*server[: server.index("--host")], "--host", "127.0.0.1", "--port", port]
+    assert test["services"]["server"]["command"] == server
+    for name in ("server", "loadgen"):
+        assert test["services"][name]["healthcheck"] == {
+            **prod["services"][name]["healthcheck"], "test": loopback(prod["services"][name]["healthcheck"]["test"])}
+    assert test["services"]["loadgen"]["command"] == loopback(prod["services"]["loadgen"]["command"])
+    assert test["services"]["convert"]["build"]["dockerfile"] == prod["services"]["convert"]["build"]["dockerfile"]
+    assert test["services"]["grafana"]["profiles"] == ["grafana"]
+
+
+def test_the_test_override_listens_and_scrapes_on_loopback_only():
+    test = with_test_override()["services"]
+    words = [w for s in test.values() for w in [*(s.get("command") or []), *(s["healthcheck"].get("test") or [])]]
+    addresses = [m for w in words for m in re.findall(r"(?:https?://)?(\d+\.\d+\.\d+\.\d+|[a-z]+):\d{2,5}", w)]
+    assert addresses and set(addresses) == {"127.0.0.1"}, addresses
+    assert "0.0.0.0" not in TEST_OVERRIDE.read_text()
+    prometheus = test["prometheus"]["command"]
+    assert f"--web.listen-address=127.0.0.1:{TEST_PORTS['PROMETHEUS_PORT']}" in prometheus
+
+
+def test_stop_waits_for_the_servers_drain():
+    """`docker compose stop/down` must let the server answer what it queued: longer than its drain timeout."""
+    from service.settings import Settings
+
+    grace = resolved()["services"]["server"]["stop_grace_period"]
+    assert grace.endswith("s") and float(grace[:-1]) > Settings.model_fields["drain_timeout_s"].default, grace

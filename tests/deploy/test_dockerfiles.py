@@ -96,7 +96,8 @@ def test_healthcheck_probes_readiness_on_the_served_port(kind):
     assert cmd[:2] == ["normfuse", "serve"] and "/models" in cmd
     port = cmd[cmd.index("--port") + 1]
     assert f"127.0.0.1:{port}/v2/health/ready" in health
-    assert steps["EXPOSE"] == port
+    exposed = [p for word, rest in instructions(kind) if word == "EXPOSE" for p in rest.split()]
+    assert port in exposed
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"  # reachable from other containers
 
 
@@ -117,16 +118,38 @@ def test_requirements_snippet_yields_pyproject_dependencies(kind):
     run = next(rest for word, rest in instructions(kind) if word == "RUN" and "tomllib" in rest)
     code = re.search(r'python3? -c "(.*?)"\s*>', run).group(1)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    wanted = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wanted = pyproject["project"]["dependencies"]
+    if kind == "cpu":  # the build backend too: the source step then installs with --no-build-isolation, offline
+        wanted = wanted + pyproject["build-system"]["requires"]
+        assert any(word == "RUN" and "--no-build-isolation" in rest for word, rest in instructions(kind))
     assert out.splitlines() == wanted
 
 
-def test_cpu_image_gets_pyprojects_torch_from_the_cpu_index():
+def build_args(kind: str) -> dict[str, str]:
+    return dict(rest.partition("=")[::2] for word, rest in instructions(kind) if word == "ARG")
+
+
+def test_cpu_image_defaults_are_the_public_sources():
+    """Real users get the official base and PyTorch's CPU index; `make docker-test` passes local ones."""
+    args = build_args("cpu")
+    assert args["BASE_IMAGE"].startswith("python:3.11.") and "slim" in args["BASE_IMAGE"]
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert args["PIP_INDEX_URL"] == "https://pypi.org/simple"
     run = next(rest for word, rest in instructions("cpu") if word == "RUN" and "torch==" in rest)
-    assert "--index-url https://download.pytorch.org/whl/cpu" in run
+    assert '--index-url "$TORCH_INDEX_URL"' in run
     pinned = re.search(r"torch==([\d.]+)", run).group(1)
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert f"torch=={pinned}" in deps
+
+
+def test_cpu_image_mounts_wheels_and_the_ca_bundle_only_for_the_install():
+    """deploy/wheels/ and the optional `pip_ca` secret are RUN mounts, never COPY'd into a layer."""
+    run = next(rest for word, rest in instructions("cpu") if word == "RUN" and "torch==" in rest)
+    assert "--mount=type=secret,id=pip_ca" in run and "--mount=type=bind,source=deploy/wheels" in run
+    copied = [a for word, rest in instructions("cpu") if word == "COPY" for a in shlex.split(rest)[:-1]]
+    assert not any(a.startswith("deploy") for a in copied)
+    assert (ROOT / "deploy" / "wheels").is_dir() and dockerignore_admits("deploy/wheels/torch-2.13.0.whl")
 
 
 def test_gpu_image_checks_the_tensorrt_major_and_serves_tensorrt():
