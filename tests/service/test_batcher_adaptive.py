@@ -15,6 +15,15 @@ from tests.service.fakes import AffineEngine, rows
 pytestmark = pytest.mark.timeout(60)
 
 
+def gated(**options):
+    """A started batcher over the exact fake engine whose runs wait for `gate`: (gate, engine, batcher)."""
+    gate = threading.Event()
+    engine = AffineEngine(gate=gate).load()
+    batcher = Batcher(engine, **options)
+    batcher.start()
+    return gate, engine, batcher
+
+
 async def until(condition, timeout=20.0):
     for _ in range(int(timeout / 0.005)):
         if condition():
@@ -59,10 +68,7 @@ def test_a_lone_request_is_not_held_for_company_even_with_a_long_window_elsewher
 
 def test_arrivals_during_a_running_batch_form_the_next_batch():
     async def main():
-        gate = threading.Event()
-        engine = AffineEngine(gate=gate).load()
-        b = Batcher(engine, max_batch_size=8)
-        b.start()
+        gate, engine, b = gated(max_batch_size=8)
         first = asyncio.ensure_future(b.submit({"x": rows(0, 1)}))
         await until(engine.entered.is_set)  # running, blocked on the gate
         later = [asyncio.ensure_future(b.submit({"x": rows(10 + i, 1)})) for i in range(5)]
@@ -80,10 +86,7 @@ def test_arrivals_during_a_running_batch_form_the_next_batch():
 
 def test_higher_priority_is_served_first_fifo_within_a_level():
     async def main():
-        gate = threading.Event()
-        engine = AffineEngine(gate=gate).load()
-        b = Batcher(engine, max_batch_size=1)
-        b.start()
+        gate, engine, b = gated(max_batch_size=1)
         first = asyncio.ensure_future(b.submit({"x": rows(0, 1)}))
         await until(engine.entered.is_set)
         order = [(1, 0), (2, 0), (3, 2), (4, 1), (5, 2), (6, 1)]  # (value, priority): 0 = default level, last
@@ -122,10 +125,7 @@ def test_the_queue_waits_without_catching_any_timeout_error():
 
 def test_a_hung_engine_fails_its_batch_refuses_work_and_comes_back():
     async def main():
-        gate = threading.Event()
-        engine = AffineEngine(gate=gate).load()
-        b = Batcher(engine, max_batch_size=1, engine_timeout_s=0.2)
-        b.start()
+        gate, engine, b = gated(max_batch_size=1, engine_timeout_s=0.2)
         stuck = asyncio.ensure_future(b.submit({"x": rows(1, 1)}))
         queued = asyncio.ensure_future(b.submit({"x": rows(2, 1)}))
         outcomes = await asyncio.gather(stuck, queued, return_exceptions=True)
@@ -146,10 +146,7 @@ def test_a_hung_engine_fails_its_batch_refuses_work_and_comes_back():
 
 def test_drain_does_not_wait_for_a_hung_engine_past_its_deadline():
     async def main():
-        gate = threading.Event()
-        engine = AffineEngine(gate=gate).load()
-        b = Batcher(engine, max_batch_size=1, engine_timeout_s=30)
-        b.start()
+        gate, engine, b = gated(max_batch_size=1, engine_timeout_s=30)
         stuck = asyncio.ensure_future(b.submit({"x": rows(1, 1)}))
         await until(engine.entered.is_set)
         idle = await b.drain(0.2)  # the gate stays shut: the call is still running at the deadline
@@ -164,10 +161,7 @@ def test_drain_does_not_wait_for_a_hung_engine_past_its_deadline():
 
 def test_a_request_larger_than_a_batch_holds_one_place_and_takes_turns_with_the_others():
     async def main():
-        gate = threading.Event()
-        engine = AffineEngine(gate=gate).load()
-        b = Batcher(engine, max_batch_size=4, max_queue_size=2)
-        b.start()
+        gate, engine, b = gated(max_batch_size=4, max_queue_size=2)
         first = asyncio.ensure_future(b.submit({"x": rows(0, 1)}))
         await until(engine.entered.is_set)
         big = asyncio.ensure_future(b.submit({"x": rows(100, 8)}))  # 8 = max_batch_size x max_queue_size
