@@ -28,7 +28,14 @@ FLAGS = {
     "--torch-mode": ("torch_mode", str, "torch backend: eager | compile (NORMFUSE_TORCH_MODE)"),
     "--ort-providers": ("ort_providers", str, "onnxruntime backend: e.g. cuda,tensorrt (NORMFUSE_ORT_PROVIDERS)"),
     "--log-level": ("log_level", str, "debug | info | warning | error (NORMFUSE_LOG_LEVEL)"),
+    "--model-control-mode": ("model_control_mode", str, "none | poll | explicit (NORMFUSE_MODEL_CONTROL_MODE, "
+                             "default none); see docs/serving.md, Model control"),
+    "--load-model": ("load_model", str, "explicit mode: a model to load at start, repeatable, '*' = all "
+                     "(NORMFUSE_LOAD_MODEL=a,b)"),
+    "--repository-poll-secs": ("repository_poll_secs", float, "poll mode: seconds between repository scans "
+                               "(NORMFUSE_REPOSITORY_POLL_SECS, default 15)"),
 }
+REPEATABLE = {"--load-model"}
 
 
 # NORMFUSE_* variables read by other parts of normfuse, which the server must not call typos
@@ -41,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="serve a model repository over the Open Inference Protocol v2",
                                    description=__doc__)
     for flag, (dest, kind, help_text) in FLAGS.items():
-        parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
+        parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text,
+                            action="append" if flag in REPEATABLE else "store")
     parser.set_defaults(handler=serve)
 
 

@@ -13,7 +13,7 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engines.base import check_inputs
-from service.errors import ERROR_RESPONSES, BodyTooLarge, ModelNotReady, status_of
+from service.errors import ERROR_RESPONSES, BodyTooLarge, ModelControlError, ModelNotReady, status_of
 from service.protocol import (
     HEADER_LENGTH,
     InferenceResponse,
@@ -28,7 +28,7 @@ from service.protocol import (
     timeout_of,
 )
 from service.repository import Repository
-from service.triton import EXTENSIONS, model_config, platform, repository_index, statistics
+from service.triton import EXTENSIONS, model_config, platform, statistics
 
 router = APIRouter(responses=ERROR_RESPONSES)
 CLIENT_GONE = 499  # nginx's "client closed request": never seen by a client, only in metrics
@@ -57,7 +57,8 @@ async def ready(request: Request, repo: Repo) -> dict[str, bool]:
     state = request.app.state
     if not state.ready:
         raise ModelNotReady("the server is starting or shutting down")
-    if not any(entry.ready for entry in repo.models.values()):
+    explicit_and_empty = request.app.state.settings.model_control_mode == "explicit" and not repo.models
+    if not explicit_and_empty and not any(entry.ready for entry in repo.models.values()):
         raise ModelNotReady("no model is ready: " + "; ".join(f"{n}: {e.reason}" for n, e in repo.models.items()))
     return {"ready": True}
 
@@ -110,7 +111,25 @@ async def config(model: str, repo: Repo, version: str | None = None) -> dict[str
 
 @router.post("/v2/repository/index")
 async def index(repo: Repo, body: Annotated[dict[str, Any] | None, Body()] = None) -> list[dict[str, Any]]:
-    return repository_index(repo, flag(body or {}, "ready", False, "ready"))
+    return repo.index(flag(body or {}, "ready", False, "ready"))
+
+
+@router.post("/v2/repository/models/{model}/load")
+async def load_model(model: str, repo: Repo, body: Annotated[dict[str, Any] | None, Body()] = None) -> dict:
+    """Load or reload (a zero-downtime swap) the repository's current revision of `model` (explicit mode)."""
+    overrides = sorted(k for k in ((body or {}).get("parameters") or {}) if k == "config" or k.startswith("file:"))
+    if overrides:
+        raise ModelControlError(f"load parameters {overrides} are not supported: normfuse loads the model's "
+                                "manifest from the repository, written by `normfuse convert`")
+    await repo.load(model)
+    return {}
+
+
+@router.post("/v2/repository/models/{model}/unload")
+async def unload_model(model: str, repo: Repo, body: Annotated[dict[str, Any] | None, Body()] = None) -> dict:
+    """Stop serving `model` once the requests it accepted are answered (explicit mode)."""
+    await repo.unload(model)
+    return {}
 
 
 @router.get("/v2/models/{model}/compare")
@@ -160,6 +179,7 @@ async def infer(model: str, request: Request, repo: Repo, version: str | None = 
     started, code, queue_s, rows, servable = time.perf_counter(), CLIENT_GONE, None, 0, None
     try:
         servable = repo.get(model, version)
+        servable.users += 1  # a replaced revision drains only once no request holds it (service.control)
         servable.children.of(request.app.state.metrics.inflight).inc()
         body = await read_body(request, request.app.state.settings.max_body_bytes)
         req, arrays = decode_request(body, request.headers.get(HEADER_LENGTH))
@@ -201,6 +221,7 @@ router.routes.sort(key=lambda route: not isinstance(route, InferRoute))
 
 def record(request: Request, servable, code: int, seconds: float, queue_s: float | None, rows: int) -> None:
     m, children = request.app.state.metrics, servable.children
+    servable.users -= 1
     children.of(m.inflight).dec()
     children.of(m.requests, str(code)).inc()
     children.of(m.request).observe(seconds)

@@ -1,4 +1,5 @@
-"""Triton's extensions in Triton's JSON shapes: model configuration, statistics, repository index.
+"""Triton's extensions in Triton's JSON shapes: model configuration, statistics (the repository index is
+service.control's `index`).
 
 They let Triton's own clients and tools (tritonclient, perf_analyzer) talk to this server unmodified.
 """
@@ -8,7 +9,8 @@ from __future__ import annotations
 from service.repository import ModelEntry, Repository
 
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch_libtorch"}
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "schedule_policy", "parameters"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "schedule_policy", "parameters",
+              "model_repository"]
 
 
 def platform(backend: str) -> str:
@@ -36,7 +38,8 @@ def model_config(repo: Repository, entry: ModelEntry, version: str | None) -> di
         },
         "instance_group": [{"name": f"{entry.name}_{servable.variant}", "kind": "KIND_CPU", "count": 1}],
         "default_model_filename": "model.onnx",
-        "parameters": {"variant": {"string_value": servable.variant}},
+        "parameters": {"variant": {"string_value": servable.variant},
+                       "revision": {"string_value": entry.revision}},  # which conversion serves
         "model_transaction_policy": {"decoupled": False},
     }
 
@@ -53,18 +56,3 @@ def statistics(repo: Repository, model: str | None, version: str | None) -> dict
     else:
         servables = [repo.get(model, version)]
     return {"model_stats": [s.stats.dump(s.model, s.variant) for s in servables]}
-
-
-def repository_index(repo: Repository, ready_only: bool) -> list[dict]:
-    rows = []
-    for name, entry in sorted(repo.models.items()):
-        versions = entry.manifest.servable() if entry.manifest else [""]
-        for version in versions:
-            ready = version in entry.variants and entry.variants[version].batcher.alive
-            if ready_only and not ready:
-                continue
-            row = {"name": name, "version": version, "state": "READY" if ready else "UNAVAILABLE"}
-            if not ready:
-                row["reason"] = entry.failed.get(version) or entry.dead.get(version) or entry.reason
-            rows.append(row)
-    return rows
