@@ -224,7 +224,7 @@ class ModelControl:
         rows = []
         for version in entry.manifest.servable():
             servable = entry.variants.get(version)
-            ready = servable is not None and servable.batcher.alive
+            ready = servable is not None and servable.batcher.ready
             why = "" if ready else entry.failed.get(version) or entry.dead.get(version) or entry.reason
             model_wide = "loading a new revision" if control.loading else control.reason
             reason = "; ".join(part for part in (why, model_wide) if part)

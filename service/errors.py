@@ -8,14 +8,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from engines.base import EngineError, InputError
-from service.batcher import Draining, QueueFull, QueueTimeout, TooManyRows
+from service.admission import RETRY_AFTER_S, Overloaded
+from service.batcher import Draining, EngineUnavailable, QueueFull, QueueTimeout, TooManyRows
 from service.protocol import ErrorBody, ProtocolError, SchemaError
 
 log = logging.getLogger(__name__)
-
-RETRY_AFTER_S = "1"
+CLIENT_GONE = 499  # nginx's "client closed request": never seen by a client, only in metrics and logs
 
 
 class ModelNotFound(LookupError):
@@ -34,6 +35,14 @@ class BodyTooLarge(ValueError):
     """The request body exceeds `max_body_bytes`."""
 
 
+class ClientGone(Exception):
+    """The client disconnected while its request was queued or running."""
+
+
+class NotLive(RuntimeError):
+    """An engine call has hung past engine_timeout_s + engine_recovery_s: restart the process."""
+
+
 # exception type -> (status, headers); the first match in order wins
 STATUS: list[tuple[type[BaseException], int, dict[str, str]]] = [
     (ProtocolError, 400, {}),
@@ -43,15 +52,22 @@ STATUS: list[tuple[type[BaseException], int, dict[str, str]]] = [
     (ModelControlError, 400, {}),
     (BodyTooLarge, 413, {}),
     (TooManyRows, 413, {}),
+    (ClientDisconnect, CLIENT_GONE, {}),  # during the upload
+    (ClientGone, CLIENT_GONE, {}),  # while queued or running
+    (QueueTimeout, 504, {}),  # the request's own `timeout` parameter, not the server's state
+    (Overloaded, 503, {"Retry-After": RETRY_AFTER_S}),
     (QueueFull, 503, {"Retry-After": RETRY_AFTER_S}),
-    (QueueTimeout, 503, {"Retry-After": RETRY_AFTER_S}),
     (Draining, 503, {"Retry-After": RETRY_AFTER_S}),
+    (EngineUnavailable, 503, {"Retry-After": RETRY_AFTER_S}),
     (ModelNotReady, 503, {"Retry-After": RETRY_AFTER_S}),
+    (NotLive, 503, {}),
     (EngineError, 500, {}),
 ]
+EXPECTED = (ClientDisconnect, ClientGone, QueueTimeout, Overloaded, QueueFull, Draining, EngineUnavailable,
+            ModelNotReady, NotLive)  # the server's state or the client's doing: never logged as an error
 
 # what each route declares in the OpenAPI schema
-ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 404, 413, 422, 503)}
+ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 404, 413, 422, 503, 504)}
 
 
 def status_of(exc: BaseException) -> tuple[int, dict[str, str]]:
@@ -63,7 +79,9 @@ def status_of(exc: BaseException) -> tuple[int, dict[str, str]]:
 
 def error_response(exc: BaseException) -> JSONResponse:
     status, headers = status_of(exc)
-    if status >= 500 and not isinstance(exc, Draining | QueueFull | QueueTimeout | ModelNotReady):
+    if isinstance(exc, ClientDisconnect | ClientGone):
+        log.debug("client went away: %s", type(exc).__name__)
+    elif status >= 500 and not isinstance(exc, EXPECTED):
         log.error("internal error: %s", exc, exc_info=exc)
     message = str(exc) or type(exc).__name__
     return JSONResponse({"error": message}, status_code=status, headers=headers)

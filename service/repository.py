@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from engines.base import Engine
-from engines.manifest import Manifest, manifest_sha256, read_revision
+from engines.manifest import InputConstraint, Manifest, manifest_sha256, read_revision
 from service.batcher import Batch, Batcher
 from service.control import ModelControl
 from service.errors import ModelNotFound, ModelNotReady
 from service.metrics import LABELS, Children, Metrics, ServableStats
 from service.settings import Settings
 from service.shadow import UNFUSED, CompareStats, Shadow
+from service.validation import check_request
 
 log = logging.getLogger(__name__)
 Loader = Callable[..., Engine]  # engines.load(repo, model, variant, backend, **options)
@@ -41,11 +42,16 @@ class Servable:
     batcher: Batcher = field(init=False)  # built right after: its callbacks need the servable
     stats: ServableStats = field(default_factory=ServableStats)
     shadow: Shadow | None = None
+    constraints: list[InputConstraint] = field(default_factory=list)  # the manifest's, checked before queueing
     children: Children = field(init=False, repr=False)  # labelled metric children, cached
     users: int = 0  # requests that hold this servable (routes): a replaced revision drains once none do
 
     def __post_init__(self) -> None:
         self.children = Children(self.labels)
+
+    def check(self, arrays: dict[str, np.ndarray]) -> int:
+        """The request validation every protocol calls before `batcher.submit`: InputError (400) or the rows."""
+        return check_request(self.engine.inputs, self.constraints, arrays)
 
 
 @dataclass
@@ -68,8 +74,10 @@ class ModelEntry:
 
     @property
     def dead(self) -> dict[str, str]:
-        """Variants that loaded but whose batcher has since stopped (never expected; see Batcher.alive)."""
-        return {v: f"batcher stopped: {s.batcher.dead}" for v, s in self.variants.items() if not s.batcher.alive}
+        """Variants that loaded but have since stopped taking work: a batcher that stopped (never expected; see
+        Batcher.alive), or an engine call past engine_timeout_s (Batcher.hung)."""
+        return {v: f"batcher stopped: {s.batcher.dead}" if s.batcher.dead else f"engine not responding: {s.batcher.hung}"
+                for v, s in self.variants.items() if not s.batcher.ready}
 
     @property
     def ready(self) -> bool:
@@ -93,6 +101,7 @@ class Repository(ModelControl):
         self.root = Path(settings.repo)
         self.compare = CompareStats(settings.compare_window)
         self.models: dict[str, ModelEntry] = {}
+        self._abandoned: set[int] = set()  # servables whose engine call outlived the drain (never closed)
         super().__init__()
 
     # -- lookup ----------------------------------------------------------------------------------
@@ -111,7 +120,7 @@ class Repository(ModelControl):
         variant = version or entry.default
         if variant in entry.variants:
             servable = entry.variants[variant]
-            if not servable.batcher.alive:
+            if not servable.batcher.ready:
                 raise ModelNotReady(f"model {model!r} version {variant!r} is not ready: {entry.dead[variant]}")
             return servable
         if variant in entry.failed:
@@ -154,11 +163,12 @@ class Repository(ModelControl):
             if size <= limit:
                 engine.infer(warmup_inputs(engine, size))
         labels = {"model": manifest.name, "variant": variant, "backend": engine.backend or s.backend}
-        servable = Servable(manifest.name, variant, engine, labels)
+        servable = Servable(manifest.name, variant, engine, labels, constraints=manifest.constraints)
         servable.batcher = Batcher(
             engine, max_batch_size=limit, max_queue_delay_s=s.max_queue_delay_ms / 1e3,
             preferred_batch_sizes=[p for p in s.preferred_batch_sizes if p <= limit],
-            max_queue_size=s.max_queue_size, on_batch=lambda batch: self._observe(servable, batch),
+            max_queue_size=s.max_queue_size, engine_timeout_s=s.engine_timeout_s,
+            on_batch=lambda batch: self._observe(servable, batch),
             on_drop=lambda reason: self.metrics.dropped.labels(**labels, reason=reason).inc(),
         )
         return servable
@@ -189,15 +199,22 @@ class Repository(ModelControl):
                 pass
 
     async def stop(self, entry: ModelEntry, timeout_s: float) -> None:
-        """Answer what the revision accepted (up to `timeout_s`), stop its shadows and batchers."""
+        """Answer what the revision accepted, stop its shadows and batchers within `timeout_s`. An engine still
+        running a call then is left open, never waited for (its thread is a daemon) and never closed under the
+        call."""
         servables = list(entry.variants.values())
         await asyncio.gather(*(s.shadow.close() for s in servables if s.shadow is not None))
-        await asyncio.gather(*(s.batcher.drain(timeout_s) for s in servables))
+        idle = await asyncio.gather(*(s.batcher.drain(timeout_s) for s in servables))
+        for servable, ok in zip(servables, idle, strict=True):
+            if not ok:
+                self._abandoned.add(id(servable))
+                log.error("%s/%s: an engine call is still running after the drain deadline; not closing it",
+                          servable.model, servable.variant)
 
-    @staticmethod
-    def close_engines(entry: ModelEntry) -> None:
+    def close_engines(self, entry: ModelEntry) -> None:
         for servable in entry.variants.values():
-            servable.engine.close()
+            if id(servable) not in self._abandoned:
+                servable.engine.close()
 
     # -- observers -------------------------------------------------------------------------------
     def _observe(self, servable: Servable, batch: Batch) -> None:
@@ -217,9 +234,15 @@ class Repository(ModelControl):
     def servables(self) -> list[Servable]:
         return [s for entry in self.models.values() for s in entry.variants.values()]
 
+    def hung(self) -> list[str]:
+        """Variants whose engine call has not come back `engine_recovery_s` after its timeout: the process is
+        beyond saving (/v2/health/live turns false)."""
+        limit = self.settings.engine_recovery_s
+        return [f"{s.model}/{s.variant}: {s.batcher.hung}" for s in self.servables() if s.batcher.hung_for > limit]
+
     # -- shutdown --------------------------------------------------------------------------------
     async def drain(self, timeout_s: float) -> None:
-        """Drain every serving revision, and wait for replaced ones still draining."""
+        """Stop every serving revision within `timeout_s`, and wait for replaced ones still draining."""
         await asyncio.gather(*(self.stop(entry, timeout_s) for entry in self.models.values()), self.retired())
 
     def close(self) -> None:
