@@ -64,9 +64,14 @@ class ModelControl:
         for name in names:
             await self._load(name)
 
-    async def load(self, name: str) -> None:
-        """Load (or reload) `name` without downtime; ModelControlError with the reason if it failed."""
+    async def load(self, name: str, parameters: dict | None = None) -> None:
+        """Load (or reload) `name` without downtime; ModelControlError with the reason if it failed. Triton's
+        `parameters` that override the model's files (`config`, `file:...`) are refused."""
         self._allowed("load", name)
+        overrides = sorted(k for k in (parameters or {}) if k == "config" or k.startswith("file:"))
+        if overrides:
+            raise ModelControlError(f"load parameters {overrides} are not supported: normfuse loads the manifest "
+                                    f"and artifacts `normfuse convert` wrote to {self.root}/{name}")
         if name not in list_models(self.root):
             raise ModelNotFound(f"no model {name!r} in the model repository {self.root} (it has: "
                                 f"{', '.join(list_models(self.root)) or 'nothing'}); run `normfuse convert SOURCE "
@@ -79,8 +84,9 @@ class ModelControl:
         """Stop serving `name`: requests it accepted are answered, then its engines close."""
         self._allowed("unload", name)
         if name not in self.models:
+            loaded = sorted(n for n, entry in self.models.items() if entry.variants)
             raise ModelControlError(f"model {name!r} is not loaded, so it cannot be unloaded; loaded: "
-                                    f"{sorted(self.models) or 'none'}")
+                                    f"{', '.join(loaded) or 'none'}")
         await self._unload(name, "unloaded")
 
     def index(self, ready_only: bool = False) -> list[dict]:
@@ -218,9 +224,10 @@ class ModelControl:
     def _rows(self, name: str) -> list[dict]:
         entry, control = self.models.get(name), self.control.get(name) or Control()
         if entry is None or entry.manifest is None:
-            state = LOADING if control.loading else UNAVAILABLE
+            if control.loading:
+                return [{"name": name, "version": "", "state": LOADING, "reason": "loading"}]
             reason = (entry.reason if entry is not None else "") or self._why_not_loaded(name)
-            return [{"name": name, "version": "", "state": state, "reason": reason}]
+            return [{"name": name, "version": "", "state": UNAVAILABLE, "reason": reason}]
         rows = []
         for version in entry.manifest.servable():
             servable = entry.variants.get(version)

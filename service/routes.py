@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
@@ -18,7 +19,6 @@ from service.errors import (
     ERROR_RESPONSES,
     BodyTooLarge,
     ClientGone,
-    ModelControlError,
     ModelNotReady,
     NotLive,
     status_of,
@@ -27,6 +27,7 @@ from service.protocol import (
     HEADER_LENGTH,
     InferenceResponse,
     ModelMetadata,
+    ProtocolError,
     ServerMetadata,
     TensorMetadata,
     binary_choices,
@@ -119,26 +120,35 @@ async def config(model: str, repo: Repo, version: str | None = None) -> dict[str
 
 
 @router.post("/v2/repository/index")
-async def index(repo: Repo, body: Annotated[dict[str, Any] | None, Body()] = None) -> list[dict[str, Any]]:
-    return repo.index(flag(body or {}, "ready", False, "ready"))
+async def index(request: Request, repo: Repo) -> list[dict[str, Any]]:
+    return repo.index(flag(await json_object(request), "ready", False, "ready"))
 
 
 @router.post("/v2/repository/models/{model}/load")
-async def load_model(model: str, repo: Repo, body: Annotated[dict[str, Any] | None, Body()] = None) -> dict:
-    """Load or reload (a zero-downtime swap) the repository's current revision of `model` (explicit mode)."""
-    overrides = sorted(k for k in ((body or {}).get("parameters") or {}) if k == "config" or k.startswith("file:"))
-    if overrides:
-        raise ModelControlError(f"load parameters {overrides} are not supported: normfuse loads the model's "
-                                "manifest from the repository, written by `normfuse convert`")
-    await repo.load(model)
+async def load_model(model: str, request: Request, repo: Repo) -> dict:
+    """Load `model`, or reload it (a zero-downtime swap): explicit mode (service.control)."""
+    await repo.load(model, (await json_object(request)).get("parameters"))
     return {}
 
 
 @router.post("/v2/repository/models/{model}/unload")
-async def unload_model(model: str, repo: Repo, body: Annotated[dict[str, Any] | None, Body()] = None) -> dict:
-    """Stop serving `model` once the requests it accepted are answered (explicit mode)."""
+async def unload_model(model: str, request: Request, repo: Repo) -> dict:
+    """Stop serving `model` once the requests it accepted are answered: explicit mode (service.control)."""
+    await json_object(request)  # parameters.unload_dependents: normfuse models have no dependents
     await repo.unload(model)
     return {}
+
+
+async def json_object(request: Request) -> dict[str, Any]:
+    """A repository request's small JSON body, whatever its Content-Type (tritonclient sends none); empty = {}."""
+    raw = await read_body(request, request.app.state.settings.max_body_bytes)
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except ValueError as exc:
+        raise ProtocolError(f"the request body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
 
 
 @router.get("/v2/models/{model}/compare")
