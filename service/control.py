@@ -8,19 +8,22 @@ The public API, called by the REST routes (and gRPC): `await repo.load(name)`, `
   the old one answers every request it accepted, drains and closes its engines (`_retire`). A load that fails
   leaves the serving revision in place, with the reason in the index, the log and
   `normfuse_model_load_failures_total{model}`. One load or unload of a model at a time (a lock per model).
-* **poll** (`scan`, every `repository_poll_secs`): a model whose manifest's sha256 changed is loaded again, a new
-  model directory is loaded, a failed revision is not retried until its manifest changes, and a model whose
-  directory is gone is unloaded only once it has been missing on two scans at least MISSING_GRACE_S apart
-  (a conversion's rename may leave a brief gap where the filesystem cannot swap two directories in one step).
+* **poll** (`scan`, every `repository_poll_secs`): a model whose files changed (`fingerprint`: the manifest's
+  sha256, each artifact's size and mtime) is loaded again, a new model directory is loaded, a failed load is not
+  retried until the files change, and a model whose directory is gone is unloaded only once it has been
+  missing on two scans at least MISSING_GRACE_S apart (a conversion's rename may leave a brief gap where the
+  filesystem cannot swap two directories in one step).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engines.manifest import list_models, manifest_sha256
@@ -41,7 +44,7 @@ class Control:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     loading: bool = False
     reason: str = ""  # why the last load failed while an older revision serves, or why the model is not loaded
-    attempted: str = ""  # manifest sha256 of the last load: the poller does not retry a revision that failed
+    attempted: str = ""  # `fingerprint` at the last load: the poller does not retry files that failed
     missing_since: float | None = None  # poll mode: when a scan first found the model's directory gone
 
 
@@ -115,8 +118,8 @@ class ModelControl:
         for name in present:
             control = self.control.setdefault(name, Control())
             control.missing_since = None
-            sha = manifest_sha256(self.root / name)
-            if sha is not None and sha != control.attempted and not control.lock.locked():
+            seen = fingerprint(self.root / name)
+            if seen is not None and seen != control.attempted and not control.lock.locked():
                 await self._load(name)
         for name in [n for n in self.models if n not in present]:
             control = self.control.setdefault(name, Control())
@@ -132,10 +135,11 @@ class ModelControl:
         async with control.lock:
             control.loading = True
             try:
+                seen = fingerprint(self.root / name)  # taken first: a change during the build is seen next scan
                 new = await asyncio.to_thread(self.build, name)
             finally:
                 control.loading = False
-            control.attempted = new.sha256
+            control.attempted = seen if new.sha256 else ""
             old = self.models.get(name)
             if new.ready or old is None or not old.variants:
                 self._install(new, old)
@@ -238,3 +242,17 @@ class ModelControl:
             rows.append({"name": name, "version": version, "state": READY if ready else UNAVAILABLE,
                          **({"reason": reason} if reason else {})})
         return rows
+
+
+def fingerprint(model_dir: Path) -> str | None:
+    """What the poller compares between scans: the manifest's sha256 and each artifact's path, size and mtime
+    (hidden files such as the deploy's `.converted` marker aside), so that TensorRT plans built after the manifest
+    was written are picked up too. None while the directory cannot be read (e.g. mid-rename)."""
+    sha = manifest_sha256(model_dir)
+    try:
+        files = sorted((p.relative_to(model_dir).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                       for p in model_dir.rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(model_dir).parts))
+    except OSError:
+        return None
+    return None if sha is None else hashlib.sha256(repr((sha, files)).encode()).hexdigest()

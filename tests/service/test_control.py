@@ -137,3 +137,25 @@ def test_poller_unloads_a_vanished_model_only_after_the_grace(tmp_path, monkeypa
             assert (await c.get(f"/v2/models/{MODEL}/ready")).status_code == 200
 
     asyncio.run(main())
+
+
+def test_poller_reloads_on_new_artifacts_but_not_on_hidden_markers(tmp_path):
+    repo = build_test_repo(tmp_path / "repo", broken=False)
+
+    async def main():
+        async with serving(repo, model_control_mode="poll", repository_poll_secs=3600) as (_, app):
+            repo_ = app.state.repo
+            first = repo_.models[MODEL]
+            (repo / MODEL / ".converted").touch()  # the deploy's marker: not an artifact
+            await repo_.scan()
+            assert repo_.models[MODEL] is first
+            plans = repo / MODEL / "affine" / "tensorrt"
+            plans.mkdir()
+            (plans / "built-later.plan").write_bytes(b"plan")  # e.g. TensorRT plans built after the manifest
+            await repo_.scan()
+            second = repo_.models[MODEL]
+            assert second is not first and second.revision == first.revision and second.ready
+            await repo_.retired()
+            assert first.variants == {}  # the replaced revision was drained and closed
+
+    asyncio.run(main())
