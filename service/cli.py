@@ -83,13 +83,14 @@ def unknown_variables(environ) -> list[str]:
                   and k not in NOT_SERVER_SETTINGS)
 
 
-def build_server(settings):
-    """A uvicorn server for the app whose SIGTERM/SIGINT handler turns readiness false before shutting down."""
+def build_server(settings, loader=None):
+    """A uvicorn server for the app whose SIGTERM/SIGINT handler turns readiness false before shutting down.
+    `loader`: how engines are opened (create_app's; default engines.load)."""
     import uvicorn
 
     from service.app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, loader)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)), access_log=False)
     server = uvicorn.Server(config)

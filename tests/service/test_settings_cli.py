@@ -103,4 +103,5 @@ def test_serve_with_the_torch_backend_and_intra_op_threads(test_repo):
     assert ready == 200
     assert r.status_code == 200, r.text
     np.testing.assert_array_equal(np.array(r.json()["outputs"][0]["data"], np.float32).reshape(2, 3), expected(x))
-    assert meta["platform"] == "pytorch_libtorch"
+    assert meta["platform"] == "pytorch_libtorch" and meta["backend"] == "pytorch"
+    assert meta["default_model_filename"] == "model.pt" and meta["instance_group"][0]["kind"] == "KIND_CPU"
