@@ -159,3 +159,14 @@ def test_poller_reloads_on_new_artifacts_but_not_on_hidden_markers(tmp_path):
             assert first.variants == {}  # the replaced revision was drained and closed
 
     asyncio.run(main())
+
+
+def test_explicit_mode_star_loads_every_model(test_repo):
+    async def main():
+        async with serving(test_repo, model_control_mode="explicit", load_model=["*"]) as (c, app):
+            assert sorted(app.state.repo.models) == [BROKEN, MODEL]
+            assert (await c.get(f"/v2/models/{MODEL}/ready")).status_code == 200
+            r = await c.post(f"/v2/repository/models/{BROKEN}/unload")  # a model that failed can be unloaded
+            assert r.status_code == 200 and BROKEN not in app.state.repo.models
+
+    asyncio.run(main())
