@@ -44,7 +44,9 @@ class Servable:
     shadow: Shadow | None = None
     constraints: list[InputConstraint] = field(default_factory=list)  # the manifest's, checked before queueing
     children: Children = field(init=False, repr=False)  # labelled metric children, cached
-    users: int = 0  # requests that hold this servable (routes): a replaced revision drains once none do
+    # requests holding this servable from `Repository.get` to their answer: every protocol's infer path adds 1
+    # and takes it back in its `finally`; a replaced revision drains only once none does (service.control)
+    users: int = 0
 
     def __post_init__(self) -> None:
         self.children = Children(self.labels)

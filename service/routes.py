@@ -40,7 +40,7 @@ from service.protocol import (
     timeout_of,
 )
 from service.repository import Repository
-from service.triton import EXTENSIONS, model_config, platform, statistics
+from service.triton import EXTENSIONS, model_config, platform, repository_index, statistics
 
 log = logging.getLogger(__name__)
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -123,7 +123,7 @@ async def config(model: str, repo: Repo, version: str | None = None) -> dict[str
 
 @router.post("/v2/repository/index")
 async def index(request: Request, repo: Repo) -> list[dict[str, Any]]:
-    return repo.index(flag(await json_object(request), "ready", False, "ready"))
+    return repository_index(repo, flag(await json_object(request), "ready", False, "ready"))
 
 
 @router.post("/v2/repository/models/{model}/load")
@@ -224,6 +224,7 @@ async def infer(model: str, request: Request, repo: Repo, version: str | None = 
         raise
     finally:
         if servable is not None:
+            servable.users -= 1
             record(request, servable, code, time.perf_counter() - started, queue_s, rows)
 
 
@@ -258,7 +259,6 @@ router.routes.sort(key=lambda route: not isinstance(route, InferRoute))
 
 def record(request: Request, servable, code: int, seconds: float, queue_s: float | None, rows: int) -> None:
     m, children = request.app.state.metrics, servable.children
-    servable.users -= 1
     children.of(m.inflight).dec()
     children.of(m.requests, str(code)).inc()
     children.of(m.request).observe(seconds)

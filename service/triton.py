@@ -1,5 +1,5 @@
-"""Triton's extensions in Triton's JSON shapes: model configuration, statistics (the repository index is
-service.control's `index`).
+"""Triton's extensions in Triton's JSON shapes: model configuration, statistics, repository index (built by
+service.control).
 
 They let Triton's own clients and tools (tritonclient, perf_analyzer) talk to this server unmodified.
 """
@@ -84,3 +84,8 @@ def statistics(repo: Repository, model: str | None, version: str | None) -> dict
     else:
         servables = [repo.get(model, version)]
     return {"model_stats": [s.stats.dump(s.model, s.variant) for s in servables]}
+
+
+def repository_index(repo: Repository, ready_only: bool) -> list[dict]:
+    """Triton's repository index (service.control builds it: every model of the repository, loaded or not)."""
+    return repo.index(ready_only)
