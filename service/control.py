@@ -139,6 +139,10 @@ class ModelControl:
                 new = await asyncio.to_thread(self.build, name)
             finally:
                 control.loading = False
+            if new.variants and manifest_sha256(self.root / name) != new.sha256:  # replaced while we read it
+                await self._discard(new)
+                new.manifest, new.variants, new.sha256 = None, {}, ""  # no sha256: the poller retries
+                new.failed = {"*": "the model directory was replaced while it loaded; the next load reads the new one"}
             control.attempted = seen if new.sha256 else ""
             old = self.models.get(name)
             if new.ready or old is None or not old.variants:
@@ -150,10 +154,15 @@ class ModelControl:
             self.metrics.load_failures.labels(model=name).inc()
             failure = f"revision {new.revision or '(unreadable)'} failed to load: {new.reason}"
             if self.models[name] is not new:
-                self.close_engines(new)  # never started
+                await self._discard(new)
                 control.reason = f"{failure}; revision {old.revision} still serving"
             log.error("model %s: %s", name, control.reason or failure)
             return failure
+
+    async def _discard(self, entry: ModelEntry) -> None:
+        """Close a revision that was built but never served (its batchers' engine threads, its engines)."""
+        await self.stop(entry, 1.0)
+        self.close_engines(entry)
 
     def _install(self, new: ModelEntry, old: ModelEntry | None) -> None:
         self.start(new)

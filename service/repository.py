@@ -151,10 +151,6 @@ class Repository(ModelControl):
             except Exception as exc:  # noqa: BLE001
                 entry.failed[variant] = str(exc)
                 log.error("model %s variant %s not loaded: %s", name, variant, exc)
-        if manifest_sha256(model_dir) != entry.sha256:  # engines.load read the files of a newer conversion
-            self.close_engines(entry)
-            entry.variants.clear()
-            entry.failed["*"], entry.sha256 = "the model directory was replaced while loading; loading it again", ""
         return entry
 
     def _open(self, manifest: Manifest, variant: str) -> Servable:

@@ -170,3 +170,28 @@ def test_explicit_mode_star_loads_every_model(test_repo):
             assert r.status_code == 200 and BROKEN not in app.state.repo.models
 
     asyncio.run(main())
+
+
+def engine_threads() -> int:
+    return sum(t.name.startswith("engine-") for t in threading.enumerate())
+
+
+def test_a_failed_reload_keeps_the_old_revision_and_leaves_no_thread_behind(tmp_path):
+    repo = build_test_repo(tmp_path / "repo", broken=False)
+
+    async def main():
+        async with serving(repo, model_control_mode="explicit", load_model=[MODEL]) as (c, app):
+            before, threads = app.state.repo.models[MODEL], engine_threads()
+            (repo / MODEL / "affine" / "model.onnx").write_bytes(b"changed after conversion")
+            r = await c.post(f"/v2/repository/models/{MODEL}/load")
+            assert r.status_code == 400 and "sha256" in r.json()["error"]
+            assert app.state.repo.models[MODEL] is before and before.ready  # the old revision serves on
+            rows = (await c.post("/v2/repository/index")).json()
+            assert all("still serving" in row["reason"] and row["state"] == "READY" for row in rows), rows
+            for _ in range(200):  # the discarded revision's engine thread (unfused loaded) exits
+                if engine_threads() == threads:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine_threads() == threads
+
+    asyncio.run(main())
