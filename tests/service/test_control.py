@@ -56,7 +56,7 @@ def test_bad_control_flags_are_a_usage_error(capsys, tmp_path, flags):
     cli.register(parser.add_subparsers())
     assert cli.serve(parser.parse_args(["serve", "--repo", str(tmp_path), *flags])) == 2
     err = capsys.readouterr().err
-    assert "repository_poll_secs" in err or "needs model_control_mode explicit" in err
+    assert "--repository-poll-secs / NORMFUSE_REPOSITORY_POLL_SECS" in err or "needs model_control_mode explicit" in err
 
 
 def test_none_and_poll_mode_refuse_load_and_unload_saying_how(test_repo):
