@@ -18,7 +18,6 @@ The public API, called by the REST routes (and gRPC): `await repo.load(name)`, `
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import logging
 import time
@@ -118,7 +117,7 @@ class ModelControl:
         for name in present:
             control = self.control.setdefault(name, Control())
             control.missing_since = None
-            seen = fingerprint(self.root / name)
+            seen = await asyncio.to_thread(fingerprint, self.root / name)  # stat calls: slow on NFS, off the loop
             if seen is not None and seen != control.attempted and not control.lock.locked():
                 await self._load(name)
         for name in [n for n in self.models if n not in present]:
@@ -135,7 +134,7 @@ class ModelControl:
         async with control.lock:
             control.loading = True
             try:
-                seen = fingerprint(self.root / name)  # taken first: a change during the build is seen next scan
+                seen = await asyncio.to_thread(fingerprint, self.root / name)  # first: a later change shows next scan
                 new = await asyncio.to_thread(self.build, name)
             finally:
                 control.loading = False
@@ -202,8 +201,7 @@ class ModelControl:
         await asyncio.to_thread(self.close_engines, entry)
         if servables:
             self.metrics.revisions.labels(model=entry.name).dec()
-        entry.variants.clear()  # the servables' batcher callbacks refer back to them: let the cycle go
-        gc.collect()
+        entry.variants.clear()  # the engines' memory went with close(); the servables' small cycles go with the next gc
         log.info("model %s: revision %s closed", entry.name, entry.revision)
 
     async def retired(self) -> None:
