@@ -70,6 +70,8 @@ class ModelControl:
         """Load (or reload) `name` without downtime; ModelControlError with the reason if it failed. Triton's
         `parameters` that override the model's files (`config`, `file:...`) are refused."""
         self._allowed("load", name)
+        if parameters is not None and not isinstance(parameters, dict):
+            raise ModelControlError(f"load parameters must be a JSON object, got {type(parameters).__name__}")
         overrides = sorted(k for k in (parameters or {}) if k == "config" or k.startswith("file:"))
         if overrides:
             raise ModelControlError(f"load parameters {overrides} are not supported: normfuse loads the manifest "

@@ -81,7 +81,7 @@ def test_explicit_mode_refusals(test_repo):
             assert r.status_code == 400 and "not loaded" in r.json()["error"]
             r = await c.post(f"/v2/models/{MODEL}/infer", json={})
             assert r.status_code == 404 and f"POST /v2/repository/models/{MODEL}/load" in r.json()["error"]
-            for body in (b"[1]", b"{not json", b'{"parameters": {"config": "{}"}}'):
+            for body in (b"[1]", b"{not json", b'{"parameters": {"config": "{}"}}', b'{"parameters": [1]}'):
                 r = await c.post(f"/v2/repository/models/{MODEL}/load", content=body)
                 assert r.status_code == 400, body
             assert app.state.repo.models == {}  # none of these loaded anything
