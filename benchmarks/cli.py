@@ -1,4 +1,4 @@
-"""`normfuse bench {engines,serving,capacity,all}`, `normfuse loadgen URL` and `normfuse capacity {plan,report}`.
+"""`normfuse bench {engines,serving,capacity,reload,all}`, `normfuse loadgen URL` and `normfuse capacity {plan,report}`.
 
 Heavy imports happen in the handlers."""
 
@@ -41,6 +41,8 @@ def register(subparsers) -> None:
     serving_p = modes.add_parser("serving", help="the server vs the raw engine, a plain endpoint, LitServe, Triton")
     capacity_p = modes.add_parser("capacity", help="one replica's latency curve, the queueing model fitted to it, "
                                   "checked against two replicas; replicas at fleet scale, fused vs unfused")
+    reload_p = modes.add_parser("reload", help="latency and failed requests while re-conversions are swapped "
+                                "into a server in poll mode (docs/serving.md, Model control)")
     all_p = modes.add_parser("all", help="prepare the repository, run the benchmarks, write the report")
     overload_p = modes.add_parser("overload", help="the server at its default settings: overhead at concurrency 1 "
                                   "(Triton's client), throughput vs a 2 ms window, a 256-client flood")
@@ -82,6 +84,8 @@ def register(subparsers) -> None:
     serving_p.set_defaults(handler=run_serving)
     capacity_p.set_defaults(handler=run_capacity)
     all_p.set_defaults(handler=run_all)
+    _reload_options(reload_p)
+    reload_p.set_defaults(handler=run_reload)
 
     loadgen_p = subparsers.add_parser("loadgen", help="closed-loop sweep and open-loop Poisson load on an OIP v2 server")
     loadgen_p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
@@ -119,6 +123,22 @@ def _capacity_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fleet-rates", type=_floats, default=(1e3, 1e4, 1e5), help="req/s rows of the fleet table")
     p.add_argument("--no-pin", action="store_true", help="do not pin each server process to its own core")
     p.add_argument("--out", type=Path, default=None, help="also render the capacity section into this BENCHMARKS.md")
+    p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+
+
+def _reload_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo", type=Path, default=None, help="model repository holding --model (required unless "
+                   "--render); the model is copied, the repository is not touched")
+    p.add_argument("--model", default="vit-digits")
+    p.add_argument("--swaps", type=int, default=5, help="re-conversions swapped in (default 5)")
+    p.add_argument("--gap-s", type=float, default=6.0, help="seconds between re-conversions (default 6)")
+    p.add_argument("--poll-s", type=float, default=1.0, help="the server's --repository-poll-secs (default 1)")
+    p.add_argument("--concurrency", type=int, default=4, help="closed-loop workers (default 4)")
+    p.add_argument("--json", type=Path, default=None, help="write the raw results here (default: reload.json "
+                   "beside the server logs)")
+    p.add_argument("--render", type=Path, default=None, metavar="RESULTS",
+                   help="measure nothing: render --out's reload section from this results JSON")
+    p.add_argument("--out", type=Path, default=None, help="also render the reload section into this BENCHMARKS.md")
     p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
 
 
@@ -225,6 +245,26 @@ def run_capacity(args) -> int:
     if args.out:
         report.write_capacity(args.out, result, plot_dir=args.plots)
         log.info("wrote the capacity section of %s", args.out)
+    return 0
+
+
+def run_reload(args) -> int:
+    from benchmarks import reload_bench
+
+    _setup_logging()
+    if args.render is not None:
+        result = json.loads(args.render.read_text())
+    elif args.repo is None:
+        sys.stderr.write("normfuse bench reload: --repo is required (or --render RESULTS)\n")
+        return 2
+    else:
+        config = reload_bench.ReloadConfig(model=args.model, swaps=args.swaps, gap_s=args.gap_s, poll_s=args.poll_s,
+                                           concurrency=args.concurrency, log_dir=_log_dir(args.repo))
+        result = reload_bench.run(args.repo, config)
+        _dump(result, args.json or _log_dir(args.repo).parent / "reload.json")
+    if args.out:
+        reload_bench.write(args.out, result, plot_dir=args.plots)
+        log.info("wrote the reload section of %s", args.out)
     return 0
 
 
@@ -335,6 +375,11 @@ def run_all(args) -> int:
     command = "normfuse bench all " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "all"] else "make bench"
     report.write(args.out, engine_result, serving_result, plot_dir=args.plots, command=command, started=started,
                  notes=notes, load_at_start=load_at_start, norms=norms, capacity=capacity)
+    reload_results = Path("benchmarks/results/reload.json")  # `normfuse bench reload`: kept, not re-measured
+    if reload_results.is_file():
+        from benchmarks import reload_bench
+
+        reload_bench.write(args.out, json.loads(reload_results.read_text()), plot_dir=args.plots)
     log.info("wrote %s", args.out)
     return 0
 

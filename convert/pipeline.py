@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import gc
 import logging
 import mmap as mmap_module
@@ -132,7 +133,15 @@ def make_staging(repo: Path, name: str) -> Path:
 
 
 def move_into_place(staging: Path, final: Path) -> None:
-    """Replace `final` by `staging` (rename, so readers see the old model or the new one, never half)."""
+    """Replace `final` by `staging`, so readers see the old model or the new one, never half of one.
+
+    An existing `final` is swapped with `staging` in one step (Linux `renameat2(RENAME_EXCHANGE)`): `final` never
+    goes missing, and a server polling the repository sees one revision, then the next. Where the filesystem
+    cannot (NFS, non-Linux), two renames leave `final` absent for an instant; the server's poller tolerates that
+    (service.control: a model is unloaded only after it has been gone for a grace period)."""
+    if final.exists() and _exchange(staging, final):
+        shutil.rmtree(staging, ignore_errors=True)  # the old model, now under the staging name
+        return
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -140,6 +149,23 @@ def move_into_place(staging: Path, final: Path) -> None:
     staging.rename(final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+RENAME_EXCHANGE, AT_FDCWD = 2, -100  # <linux/fs.h>, <fcntl.h>
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths; False where the OS or filesystem cannot (then nothing was changed)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a libc before glibc 2.28
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):  # not supported here
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def unfused_failure(info, reason: str | None) -> str:

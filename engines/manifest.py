@@ -149,13 +149,26 @@ def write_manifest(model_dir: Path, manifest: Manifest) -> Path:
 
 
 def read_manifest(model_dir: Path) -> Manifest:
+    return read_revision(model_dir)[0]
+
+
+def manifest_sha256(model_dir: Path) -> str | None:
+    """The sha256 of REPO/NAME/manifest.json's bytes, None if it cannot be read (e.g. mid-rename)."""
+    try:
+        return hashlib.sha256((Path(model_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def read_revision(model_dir: Path) -> tuple[Manifest, str]:
+    """The manifest and the sha256 of its bytes (read once): what identifies one conversion of a model."""
     path = Path(model_dir) / MANIFEST_NAME
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(f"no {MANIFEST_NAME} in {model_dir}: run `normfuse convert` first") from None
     try:
-        return Manifest.model_validate_json(text)
+        return Manifest.model_validate_json(data), hashlib.sha256(data).hexdigest()
     except ValueError as exc:
         raise ManifestError(f"{path} is not a valid normfuse manifest: {exc}") from exc
 

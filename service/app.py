@@ -1,8 +1,10 @@
-"""The app factory and its lifespan: load every model and variant -> warm up -> start batchers -> ready ->
-serve -> not ready -> drain -> stop -> close."""
+"""The app factory and its lifespan: load the models (every one, or the `load_model` ones in explicit mode) ->
+warm up -> start batchers -> ready -> serve (and poll the repository in poll mode) -> not ready -> drain ->
+stop -> close."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -33,10 +35,9 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        repo = app.state.repo
+        repo, poller = app.state.repo, None
         try:
-            await repo.load_all()
-            repo.start()
+            await repo.start_up()
             # everything imported and loaded so far (torch, transformers, engines) lives as long as the server:
             # left to the collector, each full collection walks it all (~100 ms with `normfuse serve`), a stall
             # every few thousand requests. Frozen, a full collection walks only what serving allocates.
@@ -44,9 +45,13 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
             gc.freeze()
             app.state.ready = True
             log.info("ready: %d model(s) from %s", len(repo.models), settings.repo)
+            if settings.model_control_mode == "poll":  # swaps in re-converted models (service.control)
+                poller = asyncio.get_running_loop().create_task(repo.poll(settings.repository_poll_secs))
             yield
         finally:
             app.state.ready = False
+            if poller is not None:
+                poller.cancel()  # a revision being built is dropped; one already swapped in drains below
             log.info("draining")
             await repo.drain(settings.drain_timeout_s)
             repo.close()

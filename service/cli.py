@@ -9,6 +9,9 @@ import sys
 
 log = logging.getLogger(__name__)
 
+REPEATABLE = {"load_model"}  # list settings whose flag may be given several times (each may still be "a,b")
+
+
 # NORMFUSE_* variables read by other parts of normfuse, which the server must not call typos
 NOT_SERVER_SETTINGS = {
     "NORMFUSE_CACHE_DIR",  # convert/models/vit_digits.py: where built-in model weights are cached
@@ -40,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         what = field.description or (" | ".join(map(str, choices)) if choices else "")
         parser.add_argument(flag_of(name), dest=name, default=None, metavar=name.split("_")[-1].upper(),
                             type=_lenient(field.annotation),
-                            help=f"{what} (NORMFUSE_{name.upper()}; {default})".replace("%", "%%").lstrip(" "))
+                            help=f"{what} (NORMFUSE_{name.upper()}; {default})".replace("%", "%%").lstrip(" "),
+                            action="append" if name in REPEATABLE else "store")
     parser.set_defaults(handler=serve)
 
 

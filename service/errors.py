@@ -27,6 +27,10 @@ class ModelNotReady(RuntimeError):
     """The model exists but is not loaded (or the server is not ready yet)."""
 
 
+class ModelControlError(ValueError):
+    """A repository request that cannot be done: model control is off, the model is not loaded, its load failed."""
+
+
 class BodyTooLarge(ValueError):
     """The request body exceeds `max_body_bytes`."""
 
@@ -45,6 +49,7 @@ STATUS: list[tuple[type[BaseException], int, dict[str, str]]] = [
     (InputError, 400, {}),
     (SchemaError, 422, {}),
     (ModelNotFound, 404, {}),
+    (ModelControlError, 400, {}),
     (BodyTooLarge, 413, {}),
     (TooManyRows, 413, {}),
     (ClientDisconnect, CLIENT_GONE, {}),  # during the upload

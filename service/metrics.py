@@ -49,7 +49,12 @@ class Metrics:
                                  registry=r)
         self.inflight = Gauge("normfuse_inflight_requests", "Inference requests accepted and not yet answered",
                               LABELS, registry=r)
-        self.engine = Info("normfuse_engine", "Engine provenance per variant", LABELS, registry=r)
+        self.engine = Info("normfuse_engine", "Engine provenance per variant (revision: the serving conversion)",
+                           LABELS, registry=r)
+        self.load_failures = Counter("normfuse_model_load_failures", "Loads of a model revision that failed (the "
+                                     "revision serving before, if any, kept serving)", ("model",), registry=r)
+        self.revisions = Gauge("normfuse_model_revisions", "Revisions of a model holding engines: 1 serving, "
+                               "+1 while a replaced one drains", ("model",), registry=r)
         self.shadow_ratio = Histogram("normfuse_shadow_latency_ratio",
                                       "Variant compute time / unfused compute time on the same batch",
                                       LABELS, buckets=RATIO_BUCKETS, registry=r)

@@ -1,7 +1,9 @@
-"""What the server serves: every model of the repository, each servable variant as an engine + batcher.
+"""What the server serves: each model of the repository as one *revision* (the conversion its manifest
+describes), each servable variant of it as an engine + batcher.
 
-A model whose manifest or artifacts fail to load is kept with its reason (not ready, listed as UNAVAILABLE
-in the repository index); the others are served.
+A revision is built complete (service.control: beside the one serving, then swapped in). A model whose manifest
+or artifacts fail to load is kept with its reason (not ready, listed as UNAVAILABLE in the repository index);
+the others are served.
 """
 
 from __future__ import annotations
@@ -10,15 +12,17 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timezone
 from pathlib import Path
 
 import numpy as np
 
 from engines.base import Engine
-from engines.manifest import InputConstraint, Manifest, list_models, read_manifest
+from engines.manifest import InputConstraint, Manifest, manifest_sha256, read_revision
 from service.batcher import Batch, Batcher
+from service.control import ModelControl
 from service.errors import ModelNotFound, ModelNotReady
-from service.metrics import Children, Metrics, ServableStats
+from service.metrics import LABELS, Children, Metrics, ServableStats
 from service.settings import Settings
 from service.shadow import UNFUSED, CompareStats, Shadow
 from service.validation import check_request
@@ -40,6 +44,9 @@ class Servable:
     shadow: Shadow | None = None
     constraints: list[InputConstraint] = field(default_factory=list)  # the manifest's, checked before queueing
     children: Children = field(init=False, repr=False)  # labelled metric children, cached
+    # requests holding this servable from `Repository.get` to their answer: every protocol's infer path adds 1
+    # and takes it back in its `finally`; a replaced revision drains only once none does (service.control)
+    users: int = 0
 
     def __post_init__(self) -> None:
         self.children = Children(self.labels)
@@ -51,11 +58,21 @@ class Servable:
 
 @dataclass
 class ModelEntry:
+    """One revision of one model: what its manifest (sha256 `sha256`) describes, as loaded."""
+
     name: str
     manifest: Manifest | None = None
     variants: dict[str, Servable] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # variant (or "*" for the model) -> reason
     default_override: str | None = None  # Settings.default_variant
+    sha256: str = ""  # of manifest.json's bytes
+
+    @property
+    def revision(self) -> str:
+        """Which conversion this is: when it was converted, and its manifest's sha256 (12 digits)."""
+        if self.manifest is None:
+            return self.sha256[:12]
+        return f"{self.manifest.created_at.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{self.sha256[:12]}"
 
     @property
     def dead(self) -> dict[str, str]:
@@ -78,19 +95,24 @@ class ModelEntry:
         return "; ".join(f"{v}: {why}" if v != "*" else why for v, why in {**self.failed, **self.dead}.items())
 
 
-class Repository:
+class Repository(ModelControl):
+    """The models served (`models`: name -> the serving revision); model control comes from ModelControl."""
+
     def __init__(self, settings: Settings, metrics: Metrics, loader: Loader) -> None:
         self.settings, self.metrics, self.loader = settings, metrics, loader
+        self.root = Path(settings.repo)
         self.compare = CompareStats(settings.compare_window)
         self.models: dict[str, ModelEntry] = {}
         self._abandoned: set[int] = set()  # servables whose engine call outlived the drain (never closed)
+        super().__init__()
 
     # -- lookup ----------------------------------------------------------------------------------
     def entry(self, model: str) -> ModelEntry:
         try:
             return self.models[model]
         except KeyError:
-            raise ModelNotFound(f"unknown model {model!r}; this server has {sorted(self.models)}") from None
+            raise ModelNotFound(f"unknown model {model!r}; this server has {sorted(self.models)}"
+                                f"{self.not_loaded_hint(model)}") from None
 
     def get(self, model: str, version: str | None = None) -> Servable:
         """The servable for (model, version); no version means the default variant (`ModelEntry.default`)."""
@@ -107,32 +129,29 @@ class Repository:
             raise ModelNotReady(f"model {model!r} version {variant!r} is not ready: {entry.failed[variant]}")
         raise ModelNotFound(f"model {model!r} has no version {variant!r}; versions: {entry.manifest.servable()}")
 
-    # -- lifecycle -------------------------------------------------------------------------------
-    async def load_all(self) -> None:
-        names = list_models(self.settings.repo)
-        if not names:
-            log.warning("no models (no */manifest.json) in %s", self.settings.repo)
-        for name in names:
-            entry = self.models[name] = ModelEntry(name)
-            wanted = self.settings.default_variant
+    # -- one revision: build (off the event loop), publish, close ---------------------------------
+    def build(self, name: str) -> ModelEntry:
+        """Read REPO/NAME's manifest and open, verify and warm up each servable variant (nothing started)."""
+        entry = ModelEntry(name, default_override=self.settings.default_variant)
+        model_dir = self.root / name
+        wanted = self.settings.default_variant
+        try:
+            manifest, entry.sha256 = read_revision(model_dir)
+            if wanted and wanted not in manifest.servable():
+                raise ValueError(f"NORMFUSE_DEFAULT_VARIANT / --default-variant {wanted!r}: model {name!r} has no such "
+                                 f"servable variant; it has {manifest.servable()}")
+        except Exception as exc:  # noqa: BLE001 - keep serving the other models
+            entry.failed["*"], entry.sha256 = str(exc), manifest_sha256(model_dir) or ""
+            log.error("model %s not loaded: %s", name, exc)
+            return entry
+        entry.manifest = manifest
+        for variant in manifest.servable():
             try:
-                manifest = read_manifest(Path(self.settings.repo) / name)
-                if wanted and wanted not in manifest.servable():
-                    raise ValueError(f"NORMFUSE_DEFAULT_VARIANT / --default-variant {wanted!r}: model {name!r} has no such "
-                                     f"servable variant; it has {manifest.servable()}")
-            except Exception as exc:  # noqa: BLE001 - keep serving the other models
-                entry.failed["*"] = str(exc)
-                log.error("model %s not loaded: %s", name, exc)
-                continue
-            entry.manifest, entry.default_override = manifest, wanted
-            for variant in entry.manifest.servable():
-                try:
-                    entry.variants[variant] = await asyncio.to_thread(self._open, entry.manifest, variant)
-                except Exception as exc:  # noqa: BLE001
-                    entry.failed[variant] = str(exc)
-                    log.error("model %s variant %s not loaded: %s", name, variant, exc)
-            self._attach_shadows(entry)
-            log.info("model %s: ready=%s variants=%s", name, entry.ready, sorted(entry.variants))
+                entry.variants[variant] = self._open(manifest, variant)
+            except Exception as exc:  # noqa: BLE001
+                entry.failed[variant] = str(exc)
+                log.error("model %s variant %s not loaded: %s", name, variant, exc)
+        return entry
 
     def _open(self, manifest: Manifest, variant: str) -> Servable:
         s = self.settings
@@ -150,23 +169,52 @@ class Repository:
             on_batch=lambda batch: self._observe(servable, batch),
             on_drop=lambda reason: self.metrics.dropped.labels(**labels, reason=reason).inc(),
         )
-        self.metrics.queue_depth.labels(**labels).set_function(lambda: servable.batcher.depth)
-        files = manifest.variants[variant].files
-        info = {k: str(v) for k, v in engine.describe().items()}
-        info["onnx_sha256"] = files["onnx"].sha256 if "onnx" in files else ""
-        self.metrics.engine.labels(**labels).info(info)
         return servable
 
-    def _attach_shadows(self, entry: ModelEntry) -> None:
+    def start(self, entry: ModelEntry) -> None:
+        """Start the revision's batchers and shadows and point its metrics at it (on the event loop)."""
         unfused = entry.variants.get(UNFUSED)
-        if unfused is None or self.settings.shadow_rate <= 0:
-            return
         for name, servable in entry.variants.items():
-            if name != UNFUSED:
+            if unfused is not None and name != UNFUSED and self.settings.shadow_rate > 0:
                 labels = servable.labels
                 servable.shadow = Shadow(entry.name, name, unfused.batcher, self.settings.shadow_rate,
                                          lambda ratio, err, labels=labels: self._record_pair(labels, ratio, err))
+            servable.batcher.start()
+            self.metrics.queue_depth.labels(**servable.labels).set_function(lambda s=servable: s.batcher.depth)
+            files = entry.manifest.variants[name].files
+            info = {k: str(v) for k, v in servable.engine.describe().items()}
+            info["onnx_sha256"] = files["onnx"].sha256 if "onnx" in files else ""
+            info["revision"] = entry.revision
+            self.metrics.engine.labels(**servable.labels).info(info)
 
+    def unpublish(self, servable: Servable) -> None:
+        """Drop a variant that no revision serves any more from /metrics' per-variant series."""
+        values = [servable.labels[k] for k in LABELS]
+        for metric in (self.metrics.queue_depth, self.metrics.engine):
+            try:
+                metric.remove(*values)
+            except KeyError:
+                pass
+
+    async def stop(self, entry: ModelEntry, timeout_s: float) -> None:
+        """Answer what the revision accepted, stop its shadows and batchers within `timeout_s`. An engine still
+        running a call then is left open, never waited for (its thread is a daemon) and never closed under the
+        call."""
+        servables = list(entry.variants.values())
+        await asyncio.gather(*(s.shadow.close() for s in servables if s.shadow is not None))
+        idle = await asyncio.gather(*(s.batcher.drain(timeout_s) for s in servables))
+        for servable, ok in zip(servables, idle, strict=True):
+            if not ok:
+                self._abandoned.add(id(servable))
+                log.error("%s/%s: an engine call is still running after the drain deadline; not closing it",
+                          servable.model, servable.variant)
+
+    def close_engines(self, entry: ModelEntry) -> None:
+        for servable in entry.variants.values():
+            if id(servable) not in self._abandoned:
+                servable.engine.close()
+
+    # -- observers -------------------------------------------------------------------------------
     def _observe(self, servable: Servable, batch: Batch) -> None:
         labels, children = servable.labels, servable.children
         children.of(self.metrics.compute).observe(batch.compute_s)
@@ -184,31 +232,20 @@ class Repository:
     def servables(self) -> list[Servable]:
         return [s for entry in self.models.values() for s in entry.variants.values()]
 
-    def start(self) -> None:
-        for servable in self.servables():
-            servable.batcher.start()
-
     def hung(self) -> list[str]:
         """Variants whose engine call has not come back `engine_recovery_s` after its timeout: the process is
         beyond saving (/v2/health/live turns false)."""
         limit = self.settings.engine_recovery_s
         return [f"{s.model}/{s.variant}: {s.batcher.hung}" for s in self.servables() if s.batcher.hung_for > limit]
 
+    # -- shutdown --------------------------------------------------------------------------------
     async def drain(self, timeout_s: float) -> None:
-        """Stop every batcher within `timeout_s`; an engine still running a call then is left open, never waited
-        for (its thread is a daemon) and never closed under the call."""
-        await asyncio.gather(*(s.shadow.close() for s in self.servables() if s.shadow is not None))
-        idle = await asyncio.gather(*(s.batcher.drain(timeout_s) for s in self.servables()))
-        self._abandoned = {id(s) for s, ok in zip(self.servables(), idle, strict=True) if not ok}
-        for s in self.servables():
-            if id(s) in self._abandoned:
-                log.error("%s/%s: an engine call is still running after the drain deadline; not closing it", s.model,
-                      s.variant)
+        """Stop every serving revision within `timeout_s`, and wait for replaced ones still draining."""
+        await asyncio.gather(*(self.stop(entry, timeout_s) for entry in self.models.values()), self.retired())
 
     def close(self) -> None:
-        for servable in self.servables():
-            if id(servable) not in self._abandoned:
-                servable.engine.close()
+        for entry in self.models.values():
+            self.close_engines(entry)
 
 
 def backend_options(s: Settings) -> dict:

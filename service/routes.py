@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
@@ -27,6 +28,7 @@ from service.protocol import (
     HEADER_LENGTH,
     InferenceResponse,
     ModelMetadata,
+    ProtocolError,
     ServerMetadata,
     TensorMetadata,
     binary_choices,
@@ -67,7 +69,8 @@ async def ready(request: Request, repo: Repo) -> dict[str, bool]:
     state = request.app.state
     if not state.ready:
         raise ModelNotReady("the server is starting or shutting down")
-    if not any(entry.ready for entry in repo.models.values()):
+    explicit_and_empty = request.app.state.settings.model_control_mode == "explicit" and not repo.models
+    if not explicit_and_empty and not any(entry.ready for entry in repo.models.values()):
         raise ModelNotReady("no model is ready: " + "; ".join(f"{n}: {e.reason}" for n, e in repo.models.items()))
     return {"ready": True}
 
@@ -119,8 +122,35 @@ async def config(model: str, repo: Repo, version: str | None = None) -> dict[str
 
 
 @router.post("/v2/repository/index")
-async def index(repo: Repo, body: Annotated[dict[str, Any] | None, Body()] = None) -> list[dict[str, Any]]:
-    return repository_index(repo, flag(body or {}, "ready", False, "ready"))
+async def index(request: Request, repo: Repo) -> list[dict[str, Any]]:
+    return repository_index(repo, flag(await json_object(request), "ready", False, "ready"))
+
+
+@router.post("/v2/repository/models/{model}/load")
+async def load_model(model: str, request: Request, repo: Repo) -> dict:
+    """Load `model`, or reload it (a zero-downtime swap): explicit mode (service.control)."""
+    await repo.load(model, (await json_object(request)).get("parameters"))
+    return {}
+
+
+@router.post("/v2/repository/models/{model}/unload")
+async def unload_model(model: str, request: Request, repo: Repo) -> dict:
+    """Stop serving `model` once the requests it accepted are answered: explicit mode (service.control)."""
+    await json_object(request)  # parameters.unload_dependents: normfuse models have no dependents
+    await repo.unload(model)
+    return {}
+
+
+async def json_object(request: Request) -> dict[str, Any]:
+    """A repository request's small JSON body, whatever its Content-Type (tritonclient sends none); empty = {}."""
+    raw = await read_body(request, request.app.state.settings.max_body_bytes)
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except ValueError as exc:
+        raise ProtocolError(f"the request body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
 
 
 @router.get("/v2/models/{model}/compare")
@@ -170,6 +200,7 @@ async def infer(model: str, request: Request, repo: Repo, version: str | None = 
     started, code, queue_s, rows, servable = time.perf_counter(), CLIENT_GONE, None, 0, None
     try:
         servable = repo.get(model, version)
+        servable.users += 1  # a replaced revision drains only once no request holds it (service.control)
         servable.children.of(request.app.state.metrics.inflight).inc()
         settings = request.app.state.settings
         body = await read_body(request, settings.max_body_bytes)
@@ -193,6 +224,7 @@ async def infer(model: str, request: Request, repo: Repo, version: str | None = 
         raise
     finally:
         if servable is not None:
+            servable.users -= 1
             record(request, servable, code, time.perf_counter() - started, queue_s, rows)
 
 

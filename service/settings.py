@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, gt=0, description="on shutdown, how long queued work may take to finish")
     compare_window: int = Field(512, ge=8, description="recent samples kept per variant and batch size for /compare")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug | info | warning | error")
+    model_control_mode: Literal["none", "poll", "explicit"] = Field(
+        "none", description="none: load every model at start, no changes; poll: also re-scan the repository every "
+        "repository_poll_secs and swap in re-converted models; explicit: load load_model at start, then only "
+        "through POST /v2/repository/models/NAME/load|unload")
+    load_model: Names = Field(default_factory=list, description="explicit mode: the models loaded at start "
+                              "('*' = all); repeatable flag, comma-separated in the environment")
+    repository_poll_secs: float = Field(15.0, gt=0, description="poll mode: seconds between repository scans")
 
     @field_validator("repo")
     @classmethod
@@ -68,11 +75,13 @@ class Settings(BaseSettings):
             return [value]
         return value
 
-    @field_validator("ort_providers", mode="before")
+    @field_validator("ort_providers", "load_model", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:
         if isinstance(value, str):
-            return [part for part in value.replace(" ", "").split(",") if part]
+            value = [value]
+        if isinstance(value, list | tuple):  # a repeated flag's values may each be a list: "a,b"
+            return [part for item in value for part in str(item).replace(" ", "").split(",") if part]
         return value
 
     @field_validator("preferred_batch_sizes", "warmup_batch_sizes")
@@ -88,4 +97,7 @@ class Settings(BaseSettings):
             too_big = [size for size in getattr(self, name) if size > self.max_batch_size]
             if too_big:
                 raise ValueError(f"{name} {too_big} exceed max_batch_size {self.max_batch_size}")
+        if self.load_model and self.model_control_mode != "explicit":
+            raise ValueError(f"load_model {self.load_model} needs model_control_mode explicit (--model-control-mode "
+                             f"explicit); in {self.model_control_mode!r} mode every model is loaded")
         return self

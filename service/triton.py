@@ -1,4 +1,5 @@
-"""Triton's extensions in Triton's JSON shapes: model configuration, statistics, repository index.
+"""Triton's extensions in Triton's JSON shapes: model configuration, statistics, repository index (built by
+service.control).
 
 They let Triton's own clients and tools (tritonclient, perf_analyzer) talk to this server unmodified.
 """
@@ -12,7 +13,8 @@ from service.repository import ModelEntry, Repository, Servable
 # our backend -> Triton's (platform, backend) names for the same kind of model file
 PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "onnxruntime"), "tensorrt": ("tensorrt_plan", "tensorrt"),
              "torch": ("pytorch_libtorch", "pytorch")}
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "schedule_policy", "parameters"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "schedule_policy", "parameters",
+              "model_repository"]
 
 
 def platform(backend: str) -> str:
@@ -60,7 +62,8 @@ def model_config(repo: Repository, entry: ModelEntry, version: str | None) -> di
                                      "allow_timeout_override": True, "default_timeout_microseconds": 0},
         },
         "instance_group": [{"name": f"{entry.name}_{servable.variant}", "kind": instance_kind(servable), "count": 1}],
-        "parameters": {"variant": {"string_value": servable.variant}},
+        "parameters": {"variant": {"string_value": servable.variant},
+                       "revision": {"string_value": entry.revision}},  # which conversion serves
         "model_transaction_policy": {"decoupled": False},
     }
     if file is not None:
@@ -84,15 +87,5 @@ def statistics(repo: Repository, model: str | None, version: str | None) -> dict
 
 
 def repository_index(repo: Repository, ready_only: bool) -> list[dict]:
-    rows = []
-    for name, entry in sorted(repo.models.items()):
-        versions = entry.manifest.servable() if entry.manifest else [""]
-        for version in versions:
-            ready = version in entry.variants and entry.variants[version].batcher.alive
-            if ready_only and not ready:
-                continue
-            row = {"name": name, "version": version, "state": "READY" if ready else "UNAVAILABLE"}
-            if not ready:
-                row["reason"] = entry.failed.get(version) or entry.dead.get(version) or entry.reason
-            rows.append(row)
-    return rows
+    """Triton's repository index (service.control builds it: every model of the repository, loaded or not)."""
+    return repo.index(ready_only)
