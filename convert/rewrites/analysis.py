@@ -543,14 +543,20 @@ def _ndim(node: fx.Node) -> int:
     return len(_shape(node))
 
 
+_CONV_TRANSPOSE = (aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
+
+
 def _is_conv(node: fx.Node) -> bool:
-    return node.target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
+    return node.target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+                           *_CONV_TRANSPOSE)
 
 
 def _conv_form(node: fx.Node) -> tuple[bool, int, bool]:
     """(transposed, groups, zero-padded) of a convolution node (False, 1, False for other writers)."""
     if node.target == aten.convolution.default:
         padding, transposed, groups = node.args[4], bool(node.args[6]), int(node.args[8])
+    elif node.target in _CONV_TRANSPOSE:
+        padding, transposed, groups = _arg(node, 4) or 0, True, int(_arg(node, 6) or 1)
     elif _is_conv(node):
         padding, transposed, groups = _arg(node, 4) or 0, False, int(_arg(node, 6) or 1)
     else:
