@@ -15,6 +15,7 @@ by what they compute (`convert.rewrites.probe`), and a layer's bias is the one i
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ from convert.rewrites import NotApplicable
 from convert.rewrites.math import IN_OUT, OUT_IN
 from convert.rewrites.probe import NormSpec, probe_norm
 
+log = logging.getLogger(__name__)
 aten = torch.ops.aten
 # ops that move data without mixing values along the hidden axis (the axis is re-derived from shapes)
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int,
@@ -188,7 +190,10 @@ def analyse(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> 
     try:  # traced in eval mode: the rewrite is of the inference function (dropout off)
         program = torch.export.export(model.eval(), args=(), kwargs=inputs, strict=False)
     except Exception as error:  # noqa: BLE001 - any tracing failure means we cannot prove anything
-        raise NotApplicable(f"{type(model).__name__} could not be traced with torch.export: {error}") from error
+        from convert.rewrites.check import first_line
+
+        log.debug("torch.export failed on %s", type(model).__name__, exc_info=True)  # the graph dump, if any
+        raise NotApplicable(f"{type(model).__name__} could not be traced with torch.export: {first_line(error)}") from error
     finally:
         model.train(training)
     return _Graph(model, program).analyse()
