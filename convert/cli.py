@@ -9,6 +9,7 @@ has been written (e.g. to build TensorRT plans from each variant's ONNX).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -110,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         log.debug("conversion failed", exc_info=True)
         return fail(f"could not convert {args.source!r}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]} "
                     f"(the traceback is in {log_file})")
-    shutil.copyfile(log_file, args.repo / args.name / "convert.log")
+    with contextlib.suppress(OSError):  # the log travels with the model (a missing directory keeps it in /tmp)
+        shutil.copyfile(log_file, args.repo / args.name / "convert.log")
     sys.stdout.write(summary(manifest, args.repo / args.name))
     if backend is not None:
         try:

@@ -43,6 +43,7 @@ from convert.export import (
 )
 from convert.models import Source, load_source
 from convert.rewrites import BENCHMARK_ONLY, EXACT_VARIANTS
+from convert.trt_parity import save_parity_inputs
 from engines.manifest import Manifest, VariantInfo, file_ref, write_manifest
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ def convert(source: str | Source, name: str, repo: str | Path, options: ConvertO
             max_batch_size=options.max_batch_size, variants=built, not_applicable=not_applicable,
             default_variant=default,
         )
+        save_parity_inputs(staging, context.held_out)  # the batch later backends' parity gates run on
         write_manifest(staging, manifest)
         move_into_place(staging, repo / name)
         return manifest
