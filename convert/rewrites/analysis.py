@@ -185,6 +185,12 @@ def call_inputs(model: nn.Module, inputs: dict) -> dict:
 
 def analyse(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> Analysis:
     """Trace `model` and locate its norms, their readers, and the residual stream's writers."""
+    return trace(model, inputs).analyse()
+
+
+def trace(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> Graph:
+    """The one graph front-end: `model` exported with torch.export (eval mode, cache off) on keyword `inputs`
+    (default: its example inputs); NotApplicable with the first line of the reason when it cannot be traced."""
     inputs = call_inputs(model, example_inputs(model) if inputs is None else inputs)
     training = model.training
     try:  # traced in eval mode: the rewrite is of the inference function (dropout off)
@@ -196,10 +202,10 @@ def analyse(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> 
         raise NotApplicable(f"{type(model).__name__} could not be traced with torch.export: {first_line(error)}") from error
     finally:
         model.train(training)
-    return _Graph(model, program).analyse()
+    return Graph(model, program)
 
 
-class _Graph:
+class Graph:
     """The exported graph plus the maps from its nodes back to the model's modules and tensors."""
 
     def __init__(self, model: nn.Module, program: torch.export.ExportedProgram):

@@ -34,7 +34,7 @@ TABLE = {
     "swin": {"affine": "exact", "rmsnorm": "concatenates along the hidden axis"},  # patch merging
     "convnext": {"affine": "exact", "rmsnorm": "read by .*dwconv"},  # channels-first LN into the downsampling conv
     "resnet": {"folded": "exact", "affine": "has no layer computing a LayerNorm or RMSNorm"},
-    "mobilenet_v2": {"folded": "torch.fx cannot trace"},
+    "mobilenet_v2": {"folded": "exact"},  # TF-style padding: every BatchNorm follows its conv
 }
 CASES = [(family, variant, expected) for family, row in TABLE.items() for variant, expected in row.items()]
 
