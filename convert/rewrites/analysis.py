@@ -240,6 +240,19 @@ class Graph:
             walks.append(([name], stream, starts, blockers))
         return Analysis(norms, [self._stream(*walk) for walk in _merge_overlapping(walks)])
 
+    def readers_of(self, name: str, spec: NormSpec) -> NormUse:
+        """The linear readers (and blockers) of module `name`'s output along `spec.axis`: the same reader rules
+        for a norm with fixed statistics (UnifiedNorm, PowerNorm: `spec.kind` "affine") as for any norm."""
+        use = NormUse(name, self.model.get_submodule(name), spec.kind, spec=spec)
+        nodes = [n for n in self.nodes if name in _paths(n)]
+        if nodes:
+            boundary = self._boundary(name, nodes)
+            if isinstance(boundary, str):
+                use.blockers.append(boundary)
+            else:
+                self._collect_readers(use, boundary[1], spec.axis % _ndim(boundary[1]))
+        return use
+
     def _stream(self, names: list[str], stream: dict, starts: list, blockers: list[str]) -> Stream:
         writers = [w for w in (self._writer(n, stream[n], blockers) for n in starts) if w]
         # a bias added after a matmul (x @ W.T + b) is the linear writer's bias: written once, through it

@@ -17,7 +17,7 @@ def fold_statistics(model: torch.nn.Module, inputs: dict[str, torch.Tensor] | No
     from convert.rewrites.fold_unified import fold_unified_norms
 
     # each pass refuses a norm module left in training mode (its statistics are not fixed yet)
-    folded = fold_batchnorms(model, inputs) + fold_unified_norms(model)
+    folded = fold_batchnorms(model, inputs) + fold_unified_norms(model, inputs)
     if not folded:
         raise NotApplicable(
             f"{type(model).__name__} has no BatchNorm, UnifiedNorm or PowerNorm layer with fixed statistics to fold"
