@@ -20,6 +20,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from convert.trt_parity import gate_plans, tensorrt_runner
 from engines.manifest import Manifest, TensorInfo, sha256_file, verify_files
 from engines.trt_cache import (
     EngineKey,
@@ -278,7 +279,9 @@ def build_engines(
     options: BuildOptions | None = None,
 ) -> list[Path]:
     """Build (or reuse) one plan per variant; plans go to `cache_dir/<variant>/` (default
-    `model_dir/<variant>/tensorrt/`). Returns the plan paths in manifest order."""
+    `model_dir/<variant>/tensorrt/`). Every plan then passes the parity gate against the unfused ONNX
+    Runtime reference (convert/trt_parity.py, recorded in the manifest); returns the plans that passed,
+    in manifest order."""
     options = options or BuildOptions(precision=precision, batch_sizes=tuple(batch_sizes))
     trt = load_tensorrt_builder()  # fails fast, before any file is touched
     gpu_name, capability = gpu_identity()
@@ -310,7 +313,13 @@ def build_engines(
             found.plan.write_bytes(plan)
             write_sidecar(found.plan, name, key, build_log=lines)
         plans.append(found.plan)
-    return plans
+    passed = gate_plans(model_dir, manifest, dict(zip(manifest.variants, plans, strict=True)),
+                        precision=options.precision, tf32=options.tf32, run_plan=tensorrt_runner(trt))
+    failed = [name for name, ok in passed.items() if not ok]
+    if failed:
+        log.warning("TensorRT %s plans of %s failed the parity gate and were removed (see manifest.json)",
+                    options.precision, ", ".join(failed))
+    return [plan for name, plan in zip(manifest.variants, plans, strict=True) if passed[name]]
 
 
 def _fp16_onnx(fp32_onnx: Path, out_dir: Path) -> Path:
