@@ -1,5 +1,5 @@
-"""The app factory and its lifespan: load every model and variant -> warm up -> start batchers -> ready ->
-serve -> not ready -> drain -> stop -> close."""
+"""The app factory and its lifespan: load every model and variant -> warm up -> start batchers -> start gRPC ->
+ready -> serve -> not ready -> stop gRPC (accepted calls answered) -> drain -> stop -> close."""
 
 from __future__ import annotations
 
@@ -36,6 +36,11 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
         try:
             await repo.load_all()
             repo.start()
+            if settings.grpc_port:
+                from service.grpc_server import GrpcServer  # grpcio only when gRPC is on
+
+                app.state.grpc = GrpcServer(app.state)
+                await app.state.grpc.start()
             # everything imported and loaded so far (torch, transformers, engines) lives as long as the server:
             # left to the collector, each full collection walks it all (~100 ms with `normfuse serve`), a stall
             # every few thousand requests. Frozen, a full collection walks only what serving allocates.
@@ -47,6 +52,8 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
         finally:
             app.state.ready = False
             log.info("draining")
+            if app.state.grpc is not None:  # refuse new calls; the accepted ones are answered by the batchers
+                await app.state.grpc.stop()
             await repo.drain(settings.drain_timeout_s)
             repo.close()
             gc.unfreeze()
@@ -58,6 +65,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.repo = Repository(settings, app.state.metrics, loader or default_loader)
     app.state.ready = False
+    app.state.grpc = None  # service.grpc_server.GrpcServer while serving gRPC
     errors.install(app)
     app.include_router(router)
     app.openapi = lambda: _openapi(app)

@@ -14,6 +14,7 @@ FLAGS = {
     "--repo": ("repo", str, "model repository (NORMFUSE_REPO)"),
     "--host": ("host", str, "bind address (NORMFUSE_HOST, default 127.0.0.1)"),
     "--port": ("port", int, "port (NORMFUSE_PORT, default 8000; 0 picks a free one)"),
+    "--grpc-port": ("grpc_port", int, "OIP v2 over gRPC (NORMFUSE_GRPC_PORT, default 8001; 0 = no gRPC)"),
     "--backend": ("backend", str, "onnxruntime | tensorrt | torch (NORMFUSE_BACKEND)"),
     "--max-batch-size": ("max_batch_size", int, "rows per engine run (NORMFUSE_MAX_BATCH_SIZE)"),
     "--max-queue-delay-ms": ("max_queue_delay_ms", float, "batching window (NORMFUSE_MAX_QUEUE_DELAY_MS)"),
@@ -76,7 +77,8 @@ def unknown_variables(environ) -> list[str]:
 
 
 def build_server(settings):
-    """A uvicorn server for the app whose SIGTERM/SIGINT handler turns readiness false before shutting down."""
+    """A uvicorn server for the app whose SIGTERM/SIGINT handler turns readiness false and stops gRPC from
+    accepting calls before shutting down."""
     import uvicorn
 
     from service.app import create_app
@@ -89,6 +91,8 @@ def build_server(settings):
 
     def handle_exit(sig, frame) -> None:  # readiness goes false first, then uvicorn's graceful shutdown
         app.state.ready = False
+        if app.state.grpc is not None:  # gRPC refuses new calls now too (the lifespan waits for accepted ones)
+            app.state.grpc.stop_accepting()
         exit_handler(sig, frame)
 
     server.handle_exit = handle_exit

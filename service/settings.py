@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     repo: Path = Field(description="model repository: REPO/NAME/manifest.json per model")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(8001, ge=0, le=65535, description="OIP v2 over gRPC (Triton's port); 0 = no gRPC")
     backend: Literal["onnxruntime", "tensorrt", "torch"] = "onnxruntime"
     precision: Literal["fp32", "fp16"] | None = Field(None, description="TensorRT plan precision; None = newest plan")
     max_batch_size: int = Field(16, ge=1, description="cap per engine run (also capped by the manifest)")
