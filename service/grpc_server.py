@@ -107,7 +107,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     # -- inference -------------------------------------------------------------------------------
     async def ModelInfer(self, request, context):
         """Decode, validate, submit, encode: the REST route's steps, with its metrics under protocol="grpc"."""
-        # the code recorded in metrics; stays 499 (504 past the client's deadline) if the call is cancelled
+        # the code recorded in metrics; stays 499 if the call is cancelled (the client left, or its deadline passed)
         started, code, queue_s, rows, servable = time.perf_counter(), routes.CLIENT_GONE, None, 0, None
         try:
             servable = self.repo.get(request.model_name, request.model_version or None)
@@ -123,11 +123,6 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                               {name: result.outputs[name] for name in wanted}, datatypes)
             code = 200
             return response
-        except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                code = 504
-            raise
         except Exception as exc:  # noqa: BLE001 - answered with the status of the same HTTP error
             code, name = grpc_status_of(exc)
             error = exc
