@@ -44,7 +44,7 @@ from benchmarks.capacity_model import (
 )
 from benchmarks.engines_bench import input_specs
 from benchmarks.peers import launch
-from benchmarks.stats import bootstrap, interleave
+from oip.stats import bootstrap, interleave
 
 log = logging.getLogger(__name__)
 

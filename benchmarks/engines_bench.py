@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 import engines
-from benchmarks import oip
-from benchmarks.stats import gain_captured_ci, interleave, ratio_ci, summarize
+from benchmarks.inputs import random_inputs
 from engines.manifest import list_models, read_manifest
+from oip.stats import gain_captured_ci, interleave, ratio_ci, summarize
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def bench_model(repo, model: str, backend: str, config: EngineBenchConfig) -> li
         specs = input_specs(manifest, config.seq_len)
         rows = []
         for batch in config.batch_sizes:
-            inputs = oip.random_inputs(specs, batch, seed=batch)
+            inputs = random_inputs(specs, batch, seed=batch)
             runners = {v: (lambda e=e, x=inputs: e.infer(x)) for v, e in opened.items()}
             for run in runners.values():
                 for _ in range(config.warmup):

@@ -21,8 +21,9 @@ import aiohttp
 import httpx
 import numpy as np
 
-from benchmarks import oip
-from benchmarks.stats import summarize
+from benchmarks.inputs import random_inputs
+from oip import codec
+from oip.stats import summarize
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def infer_url(base: str, model: str, version: str | None = None) -> str:
 
 def make_target(base: str, model: str, specs: list[dict], *, version: str | None = None, binary: bool = False,
                 batch: int = 1, label: str = "", seed: int = 0) -> Target:
-    body, headers = oip.encode_request(oip.random_inputs(specs, batch, seed=seed), binary=binary)
+    body, headers = codec.encode_request(random_inputs(specs, batch, seed=seed), binary=binary)
     return Target(infer_url(base, model, version), body, headers, batch, label)
 
 

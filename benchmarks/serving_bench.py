@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import engines
-from benchmarks import loadgen, oip
+from benchmarks import loadgen
 from benchmarks.engines_bench import input_specs
+from benchmarks.inputs import random_inputs
 from benchmarks.peers import launch
-from benchmarks.stats import summarize
+from oip.stats import summarize
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def raw_engine(repo: Path, config: ServingBenchConfig, specs: list[dict]) -> lis
     rows = []
     with engines.load(repo, config.model, config.variant, benchmark=True, **options) as engine:
         for batch in config.batch_sizes:
-            inputs = oip.random_inputs(specs, batch, seed=batch)
+            inputs = random_inputs(specs, batch, seed=batch)
             engine.infer(inputs)
             samples = []
             for _ in range(config.engine_rounds):

@@ -35,6 +35,21 @@ class TensorInfo(BaseModel):
     shape: list[int] = Field(description="-1 marks a dynamic axis; axis 0 is the batch")
 
 
+class InputConstraint(BaseModel):
+    """What the source model accepts in one input beyond its datatype and shape (convert.constraints records it,
+    the server checks it before queueing). Values and axis sizes are inclusive limits; None/empty = no limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="the input it applies to")
+    min_value: float | None = Field(None, description="e.g. 0 for token ids")
+    max_value: float | None = Field(None, description="e.g. vocab_size - 1 for token ids")
+    axis_min: dict[int, int] = Field(default_factory=dict, description="axis -> smallest size, e.g. {1: 1}")
+    axis_max: dict[int, int] = Field(default_factory=dict, description="axis -> largest size, e.g. {1: 1024}")
+    same_shape_as: str | None = Field(None, description="another input whose shape this one must have")
+    source: str = Field("", description="where the limits come from, e.g. 'config.vocab_size = 50257'")
+
+
 class FileRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -98,6 +113,7 @@ class Manifest(BaseModel):
     variants: dict[str, VariantInfo]
     not_applicable: dict[str, str] = Field(default_factory=dict, description="variant -> why it was refused")
     default_variant: str
+    constraints: list[InputConstraint] = Field(default_factory=list, description="value and size limits per input")
 
     @model_validator(mode="after")
     def _default_is_servable(self) -> Manifest:

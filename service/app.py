@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from service import errors
+from service.admission import Admission, InflightLimit
 from service.metrics import Metrics
 from service.protocol import InferenceRequest
 from service.repository import Loader, Repository
@@ -66,6 +67,8 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.state.repo = Repository(settings, app.state.metrics, loader or default_loader)
     app.state.ready = False
     app.state.grpc = None  # service.grpc_server.GrpcServer while serving gRPC
+    app.state.admission = Admission(settings.max_inflight, on_reject=app.state.metrics.refused.inc)
+    app.add_middleware(InflightLimit, admission=app.state.admission)
     errors.install(app)
     app.include_router(router)
     app.openapi = lambda: _openapi(app)

@@ -1,9 +1,14 @@
-"""A dynamic batcher for one engine: a bounded queue, one worker, the engine run off the event loop.
+"""A dynamic batcher for one engine: a bounded priority queue, one worker, the engine run on its own thread.
 
-The worker waits for the first request, then collects more until the batch holds `max_batch_size` rows, a
-preferred size is reached with nothing else waiting, or `first_arrival + max_queue_delay` passes. Requests
-whose caller has gone, or whose queue deadline has passed, are dropped before compute and never run. A
-failure fails every request of its batch and only those.
+Adaptive by default: the worker waits for the first request, takes whatever else is queued at that moment (up to
+`max_batch_size` rows) and runs it at once, so a request arriving at an idle engine never waits; requests that
+arrive while a batch runs queue up and form the next one. `max_queue_delay_s > 0` adds Triton's fixed window:
+the worker keeps collecting until `first_arrival + max_queue_delay` (or a full / preferred batch), which pays
+only where a bigger batch costs little more than a small one (GPUs). Requests whose caller has gone, or whose
+own timeout passed, are dropped before compute. A failure fails every request of its batch and only those.
+
+An engine call that outlasts `engine_timeout_s` fails its batch (503) and the batcher stops taking work until
+the call returns (`hung` says why, `hung_for` how long); the server turns not-ready, then not-live.
 """
 
 from __future__ import annotations
@@ -11,20 +16,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from engines.base import Engine, EngineError
+from engines.base import Engine, EngineError, InputError
+from service.engine_thread import EngineThread
+from service.queue import QueueFull, RequestQueue
 
+__all__ = ["Batch", "Batcher", "Draining", "EngineUnavailable", "Pending", "QueueFull", "QueueTimeout", "Result",
+           "TooManyRows"]
 log = logging.getLogger(__name__)
-
-
-class QueueFull(Exception):
-    """The queue is at `max_queue_size`: come back later (503 + Retry-After)."""
 
 
 class TooManyRows(ValueError):
@@ -32,11 +35,15 @@ class TooManyRows(ValueError):
 
 
 class QueueTimeout(Exception):
-    """The request's queue deadline passed before it could run."""
+    """The request's own timeout (its `timeout` parameter) passed before it could run (504)."""
 
 
 class Draining(Exception):
     """The server is shutting down and accepts no new work."""
+
+
+class EngineUnavailable(Exception):
+    """The engine did not answer within `engine_timeout_s`, or has not come back since (503)."""
 
 
 @dataclass
@@ -45,6 +52,7 @@ class Pending:
     future: asyncio.Future
     enqueued_at: float
     deadline: float | None = None
+    priority: int = 0
     started_at: float | None = None
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
@@ -82,9 +90,10 @@ class Batcher:
         engine: Engine,
         *,
         max_batch_size: int,
-        max_queue_delay_s: float,
+        max_queue_delay_s: float = 0.0,
         preferred_batch_sizes: list[int] = (),
         max_queue_size: int = 256,
+        engine_timeout_s: float | None = None,
         on_batch: Callable[[Batch], None] | None = None,
         on_drop: Callable[[str], None] | None = None,
     ) -> None:
@@ -92,35 +101,51 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.preferred = set(preferred_batch_sizes)
+        self.engine_timeout_s = engine_timeout_s
         self.on_batch = on_batch
         self.on_drop = on_drop
-        self._queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=max_queue_size)
-        self._held: deque[Pending] = deque()  # taken from the queue but left for the next batch
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._queue: RequestQueue[Pending] = RequestQueue(max_queue_size)
+        self._executor = EngineThread(f"engine-{type(engine).__name__}")
         self._worker: asyncio.Task | None = None
         self._batch: list[Pending] = []  # the batch being collected or run: answered even if the worker is cancelled
         self._running = False
         self.dead: str | None = None  # why the worker stopped, if it ever stops other than by drain()
+        self.hung: str | None = None  # why the engine is not taking work (a call past engine_timeout_s)
+        self._hung_at: float | None = None
         self.accepting = True
         self.dropped = 0
 
     # -- the request side ------------------------------------------------------------------------
     @property
-    def depth(self) -> int:
-        return self._queue.qsize() + len(self._held)
+    def max_queue_size(self) -> int:
+        return self._queue.maxsize
 
-    async def submit(self, inputs: dict[str, np.ndarray], timeout_s: float | None = None) -> Result:
-        """Queue `inputs` (already checked) and wait for the outputs; split if larger than a batch."""
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def hung_for(self) -> float:
+        """Seconds since the engine call that is not coming back passed its timeout (0 when none)."""
+        return 0.0 if self._hung_at is None else time.perf_counter() - self._hung_at
+
+    async def submit(self, inputs: dict[str, np.ndarray], timeout_s: float | None = None, priority: int = 0) -> Result:
+        """Queue `inputs` (already checked) and wait for the outputs; split if larger than a batch.
+
+        `timeout_s`: the request's own queue deadline (QueueTimeout); `priority`: 1 highest, 0 the default level."""
         rows = next(iter(inputs.values())).shape[0]
         capacity = self.max_batch_size * self._queue.maxsize
-        if self._queue.maxsize > 0 and rows > capacity:
+        if rows > capacity:
             raise TooManyRows(f"request has {rows} rows; this model takes at most {capacity} per request "
                               f"(max_batch_size {self.max_batch_size} x max_queue_size {self._queue.maxsize})")
         if rows <= self.max_batch_size:
-            return await self._submit_one(inputs, timeout_s)
+            return await self._submit_one(inputs, timeout_s, priority)
         chunks = [{k: v[i : i + self.max_batch_size] for k, v in inputs.items()}
                   for i in range(0, rows, self.max_batch_size)]
-        tasks = [asyncio.ensure_future(self._submit_one(chunk, timeout_s)) for chunk in chunks]
+        if len(chunks) > self._queue.maxsize - self.depth:  # all or nothing: no half-run request
+            raise QueueFull(f"queue is too full for a request of {len(chunks)} batches ({self.depth} of "
+                            f"{self._queue.maxsize} places taken)")
+        tasks = [asyncio.ensure_future(self._submit_one(chunk, timeout_s, priority)) for chunk in chunks]
         try:
             parts = await asyncio.gather(*tasks)
         except BaseException:  # one chunk failed (or our caller left): the others are not wanted either
@@ -131,18 +156,12 @@ class Batcher:
         return Result(outputs, max(p.queue_s for p in parts), sum(p.compute_s for p in parts),
                       max(p.batch_size for p in parts))
 
-    async def _submit_one(self, inputs: dict[str, np.ndarray], timeout_s: float | None) -> Result:
-        if self.dead is not None:
-            raise EngineError(f"this model's batcher has stopped: {self.dead}")
-        if not self.accepting:
-            raise Draining("the server is shutting down")
+    async def _submit_one(self, inputs: dict[str, np.ndarray], timeout_s: float | None, priority: int) -> Result:
+        self._check_open()
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        pending = Pending(inputs, loop.create_future(), now, None if timeout_s is None else now + timeout_s)
-        try:
-            self._queue.put_nowait(pending)
-        except asyncio.QueueFull:
-            raise QueueFull(f"queue is full ({self._queue.maxsize} requests waiting)") from None
+        pending = Pending(inputs, loop.create_future(), now, None if timeout_s is None else now + timeout_s, priority)
+        self._queue.put(pending, priority)
         if timeout_s is not None:
             pending.timer = loop.call_later(timeout_s, self._expire, pending)
         try:
@@ -152,6 +171,14 @@ class Batcher:
                 pending.future.cancel()
             if pending.timer is not None:
                 pending.timer.cancel()
+
+    def _check_open(self) -> None:
+        if self.dead is not None:
+            raise EngineError(f"this model's batcher has stopped: {self.dead}")
+        if self.hung is not None:
+            raise EngineUnavailable(self.hung)
+        if not self.accepting:
+            raise Draining("the server is shutting down")
 
     def _expire(self, pending: Pending) -> None:
         if pending.started_at is None and not pending.future.done():
@@ -177,26 +204,17 @@ class Batcher:
         """The worker is running (or not started yet): False once it has died, which makes the model not ready."""
         return self.dead is None
 
+    @property
+    def ready(self) -> bool:
+        """Takes work: alive, and its engine is not stuck in a call past its timeout."""
+        return self.dead is None and self.hung is None
+
     def _worker_done(self, task: asyncio.Task) -> None:
         if task.cancelled() and not self.accepting:
             return  # stopped by drain()
         self.dead = "the worker was cancelled" if task.cancelled() else f"the worker died: {task.exception()!r}"
         log.error("batcher for %s stopped unexpectedly: %s", type(self.engine).__name__, self.dead)
-        error = EngineError(f"this model's batcher has stopped: {self.dead}")
-        _fail([*self._batch, *self._held, *_drain_queue(self._queue)], error)
-        self._held.clear()
-
-    async def _next(self, timeout: float | None) -> Pending | None:
-        if self._held:
-            return self._held.popleft()
-        if timeout is None:
-            return await self._queue.get()
-        if timeout <= 0:
-            return self._queue.get_nowait() if not self._queue.empty() else None
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            return None
+        _fail([*self._batch, *self._queue.take_all()], EngineError(f"this model's batcher has stopped: {self.dead}"))
 
     def _live(self, pending: Pending) -> bool:
         if pending.future.done():  # cancelled by a gone client, or already expired
@@ -208,24 +226,23 @@ class Batcher:
 
     async def _collect(self, batch: list[Pending]) -> None:
         """Fill `batch` (owned by the loop, so a cancelled collect still answers what it took)."""
-        first = await self._next(None)
+        first = await self._queue.get()
         while not self._live(first):
-            first = await self._next(None)
+            first = await self._queue.get()
         self._running = True  # from here until the batch is answered, drain must wait for us
         batch.append(first)
         rows = first.rows
         close_at = first.enqueued_at + self.max_queue_delay_s
         while rows < self.max_batch_size:
-            waiting = bool(self._held) or not self._queue.empty()
-            if rows in self.preferred and not waiting:
+            if rows in self.preferred and not self.depth:
                 break
-            item = await self._next(close_at - time.perf_counter())
+            item = await self._queue.get(close_at - time.perf_counter())
             if item is None:
                 break
             if not self._live(item):
                 continue
             if item.key != first.key or rows + item.rows > self.max_batch_size:
-                self._held.appendleft(item)  # first in line for the next batch
+                self._queue.put_back(item, item.priority)  # first in line for the next batch
                 break
             batch.append(item)
             rows += item.rows
@@ -233,14 +250,13 @@ class Batcher:
     async def _loop(self) -> None:
         """One batch per turn. Cancelled (drain timed out): the batch in hand is answered with Draining.
         Anything else going wrong fails that batch only, and the loop goes on."""
-        loop = asyncio.get_running_loop()
         while True:
             self._batch = []
             try:
                 await self._collect(self._batch)
                 batch = [p for p in self._batch if self._live(p)]  # last look before compute
                 if batch:
-                    await self._run(loop, batch)
+                    await self._run(batch)
             except asyncio.CancelledError:
                 _fail(self._batch, Draining("the server shut down before this request was answered"))
                 raise
@@ -251,58 +267,89 @@ class Batcher:
                 self._running = False
                 self._batch = []
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[Pending]) -> None:
+    async def _run(self, batch: list[Pending]) -> None:
         started = time.perf_counter()
         for p in batch:
             p.started_at = started
-        names = list(batch[0].inputs)
-        inputs = {n: np.concatenate([p.inputs[n] for p in batch]) if len(batch) > 1 else batch[0].inputs[n]
-                  for n in names}
+        inputs = _concatenate(batch)
         try:
-            outputs, compute_s = await loop.run_in_executor(self._executor, _timed, self.engine, inputs)
+            outputs, compute_s = await self._call(inputs, batch)
+        except InputError as exc:  # the engine refused the content: find whose, run the others
+            if len(batch) == 1:
+                _fail(batch, exc)
+                return
+            for p in batch:
+                await self._run([p])
+            return
         except Exception as exc:  # noqa: BLE001 - every request of this batch gets the same error
-            log.warning("batch of %d rows failed: %s", len(batch), exc)
+            log.warning("batch of %d rows failed: %s", sum(p.rows for p in batch), exc)
             _fail(batch, exc)
             return
-        total = int(inputs[names[0]].shape[0])
+        total = next(iter(inputs.values())).shape[0]
         short = {k: np.shape(v)[:1] for k, v in outputs.items() if np.ndim(v) == 0 or np.shape(v)[0] != total}
         if short:
             raise EngineError(f"the engine returned outputs whose batch axis is not {total} rows: {short}")
         offset = 0
         for p in batch:
-            rows = p.rows
             if not p.future.done():
-                part = {k: v[offset : offset + rows] for k, v in outputs.items()}
-                p.future.set_result(Result(part, started - p.enqueued_at, compute_s, int(inputs[names[0]].shape[0])))
-            offset += rows
+                part = {k: v[offset : offset + p.rows] for k, v in outputs.items()}
+                p.future.set_result(Result(part, started - p.enqueued_at, compute_s, total))
+            offset += p.rows
         if self.on_batch:
             try:
                 self.on_batch(Batch(inputs, outputs, compute_s, offset))
             except Exception:  # an observer must never break serving
                 log.exception("on_batch observer failed")
 
+    async def _call(self, inputs: dict[str, np.ndarray], batch: list[Pending]) -> tuple[dict[str, np.ndarray], float]:
+        """Run the engine; past `engine_timeout_s`, fail the batch and everything queued (503), refuse new work
+        until the call returns, and wait for it here (the engine thread is busy until then anyway)."""
+        call = asyncio.get_running_loop().run_in_executor(self._executor, _timed, self.engine, inputs)
+        done, _ = await asyncio.wait({call}, timeout=self.engine_timeout_s)
+        if done:
+            return call.result()
+        self._hung_at = time.perf_counter()
+        self.hung = f"an engine call has run for more than engine_timeout_s={self.engine_timeout_s:g} s"
+        log.error("%s: %s; not ready until it returns", type(self.engine).__name__, self.hung)
+        error = EngineUnavailable(self.hung)
+        _fail([*batch, *self._queue.take_all()], error)
+        try:
+            await asyncio.wait({call})
+        finally:
+            if call.done():
+                log.warning("the engine came back after %.1f s", self.hung_for + self.engine_timeout_s)
+                self.hung, self._hung_at = None, None
+                call.exception()  # retrieved, so asyncio does not log it: its batch was answered already
+        raise error
+
     # -- shutdown --------------------------------------------------------------------------------
-    async def drain(self, timeout_s: float) -> None:
-        """Stop accepting, finish what is queued (up to `timeout_s`), then stop the worker."""
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop accepting, finish what is queued (up to `timeout_s`), then stop the worker. True when the engine
+        thread is idle at the end (safe to close the engine); False when a call is still running past the
+        deadline: that thread is abandoned (a daemon), never waited for."""
         self.accepting = False
         end = time.perf_counter() + timeout_s
-        while (self.depth or self._running) and time.perf_counter() < end:
+        while (self.depth or self._running) and time.perf_counter() < end and self.hung is None:
             await asyncio.sleep(0.005)
         if self.depth or self._running:
-            log.warning("drain timed out with %d requests still queued", self.depth)
+            log.warning("drain stopped with %d requests still queued", self.depth)
         if self._worker is not None:
             self._worker.cancel()
             try:
                 await self._worker
             except asyncio.CancelledError:
                 pass
-        for p in [*self._held, *_drain_queue(self._queue)]:
-            if not p.future.done():
-                p.future.set_exception(Draining("the server shut down before this request ran"))
-        self._held.clear()
-        # an engine call still running (drain timed out) is waited for off the event loop, so the engine is
-        # not closed under it and the loop keeps answering
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        _fail(self._queue.take_all(), Draining("the server shut down before this request ran"))
+        self._executor.shutdown(wait=False)
+        while self._executor.busy_since is not None and time.perf_counter() < end:
+            await asyncio.sleep(0.01)
+        return self._executor.busy_since is None
+
+
+def _concatenate(batch: list[Pending]) -> dict[str, np.ndarray]:
+    if len(batch) == 1:
+        return batch[0].inputs
+    return {n: np.concatenate([p.inputs[n] for p in batch]) for n in batch[0].inputs}
 
 
 def _timed(engine: Engine, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
@@ -315,10 +362,3 @@ def _fail(batch: list[Pending], error: BaseException) -> None:
     for p in batch:
         if not p.future.done():
             p.future.set_exception(error)
-
-
-def _drain_queue(queue: asyncio.Queue) -> list[Pending]:
-    items = []
-    while not queue.empty():
-        items.append(queue.get_nowait())
-    return items

@@ -8,14 +8,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from engines.base import EngineError, InputError
-from service.batcher import Draining, QueueFull, QueueTimeout, TooManyRows
+from service.admission import RETRY_AFTER_S, Overloaded
+from service.batcher import Draining, EngineUnavailable, QueueFull, QueueTimeout, TooManyRows
 from service.protocol import ErrorBody, ProtocolError, SchemaError
 
 log = logging.getLogger(__name__)
-
-RETRY_AFTER_S = "1"
+CLIENT_GONE = 499  # nginx's "client closed request": never seen by a client, only in metrics and logs
 
 
 class ModelNotFound(LookupError):
@@ -30,6 +31,14 @@ class BodyTooLarge(ValueError):
     """The request body exceeds `max_body_bytes`."""
 
 
+class ClientGone(Exception):
+    """The client disconnected while its request was queued or running."""
+
+
+class NotLive(RuntimeError):
+    """An engine call has hung past engine_timeout_s + engine_recovery_s: restart the process."""
+
+
 # exception type -> (status, headers); the first match in order wins
 STATUS: list[tuple[type[BaseException], int, dict[str, str]]] = [
     (ProtocolError, 400, {}),
@@ -38,20 +47,27 @@ STATUS: list[tuple[type[BaseException], int, dict[str, str]]] = [
     (ModelNotFound, 404, {}),
     (BodyTooLarge, 413, {}),
     (TooManyRows, 413, {}),
+    (ClientDisconnect, CLIENT_GONE, {}),  # during the upload
+    (ClientGone, CLIENT_GONE, {}),  # while queued or running
+    (QueueTimeout, 504, {}),  # the request's own `timeout` parameter, not the server's state
+    (Overloaded, 503, {"Retry-After": RETRY_AFTER_S}),
     (QueueFull, 503, {"Retry-After": RETRY_AFTER_S}),
-    (QueueTimeout, 503, {"Retry-After": RETRY_AFTER_S}),
     (Draining, 503, {"Retry-After": RETRY_AFTER_S}),
+    (EngineUnavailable, 503, {"Retry-After": RETRY_AFTER_S}),
     (ModelNotReady, 503, {"Retry-After": RETRY_AFTER_S}),
+    (NotLive, 503, {}),
     (EngineError, 500, {}),
 ]
+EXPECTED = (ClientDisconnect, ClientGone, QueueTimeout, Overloaded, QueueFull, Draining, EngineUnavailable,
+            ModelNotReady, NotLive)  # the server's state or the client's doing: never logged as an error
 
 # HTTP status -> the gRPC status code (grpc.StatusCode's name) of the same error, for service.grpc_server;
-# any other status is INTERNAL. A request timeout is DEADLINE_EXCEEDED over gRPC (grpc_status_of).
+# any other status is INTERNAL.
 GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT",
               499: "CANCELLED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
 # what each route declares in the OpenAPI schema
-ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 404, 413, 422, 503)}
+ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 404, 413, 422, 503, 504)}
 
 
 def status_of(exc: BaseException) -> tuple[int, dict[str, str]]:
@@ -62,14 +78,16 @@ def status_of(exc: BaseException) -> tuple[int, dict[str, str]]:
 
 
 def grpc_status_of(exc: BaseException) -> tuple[int, str]:
-    """(the HTTP status recorded in metrics, the gRPC status code's name) for `exc`, logged if it is internal."""
-    status = 504 if isinstance(exc, QueueTimeout) else status_of(exc)[0]
-    _log_internal(status, exc)
+    """(the HTTP status recorded in metrics, the gRPC status code's name) for `exc`, logged as HTTP logs it."""
+    status = status_of(exc)[0]
+    _log(status, exc)
     return status, GRPC_CODES.get(status, "INTERNAL")
 
 
-def _log_internal(status: int, exc: BaseException) -> None:
-    if status >= 500 and not isinstance(exc, Draining | QueueFull | QueueTimeout | ModelNotReady):
+def _log(status: int, exc: BaseException) -> None:
+    if isinstance(exc, ClientDisconnect | ClientGone):
+        log.debug("client went away: %s", type(exc).__name__)
+    elif status >= 500 and not isinstance(exc, EXPECTED):
         log.error("internal error: %s", exc, exc_info=exc)
 
 
@@ -79,7 +97,7 @@ def message_of(exc: BaseException) -> str:
 
 def error_response(exc: BaseException) -> JSONResponse:
     status, headers = status_of(exc)
-    _log_internal(status, exc)
+    _log(status, exc)
     return JSONResponse({"error": message_of(exc)}, status_code=status, headers=headers)
 
 

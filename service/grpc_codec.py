@@ -1,8 +1,8 @@
 """gRPC inference messages <-> the REST codec's request and arrays, so both protocols decode and validate alike.
 
-A `ModelInferRequest` becomes the same `InferenceRequest` a JSON body becomes, its `raw_input_contents` the binary
-section (each input's `binary_data_size` is its raw entry's length) and its typed `contents` the JSON `data`; the
-REST codec then checks names, datatypes, shapes and byte counts with the same messages. Responses carry every
+A `ModelInferRequest` becomes the JSON header a REST body would carry, its `raw_input_contents` the binary section
+(each input's `binary_data_size` is its raw entry's length) and its typed `contents` the JSON `data`; the one
+codec (oip.codec.request_from_json) then reads it with the same checks and messages as REST. Responses carry every
 output in `raw_output_contents`, as Triton's gRPC server does.
 
 The messages are the generated ones shipped in `tritonclient[grpc]` (service_pb2, model_config_pb2).
@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 from google.protobuf import json_format
-from pydantic import ValidationError
 from tritonclient.grpc import service_pb2 as pb
 
 from engines.base import DATATYPES
-from service.protocol import InferenceRequest, ProtocolError, SchemaError, _decode_inputs, _first_error
+from oip.codec import ProtocolError, request_from_json
+from oip.schema import InferenceRequest
 
 # the typed `contents` field each datatype's values go in (FP16 and BF16 have none: raw only)
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -38,7 +38,7 @@ def parameters(mapping) -> dict[str, Any]:
 
 
 def decode(request: pb.ModelInferRequest) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
-    """The request as the REST codec's `InferenceRequest` and its input arrays (ProtocolError, SchemaError)."""
+    """The request as the codec's `InferenceRequest` and its input arrays (ProtocolError, SchemaError)."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise ProtocolError(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
@@ -59,11 +59,7 @@ def decode(request: pb.ModelInferRequest) -> tuple[InferenceRequest, dict[str, n
         body["id"] = request.id
     if request.outputs:
         body["outputs"] = [{"name": o.name, "parameters": parameters(o.parameters)} for o in request.outputs]
-    try:
-        req = InferenceRequest.model_validate(body)
-    except ValidationError as exc:
-        raise SchemaError(f"not an inference request: {_first_error(exc)}") from None
-    return req, _decode_inputs(req, memoryview(b"".join(raw)))
+    return request_from_json(body, memoryview(b"".join(raw)))
 
 
 def _typed_values(tensor) -> list:

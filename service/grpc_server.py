@@ -21,11 +21,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from engines.base import check_inputs
 from service import routes
-from service.errors import ModelNotFound, ModelNotReady, grpc_status_of, message_of
+from service.errors import CLIENT_GONE, ModelNotFound, ModelNotReady, NotLive, grpc_status_of, message_of
 from service.grpc_codec import decode, encode, message
-from service.protocol import binary_choices, timeout_of
+from service.protocol import binary_choices, priority_of, timeout_of
 from service.triton import repository_index, statistics
 
 log = logging.getLogger(__name__)
@@ -54,9 +53,14 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, state) -> None:
         self.state = state
         self.repo = state.repo
+        self.offload_bytes = state.settings.offload_bytes  # messages this large are decoded/encoded off the loop
 
     # -- health and metadata ---------------------------------------------------------------------
     async def ServerLive(self, request, context):
+        try:
+            await routes.live(self.repo)
+        except NotLive:
+            return pb.ServerLiveResponse(live=False)
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
@@ -108,19 +112,18 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         """Decode, validate, submit, encode: the REST route's steps, with its metrics under protocol="grpc"."""
         # the code recorded in metrics; stays 499 if the call is cancelled (the client left, or its deadline passed)
-        started, code, queue_s, rows, servable = time.perf_counter(), routes.CLIENT_GONE, None, 0, None
+        started, code, queue_s, rows, servable = time.perf_counter(), CLIENT_GONE, None, 0, None
         try:
             servable = self.repo.get(request.model_name, request.model_version or None)
             servable.children.of(self.state.metrics.inflight).inc()
-            req, arrays = decode(request)
-            check_inputs(servable.engine.inputs, arrays)
-            rows = next(iter(arrays.values())).shape[0]
-            wanted = binary_choices(req, [spec.name for spec in servable.engine.outputs])
-            result = await servable.batcher.submit(arrays, timeout_of(req.parameters))
-            queue_s = result.queue_s
-            datatypes = {spec.name: spec.datatype for spec in servable.engine.outputs}
-            response = encode(request.model_name, servable.variant, req.id,
-                              {name: result.outputs[name] for name in wanted}, datatypes)
+            with self.state.admission.admit():  # the server-wide in-flight limit HTTP requests share
+                req, arrays, wanted = await routes.off_loop(request.ByteSize() >= self.offload_bytes, _decode,
+                                                            request, servable)
+                rows = servable.check(arrays)
+                result = await servable.batcher.submit(arrays, timeout_of(req.parameters), priority_of(req.parameters))
+                queue_s = result.queue_s
+                response = await routes.off_loop(_nbytes(result, wanted) >= self.offload_bytes, _encode,
+                                                 request.model_name, servable, req.id, result, wanted)
             code = 200
             return response
         except Exception as exc:  # noqa: BLE001 - answered with the status of the same HTTP error
@@ -131,6 +134,21 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 routes.record(self.state.metrics, servable, "grpc", code, time.perf_counter() - started, queue_s,
                               rows)
         await context.abort(grpc.StatusCode[name], message_of(error))
+
+
+def _decode(request: pb.ModelInferRequest, servable):
+    """(the codec's request, its arrays, the outputs asked for) of one inference call."""
+    req, arrays = decode(request)
+    return req, arrays, list(binary_choices(req, [spec.name for spec in servable.engine.outputs]))
+
+
+def _nbytes(result, wanted: list[str]) -> int:
+    return sum(result.outputs[name].nbytes for name in wanted)
+
+
+def _encode(model: str, servable, request_id: str | None, result, wanted: list[str]) -> pb.ModelInferResponse:
+    datatypes = {spec.name: spec.datatype for spec in servable.engine.outputs}
+    return encode(model, servable.variant, request_id, {name: result.outputs[name] for name in wanted}, datatypes)
 
 
 class GrpcServer:

@@ -46,6 +46,8 @@ class Metrics:
                                 (*LABELS, "protocol", "code"), registry=r)
         self.dropped = Counter("normfuse_dropped_requests", "Queued requests dropped before compute",
                                (*LABELS, "reason"), registry=r)
+        self.refused = Counter("normfuse_refused_requests", "Inference requests answered 503 before their body was "
+                               "read (the server was at max_inflight)", registry=r)
         self.queue_depth = Gauge("normfuse_queue_depth", "Requests waiting in the batcher's queue", LABELS,
                                  registry=r)
         self.inflight = Gauge("normfuse_inflight_requests", "Inference requests accepted and not yet answered",

@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from engines.base import Engine
-from engines.manifest import Manifest, list_models, read_manifest
+from engines.manifest import InputConstraint, Manifest, list_models, read_manifest
 from service.batcher import Batch, Batcher
 from service.errors import ModelNotFound, ModelNotReady
 from service.metrics import Children, Metrics, ServableStats
 from service.settings import Settings
 from service.shadow import UNFUSED, CompareStats, Shadow
+from service.validation import check_request
 
 log = logging.getLogger(__name__)
 Loader = Callable[..., Engine]  # engines.load(repo, model, variant, backend, **options)
@@ -37,10 +38,15 @@ class Servable:
     batcher: Batcher = field(init=False)  # built right after: its callbacks need the servable
     stats: ServableStats = field(default_factory=ServableStats)
     shadow: Shadow | None = None
+    constraints: list[InputConstraint] = field(default_factory=list)  # the manifest's, checked before queueing
     children: Children = field(init=False, repr=False)  # labelled metric children, cached
 
     def __post_init__(self) -> None:
         self.children = Children(self.labels)
+
+    def check(self, arrays: dict[str, np.ndarray]) -> int:
+        """The request validation every protocol calls before `batcher.submit`: InputError (400) or the rows."""
+        return check_request(self.engine.inputs, self.constraints, arrays)
 
 
 @dataclass
@@ -53,8 +59,10 @@ class ModelEntry:
 
     @property
     def dead(self) -> dict[str, str]:
-        """Variants that loaded but whose batcher has since stopped (never expected; see Batcher.alive)."""
-        return {v: f"batcher stopped: {s.batcher.dead}" for v, s in self.variants.items() if not s.batcher.alive}
+        """Variants that loaded but have since stopped taking work: a batcher that stopped (never expected; see
+        Batcher.alive), or an engine call past engine_timeout_s (Batcher.hung)."""
+        return {v: f"batcher stopped: {s.batcher.dead}" if s.batcher.dead else f"engine not responding: {s.batcher.hung}"
+                for v, s in self.variants.items() if not s.batcher.ready}
 
     @property
     def ready(self) -> bool:
@@ -75,6 +83,7 @@ class Repository:
         self.settings, self.metrics, self.loader = settings, metrics, loader
         self.compare = CompareStats(settings.compare_window)
         self.models: dict[str, ModelEntry] = {}
+        self._abandoned: set[int] = set()  # servables whose engine call outlived the drain (never closed)
 
     # -- lookup ----------------------------------------------------------------------------------
     def entry(self, model: str) -> ModelEntry:
@@ -91,7 +100,7 @@ class Repository:
         variant = version or entry.default
         if variant in entry.variants:
             servable = entry.variants[variant]
-            if not servable.batcher.alive:
+            if not servable.batcher.ready:
                 raise ModelNotReady(f"model {model!r} version {variant!r} is not ready: {entry.dead[variant]}")
             return servable
         if variant in entry.failed:
@@ -133,11 +142,12 @@ class Repository:
             if size <= limit:
                 engine.infer(warmup_inputs(engine, size))
         labels = {"model": manifest.name, "variant": variant, "backend": engine.backend or s.backend}
-        servable = Servable(manifest.name, variant, engine, labels)
+        servable = Servable(manifest.name, variant, engine, labels, constraints=manifest.constraints)
         servable.batcher = Batcher(
             engine, max_batch_size=limit, max_queue_delay_s=s.max_queue_delay_ms / 1e3,
             preferred_batch_sizes=[p for p in s.preferred_batch_sizes if p <= limit],
-            max_queue_size=s.max_queue_size, on_batch=lambda batch: self._observe(servable, batch),
+            max_queue_size=s.max_queue_size, engine_timeout_s=s.engine_timeout_s,
+            on_batch=lambda batch: self._observe(servable, batch),
             on_drop=lambda reason: self.metrics.dropped.labels(**labels, reason=reason).inc(),
         )
         self.metrics.queue_depth.labels(**labels).set_function(lambda: servable.batcher.depth)
@@ -178,13 +188,27 @@ class Repository:
         for servable in self.servables():
             servable.batcher.start()
 
+    def hung(self) -> list[str]:
+        """Variants whose engine call has not come back `engine_recovery_s` after its timeout: the process is
+        beyond saving (/v2/health/live turns false)."""
+        limit = self.settings.engine_recovery_s
+        return [f"{s.model}/{s.variant}: {s.batcher.hung}" for s in self.servables() if s.batcher.hung_for > limit]
+
     async def drain(self, timeout_s: float) -> None:
+        """Stop every batcher within `timeout_s`; an engine still running a call then is left open, never waited
+        for (its thread is a daemon) and never closed under the call."""
         await asyncio.gather(*(s.shadow.close() for s in self.servables() if s.shadow is not None))
-        await asyncio.gather(*(s.batcher.drain(timeout_s) for s in self.servables()))
+        idle = await asyncio.gather(*(s.batcher.drain(timeout_s) for s in self.servables()))
+        self._abandoned = {id(s) for s, ok in zip(self.servables(), idle, strict=True) if not ok}
+        for s in self.servables():
+            if id(s) in self._abandoned:
+                log.error("%s/%s: an engine call is still running after the drain deadline; not closing it", s.model,
+                      s.variant)
 
     def close(self) -> None:
         for servable in self.servables():
-            servable.engine.close()
+            if id(servable) not in self._abandoned:
+                servable.engine.close()
 
 
 def backend_options(s: Settings) -> dict:

@@ -11,9 +11,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Request, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 
-from engines.base import check_inputs
-from service.errors import ERROR_RESPONSES, BodyTooLarge, ModelNotReady, status_of
+from service.errors import (
+    CLIENT_GONE,
+    ERROR_RESPONSES,
+    BodyTooLarge,
+    ClientGone,
+    ModelNotReady,
+    NotLive,
+    status_of,
+)
 from service.protocol import (
     HEADER_LENGTH,
     InferenceResponse,
@@ -25,17 +33,14 @@ from service.protocol import (
     decompress,
     encode_body,
     flag,
+    priority_of,
     timeout_of,
 )
 from service.repository import Repository
 from service.triton import EXTENSIONS, model_config, platform, repository_index, statistics
 
 router = APIRouter(responses=ERROR_RESPONSES)
-CLIENT_GONE = 499  # nginx's "client closed request": never seen by a client, only in metrics
-
-
-class ClientGone(Exception):
-    """The client disconnected while its request was queued or running."""
+JSON_PER_BYTE = 4  # about how many bytes of JSON text one byte of a float32 array becomes (~16 chars per value)
 
 
 async def get_repo(request: Request) -> Repository:
@@ -48,7 +53,10 @@ Repo = Annotated[Repository, Depends(get_repo)]
 
 # -- health and metadata -------------------------------------------------------------------------
 @router.get("/v2/health/live")
-async def live() -> dict[str, bool]:
+async def live(repo: Repo) -> dict[str, bool]:
+    hung = repo.hung()
+    if hung:
+        raise NotLive("an engine call has not come back; restart the server: " + "; ".join(hung))
     return {"live": True}
 
 
@@ -165,26 +173,21 @@ async def infer(model: str, request: Request, repo: Repo, version: str | None = 
     try:
         servable = repo.get(model, version)
         servable.children.of(request.app.state.metrics.inflight).inc()
-        body = await read_body(request, request.app.state.settings.max_body_bytes)
-        req, arrays = decode_request(body, request.headers.get(HEADER_LENGTH))
-        check_inputs(servable.engine.inputs, arrays)
-        rows = next(iter(arrays.values())).shape[0]
+        settings = request.app.state.settings
+        body = await read_body(request, settings.max_body_bytes)
+        req, arrays = await off_loop(len(body) >= settings.offload_bytes, decode_request, body,
+                                     request.headers.get(HEADER_LENGTH))
+        rows = servable.check(arrays)
         binary = binary_choices(req, [spec.name for spec in servable.engine.outputs])
-        result = await until_disconnect(request, servable.batcher.submit(arrays, timeout_of(req.parameters)))
+        work = servable.batcher.submit(arrays, timeout_of(req.parameters), priority_of(req.parameters))
+        result = await until_disconnect(request, work)
         queue_s = result.queue_s
-        datatypes = {spec.name: spec.datatype for spec in servable.engine.outputs}
-        # InferenceResponse(...).model_dump(exclude_none=True), built directly (same keys, same order)
-        response = {"model_name": model, "model_version": servable.variant}
-        if req.id is not None:
-            response["id"] = req.id
-        response["outputs"] = [{"name": n, "shape": list(result.outputs[n].shape), "datatype": datatypes[n]}
-                               for n in binary]
-        content, headers = encode_body(response, result.outputs, binary)
-        headers["x-queue-time"] = f"{result.queue_s * 1e3:.3f}"
-        headers["x-compute-time"] = f"{result.compute_s * 1e3:.3f}"
+        out_bytes = sum(result.outputs[name].nbytes * (1 if binary[name] else JSON_PER_BYTE) for name in binary)
+        content, headers = await off_loop(out_bytes >= settings.offload_bytes, encode, model, servable, req.id,
+                                          result, binary)
         code = 200
         return Response(content, headers=headers)
-    except ClientGone:
+    except (ClientGone, ClientDisconnect):
         return Response(status_code=CLIENT_GONE)
     except Exception as exc:
         code = status_of(exc)[0]
@@ -192,6 +195,26 @@ async def infer(model: str, request: Request, repo: Repo, version: str | None = 
     finally:
         if servable is not None:
             record(request.app.state.metrics, servable, "http", code, time.perf_counter() - started, queue_s, rows)
+
+
+async def off_loop(offload: bool, fn, *args):
+    """fn(*args) on a worker thread when `offload` (a large body), else right here on the event loop."""
+    return await asyncio.to_thread(fn, *args) if offload else fn(*args)
+
+
+def encode(model: str, servable, request_id: str | None, result, binary: dict[str, bool]) -> tuple[bytes, dict]:
+    """The response body and headers: InferenceResponse(...).model_dump(exclude_none=True), built directly (same
+    keys, same order), skipping the pydantic model on the hot path."""
+    datatypes = {spec.name: spec.datatype for spec in servable.engine.outputs}
+    response = {"model_name": model, "model_version": servable.variant}
+    if request_id is not None:
+        response["id"] = request_id
+    response["outputs"] = [{"name": n, "shape": list(result.outputs[n].shape), "datatype": datatypes[n]}
+                           for n in binary]
+    content, headers = encode_body(response, result.outputs, binary)
+    headers["x-queue-time"] = f"{result.queue_s * 1e3:.3f}"
+    headers["x-compute-time"] = f"{result.compute_s * 1e3:.3f}"
+    return content, headers
 
 
 for _path in ("/v2/models/{model}/versions/{version}/infer", "/v2/models/{model}/infer"):  # as the decorators did

@@ -25,13 +25,22 @@ class Settings(BaseSettings):
     backend: Literal["onnxruntime", "tensorrt", "torch"] = "onnxruntime"
     precision: Literal["fp32", "fp16"] | None = Field(None, description="TensorRT plan precision; None = newest plan")
     max_batch_size: int = Field(16, ge=1, description="cap per engine run (also capped by the manifest)")
-    max_queue_delay_ms: float = Field(2.0, ge=0, le=60_000, description="how long the first request waits for company")
+    max_queue_delay_ms: float = Field(0.0, ge=0, le=60_000, description="fixed batching window: how long the first "
+                                      "request waits for company; 0 = adaptive (run at once with what is queued)")
     preferred_batch_sizes: Sizes = Field(default_factory=list, description="dispatch at once on reaching one")
     max_queue_size: int = Field(256, ge=1, description="requests waiting per (model, variant); more -> 503")
     default_variant: str | None = Field(None, description="the variant a request without a version gets, for every "
                                         "model (instead of the manifest's default); a model without it is not ready")
     shadow_rate: float = Field(0.0, ge=0.0, le=1.0, description="fraction of served batches re-run on unfused")
     max_body_bytes: int = Field(64 << 20, ge=1024, description="larger request bodies -> 413")
+    max_inflight: int = Field(64, ge=1, description="inference requests in the server at once, decoding included; "
+                              "more -> 503 before the body is read")
+    offload_bytes: int = Field(256 << 10, ge=0, description="bodies at least this large are decoded and encoded "
+                               "on a worker thread, not on the event loop")
+    engine_timeout_s: float = Field(60.0, gt=0, description="an engine call running longer fails its batch (503) "
+                                    "and makes its variant not ready until it returns")
+    engine_recovery_s: float = Field(60.0, gt=0, description="a hung engine call not back this long after "
+                                     "engine_timeout_s turns /v2/health/live false (the pod gets restarted)")
     warmup_batch_sizes: Sizes = Field(default_factory=lambda: [1], description="each warmed up before ready")
     intra_op_threads: int = Field(0, ge=0, description="engine threads; 0 = the backend's default")
     device: Literal["cpu", "cuda"] = Field("cpu", description="torch backend: where the module runs")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from oip.stats import bootstrap
 from service.batcher import Batch, Batcher
 
 log = logging.getLogger(__name__)
@@ -105,10 +106,8 @@ class CompareStats:
         own per call (seeded), so concurrent calls on different threads are safe and repeatable."""
         if len(values) < 2:
             return None
-        data = np.asarray(values)
-        rng = np.random.default_rng(seed)
-        medians = np.median(rng.choice(data, size=(resamples, len(data)), replace=True), axis=1)
-        return [float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))]
+        interval = bootstrap(np.median, values, paired=False, resamples=resamples, seed=seed)
+        return [interval.low, interval.high]
 
 
 def _percentiles(seconds: list[float]) -> dict:

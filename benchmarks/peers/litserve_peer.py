@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import litserve as ls
 import numpy as np
 
-from benchmarks import oip
 from benchmarks.peers.common import load_engine, parse_args
+from oip.codec import encode_outputs, request_from_json
 
 
 class OnnxAPI(ls.LitAPI):
@@ -20,7 +22,7 @@ class OnnxAPI(ls.LitAPI):
         self.engine = load_engine(self.onnx, self.threads)
 
     def decode_request(self, request: dict) -> dict[str, np.ndarray]:
-        return oip.tensors_of(request, "inputs")
+        return request_from_json(request)[1]  # the server's strict decoder
 
     def batch(self, inputs: list[dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], list[int]]:
         sizes = [next(iter(x.values())).shape[0] for x in inputs]
@@ -36,8 +38,7 @@ class OnnxAPI(ls.LitAPI):
         return [{name: parts[name][i] for name in parts} for i in range(len(sizes))]
 
     def encode_response(self, outputs: dict[str, np.ndarray]) -> dict:
-        entries = [oip.tensor_entry(name, array, binary=False)[0] for name, array in outputs.items()]
-        return {"model_name": self.model, "outputs": entries}
+        return json.loads(encode_outputs(self.model, outputs, binary=False)[0])
 
 
 def main(argv: list[str] | None = None) -> None:

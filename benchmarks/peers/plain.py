@@ -6,8 +6,9 @@ from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from benchmarks import oip
 from benchmarks.peers.common import load_engine, metadata, parse_args
+from oip.codec import HEADER_LENGTH, decode_request, encode_outputs
+from oip.parameters import flag
 
 
 def create_app(onnx: str, model: str, threads: int | None) -> FastAPI:
@@ -25,12 +26,13 @@ def create_app(onnx: str, model: str, threads: int | None) -> FastAPI:
     @app.post(f"/v2/models/{model}/infer")
     async def infer(request: Request) -> Response:
         try:
-            header, inputs = oip.decode_request(await request.body(),
-                                                request.headers.get(oip.HEADER_LENGTH))
+            # the server's own strict decoder, so every server under test refuses the same bodies
+            req, inputs = decode_request(await request.body(), request.headers.get(HEADER_LENGTH))
+            binary = flag(req.parameters, "binary_data_output", False, "parameters.binary_data_output")
             outputs = await run_in_threadpool(engine.infer, inputs)
-        except ValueError as exc:  # ProtocolError, InputError
+        except ValueError as exc:  # ProtocolError, SchemaError, InputError
             return JSONResponse({"error": str(exc)}, status_code=400)
-        body, headers = oip.encode_response(model, outputs, binary=oip.wants_binary(header))
+        body, headers = encode_outputs(model, outputs, binary=binary)
         return Response(body, headers=headers)
 
     return app

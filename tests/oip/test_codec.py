@@ -5,18 +5,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.protocol import (
-    InferenceRequest,
-    InferenceResponse,
+from oip.codec import (
     ProtocolError,
-    ResponseOutput,
     SchemaError,
-    binary_choices,
     decode_request,
     encode_body,
     encode_response,
-    timeout_of,
 )
+from oip.parameters import binary_choices, timeout_of
+from oip.schema import InferenceRequest, InferenceResponse, ResponseOutput
 
 
 def binary_body(arrays, extra_json=None):
@@ -124,7 +121,7 @@ def test_decompress_gzip_deflate_and_limits():
     import gzip
     import zlib
 
-    from service.protocol import decompress
+    from oip.codec import decompress
 
     data = b'{"inputs": []}' * 10
     assert decompress(gzip.compress(data), "gzip", 1000) == data

@@ -1,6 +1,7 @@
 """Statistics for honest latency comparisons: interleaved schedules, percentiles, bootstrap intervals.
 
-Pure functions over lists/arrays of seconds; nothing here runs a model. Comparisons between variants
+The one implementation the benchmarks and the server's /compare (service.shadow) both use. Pure functions over
+lists/arrays of seconds; nothing here runs a model. Comparisons between variants
 are *paired*: the variants run interleaved (A B C, B C A, …), round i of every variant shares the same
 moment of machine noise, so the bootstrap resamples whole rounds rather than each list on its own.
 """

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks import stats
+from oip import stats
 
 
 def test_interleave_rotates_and_balances_positions():
