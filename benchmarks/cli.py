@@ -1,4 +1,4 @@
-"""`normfuse bench {engines,serving,capacity,all}`, `normfuse loadgen URL` and `normfuse capacity {plan,report}`.
+"""`normfuse bench {engines,serving,capacity,grpc,grpc-report,all}`, `normfuse loadgen URL` and `normfuse capacity {plan,report}`.
 
 Heavy imports happen in the handlers."""
 
@@ -42,6 +42,7 @@ def register(subparsers) -> None:
     capacity_p = modes.add_parser("capacity", help="one replica's latency curve, the queueing model fitted to it, "
                                   "checked against two replicas; replicas at fleet scale, fused vs unfused")
     all_p = modes.add_parser("all", help="prepare the repository, run the benchmarks, write the report")
+    _register_grpc(modes)
     for p in (engines_p, all_p):
         p.add_argument("--models", type=_names, default=None, help="comma list (default: all in the repo)")
         p.add_argument("--batch-sizes", type=_ints, default=None, help="default 1,8")
@@ -66,6 +67,8 @@ def register(subparsers) -> None:
     all_p.add_argument("--skip-capacity", action="store_true",
                        help="no capacity measurement; its section is rendered from --capacity-results if that exists")
     all_p.add_argument("--capacity-results", type=Path, default=Path("benchmarks/results/capacity.json"))
+    all_p.add_argument("--grpc-results", type=Path, default=Path("benchmarks/results/grpc.json"),
+                       help="`normfuse bench grpc`'s results: its section is rendered from them if they exist")
     all_p.add_argument("--skip-norms", action="store_true",
                        help="skip the LN / UN / PowerNorm vit-digits table (trains the UN and PN demo models once)")
     engines_p.set_defaults(handler=run_engines)
@@ -90,6 +93,30 @@ def register(subparsers) -> None:
     loadgen_p.add_argument("--json", type=Path, default=None)
     loadgen_p.set_defaults(handler=run_loadgen)
     _register_capacity(subparsers)
+
+
+def _register_grpc(modes) -> None:
+    grpc_p = modes.add_parser("grpc", help="OIP v2 over gRPC vs REST binary on one normfuse serve (its defaults), "
+                              "beside Triton's gRPC (pytriton), at concurrency 1 and 32")
+    grpc_p.add_argument("--repo", type=Path, required=True, help="model repository (REPO/NAME/manifest.json)")
+    grpc_p.add_argument("--model", default="vit-digits")
+    grpc_p.add_argument("--concurrency", type=_ints, default=(1, 32))
+    grpc_p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    grpc_p.add_argument("--step-seconds", type=float, default=4.0, help="per target, concurrency and round")
+    grpc_p.add_argument("--no-triton", action="store_true", help="leave Triton (pytriton) out")
+    grpc_p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: the "
+                        "server's default)")
+    grpc_p.add_argument("--quick", action="store_true", help="1 round of 1 s: a smoke run, not numbers")
+    grpc_p.add_argument("--json", type=Path, default=None, help="where the results go (default: grpc.json beside "
+                        "the server logs, like capacity.json)")
+    grpc_p.add_argument("--out", type=Path, default=None, help="also render the gRPC section into this BENCHMARKS.md")
+    grpc_p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+    grpc_p.set_defaults(handler=run_grpc)
+    report_p = modes.add_parser("grpc-report", help="render BENCHMARKS.md's gRPC section and plot from a results JSON")
+    report_p.add_argument("--results", type=Path, default=Path("benchmarks/results/grpc.json"))
+    report_p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    report_p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+    report_p.set_defaults(handler=run_grpc_report)
 
 
 def _capacity_options(p: argparse.ArgumentParser) -> None:
@@ -258,6 +285,31 @@ def run_capacity_report(args) -> int:
     return 0
 
 
+def run_grpc(args) -> int:
+    from benchmarks import grpc_bench, grpc_report
+
+    _setup_logging()
+    quick = {"rounds": 1, "step_seconds": 1.0, "step_requests": 300} if args.quick else {}
+    config = grpc_bench.GrpcBenchConfig(**({"rounds": args.rounds, "step_seconds": args.step_seconds} | quick),
+                                        model=args.model, concurrencies=tuple(args.concurrency),
+                                        triton=not args.no_triton, threads=args.threads,
+                                        log_dir=_log_dir(args.repo))
+    result = grpc_bench.run(args.repo, config)
+    _dump(result, args.json or _log_dir(args.repo).parent / "grpc.json")
+    if args.out:
+        grpc_report.write_grpc(args.out, result, plot_dir=args.plots)
+        log.info("wrote the gRPC section of %s", args.out)
+    return 0
+
+
+def run_grpc_report(args) -> int:
+    from benchmarks import grpc_report
+
+    grpc_report.write_grpc(args.out, json.loads(args.results.read_text()), plot_dir=args.plots)
+    sys.stdout.write(f"wrote the gRPC section of {args.out}\n")
+    return 0
+
+
 def _stage(name: str, run, notes: list[str]):
     """run(); if it fails, the report says why and keeps what the other stages measured (None here)."""
     try:
@@ -301,6 +353,10 @@ def run_all(args) -> int:
     command = "normfuse bench all " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "all"] else "make bench"
     report.write(args.out, engine_result, serving_result, plot_dir=args.plots, command=command, started=started,
                  notes=notes, load_at_start=load_at_start, norms=norms, capacity=capacity)
+    if args.grpc_results.is_file():  # measured by `normfuse bench grpc`; its section names its own run
+        from benchmarks import grpc_report
+
+        grpc_report.write_grpc(args.out, json.loads(args.grpc_results.read_text()), plot_dir=args.plots)
     log.info("wrote %s", args.out)
     return 0
 

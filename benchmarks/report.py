@@ -238,10 +238,16 @@ def write_capacity(out: Path, result: dict, *, plot_dir: Path) -> Path:
     plot = plots.capacity_curves(result, Path(plot_dir) / "capacity.png")
     block = (f"{CAPACITY_BEGIN}\n## Capacity: replicas for a rate and a p99\n\n"
              f"{capacity_section(result, plot, out.parent)}\n{CAPACITY_END}")
+    return splice(out, CAPACITY_BEGIN, CAPACITY_END, block)
+
+
+def splice(out: Path, begin: str, end: str, block: str) -> Path:
+    """Put `block` (which starts with `begin` and ends with `end`) into `out` in place of a previous one, else
+    before `## Plots`, else at the end; the rest of the file is kept."""
     text = out.read_text() if out.is_file() else "# Benchmarks\n"
-    if CAPACITY_BEGIN in text and CAPACITY_END in text:
-        head, rest = text.split(CAPACITY_BEGIN, 1)
-        text = head + block + rest.split(CAPACITY_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     elif "\n## Plots" in text:
         head, rest = text.split("\n## Plots", 1)
         text = head + block + "\n\n## Plots" + rest
