@@ -21,10 +21,20 @@ $(BIN)/.stamp: pyproject.toml Makefile
 
 setup: $(BIN)/.stamp
 
-convert: setup
-	$(BIN)/normfuse convert $(MODEL) --name $(MODEL) --repo $(REPO)
+# What running needs, and only that (no test or benchmark extras): `make run` installs this.
+$(BIN)/.stamp-run: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $@
 
-# The main job: convert the default model, then serve every servable variant with shadow mode on.
+# Converts again only when REPO/MODEL is missing or stale (other source, other tool versions, changed files).
+convert: $(BIN)/.stamp-run
+	$(BIN)/python -m normfuse.current $(REPO)/$(MODEL) $(MODEL) || \
+		$(BIN)/normfuse convert $(MODEL) --name $(MODEL) --repo $(REPO)
+
+# The main job: convert the default model (or reuse a current conversion), then serve every servable variant
+# with shadow mode on.
 run: convert
 	NORMFUSE_SHADOW_RATE=$${NORMFUSE_SHADOW_RATE:-0.2} $(BIN)/normfuse serve --repo $(REPO) --host $(HOST) --port $(PORT)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from convert.constraints import input_constraints
 from convert.export import (
     ExportError,
     census,
@@ -98,7 +99,7 @@ def convert(source: str | Source, name: str, repo: str | Path, options: ConvertO
             name=name, source=str(source if not isinstance(source, Source) else source.name), task=src.task,
             tools=tool_versions() | options.tools, inputs=src.inputs, outputs=src.outputs,
             max_batch_size=options.max_batch_size, variants=built, not_applicable=not_applicable,
-            default_variant=default,
+            default_variant=default, constraints=input_constraints(src),
         )
         write_manifest(staging, manifest)
         move_into_place(staging, repo / name)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.base import Engine, EngineError, TensorSpec
+from engines.base import Engine, EngineError, InputError, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,10 @@ class OnnxRuntimeEngine(Engine):
         try:
             arrays = self._session.run(names, inputs)
         except Exception as exc:
+            if type(exc).__name__ == "InvalidArgument":  # the request's values, e.g. an index past a table
+                shapes = ", ".join(f"{k!r} {tuple(v.shape)}" for k, v in inputs.items())
+                raise InputError(f"the model refused the values of input(s) {shapes}: "
+                                 f"{str(exc).rsplit('Status Message: ', 1)[-1].strip()}") from exc
             raise EngineError(f"ONNX Runtime failed on {self.path.name}: {exc}") from exc
         return dict(zip(names, arrays, strict=True))
 

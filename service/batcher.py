@@ -169,6 +169,7 @@ class Batcher:
         finally:
             if not pending.future.done():  # our caller was cancelled (client gone): drop before compute
                 pending.future.cancel()
+                self._drop(pending, "cancelled")
             if pending.timer is not None:
                 pending.timer.cancel()
 
@@ -184,6 +185,14 @@ class Batcher:
         if pending.started_at is None and not pending.future.done():
             waited = time.perf_counter() - pending.enqueued_at
             pending.future.set_exception(QueueTimeout(f"request timeout expired after {waited * 1e3:.1f} ms in the queue"))
+            self._drop(pending, "expired")
+
+    def _drop(self, pending: Pending, reason: str) -> None:
+        """Out of the queue at once (its place freed), counted; one already taken into a batch is left to `_live`."""
+        if self._queue.remove(pending):
+            self.dropped += 1
+            if self.on_drop:
+                self.on_drop(reason)
 
     @property
     def busy(self) -> bool:

@@ -9,47 +9,44 @@ import sys
 
 log = logging.getLogger(__name__)
 
-# flag -> Settings field; only flags actually given override the environment
-FLAGS = {
-    "--repo": ("repo", str, "model repository (NORMFUSE_REPO)"),
-    "--host": ("host", str, "bind address (NORMFUSE_HOST, default 127.0.0.1)"),
-    "--port": ("port", int, "port (NORMFUSE_PORT, default 8000; 0 picks a free one)"),
-    "--grpc-port": ("grpc_port", int, "OIP v2 over gRPC (NORMFUSE_GRPC_PORT, default 8001; 0 = no gRPC)"),
-    "--backend": ("backend", str, "onnxruntime | tensorrt | torch (NORMFUSE_BACKEND)"),
-    "--max-batch-size": ("max_batch_size", int, "rows per engine run (NORMFUSE_MAX_BATCH_SIZE)"),
-    "--max-queue-delay-ms": ("max_queue_delay_ms", float, "batching window (NORMFUSE_MAX_QUEUE_DELAY_MS)"),
-    "--preferred-batch-sizes": ("preferred_batch_sizes", str, "e.g. 4,8 (NORMFUSE_PREFERRED_BATCH_SIZES)"),
-    "--max-queue-size": ("max_queue_size", int, "queued requests per variant before 503 (NORMFUSE_MAX_QUEUE_SIZE)"),
-    "--default-variant": ("default_variant", str, "variant for requests without a version; default: the manifest's "
-                          "(NORMFUSE_DEFAULT_VARIANT)"),
-    "--shadow-rate": ("shadow_rate", float, "fraction of batches re-run on unfused (NORMFUSE_SHADOW_RATE)"),
-    "--warmup-batch-sizes": ("warmup_batch_sizes", str, "e.g. 1,8 (NORMFUSE_WARMUP_BATCH_SIZES)"),
-    "--intra-op-threads": ("intra_op_threads", int, "engine threads, 0 = default (NORMFUSE_INTRA_OP_THREADS)"),
-    "--device": ("device", str, "torch backend: cpu | cuda (NORMFUSE_DEVICE)"),
-    "--torch-mode": ("torch_mode", str, "torch backend: eager | compile (NORMFUSE_TORCH_MODE)"),
-    "--ort-providers": ("ort_providers", str, "onnxruntime backend: e.g. cuda,tensorrt (NORMFUSE_ORT_PROVIDERS)"),
-    "--log-level": ("log_level", str, "debug | info | warning | error (NORMFUSE_LOG_LEVEL)"),
-}
-
-
 # NORMFUSE_* variables read by other parts of normfuse, which the server must not call typos
 NOT_SERVER_SETTINGS = {
     "NORMFUSE_CACHE_DIR",  # convert/models/vit_digits.py: where built-in model weights are cached
 }
 
 
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """One flag per Settings field (its description, variable and default in --help); only flags actually given
+    override the environment, so the defaults shown are the settings' own."""
+    from pydantic_core import PydanticUndefined
+
+    from service.settings import Settings
+
     parser = subparsers.add_parser("serve", help="serve a model repository over the Open Inference Protocol v2",
                                    description=__doc__)
-    for flag, (dest, kind, help_text) in FLAGS.items():
-        parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
+    for name, field in Settings.model_fields.items():
+        required = field.is_required()
+        if required:
+            default = "required"
+        elif field.default is not PydanticUndefined:
+            default = f"default: {field.default if field.default is not None else 'none'}"
+        else:
+            default = f"default: {field.default_factory() or 'none'}"
+        choices = getattr(field.annotation, "__args__", None) if "Literal" in str(field.annotation) else None
+        what = field.description or (" | ".join(map(str, choices)) if choices else "")
+        parser.add_argument(flag_of(name), dest=name, default=None, metavar=name.split("_")[-1].upper(),
+                            help=f"{what} (NORMFUSE_{name.upper()}; {default})".replace("%", "%%").lstrip(" "))
     parser.set_defaults(handler=serve)
 
 
 def build_settings(args: argparse.Namespace):
     from service.settings import Settings
 
-    overrides = {dest: getattr(args, dest) for dest, *_ in FLAGS.values() if getattr(args, dest, None) is not None}
+    overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
     return Settings(**overrides)
 
 
@@ -59,7 +56,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = build_settings(args)
     except ValidationError as exc:
-        sys.stderr.write(f"normfuse serve: invalid settings:\n{exc}\n")
+        sys.stderr.write("normfuse serve: invalid settings:\n" + "\n".join(setting_errors(exc)) + "\n")
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in unknown_variables(os.environ):
@@ -69,6 +66,22 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def setting_errors(exc) -> list[str]:
+    """One line per invalid setting: its flag and variable, the value given, what is allowed."""
+    lines = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else ""
+        where = f"{flag_of(name)} / NORMFUSE_{name.upper()}" if name else "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "missing":
+            lines.append(f"  {where}: required, not given")
+        elif error["type"] == "extra_forbidden":
+            lines.append(f"  {name}: not a setting")
+        else:
+            lines.append(f"  {where} = {error.get('input')!r}: {message}")
+    return lines
+
+
 def unknown_variables(environ) -> list[str]:
     from service.settings import Settings
 
@@ -76,14 +89,14 @@ def unknown_variables(environ) -> list[str]:
                   and k not in NOT_SERVER_SETTINGS)
 
 
-def build_server(settings):
+def build_server(settings, loader=None):
     """A uvicorn server for the app whose SIGTERM/SIGINT handler turns readiness false and stops gRPC from
-    accepting calls before shutting down."""
+    accepting calls before shutting down. `loader`: how engines are opened (create_app's; default engines.load)."""
     import uvicorn
 
     from service.app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, loader)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)), access_log=False)
     server = uvicorn.Server(config)

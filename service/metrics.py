@@ -120,7 +120,8 @@ class ServableStats:
         self.batches[rows].add(compute_s)
 
     def dump(self, name: str, version: str) -> dict:
-        zero = Duration().dump()
+        """Only what is measured: compute_input/compute_output and the cache counters are left out (no input or
+        output copy is timed apart from the engine call, and there is no response cache)."""
         return {
             "name": name,
             "version": version,
@@ -129,12 +130,7 @@ class ServableStats:
             "execution_count": self.execution_count,
             "inference_stats": {
                 "success": self.success.dump(), "fail": self.fail.dump(), "queue": self.queue.dump(),
-                "compute_input": zero, "compute_infer": self.compute_infer.dump(), "compute_output": zero,
-                "cache_hit": zero, "cache_miss": zero,
+                "compute_infer": self.compute_infer.dump(),
             },
-            "batch_stats": [
-                {"batch_size": size, "compute_input": {"count": d.count, "ns": 0},
-                 "compute_infer": d.dump(), "compute_output": {"count": d.count, "ns": 0}}
-                for size, d in sorted(self.batches.items())
-            ],
+            "batch_stats": [{"batch_size": size, "compute_infer": d.dump()} for size, d in sorted(self.batches.items())],
         }

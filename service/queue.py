@@ -65,6 +65,16 @@ class RequestQueue(Generic[T]):
                 self._waiter = None
         return self.get_nowait()
 
+    def remove(self, item: T) -> bool:
+        """Take `item` out (its caller left, or its timeout passed), freeing its place at once; False if absent."""
+        for i, entry in enumerate(self._heap):
+            if entry[2] is item:
+                self._heap[i] = self._heap[-1]
+                self._heap.pop()
+                heapq.heapify(self._heap)
+                return True
+        return False
+
     def take_all(self) -> list[T]:
         items = [entry[2] for entry in sorted(self._heap)]
         self._heap.clear()

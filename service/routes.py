@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -39,6 +40,7 @@ from service.protocol import (
 from service.repository import Repository
 from service.triton import EXTENSIONS, model_config, platform, repository_index, statistics
 
+log = logging.getLogger(__name__)
 router = APIRouter(responses=ERROR_RESPONSES)
 JSON_PER_BYTE = 4  # about how many bytes of JSON text one byte of a float32 array becomes (~16 chars per value)
 
@@ -187,7 +189,8 @@ async def infer(model: str, request: Request, repo: Repo, version: str | None = 
                                           result, binary)
         code = 200
         return Response(content, headers=headers)
-    except (ClientGone, ClientDisconnect):
+    except (ClientGone, ClientDisconnect) as exc:
+        log.debug("client went away (%s): %s", type(exc).__name__, request.url.path)
         return Response(status_code=CLIENT_GONE)
     except Exception as exc:
         code = status_of(exc)[0]

@@ -19,10 +19,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NORMFUSE_", extra="forbid")
 
     repo: Path = Field(description="model repository: REPO/NAME/manifest.json per model")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    grpc_port: int = Field(8001, ge=0, le=65535, description="OIP v2 over gRPC (Triton's port); 0 = no gRPC")
-    backend: Literal["onnxruntime", "tensorrt", "torch"] = "onnxruntime"
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="port; 0 picks a free one")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="OIP v2 over gRPC on this port (Triton's); 0 = no gRPC")
+    backend: Literal["onnxruntime", "tensorrt", "torch"] = Field("onnxruntime", description="engine runtime: "
+                                                                 "onnxruntime | tensorrt | torch")
     precision: Literal["fp32", "fp16"] | None = Field(None, description="TensorRT plan precision; None = newest plan")
     max_batch_size: int = Field(16, ge=1, description="cap per engine run (also capped by the manifest)")
     max_queue_delay_ms: float = Field(0.0, ge=0, le=60_000, description="fixed batching window: how long the first "
@@ -50,7 +51,7 @@ class Settings(BaseSettings):
     ort_allow_spinning: bool = Field(False, description="onnxruntime backend: let pool threads busy-wait")
     drain_timeout_s: float = Field(30.0, gt=0, description="on shutdown, how long queued work may take to finish")
     compare_window: int = Field(512, ge=8, description="recent samples kept per variant and batch size for /compare")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug | info | warning | error")
 
     @field_validator("repo")
     @classmethod

@@ -5,14 +5,34 @@ They let Triton's own clients and tools (tritonclient, perf_analyzer) talk to th
 
 from __future__ import annotations
 
-from service.repository import ModelEntry, Repository
+from pathlib import Path
 
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch_libtorch"}
+from service.repository import ModelEntry, Repository, Servable
+
+# our backend -> Triton's (platform, backend) names for the same kind of model file
+PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "onnxruntime"), "tensorrt": ("tensorrt_plan", "tensorrt"),
+             "torch": ("pytorch_libtorch", "pytorch")}
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "schedule_policy", "parameters"]
 
 
 def platform(backend: str) -> str:
-    return PLATFORMS.get(backend, backend)
+    return PLATFORMS.get(backend, (backend, backend))[0]
+
+
+def instance_kind(servable: Servable) -> str:
+    """KIND_GPU when the engine runs on a GPU (TensorRT always; ONNX Runtime with a CUDA/TensorRT provider first;
+    torch on cuda), else KIND_CPU: from the loaded engine, not from a guess."""
+    if servable.labels["backend"] == "tensorrt":
+        return "KIND_GPU"
+    device = str(servable.engine.describe().get("device", "cpu"))
+    return "KIND_GPU" if device.startswith("cuda") else "KIND_CPU"
+
+
+def model_file(servable: Servable) -> Path | None:
+    """The file the engine was loaded from (ONNX model, TensorRT plan, pickled torch module)."""
+    engine = servable.engine
+    path = getattr(engine, "plan_path", None) or getattr(engine, "path", None) or getattr(engine, "source", None)
+    return Path(path) if isinstance(path, str | Path) else None
 
 
 def model_config(repo: Repository, entry: ModelEntry, version: str | None) -> dict:
@@ -20,10 +40,14 @@ def model_config(repo: Repository, entry: ModelEntry, version: str | None) -> di
     manifest = entry.manifest
     servable = repo.get(entry.name, version)
     batcher = servable.batcher
-    return {
+    backend = servable.labels["backend"]
+    file = model_file(servable)
+    if file is not None and file.is_relative_to(repo.settings.repo):
+        file = file.relative_to(repo.settings.repo)
+    config = {
         "name": entry.name,
-        "platform": platform(servable.labels["backend"]),
-        "backend": servable.labels["backend"],
+        "platform": platform(backend),
+        "backend": PLATFORMS.get(backend, (backend, backend))[1],
         "version_policy": {"specific": {"versions": manifest.servable()}},
         "max_batch_size": batcher.max_batch_size,
         "input": [_tensor(t.name, t.datatype, t.shape[1:]) for t in manifest.inputs],
@@ -31,14 +55,18 @@ def model_config(repo: Repository, entry: ModelEntry, version: str | None) -> di
         "dynamic_batching": {
             "preferred_batch_size": sorted(batcher.preferred),
             "max_queue_delay_microseconds": int(batcher.max_queue_delay_s * 1e6),
-            "default_queue_policy": {"max_queue_size": batcher._queue.maxsize, "timeout_action": "REJECT",
+            # priority 1 first; requests without one (0) are served after every explicit level
+            "default_queue_policy": {"max_queue_size": batcher.max_queue_size, "timeout_action": "REJECT",
                                      "allow_timeout_override": True, "default_timeout_microseconds": 0},
         },
-        "instance_group": [{"name": f"{entry.name}_{servable.variant}", "kind": "KIND_CPU", "count": 1}],
-        "default_model_filename": "model.onnx",
+        "instance_group": [{"name": f"{entry.name}_{servable.variant}", "kind": instance_kind(servable), "count": 1}],
         "parameters": {"variant": {"string_value": servable.variant}},
         "model_transaction_policy": {"decoupled": False},
     }
+    if file is not None:
+        config["default_model_filename"] = file.name
+        config["parameters"]["model_file"] = {"string_value": str(file)}
+    return config
 
 
 def _tensor(name: str, datatype: str, dims: list[int]) -> dict:

@@ -55,6 +55,12 @@ def test_health_metadata_and_readiness(test_repo):
             assert config["max_batch_size"] == 8 and config["platform"] == "onnxruntime_onnx"
             assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}]
             assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 20000
+            # what actually serves it: ONNX Runtime on the CPU, from this variant's model.onnx
+            assert config["backend"] == "onnxruntime" and config["instance_group"][0]["kind"] == "KIND_CPU"
+            assert config["default_model_filename"] == "model.onnx"
+            assert config["parameters"]["model_file"] == {"string_value": f"{MODEL}/affine/model.onnx"}
+            stats = (await c.get(f"/v2/models/{MODEL}/stats")).json()["model_stats"][0]["inference_stats"]
+            assert set(stats) == {"success", "fail", "queue", "compute_infer"}  # nothing reported unmeasured
 
     run(main())
 

@@ -36,7 +36,7 @@ def test_serve_refuses_bad_settings_with_exit_code_2(capsys, tmp_path):
     cli.register(parser.add_subparsers())
     args = parser.parse_args(["serve", "--repo", str(tmp_path), "--shadow-rate", "2"])
     assert cli.serve(args) == 2
-    assert "shadow_rate" in capsys.readouterr().err
+    assert "NORMFUSE_SHADOW_RATE = '2'" in capsys.readouterr().err
 
 
 def test_sigterm_turns_readiness_false_before_uvicorn_shuts_down(tmp_path):
@@ -103,7 +103,8 @@ def test_serve_with_the_torch_backend_and_intra_op_threads(test_repo):
     assert ready == 200
     assert r.status_code == 200, r.text
     np.testing.assert_array_equal(np.array(r.json()["outputs"][0]["data"], np.float32).reshape(2, 3), expected(x))
-    assert meta["platform"] == "pytorch_libtorch"
+    assert meta["platform"] == "pytorch_libtorch" and meta["backend"] == "pytorch"
+    assert meta["default_model_filename"] == "model.pt" and meta["instance_group"][0]["kind"] == "KIND_CPU"
 
 
 def test_grpc_port_defaults_to_tritons_8001_reads_the_environment_and_the_flag(monkeypatch, tmp_path):
