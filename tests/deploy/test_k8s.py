@@ -240,7 +240,7 @@ def test_commands_parse_with_the_normfuse_cli(overlay):
     args = parser.parse_args(argv[1:])
     assert (args.command, args.repo, args.host) == ("serve", "/models", "0.0.0.0")
     ports = {p["name"]: p["containerPort"] for p in serve["ports"]}
-    assert args.port == ports["http"]
+    assert int(args.port) == ports["http"]  # the flags are strings; Settings converts them
     from service.settings import Settings
 
     grpc_port = args.grpc_port or container_env(objects, serve).get("NORMFUSE_GRPC_PORT")

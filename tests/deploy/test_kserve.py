@@ -313,7 +313,7 @@ def test_container_commands_parse_with_the_real_cli():
         container = predictor_of(load(path)).container
         assert container["command"][0] == "normfuse", path
         args = parser.parse_args([*container["command"][1:], *container["args"]])
-        assert args.command == "serve" and args.port == 8080 and args.repo == MODEL_DIR, path
+        assert args.command == "serve" and int(args.port) == 8080 and args.repo == MODEL_DIR, path
 
 
 @pytest.mark.parametrize("path", SERVICE_PATHS, ids=path_id)
