@@ -28,8 +28,9 @@ from service.protocol import binary_choices, priority_of, timeout_of
 from service.triton import repository_index, statistics
 
 log = logging.getLogger(__name__)
-MODEL_CONTROL = ("explicit model control (RepositoryModelLoad/Unload) is not available on this server: every "
-                 "servable variant in --repo is loaded at start; add or remove a model by restarting the server")
+MODEL_CONTROL = ("explicit model control (RepositoryModelLoad/Unload) comes with the server's model-control mode, "
+                 "which this build does not have: every servable variant in --repo is loaded at start; restart the "
+                 "server to add or remove a model")
 
 
 def answers(method):

@@ -157,9 +157,38 @@ def test_unknown_model_or_version_is_not_found_and_nothing_bad_is_internal(serve
     assert client.is_server_ready()
 
 
-def grpc_series(url: str, family: str, code: str | None = "200") -> float:
+def test_overload_and_timeouts_over_grpc_lose_nothing(repo):
+    """UNAVAILABLE past the in-flight limit, DEADLINE_EXCEEDED for the request's own queue timeout and for the
+    client's deadline (that request dropped before compute); the call that was admitted is answered."""
+    srv = GrpcServer(repo, "--max-queue-delay-ms", "2000", "--max-inflight", "1")  # a call waits 2 s for company
+    try:
+        x = np.full((1, 4), 7, np.float32)
+        with triton.InferenceServerClient(srv.grpc) as c:
+            timed_out = grpc_error(c, MODEL, [grpc_input(x)], timeout=100_000)  # 0.1 s in the queue, microseconds
+            late = grpc_error(c, MODEL, [grpc_input(x)], client_timeout=0.3)  # the client's gRPC deadline
+        admitted: list[object] = []
+        thread = threading.Thread(target=lambda: admitted.append(
+            triton.InferenceServerClient(srv.grpc).infer(MODEL, [grpc_input(x)]).as_numpy("y")))
+        thread.start()
+        deadline = time.monotonic() + 20
+        while inflight(srv.url) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with triton.InferenceServerClient(srv.grpc) as c:
+            refused = grpc_error(c, MODEL, [grpc_input(x)])
+        thread.join(30)
+        dropped = grpc_series(srv.url, "normfuse_dropped_requests_total", code=None, protocol=None)
+    finally:
+        srv.stop()
+    assert timed_out[0] == "DEADLINE_EXCEEDED" and "timeout expired" in timed_out[1]
+    assert late[0] == "DEADLINE_EXCEEDED"
+    assert refused[0] == "UNAVAILABLE" and "in flight" in refused[1]
+    np.testing.assert_array_equal(admitted[0], expected(x))
+    assert dropped == 2  # neither the timed-out nor the late request reached the engine
+
+
+def grpc_series(url: str, family: str, code: str | None = "200", protocol: str | None = "grpc") -> float:
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    wanted = [f'model="{MODEL}"', 'protocol="grpc"'] + ([f'code="{code}"'] if code else [])
+    wanted = [f'model="{MODEL}"'] + ([f'protocol="{protocol}"'] if protocol else []) + ([f'code="{code}"'] if code else [])
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(family + "{") and all(w in line for w in wanted))
 
