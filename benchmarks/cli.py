@@ -112,11 +112,16 @@ def _register_grpc(modes) -> None:
     grpc_p.add_argument("--out", type=Path, default=None, help="also render the gRPC section into this BENCHMARKS.md")
     grpc_p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
     grpc_p.set_defaults(handler=run_grpc)
-    report_p = modes.add_parser("grpc-report", help="render BENCHMARKS.md's gRPC section and plot from a results JSON")
-    report_p.add_argument("--results", type=Path, default=Path("benchmarks/results/grpc.json"))
-    report_p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
-    report_p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
-    report_p.set_defaults(handler=run_grpc_report)
+    _report_parser(modes, "grpc-report", "gRPC", Path("benchmarks/results/grpc.json"), run_grpc_report)
+
+
+def _report_parser(modes, name: str, what: str, results: Path, handler) -> None:
+    """`NAME --results --out --plots`: re-render WHAT's section of BENCHMARKS.md from its results JSON."""
+    p = modes.add_parser(name, help=f"render BENCHMARKS.md's {what} section and plot from a results JSON")
+    p.add_argument("--results", type=Path, default=results)
+    p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+    p.set_defaults(handler=handler)
 
 
 def _capacity_options(p: argparse.ArgumentParser) -> None:
@@ -154,11 +159,7 @@ def _register_capacity(subparsers) -> None:
     plan_p.add_argument("--base-ms", type=float, default=0.0, help="with --mu: the fixed latency")
     plan_p.add_argument("--kappa", type=float, default=1.0, help="with --mu: the queueing-term scale")
     plan_p.set_defaults(handler=run_capacity_plan)
-    report_p = modes.add_parser("report", help="render BENCHMARKS.md's capacity section and plot from a results JSON")
-    report_p.add_argument("--results", type=Path, default=Path("benchmarks/results/capacity.json"))
-    report_p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
-    report_p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
-    report_p.set_defaults(handler=run_capacity_report)
+    _report_parser(modes, "report", "capacity", Path("benchmarks/results/capacity.json"), run_capacity_report)
 
 
 def _setup_logging() -> None:
@@ -237,12 +238,16 @@ def run_capacity(args) -> int:
     from benchmarks import capacity_bench, report
 
     _setup_logging()
-    result = capacity_bench.run(args.repo, _capacity_config(args))
-    _dump(result, args.json or _log_dir(args.repo).parent / "capacity.json")
-    if args.out:
-        report.write_capacity(args.out, result, plot_dir=args.plots)
-        log.info("wrote the capacity section of %s", args.out)
+    _keep(capacity_bench.run(args.repo, _capacity_config(args)), args, "capacity", report.write_capacity)
     return 0
+
+
+def _keep(result: dict, args, name: str, write) -> None:
+    """The results to --json (default NAME.json beside the server logs); their section into --out, if given."""
+    _dump(result, args.json or _log_dir(args.repo).parent / f"{name}.json")
+    if args.out:
+        write(args.out, result, plot_dir=args.plots)
+        log.info("wrote the %s section of %s", name, args.out)
 
 
 def run_capacity_plan(args) -> int:
@@ -294,11 +299,7 @@ def run_grpc(args) -> int:
                                         model=args.model, concurrencies=tuple(args.concurrency),
                                         triton=not args.no_triton, threads=args.threads,
                                         log_dir=_log_dir(args.repo))
-    result = grpc_bench.run(args.repo, config)
-    _dump(result, args.json or _log_dir(args.repo).parent / "grpc.json")
-    if args.out:
-        grpc_report.write_grpc(args.out, result, plot_dir=args.plots)
-        log.info("wrote the gRPC section of %s", args.out)
+    _keep(grpc_bench.run(args.repo, config), args, "grpc", grpc_report.write_grpc)
     return 0
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.process import free_port
 from tests.service.repo_builder import BROKEN, MODEL, build_test_repo, expected
-from tests.service.server_process import Server
+from tests.service.server_process import Server, inflight, sigterm_with_requests_in_flight
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 triton = pytest.importorskip("tritonclient.grpc")
@@ -35,10 +35,10 @@ def repo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(repo):
+def server(repo, request):
     srv = GrpcServer(repo, "--max-queue-delay-ms", "5", env={"NORMFUSE_MAX_BODY_BYTES": "4096"})
-    yield srv
-    srv.stop()
+    request.addfinalizer(srv.stop)
+    return srv
 
 
 @pytest.fixture
@@ -222,12 +222,6 @@ def test_sixteen_concurrent_clients_are_answered_and_counted_in_metrics(server):
     assert f'normfuse_requests_total{{backend="onnxruntime",code="400",model="{MODEL}",protocol="grpc"' in text
 
 
-def inflight(url: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("normfuse_inflight_requests{"))
-
-
 def test_sigterm_under_grpc_load_answers_every_accepted_call_and_refuses_new_ones(repo):
     # a long batching window: accepted calls (6 rows, the batch takes 8) wait in the batcher's queue for 2 s
     srv = GrpcServer(repo, "--max-queue-delay-ms", "2000", "--max-batch-size", "8")
@@ -257,14 +251,7 @@ def sigterm_under_load(srv: GrpcServer, xs: list[np.ndarray]):
             results[i] = exc
         c.close()
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(xs))]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 20
-    while inflight(srv.url) < len(xs) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert inflight(srv.url) == len(xs), "the calls never all reached the server"
-    srv.proc.send_signal(signal.SIGTERM)
+    threads = sigterm_with_requests_in_flight(srv, call, len(xs))
     while "draining" not in srv.output() and srv.proc.poll() is None:
         time.sleep(0.02)
     late = triton.InferenceServerClient(srv.grpc)

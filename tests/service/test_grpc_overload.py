@@ -3,6 +3,7 @@ free port, Triton's asyncio gRPC client; the engine is the exact fake (y = 2x + 
 decides when a batch may finish."""
 
 import asyncio
+import contextlib
 import threading
 
 import numpy as np
@@ -14,16 +15,9 @@ from service.settings import Settings
 from tests.process import free_port
 from tests.service.fakes import POISON, AffineEngine
 from tests.service.repo_builder import MODEL
+from tests.service.test_overload import until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def until(condition, timeout=20.0):
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
 
 
 def gated_app(test_repo, gate, engines, **settings):
@@ -36,11 +30,22 @@ def gated_app(test_repo, gate, engines, **settings):
     return create_app(settings, loader=loader)
 
 
-def close_gate(gate, engines):
-    """After warm-up (which ran through the open gate): block the next runs, forget that warm-up entered."""
-    gate.clear()
-    for engine in engines:
-        engine.entered.clear()
+@contextlib.asynccontextmanager
+async def one_call_running(app, gate, engines):
+    """The app serving (warmed up through the open gate), then the gate closed and one call (value 1) blocked in
+    the engine: yields (the default variant's batcher, an asyncio gRPC client, that call's future)."""
+    from tritonclient.grpc.aio import InferenceServerClient
+
+    gate.set()
+    async with app.router.lifespan_context(app):
+        gate.clear()
+        for engine in engines:
+            engine.entered.clear()  # warm-up entered them
+        client = InferenceServerClient(f"127.0.0.1:{app.state.settings.grpc_port}")
+        running = infer(client, 1)
+        await until(lambda: any(e.entered.is_set() for e in engines))  # running, blocked on the gate
+        yield app.state.repo.get(MODEL).batcher, client, running
+        await client.close()
 
 
 def served(engines):
@@ -68,19 +73,12 @@ def infer(client, value, **kwargs):
 
 def test_queue_full_timeout_engine_failure_and_no_model_control(test_repo):
     from tritonclient.grpc import InferenceServerException
-    from tritonclient.grpc.aio import InferenceServerClient
 
     gate, engines = threading.Event(), []
     app = gated_app(test_repo, gate, engines, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=2)
 
     async def main():
-        gate.set()
-        async with app.router.lifespan_context(app):
-            close_gate(gate, engines)
-            batcher = app.state.repo.get(MODEL).batcher
-            client = InferenceServerClient(f"127.0.0.1:{app.state.settings.grpc_port}")
-            running = infer(client, 1)
-            await until(lambda: any(e.entered.is_set() for e in engines))  # running, blocked on the gate
+        async with one_call_running(app, gate, engines) as (batcher, client, running):
             # Triton's per-request queue timeout, microseconds; 1 s: still queued when `full` arrives (an expired
             # request frees its place at once)
             expiring = infer(client, 2, timeout=1_000_000)
@@ -95,7 +93,6 @@ def test_queue_full_timeout_engine_failure_and_no_model_control(test_repo):
                        "failed": await infer(client, POISON), "after": await infer(client, 5)}
             with pytest.raises(InferenceServerException) as load:
                 await client.load_model(MODEL)
-            await client.close()
             metrics = generate_latest(app.state.metrics.registry).decode()
         return answers, load.value, metrics
 
@@ -114,19 +111,11 @@ def test_queue_full_timeout_engine_failure_and_no_model_control(test_repo):
 
 
 def test_cancelled_and_past_deadline_calls_are_dropped_before_compute(test_repo):
-    from tritonclient.grpc.aio import InferenceServerClient
-
     gate, engines = threading.Event(), []
     app = gated_app(test_repo, gate, engines, max_batch_size=1, max_queue_delay_ms=0)
 
     async def main():
-        gate.set()
-        async with app.router.lifespan_context(app):
-            close_gate(gate, engines)
-            batcher = app.state.repo.get(MODEL).batcher
-            client = InferenceServerClient(f"127.0.0.1:{app.state.settings.grpc_port}")
-            running = infer(client, 1)
-            await until(lambda: any(e.entered.is_set() for e in engines))
+        async with one_call_running(app, gate, engines) as (batcher, client, running):
             late = infer(client, 2, client_timeout=0.3)  # the client's gRPC deadline, seconds
             cancelled = infer(client, 3)
             await until(lambda: batcher.depth == 2)
@@ -137,7 +126,6 @@ def test_cancelled_and_past_deadline_calls_are_dropped_before_compute(test_repo)
             gate.set()
             first = await running
             await until(lambda: batcher.dropped == 2)
-            await client.close()
             metrics = generate_latest(app.state.metrics.registry).decode()
         return first, late_answer, metrics
 
