@@ -43,6 +43,15 @@ def register(subparsers) -> None:
                                   "checked against two replicas; replicas at fleet scale, fused vs unfused")
     all_p = modes.add_parser("all", help="prepare the repository, run the benchmarks, write the report")
     _register_grpc(modes)
+    overload_p = modes.add_parser("overload", help="the server at its default settings: overhead at concurrency 1 "
+                                  "(Triton's client), throughput vs a 2 ms window, a 256-client flood")
+    overload_p.add_argument("--repo", type=Path, help="model repository holding vit-digits (required to measure)")
+    overload_p.add_argument("--json", type=Path, default=Path("benchmarks/results/overload.json"),
+                            help="results file: written when measuring, read with --report-only")
+    overload_p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report to update")
+    overload_p.add_argument("--report-only", action="store_true", help="re-render the section from --json")
+    overload_p.add_argument("--quick", action="store_true", help="a smoke run (short steps), not numbers")
+    overload_p.set_defaults(handler=run_overload)
     for p in (engines_p, all_p):
         p.add_argument("--models", type=_names, default=None, help="comma list (default: all in the repo)")
         p.add_argument("--batch-sizes", type=_ints, default=None, help="default 1,8")
@@ -248,6 +257,30 @@ def _keep(result: dict, args, name: str, write) -> None:
     if args.out:
         write(args.out, result, plot_dir=args.plots)
         log.info("wrote the %s section of %s", name, args.out)
+
+
+def run_overload(args) -> int:
+    import dataclasses
+
+    from benchmarks import overload_bench, overload_report
+
+    if not args.report_only:
+        if args.repo is None:
+            sys.stderr.write("normfuse bench overload: --repo is required to measure (or --report-only)\n")
+            return 2
+        _setup_logging()
+        config = overload_bench.OverloadConfig(log_dir=_log_dir(args.repo))
+        if args.quick:
+            config = dataclasses.replace(config, clients=32, flood_s=3, big_rows=256, capacity_s=2,
+                                         unloaded_requests=30, triton_requests=30, window_rounds=1, window_s=1,
+                                         engine_rounds=30)
+        start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        result = overload_bench.run(args.repo, config)
+        result["load_start"], result["load_end"] = start, " ".join(f"{x:.2f}" for x in os.getloadavg())
+        _dump(result, args.json)
+    overload_report.write(args.out, json.loads(args.json.read_text()))
+    sys.stdout.write(f"wrote the overload section of {args.out}\n")
+    return 0
 
 
 def run_capacity_plan(args) -> int:

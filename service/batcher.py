@@ -26,7 +26,7 @@ from service.engine_thread import EngineThread
 from service.queue import QueueFull, RequestQueue
 
 __all__ = ["Batch", "Batcher", "Draining", "EngineUnavailable", "Pending", "QueueFull", "QueueTimeout", "Result",
-           "TooManyRows"]
+           "Slice", "TooManyRows"]
 log = logging.getLogger(__name__)
 
 
@@ -48,6 +48,9 @@ class EngineUnavailable(Exception):
 
 @dataclass
 class Pending:
+    """One request in the queue. A request larger than a batch holds one place and is run slice by slice
+    (`taken` rows handed out so far); its slices' outputs are joined when the last one is back."""
+
     inputs: dict[str, np.ndarray]
     future: asyncio.Future
     enqueued_at: float
@@ -55,15 +58,56 @@ class Pending:
     priority: int = 0
     started_at: float | None = None
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    taken: int = 0
+    parts: dict[int, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)  # start row -> outputs
+    compute_s: float = 0.0
+    largest_batch: int = 0
 
     @property
     def rows(self) -> int:
         return next(iter(self.inputs.values())).shape[0]
 
     @property
+    def left(self) -> int:
+        return self.rows - self.taken
+
+    @property
     def key(self) -> tuple:
         """Requests can share a batch only when every non-batch dimension agrees."""
         return tuple((name, a.shape[1:]) for name, a in sorted(self.inputs.items()))
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows [start, stop) of one request, as one part of a batch."""
+
+    pending: Pending
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def inputs(self) -> dict[str, np.ndarray]:
+        if self.start == 0 and self.stop == self.pending.rows:
+            return self.pending.inputs
+        return {k: v[self.start : self.stop] for k, v in self.pending.inputs.items()}
+
+    def deliver(self, outputs: dict[str, np.ndarray], compute_s: float, batch_rows: int) -> None:
+        """This slice's outputs; the request is answered once every slice is back."""
+        p = self.pending
+        if p.future.done():
+            return
+        p.parts[self.start] = outputs
+        p.compute_s += compute_s
+        p.largest_batch = max(p.largest_batch, batch_rows)
+        if sum(next(iter(part.values())).shape[0] for part in p.parts.values()) < p.rows:
+            return
+        parts = [p.parts[start] for start in sorted(p.parts)]
+        joined = parts[0] if len(parts) == 1 else {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+        p.future.set_result(Result(joined, p.started_at - p.enqueued_at, p.compute_s, p.largest_batch))
 
 
 @dataclass(frozen=True)
@@ -107,7 +151,7 @@ class Batcher:
         self._queue: RequestQueue[Pending] = RequestQueue(max_queue_size)
         self._executor = EngineThread(f"engine-{type(engine).__name__}")
         self._worker: asyncio.Task | None = None
-        self._batch: list[Pending] = []  # the batch being collected or run: answered even if the worker is cancelled
+        self._batch: list[Slice] = []  # the batch being collected or run: answered even if the worker is cancelled
         self._running = False
         self.dead: str | None = None  # why the worker stopped, if it ever stops other than by drain()
         self.hung: str | None = None  # why the engine is not taking work (a call past engine_timeout_s)
@@ -130,7 +174,8 @@ class Batcher:
         return 0.0 if self._hung_at is None else time.perf_counter() - self._hung_at
 
     async def submit(self, inputs: dict[str, np.ndarray], timeout_s: float | None = None, priority: int = 0) -> Result:
-        """Queue `inputs` (already checked) and wait for the outputs; split if larger than a batch.
+        """Queue `inputs` (already checked) and wait for the outputs. A request larger than a batch takes one place
+        and runs in slices of at most `max_batch_size` rows, interleaved with the other requests of its level.
 
         `timeout_s`: the request's own queue deadline (QueueTimeout); `priority`: 1 highest, 0 the default level."""
         rows = next(iter(inputs.values())).shape[0]
@@ -138,23 +183,7 @@ class Batcher:
         if rows > capacity:
             raise TooManyRows(f"request has {rows} rows; this model takes at most {capacity} per request "
                               f"(max_batch_size {self.max_batch_size} x max_queue_size {self._queue.maxsize})")
-        if rows <= self.max_batch_size:
-            return await self._submit_one(inputs, timeout_s, priority)
-        chunks = [{k: v[i : i + self.max_batch_size] for k, v in inputs.items()}
-                  for i in range(0, rows, self.max_batch_size)]
-        if len(chunks) > self._queue.maxsize - self.depth:  # all or nothing: no half-run request
-            raise QueueFull(f"queue is too full for a request of {len(chunks)} batches ({self.depth} of "
-                            f"{self._queue.maxsize} places taken)")
-        tasks = [asyncio.ensure_future(self._submit_one(chunk, timeout_s, priority)) for chunk in chunks]
-        try:
-            parts = await asyncio.gather(*tasks)
-        except BaseException:  # one chunk failed (or our caller left): the others are not wanted either
-            for task in tasks:
-                task.cancel()
-            raise
-        outputs = {k: np.concatenate([p.outputs[k] for p in parts]) for k in parts[0].outputs}
-        return Result(outputs, max(p.queue_s for p in parts), sum(p.compute_s for p in parts),
-                      max(p.batch_size for p in parts))
+        return await self._submit_one(inputs, timeout_s, priority)
 
     async def _submit_one(self, inputs: dict[str, np.ndarray], timeout_s: float | None, priority: int) -> Result:
         self._check_open()
@@ -223,7 +252,8 @@ class Batcher:
             return  # stopped by drain()
         self.dead = "the worker was cancelled" if task.cancelled() else f"the worker died: {task.exception()!r}"
         log.error("batcher for %s stopped unexpectedly: %s", type(self.engine).__name__, self.dead)
-        _fail([*self._batch, *self._queue.take_all()], EngineError(f"this model's batcher has stopped: {self.dead}"))
+        _fail([*_owners(self._batch), *self._queue.take_all()],
+              EngineError(f"this model's batcher has stopped: {self.dead}"))
 
     def _live(self, pending: Pending) -> bool:
         if pending.future.done():  # cancelled by a gone client, or already expired
@@ -233,14 +263,14 @@ class Batcher:
             return False
         return True
 
-    async def _collect(self, batch: list[Pending]) -> None:
+    async def _collect(self, batch: list[Slice]) -> None:
         """Fill `batch` (owned by the loop, so a cancelled collect still answers what it took)."""
         first = await self._queue.get()
         while not self._live(first):
             first = await self._queue.get()
         self._running = True  # from here until the batch is answered, drain must wait for us
-        batch.append(first)
-        rows = first.rows
+        batch.append(self._slice(first, self.max_batch_size))
+        rows = batch[0].rows
         close_at = first.enqueued_at + self.max_queue_delay_s
         while rows < self.max_batch_size:
             if rows in self.preferred and not self.depth:
@@ -250,11 +280,20 @@ class Batcher:
                 break
             if not self._live(item):
                 continue
-            if item.key != first.key or rows + item.rows > self.max_batch_size:
-                self._queue.put_back(item, item.priority)  # first in line for the next batch
+            room = self.max_batch_size - rows
+            if item.key != first.key or (room < item.left and item.rows <= self.max_batch_size):
+                self._queue.put_back(item, item.priority)  # kept whole: first in line for the next batch
                 break
-            batch.append(item)
-            rows += item.rows
+            batch.append(self._slice(item, room))  # a request larger than a batch fills the room left
+            rows += batch[-1].rows
+
+    def _slice(self, pending: Pending, room: int) -> Slice:
+        """The next rows of `pending` (at most `room`); what is left goes back to the end of its level."""
+        part = Slice(pending, pending.taken, pending.taken + min(room, pending.left))
+        pending.taken = part.stop
+        if pending.left:
+            self._queue.put_back(pending, pending.priority, first=False)
+        return part
 
     async def _loop(self) -> None:
         """One batch per turn. Cancelled (drain timed out): the batch in hand is answered with Draining.
@@ -263,47 +302,45 @@ class Batcher:
             self._batch = []
             try:
                 await self._collect(self._batch)
-                batch = [p for p in self._batch if self._live(p)]  # last look before compute
+                batch = [s for s in self._batch if self._live(s.pending)]  # last look before compute
                 if batch:
                     await self._run(batch)
             except asyncio.CancelledError:
-                _fail(self._batch, Draining("the server shut down before this request was answered"))
+                _fail(_owners(self._batch), Draining("the server shut down before this request was answered"))
                 raise
             except Exception as exc:  # noqa: BLE001 - a bug in batching must not stop the worker
                 log.exception("batch of %d requests failed outside the engine", len(self._batch))
-                _fail(self._batch, EngineError(f"the batch failed: {type(exc).__name__}: {exc}"))
+                _fail(_owners(self._batch), EngineError(f"the batch failed: {type(exc).__name__}: {exc}"))
             finally:
                 self._running = False
                 self._batch = []
 
-    async def _run(self, batch: list[Pending]) -> None:
+    async def _run(self, batch: list[Slice]) -> None:
         started = time.perf_counter()
-        for p in batch:
-            p.started_at = started
+        for s in batch:
+            s.pending.started_at = s.pending.started_at or started
         inputs = _concatenate(batch)
         try:
-            outputs, compute_s = await self._call(inputs, batch)
+            outputs, compute_s = await self._call(inputs, _owners(batch))
         except InputError as exc:  # the engine refused the content: find whose, run the others
             if len(batch) == 1:
-                _fail(batch, exc)
+                _fail(_owners(batch), exc)
                 return
-            for p in batch:
-                await self._run([p])
+            for s in batch:
+                await self._run([s])
             return
         except Exception as exc:  # noqa: BLE001 - every request of this batch gets the same error
-            log.warning("batch of %d rows failed: %s", sum(p.rows for p in batch), exc)
-            _fail(batch, exc)
+            log.warning("batch of %d rows failed: %s", sum(s.rows for s in batch), exc)
+            _fail(_owners(batch), exc)
             return
         total = next(iter(inputs.values())).shape[0]
         short = {k: np.shape(v)[:1] for k, v in outputs.items() if np.ndim(v) == 0 or np.shape(v)[0] != total}
         if short:
             raise EngineError(f"the engine returned outputs whose batch axis is not {total} rows: {short}")
         offset = 0
-        for p in batch:
-            if not p.future.done():
-                part = {k: v[offset : offset + p.rows] for k, v in outputs.items()}
-                p.future.set_result(Result(part, started - p.enqueued_at, compute_s, total))
-            offset += p.rows
+        for s in batch:
+            s.deliver({k: v[offset : offset + s.rows] for k, v in outputs.items()}, compute_s, total)
+            offset += s.rows
         if self.on_batch:
             try:
                 self.on_batch(Batch(inputs, outputs, compute_s, offset))
@@ -355,10 +392,15 @@ class Batcher:
         return self._executor.busy_since is None
 
 
-def _concatenate(batch: list[Pending]) -> dict[str, np.ndarray]:
+def _concatenate(batch: list[Slice]) -> dict[str, np.ndarray]:
     if len(batch) == 1:
         return batch[0].inputs
-    return {n: np.concatenate([p.inputs[n] for p in batch]) for n in batch[0].inputs}
+    parts = [s.inputs for s in batch]
+    return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+
+
+def _owners(batch: list[Slice]) -> list[Pending]:
+    return list({id(s.pending): s.pending for s in batch}.values())
 
 
 def _timed(engine: Engine, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:

@@ -42,9 +42,10 @@ class RequestQueue(Generic[T]):
             raise QueueFull(f"queue is full ({self.maxsize} requests waiting)")
         self._push((level(priority), next(self._back), item))
 
-    def put_back(self, item: T, priority: int = 0) -> None:
-        """Return an item taken but not used (it did not fit the batch): first in its level, never refused."""
-        self._push((level(priority), next(self._front), item))
+    def put_back(self, item: T, priority: int = 0, *, first: bool = True) -> None:
+        """Return an item taken but not (fully) used, never refused: first in its level (it did not fit the
+        batch), or last (`first=False`: the rest of a large request, taking turns with the others)."""
+        self._push((level(priority), next(self._front if first else self._back), item))
 
     def _push(self, entry: tuple[int, int, T]) -> None:
         heapq.heappush(self._heap, entry)

@@ -68,16 +68,17 @@ def _command(kind: str, port: int, *, onnx: str | None, model: str | None, repo:
 
 @contextlib.contextmanager
 def start(kind: str, *, log_dir: Path, onnx: str | None = None, model: str | None = None, repo: str | None = None,
-          threads: int | None = None, max_batch_size: int = 16, max_queue_delay_ms: float = 2.0,
+          threads: int | None = None, max_batch_size: int | None = 16, max_queue_delay_ms: float | None = 0.0,
           env: dict[str, str] | None = None, ready_timeout: float = 180.0) -> Iterator[Server]:
-    """Run server `kind` ("normfuse", "plain", "litserve", "triton") until the block exits."""
+    """Run server `kind` ("normfuse", "plain", "litserve", "triton") until the block exits. For normfuse, None
+    leaves a setting at `normfuse serve`'s default (the peers need numbers)."""
     if kind not in READY_PATH:
         raise ValueError(f"unknown server kind {kind!r}; expected one of {', '.join(READY_PATH)}")
     port = free_port({"triton": 3, "normfuse": 2}.get(kind, 1))  # HTTP, then gRPC (and Triton's metrics)
     child_env = {**os.environ, **(env or {})}
     if kind == "normfuse":
-        child_env.update({"NORMFUSE_MAX_BATCH_SIZE": str(max_batch_size),
-                          "NORMFUSE_MAX_QUEUE_DELAY_MS": str(max_queue_delay_ms)})
+        chosen = {"NORMFUSE_MAX_BATCH_SIZE": max_batch_size, "NORMFUSE_MAX_QUEUE_DELAY_MS": max_queue_delay_ms}
+        child_env.update({k: str(v) for k, v in chosen.items() if v is not None})
         if threads:
             child_env["NORMFUSE_INTRA_OP_THREADS"] = str(threads)
     if kind == "triton":  # the Python backend stub must load this interpreter's libpython

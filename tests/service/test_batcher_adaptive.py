@@ -160,3 +160,29 @@ def test_drain_does_not_wait_for_a_hung_engine_past_its_deadline():
     idle, answer = asyncio.run(main())
     assert idle is False
     assert "shut down" in str(answer)  # answered (Draining), not left hanging
+
+
+def test_a_request_larger_than_a_batch_holds_one_place_and_takes_turns_with_the_others():
+    async def main():
+        gate = threading.Event()
+        engine = AffineEngine(gate=gate).load()
+        b = Batcher(engine, max_batch_size=4, max_queue_size=2)
+        b.start()
+        first = asyncio.ensure_future(b.submit({"x": rows(0, 1)}))
+        await until(engine.entered.is_set)
+        big = asyncio.ensure_future(b.submit({"x": rows(100, 8)}))  # 8 = max_batch_size x max_queue_size
+        small = asyncio.ensure_future(b.submit({"x": rows(7, 1)}))
+        await until(lambda: b.depth == 2)  # eight rows, one place
+        with pytest.raises(QueueFull):
+            await b.submit({"x": rows(8, 1)})
+        answered_first = []
+        small.add_done_callback(lambda _: answered_first.append("small" if not big.done() else "big"))
+        gate.set()
+        results = await asyncio.gather(first, big, small)
+        await b.drain(5)
+        return engine, results, answered_first
+
+    engine, (_, big, small), answered_first = asyncio.run(main())
+    np.testing.assert_array_equal(big.outputs["y"], 2 * rows(100, 8) + 1)  # slices joined in order
+    np.testing.assert_array_equal(small.outputs["y"], 2 * rows(7, 1) + 1)
+    assert engine.batches == [1, 4, 4, 1] and answered_first == ["small"]  # not held behind the whole request

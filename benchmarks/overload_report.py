@@ -1,0 +1,67 @@
+"""The "Serving defaults and overload" section of BENCHMARKS.md, rendered from `normfuse bench overload`'s JSON
+(benchmarks/results/overload.json) between its own markers, so it can be re-rendered without re-running and
+merges apart from the other sections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.overload_bench import targets
+from benchmarks.report import _num, table
+
+BEGIN, END = "<!-- overload:begin -->", "<!-- overload:end -->"
+
+
+def section(result: dict) -> str:
+    c, e, d, o = result["config"], result["engine"], result["defaults"], result["overload"]
+    t = d["throughput_c32"]
+    parts = [
+        "## Serving defaults and overload",
+        "`normfuse serve` with its **default settings** (adaptive batching: `max_queue_delay_ms` 0, "
+        f"`max_batch_size` 16, `max_inflight` 64, shadow off) serving `{c['model']}` (variant `{e['variant']}`, "
+        "ONNX Runtime CPU); only the row marked *2 ms window* changes a setting. Traffic to 127.0.0.1 only, every "
+        "step bounded in requests and seconds. **The machine was shared with other jobs while this ran** "
+        f"(2 cores; load average {result.get('load_start', '?')} at start, {result.get('load_end', '?')} at "
+        "end): compare within this run.",
+        table(["measure", "value"], [
+            ["engine alone, batch 1, p50 (in process)", f"{_num(e['p50_ms'], '.3f')} ms"],
+            ["served, Triton's HTTP client, binary, concurrency 1, p50", f"{_num(d['triton_c1']['p50_ms'], '.3f')} ms"],
+            ["served p99 (same)", f"{_num(d['triton_c1']['p99_ms'], '.3f')} ms"],
+            ["overhead (served p50 - engine p50)", f"{_num(d['triton_c1']['p50_ms'] - e['p50_ms'], '.3f')} ms"],
+            ["concurrency 32, req/s, default (median of rounds)", _num(float(np.median(t['default'])), '.0f')],
+            ["concurrency 32, req/s, *2 ms window* (the former default)", _num(float(np.median(t['window_2ms'])), '.0f')],
+        ]),
+        f"**Overload:** {o['clients']['small'] + o['clients']['big'] + o['clients']['malformed']} concurrent "
+        f"clients for {c['flood_s']:g} s ({o['clients']['big']} sending {c['big_rows']}-row JSON bodies, "
+        f"{o['clients']['malformed']} sending malformed bodies, {o['clients']['small']} batch-1 binary requests), "
+        f"against a capacity of {o['capacity_items_per_s']:.0f} items/s measured just before (closed loop, 32).",
+        table(["clients", *sorted(o["all_codes"])],
+              [[kind, *[str(o["codes"][kind].get(code, 0)) for code in sorted(o["all_codes"])]] for kind in o["codes"]]),
+        table(["measure", "value"], [
+            ["goodput: items answered per second during the flood", f"{o['goodput_items_per_s']:.0f} "
+             f"({o['goodput_items_per_s'] / o['capacity_items_per_s']:.0%} of capacity)"],
+            ["admitted requests (200): p50 / p99", f"{_num(o['admitted_p50_ms'])} / {_num(o['admitted_p99_ms'])} ms"],
+            ["server RSS growth (peak - before)", f"{o['rss_growth_mib']:.0f} MiB (from {o['rss_before_mib']:.0f} MiB)"],
+            ["unloaded p50, before / right after", f"{_num(o['unloaded_p50_ms_before'], '.3f')} / "
+             f"{_num(o['unloaded_p50_ms_after'], '.3f')} ms"],
+        ]),
+        "Targets of this run: " + "; ".join(f"{name}: **{'met' if ok else 'NOT met'}**"
+                                           for name, ok in targets(result).items()) + ".",
+    ]
+    return "\n\n".join(parts)
+
+
+def write(out: Path, result: dict) -> Path:
+    """Replace the section in `out` (or append it), keeping everything else."""
+    out = Path(out)
+    block = f"{BEGIN}\n{section(result)}\n{END}"
+    text = out.read_text() if out.is_file() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    out.write_text(text)
+    return out
