@@ -91,7 +91,7 @@ class Traffic:
                                     "data": [float(i % 7) for i in range(rows * features)]}]}
                 if n % 10 == 5:
                     # one in ten may wait 1 µs in the queue (Triton's `timeout` parameter): the batcher
-                    # holds every first request for its 5 ms window, so it expires -> 503, i.e. shed
+                    # holds every first request for its 5 ms window, so it expires -> 504, i.e. shed
                     body["parameters"] = {"timeout": 1}
                 try:
                     code = client.post(f"{self.url}/v2/models/{self.model}/versions/{variant}/infer",
@@ -170,9 +170,12 @@ def test_rules_and_dashboard_queries_return_data(tmp_path):
         # Both variants compute x @ W from the same ONNX file: the shadow parity error is exactly 0.
         error = instant_query(prometheus, "normfuse:shadow_abs_error:p99_1m")
         assert [s["metric"]["variant"] for s in error] == ["affine"] and finite_values(error) == [0.0]
-        # Bad requests count as errors by code; expired ones as shed, for each variant.
+        # Bad requests count as errors by code; expired ones (504: their own queue timeout) as shed, per variant.
         codes = {s["metric"]["code"] for s in instant_query(prometheus, "normfuse:requests:rate1m")}
-        assert codes >= {"200", "400", "503"}, codes
+        assert codes >= {"200", "400", "504"}, codes
+        # All of this traffic came over REST: the by-protocol rule says so.
+        protocols = instant_query(prometheus, "normfuse:requests_by_protocol:rate1m")
+        assert {s["metric"]["protocol"] for s in protocols} == {"http"}, protocols
         shed = instant_query(prometheus, "normfuse:requests_shed:ratio_1m")
         assert sorted(s["metric"]["variant"] for s in shed) == sorted(variants)
         assert all(0 < v < 1 for v in finite_values(shed)) and len(finite_values(shed)) == 2, shed
@@ -183,4 +186,4 @@ def test_rules_and_dashboard_queries_return_data(tmp_path):
             lines = {line.split()[0]: line for line in loadgen.stdout.splitlines() if " ok " in line}
             assert sorted(lines) == sorted(variants), loadgen.stdout
             assert all(re.search(r"ok +[1-9]\d*/", line) for line in lines.values()), loadgen.stdout
-    assert all(traffic.codes.get(code, 0) > 0 for code in (200, 400, 503)), traffic.codes
+    assert all(traffic.codes.get(code, 0) > 0 for code in (200, 400, 504)), traffic.codes
