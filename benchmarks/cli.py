@@ -45,7 +45,8 @@ def register(subparsers) -> None:
     _register_grpc(modes)
     overload_p = modes.add_parser("overload", help="the server at its default settings: overhead at concurrency 1 "
                                   "(Triton's client), throughput vs a 2 ms window, a 256-client flood")
-    overload_p.add_argument("--repo", type=Path, help="model repository holding vit-digits (required to measure)")
+    overload_p.add_argument("--repo", type=Path, help="model repository (required to measure)")
+    overload_p.add_argument("--model", default="vit-digits", help="the model to serve (default vit-digits)")
     overload_p.add_argument("--json", type=Path, default=Path("benchmarks/results/overload.json"),
                             help="results file: written when measuring, read with --report-only")
     overload_p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report to update")
@@ -269,7 +270,7 @@ def run_overload(args) -> int:
             sys.stderr.write("normfuse bench overload: --repo is required to measure (or --report-only)\n")
             return 2
         _setup_logging()
-        config = overload_bench.OverloadConfig(log_dir=_log_dir(args.repo))
+        config = overload_bench.OverloadConfig(model=args.model, log_dir=_log_dir(args.repo))
         if args.quick:
             config = dataclasses.replace(config, clients=32, flood_s=3, big_rows=256, capacity_s=2,
                                          unloaded_requests=30, triton_requests=30, window_rounds=1, window_s=1,

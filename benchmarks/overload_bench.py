@@ -61,19 +61,14 @@ def run(repo: Path, config: OverloadConfig) -> dict:
 
 
 def engine_p50(repo: Path, config: OverloadConfig, specs: list[dict]) -> dict:
-    """The default variant's engine alone, batch 1, in this process."""
+    """The default variant's engine alone, batch 1, in this process (serving_bench's raw-engine measure)."""
     import engines
+    from benchmarks.serving_bench import ServingBenchConfig, raw_engine
 
-    manifest = engines.read_manifest(Path(repo) / config.model)
-    inputs = random_inputs(specs, 1)
-    with engines.load(repo, config.model, manifest.default_variant) as engine:
-        engine.infer(inputs)
-        samples = []
-        for _ in range(config.engine_rounds):
-            start = time.perf_counter()
-            engine.infer(inputs)
-            samples.append(time.perf_counter() - start)
-    return {"variant": manifest.default_variant, **summarize(samples).as_ms()}
+    variant = engines.read_manifest(Path(repo) / config.model).default_variant
+    row = raw_engine(Path(repo), ServingBenchConfig(model=config.model, variant=variant, batch_sizes=(1,),
+                                                    engine_rounds=config.engine_rounds), specs)[0]
+    return {"variant": variant, "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"]}
 
 
 def triton_client_p50(base: str, config: OverloadConfig, specs: list[dict]) -> dict:
