@@ -39,8 +39,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices = getattr(field.annotation, "__args__", None) if "Literal" in str(field.annotation) else None
         what = field.description or (" | ".join(map(str, choices)) if choices else "")
         parser.add_argument(flag_of(name), dest=name, default=None, metavar=name.split("_")[-1].upper(),
+                            type=_lenient(field.annotation),
                             help=f"{what} (NORMFUSE_{name.upper()}; {default})".replace("%", "%%").lstrip(" "))
     parser.set_defaults(handler=serve)
+
+
+def _lenient(annotation):
+    """int/float for numeric settings, but a value that does not parse is passed on as given, so the settings
+    report every bad value at once (one line each) instead of argparse stopping at the first."""
+    kind = annotation if annotation in (int, float) else None
+    if kind is None:
+        return str
+
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            return text
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def build_settings(args: argparse.Namespace):

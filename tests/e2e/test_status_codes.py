@@ -50,7 +50,20 @@ def raw(port: int, head: bytes, then_close: bool) -> bytes:
         sock.sendall(head)
         if then_close:
             return b""
-        return sock.recv(65536)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < _length(answer):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+def _length(answer: bytes) -> int:
+    for line in answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 0
 
 
 def upload(port: int, length: int, sent: bytes = b"") -> bytes:

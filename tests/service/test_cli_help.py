@@ -48,5 +48,5 @@ def test_invalid_settings_one_line_each(tmp_path):
     bad = normfuse("serve", "--repo", str(tmp_path), "--port", "70000", "--max-batch-size", "x")
     lines = bad.stderr.splitlines()
     assert bad.returncode == 2 and len(lines) == 3 and "Traceback" not in bad.stderr, bad.stderr
-    assert lines[1].startswith("  --port / NORMFUSE_PORT = '70000': ") and "65535" in lines[1]
+    assert lines[1].startswith("  --port / NORMFUSE_PORT = 70000: ") and "65535" in lines[1]
     assert lines[2].startswith("  --max-batch-size / NORMFUSE_MAX_BATCH_SIZE = 'x': ") and "integer" in lines[2]

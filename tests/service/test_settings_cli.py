@@ -36,7 +36,7 @@ def test_serve_refuses_bad_settings_with_exit_code_2(capsys, tmp_path):
     cli.register(parser.add_subparsers())
     args = parser.parse_args(["serve", "--repo", str(tmp_path), "--shadow-rate", "2"])
     assert cli.serve(args) == 2
-    assert "NORMFUSE_SHADOW_RATE = '2'" in capsys.readouterr().err
+    assert "--shadow-rate / NORMFUSE_SHADOW_RATE = 2.0: " in capsys.readouterr().err
 
 
 def test_sigterm_turns_readiness_false_before_uvicorn_shuts_down(tmp_path):
