@@ -53,13 +53,14 @@ class Server:
     process: subprocess.Popen
     log_path: Path
     ready_path: str
+    grpc_address: str | None = None  # host:port of OIP v2 over gRPC (normfuse, triton), None where none
 
 
 def _command(kind: str, port: int, *, onnx: str | None, model: str | None, repo: str | None,
              threads: int | None, max_batch_size: int, max_queue_delay_ms: float) -> list[str]:
     if kind == "normfuse":
         return [sys.executable, "-m", "normfuse.cli", "serve", "--repo", str(repo), "--host", "127.0.0.1",
-                "--port", str(port)]
+                "--port", str(port), "--grpc-port", str(port + 1)]
     cmd = [sys.executable, "-m", PEERS[kind], "--onnx", str(onnx), "--model", str(model), "--port", str(port),
            "--max-batch-size", str(max_batch_size), "--max-queue-delay-ms", str(max_queue_delay_ms)]
     return cmd + (["--threads", str(threads)] if threads else [])
@@ -73,7 +74,7 @@ def start(kind: str, *, log_dir: Path, onnx: str | None = None, model: str | Non
     leaves a setting at `normfuse serve`'s default (the peers need numbers)."""
     if kind not in READY_PATH:
         raise ValueError(f"unknown server kind {kind!r}; expected one of {', '.join(READY_PATH)}")
-    port = free_port(3 if kind == "triton" else 1)
+    port = free_port({"triton": 3, "normfuse": 2}.get(kind, 1))  # HTTP, then gRPC (and Triton's metrics)
     child_env = {**os.environ, **(env or {})}
     if kind == "normfuse":
         chosen = {"NORMFUSE_MAX_BATCH_SIZE": max_batch_size, "NORMFUSE_MAX_QUEUE_DELAY_MS": max_queue_delay_ms}
@@ -90,7 +91,8 @@ def start(kind: str, *, log_dir: Path, onnx: str | None = None, model: str | Non
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=child_env,
                                    start_new_session=True)
-    server = Server(kind, f"http://127.0.0.1:{port}", process, log_path, READY_PATH[kind].format(model=model))
+    server = Server(kind, f"http://127.0.0.1:{port}", process, log_path, READY_PATH[kind].format(model=model),
+                    f"127.0.0.1:{port + 1}" if kind in ("normfuse", "triton") else None)
     try:
         asyncio.run(_wait(server, ready_timeout))
         log.info("%s ready at %s (pid %d)", kind, server.base_url, process.pid)

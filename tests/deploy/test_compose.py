@@ -104,6 +104,17 @@ def test_ports_default_to_loopback_and_mounts_exist():
     assert {v["target"]: v.get("read_only", False) for v in server["volumes"]} == {"/models": True}
 
 
+def test_server_publishes_rest_and_grpc_on_the_ports_it_serves():
+    from service.settings import Settings
+
+    server = resolved()["services"]["server"]
+    command = server["command"]
+    rest = int(command[command.index("--port") + 1])
+    grpc = int(command[command.index("--grpc-port") + 1]) if "--grpc-port" in command else \
+        int(server.get("environment", {}).get("NORMFUSE_GRPC_PORT", Settings.model_fields["grpc_port"].default))
+    assert {int(p["target"]): p["published"] for p in server["ports"]} == {rest: "8000", grpc: "8001"}
+
+
 def test_gpu_override_reserves_an_nvidia_gpu():
     services = resolved(files=(BASE, GPU))["services"]
     for name in ("convert", "server"):
