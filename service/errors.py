@@ -70,6 +70,9 @@ EXPECTED = (ClientDisconnect, ClientGone, QueueTimeout, Overloaded, QueueFull, D
 # any other status is INTERNAL.
 GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT",
               499: "CANCELLED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+# ... except these, whose gRPC code says more than their HTTP status: a well-formed repository request that the
+# server's state refuses (model control off, the model not loaded, its load failed) is FAILED_PRECONDITION
+GRPC_CODE_OF_KIND: list[tuple[type[BaseException], str]] = [(ModelControlError, "FAILED_PRECONDITION")]
 
 # what each route declares in the OpenAPI schema
 ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 404, 413, 422, 503, 504)}
@@ -86,7 +89,8 @@ def grpc_status_of(exc: BaseException) -> tuple[int, str]:
     """(the HTTP status recorded in metrics, the gRPC status code's name) for `exc`, logged as HTTP logs it."""
     status = status_of(exc)[0]
     _log(status, exc)
-    return status, GRPC_CODES.get(status, "INTERNAL")
+    code = next((code for kind, code in GRPC_CODE_OF_KIND if isinstance(exc, kind)), None)
+    return status, code or GRPC_CODES.get(status, "INTERNAL")
 
 
 def _log(status: int, exc: BaseException) -> None:

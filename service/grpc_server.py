@@ -1,8 +1,9 @@
 """The Open Inference Protocol v2 over gRPC (`inference.GRPCInferenceService`), beside REST in the same process.
 
 grpcio's asyncio server runs on the app's event loop and answers from the same repository, batchers and metrics
-as the REST routes, whose functions it calls for everything but inference; inference goes through the same
-codec and validation (service.grpc_codec). Errors become gRPC status codes through service.errors (the same
+as the REST routes, whose functions it calls for health and metadata; model control (RepositoryModelLoad/Unload,
+explicit mode) calls the repository's load/unload as REST does (service.control); inference goes through the
+same codec and validation (service.grpc_codec). Errors become gRPC status codes through service.errors (the same
 table as HTTP). A client that cancels, or whose deadline passes, has its request dropped before compute. On
 SIGTERM new calls are refused at once and accepted ones are answered (`GrpcServer.stop_accepting`, `stop`).
 
@@ -23,14 +24,11 @@ from tritonclient.grpc import service_pb2_grpc
 
 from service import routes
 from service.errors import CLIENT_GONE, ModelNotFound, ModelNotReady, NotLive, grpc_status_of, message_of
-from service.grpc_codec import decode, encode, message
+from service.grpc_codec import decode, encode, message, parameters
 from service.protocol import binary_choices, priority_of, timeout_of
 from service.triton import repository_index, statistics
 
 log = logging.getLogger(__name__)
-MODEL_CONTROL = ("explicit model control (RepositoryModelLoad/Unload) comes with the server's model-control mode, "
-                 "which this build does not have: every servable variant in --repo is loaded at start; restart the "
-                 "server to add or remove a model")
 
 
 def answers(method):
@@ -103,11 +101,17 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request, context):
         return message({"models": repository_index(self.repo, request.ready)}, pb.RepositoryIndexResponse)
 
+    @answers
     async def RepositoryModelLoad(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, MODEL_CONTROL)
+        """Load `model_name`, or reload it (a zero-downtime swap): explicit mode (service.control), as REST's."""
+        await self.repo.load(request.model_name, parameters(request.parameters))
+        return pb.RepositoryModelLoadResponse()
 
+    @answers
     async def RepositoryModelUnload(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, MODEL_CONTROL)
+        """Stop serving `model_name` once its accepted requests are answered (unload_dependents: there are none)."""
+        await self.repo.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     # -- inference -------------------------------------------------------------------------------
     async def ModelInfer(self, request, context):
@@ -116,6 +120,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         started, code, queue_s, rows, servable = time.perf_counter(), CLIENT_GONE, None, 0, None
         try:
             servable = self.repo.get(request.model_name, request.model_version or None)
+            servable.users += 1  # a replaced revision drains only once no request holds it (service.control)
             servable.children.of(self.state.metrics.inflight).inc()
             with self.state.admission.admit():  # the server-wide in-flight limit HTTP requests share
                 req, arrays, wanted = await routes.off_loop(request.ByteSize() >= self.offload_bytes, _decode,
@@ -132,6 +137,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             error = exc
         finally:
             if servable is not None:
+                servable.users -= 1
                 routes.record(self.state.metrics, servable, "grpc", code, time.perf_counter() - started, queue_s,
                               rows)
         await context.abort(grpc.StatusCode[name], message_of(error))

@@ -261,3 +261,102 @@ def sigterm_under_load(srv: GrpcServer, xs: list[np.ndarray]):
     for t in threads:
         t.join(60)
     return results, refused.value, srv.proc.wait(30)
+
+
+# -- model control over gRPC (issue 17's repository API, RepositoryModelLoad/Unload) ------------------------------
+def grpc_index(client) -> list[dict]:
+    """The repository index over gRPC, as REST writes it (protobuf's JSON leaves out empty strings)."""
+    rows = client.get_model_repository_index(as_json=True).get("models", [])
+    return [{"name": r["name"], "version": r.get("version", ""), "state": r["state"],
+             **({"reason": r["reason"]} if r.get("reason") else {})} for r in rows]
+
+
+def control_error(call, *args, **kwargs) -> tuple[str, str]:
+    with pytest.raises(triton.InferenceServerException) as info:
+        call(*args, **kwargs)
+    return info.value.status().removeprefix("StatusCode."), info.value.message()
+
+
+def test_model_control_over_grpc_is_refused_in_none_mode_with_rest_message(server, client):
+    rest = httpx.post(f"{server.url}/v2/repository/models/{MODEL}/load", timeout=10)
+    assert rest.status_code == 400
+    assert control_error(client.load_model, MODEL) == ("FAILED_PRECONDITION", rest.json()["error"])
+    status, message = control_error(client.unload_model, MODEL)
+    assert status == "FAILED_PRECONDITION" and "--model-control-mode explicit" in message
+    assert client.is_model_ready(MODEL)  # refused, nothing unloaded
+
+
+def test_explicit_load_swap_and_unload_over_grpc(repo):
+    srv = GrpcServer(repo, "--model-control-mode", "explicit")  # no --load-model: ready with no model loaded
+    try:
+        with triton.InferenceServerClient(srv.grpc) as c:
+            rest = httpx.Client(base_url=srv.url, timeout=10)
+            assert c.is_server_ready() and not c.is_model_ready(MODEL)
+            index = grpc_index(c)
+            assert index == rest.post("/v2/repository/index").json()
+            assert {"name": MODEL, "version": "", "state": "UNAVAILABLE",
+                    "reason": f"load it with POST /v2/repository/models/{MODEL}/load"} in index
+
+            c.load_model(MODEL)
+            assert c.is_model_ready(MODEL)
+            assert {"name": MODEL, "version": "affine", "state": "READY"} in grpc_index(c)
+            x = np.arange(8, dtype=np.float32).reshape(2, 4)
+            np.testing.assert_array_equal(c.infer(MODEL, [grpc_input(x)]).as_numpy("y"), expected(x))
+            answered, failures = swaps_under_grpc_load(srv.grpc, c, swaps=3)
+            assert failures == [] and answered > 0, failures[:5]
+            closed = f"model {MODEL}: revision {revision(rest)} closed"  # each swap retires the one it replaced
+            deadline = time.monotonic() + 30
+            while srv.output().count(closed) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert srv.output().count(closed) == 3
+
+            c.unload_model(MODEL)
+            assert not c.is_model_ready(MODEL) and c.is_server_ready()  # explicit mode, no model: still ready
+            assert {"name": MODEL, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"} in grpc_index(c)
+            status, message = control_error(c.unload_model, MODEL)
+            assert status == "FAILED_PRECONDITION" and "not loaded" in message
+            status, message = control_error(c.load_model, "nope")
+            assert status == "NOT_FOUND" and str(repo) in message
+            status, message = control_error(c.load_model, BROKEN)
+            assert status == "FAILED_PRECONDITION" and "failed to load" in message
+            status, message = control_error(c.load_model, MODEL, config="{}")
+            assert status == "INVALID_ARGUMENT" and "not supported" in message
+            assert not c.is_model_ready(MODEL)  # a refused load loads nothing
+    finally:
+        srv.stop()
+
+
+def revision(rest: httpx.Client) -> str:
+    return rest.get(f"/v2/models/{MODEL}/config").json()["parameters"]["revision"]["string_value"]
+
+
+def swaps_under_grpc_load(address: str, control, swaps: int) -> tuple[int, list[str]]:
+    """`swaps` reloads (zero-downtime swaps) of MODEL while 2 threads send gRPC calls (bounded): (calls answered,
+    what failed)."""
+    stop, failures, answered = threading.Event(), [], [0, 0]
+
+    def calls(i: int) -> None:
+        with triton.InferenceServerClient(address) as c:
+            for k in range(2000):
+                if stop.is_set():
+                    return
+                x = np.full((1, 4), 10 * i + k % 10, np.float32)
+                try:
+                    y = c.infer(MODEL, [grpc_input(x)], client_timeout=30).as_numpy("y")
+                    if not np.array_equal(y, expected(x)):
+                        failures.append(f"wrong answer {y.tolist()}")
+                    answered[i] += 1
+                except triton.InferenceServerException as exc:
+                    failures.append(str(exc))
+
+    threads = [threading.Thread(target=calls, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(swaps):
+            control.load_model(MODEL)  # the same files again: a new revision built, swapped in, the old drained
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    return sum(answered), failures
