@@ -1,4 +1,5 @@
-"""`normfuse bench {engines,serving,capacity,reload,all}`, `normfuse loadgen URL` and `normfuse capacity {plan,report}`.
+"""`normfuse bench {engines,serving,capacity,reload,grpc,grpc-report,overload,all}`, `normfuse loadgen URL` and
+`normfuse capacity {plan,report}`.
 
 Heavy imports happen in the handlers."""
 
@@ -44,6 +45,7 @@ def register(subparsers) -> None:
     reload_p = modes.add_parser("reload", help="latency and failed requests while re-conversions are swapped "
                                 "into a server in poll mode (docs/serving.md, Model control)")
     all_p = modes.add_parser("all", help="prepare the repository, run the benchmarks, write the report")
+    _register_grpc(modes)
     overload_p = modes.add_parser("overload", help="the server at its default settings: overhead at concurrency 1 "
                                   "(Triton's client), throughput vs a 2 ms window, a 256-client flood")
     overload_p.add_argument("--repo", type=Path, help="model repository (required to measure)")
@@ -78,6 +80,8 @@ def register(subparsers) -> None:
     all_p.add_argument("--skip-capacity", action="store_true",
                        help="no capacity measurement; its section is rendered from --capacity-results if that exists")
     all_p.add_argument("--capacity-results", type=Path, default=Path("benchmarks/results/capacity.json"))
+    all_p.add_argument("--grpc-results", type=Path, default=Path("benchmarks/results/grpc.json"),
+                       help="`normfuse bench grpc`'s results: its section is rendered from them if they exist")
     all_p.add_argument("--skip-norms", action="store_true",
                        help="skip the LN / UN / PowerNorm vit-digits table (trains the UN and PN demo models once)")
     engines_p.set_defaults(handler=run_engines)
@@ -104,6 +108,35 @@ def register(subparsers) -> None:
     loadgen_p.add_argument("--json", type=Path, default=None)
     loadgen_p.set_defaults(handler=run_loadgen)
     _register_capacity(subparsers)
+
+
+def _register_grpc(modes) -> None:
+    grpc_p = modes.add_parser("grpc", help="OIP v2 over gRPC vs REST binary on one normfuse serve (its defaults), "
+                              "beside Triton's gRPC (pytriton), at concurrency 1 and 32")
+    grpc_p.add_argument("--repo", type=Path, required=True, help="model repository (REPO/NAME/manifest.json)")
+    grpc_p.add_argument("--model", default="vit-digits")
+    grpc_p.add_argument("--concurrency", type=_ints, default=(1, 32))
+    grpc_p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    grpc_p.add_argument("--step-seconds", type=float, default=4.0, help="per target, concurrency and round")
+    grpc_p.add_argument("--no-triton", action="store_true", help="leave Triton (pytriton) out")
+    grpc_p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: the "
+                        "server's default)")
+    grpc_p.add_argument("--quick", action="store_true", help="1 round of 1 s: a smoke run, not numbers")
+    grpc_p.add_argument("--json", type=Path, default=None, help="where the results go (default: grpc.json beside "
+                        "the server logs, like capacity.json)")
+    grpc_p.add_argument("--out", type=Path, default=None, help="also render the gRPC section into this BENCHMARKS.md")
+    grpc_p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+    grpc_p.set_defaults(handler=run_grpc)
+    _report_parser(modes, "grpc-report", "gRPC", Path("benchmarks/results/grpc.json"), run_grpc_report)
+
+
+def _report_parser(modes, name: str, what: str, results: Path, handler) -> None:
+    """`NAME --results --out --plots`: re-render WHAT's section of BENCHMARKS.md from its results JSON."""
+    p = modes.add_parser(name, help=f"render BENCHMARKS.md's {what} section and plot from a results JSON")
+    p.add_argument("--results", type=Path, default=results)
+    p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+    p.set_defaults(handler=handler)
 
 
 def _capacity_options(p: argparse.ArgumentParser) -> None:
@@ -157,11 +190,7 @@ def _register_capacity(subparsers) -> None:
     plan_p.add_argument("--base-ms", type=float, default=0.0, help="with --mu: the fixed latency")
     plan_p.add_argument("--kappa", type=float, default=1.0, help="with --mu: the queueing-term scale")
     plan_p.set_defaults(handler=run_capacity_plan)
-    report_p = modes.add_parser("report", help="render BENCHMARKS.md's capacity section and plot from a results JSON")
-    report_p.add_argument("--results", type=Path, default=Path("benchmarks/results/capacity.json"))
-    report_p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
-    report_p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
-    report_p.set_defaults(handler=run_capacity_report)
+    _report_parser(modes, "report", "capacity", Path("benchmarks/results/capacity.json"), run_capacity_report)
 
 
 def _setup_logging() -> None:
@@ -240,11 +269,7 @@ def run_capacity(args) -> int:
     from benchmarks import capacity_bench, report
 
     _setup_logging()
-    result = capacity_bench.run(args.repo, _capacity_config(args))
-    _dump(result, args.json or _log_dir(args.repo).parent / "capacity.json")
-    if args.out:
-        report.write_capacity(args.out, result, plot_dir=args.plots)
-        log.info("wrote the capacity section of %s", args.out)
+    _keep(capacity_bench.run(args.repo, _capacity_config(args)), args, "capacity", report.write_capacity)
     return 0
 
 
@@ -253,19 +278,25 @@ def run_reload(args) -> int:
 
     _setup_logging()
     if args.render is not None:
-        result = json.loads(args.render.read_text())
-    elif args.repo is None:
+        _keep(json.loads(args.render.read_text()), args, "reload", reload_bench.write, dump=False)
+        return 0
+    if args.repo is None:
         sys.stderr.write("normfuse bench reload: --repo is required (or --render RESULTS)\n")
         return 2
-    else:
-        config = reload_bench.ReloadConfig(model=args.model, swaps=args.swaps, gap_s=args.gap_s, poll_s=args.poll_s,
-                                           concurrency=args.concurrency, log_dir=_log_dir(args.repo))
-        result = reload_bench.run(args.repo, config)
-        _dump(result, args.json or _log_dir(args.repo).parent / "reload.json")
-    if args.out:
-        reload_bench.write(args.out, result, plot_dir=args.plots)
-        log.info("wrote the reload section of %s", args.out)
+    config = reload_bench.ReloadConfig(model=args.model, swaps=args.swaps, gap_s=args.gap_s, poll_s=args.poll_s,
+                                       concurrency=args.concurrency, log_dir=_log_dir(args.repo))
+    _keep(reload_bench.run(args.repo, config), args, "reload", reload_bench.write)
     return 0
+
+
+def _keep(result: dict, args, name: str, write, dump: bool = True) -> None:
+    """The results to --json (default NAME.json beside the server logs) unless not `dump` (a re-render); their
+    section into --out, if given."""
+    if dump:
+        _dump(result, args.json or _log_dir(args.repo).parent / f"{name}.json")
+    if args.out:
+        write(args.out, result, plot_dir=args.plots)
+        log.info("wrote the %s section of %s", name, args.out)
 
 
 def run_overload(args) -> int:
@@ -332,6 +363,27 @@ def run_capacity_report(args) -> int:
     return 0
 
 
+def run_grpc(args) -> int:
+    from benchmarks import grpc_bench, grpc_report
+
+    _setup_logging()
+    quick = {"rounds": 1, "step_seconds": 1.0, "step_requests": 300} if args.quick else {}
+    config = grpc_bench.GrpcBenchConfig(**({"rounds": args.rounds, "step_seconds": args.step_seconds} | quick),
+                                        model=args.model, concurrencies=tuple(args.concurrency),
+                                        triton=not args.no_triton, threads=args.threads,
+                                        log_dir=_log_dir(args.repo))
+    _keep(grpc_bench.run(args.repo, config), args, "grpc", grpc_report.write_grpc)
+    return 0
+
+
+def run_grpc_report(args) -> int:
+    from benchmarks import grpc_report
+
+    grpc_report.write_grpc(args.out, json.loads(args.results.read_text()), plot_dir=args.plots)
+    sys.stdout.write(f"wrote the gRPC section of {args.out}\n")
+    return 0
+
+
 def _stage(name: str, run, notes: list[str]):
     """run(); if it fails, the report says why and keeps what the other stages measured (None here)."""
     try:
@@ -380,6 +432,10 @@ def run_all(args) -> int:
         from benchmarks import reload_bench
 
         reload_bench.write(args.out, json.loads(reload_results.read_text()), plot_dir=args.plots)
+    if args.grpc_results.is_file():  # measured by `normfuse bench grpc`; its section names its own run
+        from benchmarks import grpc_report
+
+        grpc_report.write_grpc(args.out, json.loads(args.grpc_results.read_text()), plot_dir=args.plots)
     log.info("wrote %s", args.out)
     return 0
 

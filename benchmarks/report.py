@@ -242,8 +242,8 @@ def write_capacity(out: Path, result: dict, *, plot_dir: Path) -> Path:
 
 
 def splice(out: Path, begin: str, end: str, block: str) -> Path:
-    """Put `block` (which starts with `begin` and ends with `end`) into `out` in place of the previous one, or
-    before the plots; the rest of the file is kept."""
+    """Put `block` (which starts with `begin` and ends with `end`) into `out` in place of a previous one, else
+    before `## Plots`, else at the end; the rest of the file is kept."""
     out = Path(out)
     text = out.read_text() if out.is_file() else "# Benchmarks\n"
     if begin in text and end in text:

@@ -1,6 +1,6 @@
 """The app factory and its lifespan: load the models (every one, or the `load_model` ones in explicit mode) ->
-warm up -> start batchers -> ready -> serve (and poll the repository in poll mode) -> not ready -> drain ->
-stop -> close."""
+warm up -> start batchers -> start gRPC -> ready -> serve (and poll the repository in poll mode) -> not ready ->
+stop gRPC (accepted calls answered) -> drain -> stop -> close."""
 
 from __future__ import annotations
 
@@ -38,6 +38,11 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
         repo, poller = app.state.repo, None
         try:
             await repo.start_up()
+            if settings.grpc_port:
+                from service.grpc_server import GrpcServer  # grpcio only when gRPC is on
+
+                app.state.grpc = GrpcServer(app.state)
+                await app.state.grpc.start()
             # everything imported and loaded so far (torch, transformers, engines) lives as long as the server:
             # left to the collector, each full collection walks it all (~100 ms with `normfuse serve`), a stall
             # every few thousand requests. Frozen, a full collection walks only what serving allocates.
@@ -53,6 +58,8 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
             if poller is not None:
                 poller.cancel()  # a revision being built is dropped; one already swapped in drains below
             log.info("draining")
+            if app.state.grpc is not None:  # refuse new calls; the accepted ones are answered by the batchers
+                await app.state.grpc.stop()
             await repo.drain(settings.drain_timeout_s)
             repo.close()
             gc.unfreeze()
@@ -64,6 +71,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.repo = Repository(settings, app.state.metrics, loader or default_loader)
     app.state.ready = False
+    app.state.grpc = None  # service.grpc_server.GrpcServer while serving gRPC
     app.state.admission = Admission(settings.max_inflight, on_reject=app.state.metrics.refused.inc)
     app.add_middleware(InflightLimit, admission=app.state.admission)
     errors.install(app)

@@ -112,8 +112,8 @@ def unknown_variables(environ) -> list[str]:
 
 
 def build_server(settings, loader=None):
-    """A uvicorn server for the app whose SIGTERM/SIGINT handler turns readiness false before shutting down.
-    `loader`: how engines are opened (create_app's; default engines.load)."""
+    """A uvicorn server for the app whose SIGTERM/SIGINT handler turns readiness false and stops gRPC from
+    accepting calls before shutting down. `loader`: how engines are opened (create_app's; default engines.load)."""
     import uvicorn
 
     from service.app import create_app
@@ -126,6 +126,8 @@ def build_server(settings, loader=None):
 
     def handle_exit(sig, frame) -> None:  # readiness goes false first, then uvicorn's graceful shutdown
         app.state.ready = False
+        if app.state.grpc is not None:  # gRPC refuses new calls now too (the lifespan waits for accepted ones)
+            app.state.grpc.stop_accepting()
         exit_handler(sig, frame)
 
     server.handle_exit = handle_exit

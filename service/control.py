@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from engines.manifest import list_models, manifest_sha256
 from service.errors import ModelControlError, ModelNotFound
+from service.protocol import ProtocolError
 
 if TYPE_CHECKING:
     from service.repository import ModelEntry
@@ -68,14 +69,14 @@ class ModelControl:
 
     async def load(self, name: str, parameters: dict | None = None) -> None:
         """Load (or reload) `name` without downtime; ModelControlError with the reason if it failed. Triton's
-        `parameters` that override the model's files (`config`, `file:...`) are refused."""
+        `parameters` that override the model's files (`config`, `file:...`) are refused (ProtocolError)."""
         self._allowed("load", name)
         if parameters is not None and not isinstance(parameters, dict):
-            raise ModelControlError(f"load parameters must be a JSON object, got {type(parameters).__name__}")
+            raise ProtocolError(f"load parameters must be a JSON object, got {type(parameters).__name__}")
         overrides = sorted(k for k in (parameters or {}) if k == "config" or k.startswith("file:"))
         if overrides:
-            raise ModelControlError(f"load parameters {overrides} are not supported: normfuse loads the manifest "
-                                    f"and artifacts `normfuse convert` wrote to {self.root}/{name}")
+            raise ProtocolError(f"load parameters {overrides} are not supported: normfuse loads the manifest "
+                                f"and artifacts `normfuse convert` wrote to {self.root}/{name}")
         if name not in list_models(self.root):
             raise ModelNotFound(f"no model {name!r} in the model repository {self.root} (it has: "
                                 f"{', '.join(list_models(self.root)) or 'nothing'}); run `normfuse convert SOURCE "

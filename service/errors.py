@@ -66,6 +66,14 @@ STATUS: list[tuple[type[BaseException], int, dict[str, str]]] = [
 EXPECTED = (ClientDisconnect, ClientGone, QueueTimeout, Overloaded, QueueFull, Draining, EngineUnavailable,
             ModelNotReady, NotLive)  # the server's state or the client's doing: never logged as an error
 
+# HTTP status -> the gRPC status code (grpc.StatusCode's name) of the same error, for service.grpc_server;
+# any other status is INTERNAL.
+GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT",
+              499: "CANCELLED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+# ... except these, whose gRPC code says more than their HTTP status: a well-formed repository request that the
+# server's state refuses (model control off, the model not loaded, its load failed) is FAILED_PRECONDITION
+GRPC_CODE_OF_KIND: list[tuple[type[BaseException], str]] = [(ModelControlError, "FAILED_PRECONDITION")]
+
 # what each route declares in the OpenAPI schema
 ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 404, 413, 422, 503, 504)}
 
@@ -77,14 +85,29 @@ def status_of(exc: BaseException) -> tuple[int, dict[str, str]]:
     return 500, {}
 
 
-def error_response(exc: BaseException) -> JSONResponse:
-    status, headers = status_of(exc)
+def grpc_status_of(exc: BaseException) -> tuple[int, str]:
+    """(the HTTP status recorded in metrics, the gRPC status code's name) for `exc`, logged as HTTP logs it."""
+    status = status_of(exc)[0]
+    _log(status, exc)
+    code = next((code for kind, code in GRPC_CODE_OF_KIND if isinstance(exc, kind)), None)
+    return status, code or GRPC_CODES.get(status, "INTERNAL")
+
+
+def _log(status: int, exc: BaseException) -> None:
     if isinstance(exc, ClientDisconnect | ClientGone):
         log.debug("client went away: %s", type(exc).__name__)
     elif status >= 500 and not isinstance(exc, EXPECTED):
         log.error("internal error: %s", exc, exc_info=exc)
-    message = str(exc) or type(exc).__name__
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def message_of(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    status, headers = status_of(exc)
+    _log(status, exc)
+    return JSONResponse({"error": message_of(exc)}, status_code=status, headers=headers)
 
 
 def install(app: FastAPI) -> None:

@@ -1,6 +1,7 @@
 """Every metric the server exports, in one module with one prefix (`normfuse_`), on one registry per app.
 
-Latency histograms are labelled `model`, `variant`, `backend`; buckets are geometric for time (50 µs … ~13 s)
+Latency histograms are labelled `model`, `variant`, `backend`; the end-to-end request histogram and the request
+counter also `protocol` (`http` or `grpc`). Buckets are geometric for time (50 µs … ~13 s)
 and powers of two for batch size. `ServableStats` keeps Triton's statistics-extension counters per variant.
 """
 
@@ -20,6 +21,7 @@ from prometheus_client import (
 )
 
 LABELS = ("model", "variant", "backend")
+PROTOCOLS = ("http", "grpc")  # the `protocol` label: which front end answered the request
 TIME_BUCKETS = tuple(round(50e-6 * 2 ** (i / 2), 7) for i in range(37))  # 50 µs · √2^i, up to ~13 s
 BATCH_BUCKETS = tuple(2.0**i for i in range(11))  # 1 … 1024
 RATIO_BUCKETS = tuple(round(0.5 * 1.05**i, 4) for i in range(30))  # 0.5 … ~2.06, 5 % steps
@@ -32,15 +34,16 @@ class Metrics:
         r = self.registry
         ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         self.request = Histogram("normfuse_request_duration_seconds", "End-to-end inference request time",
-                                 LABELS, buckets=TIME_BUCKETS, registry=r)
+                                 (*LABELS, "protocol"), buckets=TIME_BUCKETS, registry=r)
         self.queue = Histogram("normfuse_queue_duration_seconds", "Time a request waited in the batcher's queue",
                                LABELS, buckets=TIME_BUCKETS, registry=r)
         self.compute = Histogram("normfuse_compute_duration_seconds", "Engine run time of one batch",
                                  LABELS, buckets=TIME_BUCKETS, registry=r)
         self.batch_size = Histogram("normfuse_batch_size", "Rows per engine run", LABELS,
                                     buckets=BATCH_BUCKETS, registry=r)
-        self.requests = Counter("normfuse_requests", "Inference requests by HTTP status", (*LABELS, "code"),
-                                registry=r)
+        # code: the HTTP status, or for gRPC the HTTP status of the same error (service.errors.GRPC_CODES)
+        self.requests = Counter("normfuse_requests", "Inference requests by protocol and HTTP status",
+                                (*LABELS, "protocol", "code"), registry=r)
         self.dropped = Counter("normfuse_dropped_requests", "Queued requests dropped before compute",
                                (*LABELS, "reason"), registry=r)
         self.refused = Counter("normfuse_refused_requests", "Inference requests answered 503 before their body was "
@@ -72,11 +75,12 @@ class Children:
         self.labels = labels
         self._cache: dict[tuple, object] = {}
 
-    def of(self, metric, code: str | None = None):
-        key = (metric, code)
+    def of(self, metric, *values: str):
+        """The child for this servable's labels followed by `values` (e.g. protocol, code), in label order."""
+        key = (metric, values)
         child = self._cache.get(key)
         if child is None:
-            child = metric.labels(**self.labels) if code is None else metric.labels(**self.labels, code=code)
+            child = metric.labels(*self.labels.values(), *values)
             self._cache[key] = child
         return child
 

@@ -66,13 +66,18 @@ async def live(repo: Repo) -> dict[str, bool]:
 
 @router.get("/v2/health/ready")
 async def ready(request: Request, repo: Repo) -> dict[str, bool]:
-    state = request.app.state
-    if not state.ready:
+    check_ready(request.app.state.ready, repo)
+    return {"ready": True}
+
+
+def check_ready(serving: bool, repo: Repository) -> None:
+    """ModelNotReady (with the reason) unless the server is serving and some model is ready (REST and gRPC);
+    in explicit mode a server with no model loaded is ready (models come by load requests)."""
+    if not serving:
         raise ModelNotReady("the server is starting or shutting down")
-    explicit_and_empty = request.app.state.settings.model_control_mode == "explicit" and not repo.models
+    explicit_and_empty = repo.settings.model_control_mode == "explicit" and not repo.models
     if not explicit_and_empty and not any(entry.ready for entry in repo.models.values()):
         raise ModelNotReady("no model is ready: " + "; ".join(f"{n}: {e.reason}" for n, e in repo.models.items()))
-    return {"ready": True}
 
 
 @router.get("/v2", response_model=ServerMetadata)
@@ -225,7 +230,7 @@ async def infer(model: str, request: Request, repo: Repo, version: str | None = 
     finally:
         if servable is not None:
             servable.users -= 1
-            record(request, servable, code, time.perf_counter() - started, queue_s, rows)
+            record(request.app.state.metrics, servable, "http", code, time.perf_counter() - started, queue_s, rows)
 
 
 async def off_loop(offload: bool, fn, *args):
@@ -257,11 +262,12 @@ for _path in ("/v2/models/{model}/versions/{version}/infer", "/v2/models/{model}
 router.routes.sort(key=lambda route: not isinstance(route, InferRoute))
 
 
-def record(request: Request, servable, code: int, seconds: float, queue_s: float | None, rows: int) -> None:
-    m, children = request.app.state.metrics, servable.children
+def record(m, servable, protocol: str, code: int, seconds: float, queue_s: float | None, rows: int) -> None:
+    """One answered (or abandoned) inference request, over `protocol` ("http" or "grpc"), in metrics and stats."""
+    children = servable.children
     children.of(m.inflight).dec()
-    children.of(m.requests, str(code)).inc()
-    children.of(m.request).observe(seconds)
+    children.of(m.requests, protocol, str(code)).inc()
+    children.of(m.request, protocol).observe(seconds)
     if queue_s is not None:
         children.of(m.queue).observe(queue_s)
     servable.stats.record_request(code == 200, seconds, queue_s, rows)

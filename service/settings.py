@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     repo: Path = Field(description="model repository: REPO/NAME/manifest.json per model")
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="port; 0 picks a free one")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="OIP v2 over gRPC on this port (Triton's); 0 = no gRPC")
     backend: Literal["onnxruntime", "tensorrt", "torch"] = Field("onnxruntime", description="engine runtime: "
                                                                  "onnxruntime | tensorrt | torch")
     precision: Literal["fp32", "fp16"] | None = Field(None, description="TensorRT plan precision; None = newest plan")

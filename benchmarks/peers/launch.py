@@ -53,13 +53,14 @@ class Server:
     process: subprocess.Popen
     log_path: Path
     ready_path: str
+    grpc_address: str | None = None  # host:port of OIP v2 over gRPC (normfuse, triton), None where none
 
 
 def _command(kind: str, port: int, *, onnx: str | None, model: str | None, repo: str | None,
              threads: int | None, max_batch_size: int, max_queue_delay_ms: float) -> list[str]:
     if kind == "normfuse":
         return [sys.executable, "-m", "normfuse.cli", "serve", "--repo", str(repo), "--host", "127.0.0.1",
-                "--port", str(port)]
+                "--port", str(port), "--grpc-port", str(port + 1)]
     cmd = [sys.executable, "-m", PEERS[kind], "--onnx", str(onnx), "--model", str(model), "--port", str(port),
            "--max-batch-size", str(max_batch_size), "--max-queue-delay-ms", str(max_queue_delay_ms)]
     return cmd + (["--threads", str(threads)] if threads else [])
@@ -73,7 +74,6 @@ def start(kind: str, *, log_dir: Path, onnx: str | None = None, model: str | Non
     leaves a setting at `normfuse serve`'s default (the peers need numbers)."""
     if kind not in READY_PATH:
         raise ValueError(f"unknown server kind {kind!r}; expected one of {', '.join(READY_PATH)}")
-    port = free_port(3 if kind == "triton" else 1)
     child_env = {**os.environ, **(env or {})}
     if kind == "normfuse":
         chosen = {"NORMFUSE_MAX_BATCH_SIZE": max_batch_size, "NORMFUSE_MAX_QUEUE_DELAY_MS": max_queue_delay_ms}
@@ -84,19 +84,42 @@ def start(kind: str, *, log_dir: Path, onnx: str | None = None, model: str | Non
         libdir = sysconfig.get_config_var("LIBDIR") or ""
         child_env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, child_env.get("LD_LIBRARY_PATH")) if p)
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{kind}-{port}.log"
-    cmd = _command(kind, port, onnx=onnx, model=model, repo=repo, threads=threads,
-                   max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms)
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=child_env,
-                                   start_new_session=True)
-    server = Server(kind, f"http://127.0.0.1:{port}", process, log_path, READY_PATH[kind].format(model=model))
+    server = _launch(kind, lambda port: _command(kind, port, onnx=onnx, model=model, repo=repo, threads=threads,
+                                                 max_batch_size=max_batch_size,
+                                                 max_queue_delay_ms=max_queue_delay_ms),
+                     child_env, log_dir, READY_PATH[kind].format(model=model), ready_timeout)
     try:
-        asyncio.run(_wait(server, ready_timeout))
-        log.info("%s ready at %s (pid %d)", kind, server.base_url, process.pid)
+        log.info("%s ready at %s (pid %d)", kind, server.base_url, server.process.pid)
         yield server
     finally:
         stop(server)
+
+
+PORT_TAKEN = ("cannot listen on", "address already in use")  # normfuse's gRPC start, uvicorn's bind (errno 98)
+
+
+def _launch(kind: str, command, env: dict, log_dir: Path, ready_path: str, ready_timeout: float,
+            tries: int = 3) -> Server:
+    """`command(port)` started on free ports and waited for until ready; started again on other ports if one was
+    taken between choosing and binding it (by another process, or a client's ephemeral port)."""
+    for attempt in range(1, tries + 1):
+        port = free_port({"triton": 3, "normfuse": 2}.get(kind, 1))  # HTTP, then gRPC (and Triton's metrics)
+        log_path = log_dir / f"{kind}-{port}.log"
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(command(port), stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                       start_new_session=True)
+        server = Server(kind, f"http://127.0.0.1:{port}", process, log_path, ready_path,
+                        f"127.0.0.1:{port + 1}" if kind in ("normfuse", "triton") else None)
+        try:
+            asyncio.run(_wait(server, ready_timeout))
+            return server
+        except BaseException as exc:
+            stop(server)
+            if attempt == tries or not any(text in str(exc).lower() for text in PORT_TAKEN):
+                raise
+            log.warning("%s: a port of %d..%d was taken before the server bound it; trying other ports", kind,
+                        port, port + 2)
+    raise AssertionError("unreachable")
 
 
 async def _wait(server: Server, timeout: float) -> None:

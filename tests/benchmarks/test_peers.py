@@ -25,3 +25,25 @@ def test_peer_answers_what_the_engine_answers(kind, tiny_onnx, tmp_path):
             got = codec.decode_response(response.content, response.headers.get(codec.HEADER_LENGTH))[1]["y"]
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert s.process.poll() is not None  # stopped on exit
+
+
+def test_a_server_whose_port_was_taken_is_started_again_on_other_ports(tmp_path):
+    """A port chosen free can be taken before the server binds it (by another process, or a client's ephemeral
+    port): launch starts the server again on other ports; any other failure is raised at once."""
+    import sys
+
+    marker = tmp_path / "tried"
+    taken_once = (f"import pathlib, sys; m = pathlib.Path({str(marker)!r})\n"
+                  "if not m.exists(): m.touch(); sys.exit('gRPC cannot listen on 127.0.0.1:1 (address already in use)')\n"
+                  "import http.server; http.server.test(http.server.SimpleHTTPRequestHandler, port=int(sys.argv[1]), "
+                  "bind='127.0.0.1')")
+    server = launch._launch("plain", lambda port: [sys.executable, "-c", taken_once, str(port)], {}, tmp_path, "/",
+                            30.0)
+    try:
+        assert httpx.get(server.base_url + "/", timeout=10).status_code == 200
+        assert marker.exists() and "already in use" not in server.log_path.read_text()  # the second try serves
+    finally:
+        launch.stop(server)
+    with pytest.raises(RuntimeError, match="broken"):
+        launch._launch("plain", lambda port: [sys.executable, "-c", "raise SystemExit('broken')"], {}, tmp_path, "/",
+                       30.0)

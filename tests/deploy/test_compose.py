@@ -104,6 +104,17 @@ def test_ports_default_to_loopback_and_mounts_exist():
     assert {v["target"]: v.get("read_only", False) for v in server["volumes"]} == {"/models": True}
 
 
+def test_server_publishes_rest_and_grpc_on_the_ports_it_serves():
+    from service.settings import Settings
+
+    server = resolved()["services"]["server"]
+    command = server["command"]
+    rest = int(command[command.index("--port") + 1])
+    grpc = int(command[command.index("--grpc-port") + 1]) if "--grpc-port" in command else \
+        int(server.get("environment", {}).get("NORMFUSE_GRPC_PORT", Settings.model_fields["grpc_port"].default))
+    assert {int(p["target"]): p["published"] for p in server["ports"]} == {rest: "8000", grpc: "8001"}
+
+
 def test_gpu_override_reserves_an_nvidia_gpu():
     services = resolved(files=(BASE, GPU))["services"]
     for name in ("convert", "server"):
@@ -144,13 +155,13 @@ def test_service_commands_are_valid_normfuse_invocations(service, files):
 # -- deploy/compose.test.yml: what `make docker-test` runs, and the only difference from production ------------
 
 TEST_OVERRIDE = ROOT / "deploy" / "compose.test.yml"
-TEST_PORTS = {"NORMFUSE_PORT": "18000", "PROMETHEUS_PORT": "19090"}
+TEST_PORTS = {"NORMFUSE_PORT": "18000", "NORMFUSE_GRPC_PORT": "18001", "PROMETHEUS_PORT": "19090"}
 TEST_SETTINGS = {"TEST_BASE_IMAGE": "normfuse-local/debian-python:bookworm",
                  "TEST_PROMETHEUS_CONFIG": str(ROOT / "deploy" / "prometheus" / "prometheus.yml"), **TEST_PORTS}
 # Per service, what the override may change beyond networking (network_mode, networks, ports), and why.
 OVERRIDABLE = {
     "convert": {"build"},                                 # local base image, local wheels, the CA bundle as a secret
-    "server": {"command", "healthcheck"},                 # 127.0.0.1:NORMFUSE_PORT instead of 0.0.0.0:8000
+    "server": {"command", "healthcheck"},                 # 127.0.0.1:NORMFUSE_PORT (and _GRPC_PORT), not 0.0.0.0:8000
     "prometheus": {"build", "image", "pull_policy", "command", "healthcheck", "volumes"},  # Debian's package
     "grafana": {"profiles"},                              # cannot be pulled here: left out
     "loadgen": {"command", "healthcheck"},                # the server on loopback instead of by service name
@@ -194,7 +205,8 @@ def test_the_test_override_changes_only_networking_and_local_sources():
                 for w in words]
 
     server = prod["services"]["server"]["command"]
-    server = [*server[: server.index("--host")], "--host", "127.0.0.1", "--port", port]
+    server = [*server[: server.index("--host")], "--host", "127.0.0.1", "--port", port,
+              "--grpc-port", TEST_PORTS["NORMFUSE_GRPC_PORT"]]  # host networking: not the host's 8001
     assert test["services"]["server"]["command"] == server
     for name in ("server", "loadgen"):
         assert test["services"][name]["healthcheck"] == {

@@ -91,6 +91,8 @@ def test_dashboard_shows_what_the_issue_asks_for():
     panel_with("normfuse_queue_depth")
     assert "sum by (code)" in exprs[panel_with("normfuse_requests_total", 'code!~"2.."')]  # errors by code
     panel_with("requests_shed")
+    panel_with("normfuse_requests_total", "by (protocol")  # REST and gRPC traffic apart
+    panel_with("normfuse_request_duration_seconds_bucket", "le, protocol")
 
 
 def test_model_variable_lists_served_models():

@@ -45,8 +45,11 @@ def engine(tmp_path_factory):
 def stack(engine, tmp_path_factory):
     """The project, built (cached layers make a rebuild seconds), torn down at the end whatever happened."""
     work = tmp_path_factory.mktemp("stack")
-    # NORMFUSE_PORT / PROMETHEUS_PORT choose them (checked free before `up`); by default any free ones
+    # NORMFUSE_PORT / NORMFUSE_GRPC_PORT / PROMETHEUS_PORT choose them (checked free before `up`); by default any
+    # free ones (the tests' environment sets NORMFUSE_GRPC_PORT=0, gRPC off, which the stack does not take)
+    grpc_port = os.environ.get("NORMFUSE_GRPC_PORT", "0")
     ports = {"server": int(os.environ.get("NORMFUSE_PORT") or free_port()),
+             "server gRPC": int(grpc_port) if grpc_port != "0" else free_port(),
              "prometheus": int(os.environ.get("PROMETHEUS_PORT") or free_port())}
     config = render_test_config(work / "prometheus.yml", target=f"127.0.0.1:{ports['server']}",
                                 self_target=f"127.0.0.1:{ports['prometheus']}")
@@ -55,7 +58,8 @@ def stack(engine, tmp_path_factory):
     work.chmod(0o755)
     dockerkit.ensure_local_base()
     stack = Stack(work, "normfuse-dockertest", NORMFUSE_PORT=str(ports["server"]),
-                  PROMETHEUS_PORT=str(ports["prometheus"]), TEST_PROMETHEUS_CONFIG=str(config))
+                  NORMFUSE_GRPC_PORT=str(ports["server gRPC"]), PROMETHEUS_PORT=str(ports["prometheus"]),
+                  TEST_PROMETHEUS_CONFIG=str(config))
     stack.ports = ports
     stack.down()  # what a run killed midway (SIGKILL, power loss) may have left
     try:
@@ -186,6 +190,13 @@ def test_smoke_through_the_published_ports(running):
         inp.set_data_from_numpy(x)
         results[version] = client.infer(MODEL, [inp], model_version=version).as_numpy(output)
     client.close()
+    import tritonclient.grpc as triton_grpc  # the same server over OIP v2 on gRPC, on its own port
+
+    with triton_grpc.InferenceServerClient(f"127.0.0.1:{running.ports['server gRPC']}") as grpc_client:
+        inp = triton_grpc.InferInput(spec["name"], list(x.shape), spec["datatype"])
+        inp.set_data_from_numpy(x)
+        assert grpc_client.is_server_ready()
+        np.testing.assert_allclose(grpc_client.infer(MODEL, [inp]).as_numpy(output), results[""], rtol=1e-5, atol=1e-6)
     assert results[""].shape == (2, 10)
     np.testing.assert_allclose(results[versioned], results[""], rtol=1e-3, atol=1e-4)  # an exact rewrite
     samples = metrics(running)

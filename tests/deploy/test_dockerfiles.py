@@ -15,7 +15,10 @@ import sys
 import pytest
 import tomllib
 
+from service.settings import Settings
 from tests.deploy.promkit import ROOT
+
+GRPC_DEFAULT = Settings.model_fields["grpc_port"].default  # `normfuse serve` serves gRPC here unless told otherwise
 
 DOCKERFILES = {"cpu": ROOT / "deploy" / "Dockerfile.cpu", "gpu": ROOT / "deploy" / "Dockerfile.gpu"}
 SOURCE_PACKAGES = ("normfuse", "convert", "engines", "service", "benchmarks")
@@ -97,7 +100,8 @@ def test_healthcheck_probes_readiness_on_the_served_port(kind):
     port = cmd[cmd.index("--port") + 1]
     assert f"127.0.0.1:{port}/v2/health/ready" in health
     exposed = [p for word, rest in instructions(kind) if word == "EXPOSE" for p in rest.split()]
-    assert port in exposed
+    grpc_port = cmd[cmd.index("--grpc-port") + 1] if "--grpc-port" in cmd else str(GRPC_DEFAULT)
+    assert exposed == [port, grpc_port]  # OIP v2 over HTTP, then over gRPC
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"  # reachable from other containers
 
 

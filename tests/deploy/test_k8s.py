@@ -128,8 +128,10 @@ def test_selectors_and_targets_match_the_server_pods(overlay):
     assert pdb["spec"].get("maxUnavailable", 0) >= 1 or pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
 
     ports = {p["name"]: p["containerPort"] for p in container(deployment, "server")["ports"]}
-    (service_port,) = service["spec"]["ports"]
-    assert service_port["targetPort"] in ports
+    service_ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert set(service_ports) == {"http", "grpc"}  # OIP v2 over REST and over gRPC
+    assert all(p["targetPort"] in ports for p in service_ports.values())
+    assert service_ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"  # gRPC: HTTP/2 in plaintext
 
     # every volume a container mounts exists, and the repository claim is the rendered PVC
     claim = one(objects, "PersistentVolumeClaim")["metadata"]["name"]
@@ -237,7 +239,12 @@ def test_commands_parse_with_the_normfuse_cli(overlay):
     argv = expand(serve["command"], container_env(objects, serve))
     args = parser.parse_args(argv[1:])
     assert (args.command, args.repo, args.host) == ("serve", "/models", "0.0.0.0")
-    assert args.port == {p["name"]: p["containerPort"] for p in serve["ports"]}["http"]
+    ports = {p["name"]: p["containerPort"] for p in serve["ports"]}
+    assert int(args.port) == ports["http"]  # the flags are strings; Settings converts them
+    from service.settings import Settings
+
+    grpc_port = args.grpc_port or container_env(objects, serve).get("NORMFUSE_GRPC_PORT")
+    assert int(grpc_port or Settings.model_fields["grpc_port"].default) == ports["grpc"]  # the port gRPC serves
     assert {m["mountPath"]: m.get("readOnly", False) for m in serve["volumeMounts"]}["/models"] is True
 
 

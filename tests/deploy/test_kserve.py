@@ -288,9 +288,15 @@ def test_kserve_predictor_conventions(path):
     assert flag(args, "--repo") == MODEL_DIR
     port = int(flag(args, "--port"))
     assert port == 8080 and flag(args, "--host") == "0.0.0.0"
-    assert [p["containerPort"] for p in container["ports"]] == [port]
-    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": port}
+    (exposed,) = container["ports"]  # Knative: one port per revision; its name says the protocol
+    if exposed["name"] == "h2c":  # the gRPC form: the gRPC port is exposed, HTTP stays in the pod
+        assert exposed["containerPort"] == int(flag(args, "--grpc-port")) != port
+        for kind, path in (("readinessProbe", "/v2/health/ready"), ("livenessProbe", "/v2/health/live")):
+            assert f"'http://127.0.0.1:{port}{path}'" in container[kind]["exec"]["command"][-1], kind
+    else:
+        assert (exposed["name"], exposed["containerPort"]) == ("http1", port)
+        assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port}
+        assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": port}
     assert run.annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
     assert run.annotations["prometheus.kserve.io/port"] == str(port)
     assert run.annotations["prometheus.kserve.io/path"] == "/metrics"
@@ -307,7 +313,7 @@ def test_container_commands_parse_with_the_real_cli():
         container = predictor_of(load(path)).container
         assert container["command"][0] == "normfuse", path
         args = parser.parse_args([*container["command"][1:], *container["args"]])
-        assert args.command == "serve" and args.port == 8080 and args.repo == MODEL_DIR, path
+        assert args.command == "serve" and int(args.port) == 8080 and args.repo == MODEL_DIR, path
 
 
 @pytest.mark.parametrize("path", SERVICE_PATHS, ids=path_id)
@@ -376,10 +382,10 @@ def _repo_with(tmp_path: Path, fused: str) -> Path:
     return repo
 
 
-def _command(container: dict, repo: Path, port: int) -> list[str]:
-    """The container's command + args, with the repository, bind address and port substituted (nothing else)."""
+def _command(container: dict, repo: Path, port: int, grpc_port: int = 0) -> list[str]:
+    """The container's command + args, with the repository, bind address and ports substituted (nothing else)."""
     argv = [*container["command"], *container["args"]]
-    substitutes = {"--repo": str(repo), "--host": "127.0.0.1", "--port": str(port)}
+    substitutes = {"--repo": str(repo), "--host": "127.0.0.1", "--port": str(port), "--grpc-port": str(grpc_port)}
     argv = [substitutes.get(argv[i - 1], a) if i else a for i, a in enumerate(argv)]
     executable = ROOT / ".venv/bin/normfuse"
     return [str(executable)] + argv[1:] if executable.exists() else [sys.executable, "-m", "normfuse.cli", *argv[1:]]
@@ -390,7 +396,34 @@ def _env(container: dict, repo: Path) -> dict[str, str]:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("NORMFUSE_")}, **env_of(container)}
     if "STORAGE_URI" in env:
         env["STORAGE_URI"] = str(repo)
+    env.setdefault("NORMFUSE_GRPC_PORT", "0")  # not Triton's fixed 8001 here: a --grpc-port gets a free port
     return {**env, "NORMFUSE_LOG_LEVEL": "warning"}
+
+
+def _probe_paths(container: dict, port: int) -> dict[str, str]:
+    """Readiness and liveness: the path each probes, whether by httpGet or by a command fetching the HTTP port."""
+    paths = {}
+    for kind in ("readinessProbe", "livenessProbe"):
+        probe = container[kind]
+        if "httpGet" in probe:
+            paths[kind] = probe["httpGet"]["path"]
+        else:
+            paths[kind] = re.search(rf"http://127\.0\.0\.1:{port}(/[\w/]+)", probe["exec"]["command"][-1])[1]
+    return paths
+
+
+def _infer_grpc(address: str, model: str, version: str | None) -> tuple[str, np.ndarray, np.ndarray]:
+    import tritonclient.grpc as triton
+
+    x = np.array([[1, 2, 3, 4], [0, -1, 2, 5]], dtype=np.float32)
+    client = triton.InferenceServerClient(address)
+    try:
+        tensor = triton.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        result = client.infer(model, [tensor], model_version=version or "")
+        return result.get_response().model_version, x, result.as_numpy("y")
+    finally:
+        client.close()
 
 
 def _infer(url: str, model: str, version: str | None) -> tuple[str, np.ndarray, np.ndarray]:
@@ -416,15 +449,19 @@ def test_the_container_serves_the_default_it_claims_and_unfused_as_a_version(pat
     container = predictor_of(load(path)).container
     claimed, fused = default_of(path), default_of(MAIN)
     repo = _repo_with(tmp_path, fused)
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
-    probes = {kind: container[kind]["httpGet"]["path"] for kind in ("readinessProbe", "livenessProbe")}
-    with running(_command(container, repo, port), ready_url=url + probes["readinessProbe"],
+    probes = _probe_paths(container, int(flag(container["args"], "--port")))
+    (exposed,) = container["ports"]
+    # the exposed port's protocol: HTTP/1.1 (http1) or gRPC (h2c)
+    infer = functools.partial(_infer_grpc, f"127.0.0.1:{grpc_port}") if exposed["name"] == "h2c" else \
+        functools.partial(_infer, url)
+    with running(_command(container, repo, port, grpc_port), ready_url=url + probes["readinessProbe"],
                  log_path=tmp_path / "server.log", env=_env(container, repo)):
         for probe in probes.values():
             assert httpx.get(url + probe, timeout=5).status_code == 200, probe
         for version, answered_by in ((None, claimed), (UNFUSED, UNFUSED), (fused, fused)):
-            served, x, y = _infer(url, MODEL, version)
+            served, x, y = infer(MODEL, version)
             assert served == answered_by, f"version {version!r}"
             np.testing.assert_array_equal(y, expected(x))
         assert f'variant="{claimed}"' in httpx.get(url + "/metrics", timeout=5).text

@@ -170,9 +170,12 @@ def test_rules_and_dashboard_queries_return_data(tmp_path):
         # Both variants compute x @ W from the same ONNX file: the shadow parity error is exactly 0.
         error = instant_query(prometheus, "normfuse:shadow_abs_error:p99_1m")
         assert [s["metric"]["variant"] for s in error] == ["affine"] and finite_values(error) == [0.0]
-        # Bad requests count as errors by code; expired ones as shed, for each variant.
+        # Bad requests count as errors by code; expired ones (504: their own queue timeout) as shed, per variant.
         codes = {s["metric"]["code"] for s in instant_query(prometheus, "normfuse:requests:rate1m")}
         assert codes >= {"200", "400", "504"}, codes
+        # All of this traffic came over REST: the by-protocol rule says so.
+        protocols = instant_query(prometheus, "normfuse:requests_by_protocol:rate1m")
+        assert {s["metric"]["protocol"] for s in protocols} == {"http"}, protocols
         shed = instant_query(prometheus, "normfuse:requests_shed:ratio_1m")
         assert sorted(s["metric"]["variant"] for s in shed) == sorted(variants)
         assert all(0 < v < 1 for v in finite_values(shed)) and len(finite_values(shed)) == 2, shed

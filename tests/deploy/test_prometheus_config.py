@@ -125,6 +125,22 @@ def test_rules_cover_what_the_issue_asks_for():
     assert "normfuse:shadow_latency_ratio:p50_1m" in names  # paired shadow ratio
     assert "normfuse:batch_size:mean_1m" in names
     assert "normfuse:requests_shed:ratio_1m" in names
+    assert "normfuse:requests_by_protocol:rate1m" in names  # REST and gRPC traffic apart
+
+
+def test_only_series_with_a_protocol_label_are_split_by_it():
+    """protocol (http | grpc) is on the request counter and the request histogram only; a rule or panel that
+    grouped another family by it would silently return nothing."""
+    metrics = Metrics()
+    assert "protocol" in metrics.requests._labelnames and "protocol" in metrics.request._labelnames
+    assert "protocol" not in metrics.compute._labelnames and "protocol" not in metrics.queue._labelnames
+    with_protocol = {"normfuse_requests_total", "normfuse_request_duration_seconds_bucket",
+                     "normfuse:requests_by_protocol:rate1m"}
+    exprs = [rule["expr"] for rule in load_rules()] + [t["expr"] for _, t in dashboard_targets(load_dashboard())]
+    split = [e for e in exprs if re.search(r"\bprotocol\b", e)]
+    assert split, "nothing shows requests by protocol"
+    for expr in split:
+        assert set(METRIC_NAME.findall(expr)) <= with_protocol, expr
 
 
 def test_dashboard_references_only_real_series():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import threading
 import time
 
 import httpx
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.service.repo_builder import BROKEN, MODEL, build_test_repo, expected
-from tests.service.server_process import Server
+from tests.service.server_process import Server, inflight, sigterm_with_requests_in_flight
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -85,12 +84,6 @@ def test_shadow_mode_and_compare(server):
     assert 'normfuse_shadow_abs_error_bucket{backend="onnxruntime",le="0.0",model="linear",variant="affine"}' in metrics
 
 
-def inflight(url: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("normfuse_inflight_requests{"))
-
-
 @pytest.fixture(scope="module")
 def slow_server(repo):
     # a long batching window: requests sit in the batcher's queue for 1.5 s
@@ -137,14 +130,7 @@ def test_sigterm_under_load_answers_every_accepted_request(slow_server):
         except httpx.HTTPError as exc:
             results[i] = exc
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(xs))]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 20
-    while inflight(srv.url) < len(xs) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert inflight(srv.url) == len(xs), "the requests never all reached the server"
-    srv.proc.send_signal(signal.SIGTERM)
+    threads = sigterm_with_requests_in_flight(srv, call, len(xs))
     for t in threads:
         t.join(60)
     code = srv.proc.wait(30)

@@ -7,8 +7,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+import httpx
 
 from tests.process import ROOT, free_port, start, stop
 
@@ -34,3 +40,23 @@ class Server:
     def stop(self) -> int:
         """SIGTERM, wait up to 30 s, then SIGKILL; the exit code."""
         return stop(self.proc)
+
+
+def inflight(url: str) -> float:
+    """normfuse_inflight_requests summed over every series: requests accepted and not yet answered."""
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("normfuse_inflight_requests{"))
+
+
+def sigterm_with_requests_in_flight(srv: Server, call: Callable[[int], None], n: int) -> list[threading.Thread]:
+    """call(0) … call(n-1) on threads; once all n are in flight in the server, SIGTERM it. The threads, running."""
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while inflight(srv.url) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert inflight(srv.url) == n, "the requests never all reached the server"
+    srv.proc.send_signal(signal.SIGTERM)
+    return threads

@@ -118,7 +118,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(test_repo)
     assert stats["inference_count"] == 16
     assert stats["execution_count"] < 16  # batched: fewer engine runs than requests
     assert max(b["batch_size"] for b in stats["batch_stats"]) > 1
-    assert 'normfuse_requests_total{backend="onnxruntime",code="200",model="linear",variant="affine"} 16.0' in metrics
+    assert 'normfuse_requests_total{backend="onnxruntime",code="200",model="linear",protocol="http",variant="affine"} 16.0' in metrics
     assert "normfuse_batch_size_bucket" in metrics and "normfuse_engine_info" in metrics
 
 

@@ -76,8 +76,8 @@ def test_queue_full_timeout_and_engine_failure(test_repo):
     ran = sorted(v for e in engines for v in e.seen if v != 0.0)  # 0.0: warm-up rows
     assert ran == [POISON, 1.0, 3.0, 5.0], ran  # the expired (2) and the rejected (4) requests never ran
     assert 'normfuse_dropped_requests_total{backend="fake",model="linear",reason="expired",variant="affine"} 1.0' in metrics
-    assert 'code="503",model="linear",variant="affine"} 1.0' in metrics
-    assert 'code="504",model="linear",variant="affine"} 1.0' in metrics
+    assert 'code="503",model="linear",protocol="http",variant="affine"} 1.0' in metrics
+    assert 'code="504",model="linear",protocol="http",variant="affine"} 1.0' in metrics
 
 
 def test_every_variant_is_warmed_up_at_every_configured_batch_size_before_ready(test_repo):

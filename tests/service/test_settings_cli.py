@@ -105,3 +105,35 @@ def test_serve_with_the_torch_backend_and_intra_op_threads(test_repo):
     np.testing.assert_array_equal(np.array(r.json()["outputs"][0]["data"], np.float32).reshape(2, 3), expected(x))
     assert meta["platform"] == "pytorch_libtorch" and meta["backend"] == "pytorch"
     assert meta["default_model_filename"] == "model.pt" and meta["instance_group"][0]["kind"] == "KIND_CPU"
+
+
+def test_grpc_port_defaults_to_tritons_8001_reads_the_environment_and_the_flag(monkeypatch, tmp_path):
+    monkeypatch.delenv("NORMFUSE_GRPC_PORT", raising=False)  # tests/conftest.py turns gRPC off for the suite
+    assert Settings(repo=tmp_path).grpc_port == 8001
+    monkeypatch.setenv("NORMFUSE_GRPC_PORT", "0")  # 0: no gRPC
+    assert Settings(repo=tmp_path).grpc_port == 0
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    assert cli.build_settings(parser.parse_args(["serve", "--repo", str(tmp_path), "--grpc-port", "9101"])).grpc_port == 9101
+    with pytest.raises(ValidationError):
+        Settings(repo=tmp_path, grpc_port=70000)
+
+
+def test_a_grpc_port_in_use_stops_the_start_with_a_clear_error(test_repo):
+    import asyncio
+    import socket
+
+    from service.app import create_app
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        app = create_app(Settings(repo=test_repo, grpc_port=taken.getsockname()[1], warmup_batch_sizes=[]))
+
+        async def start():
+            async with app.router.lifespan_context(app):
+                pass
+
+        with pytest.raises(RuntimeError, match="gRPC cannot listen on 127.0.0.1:.*--grpc-port"):
+            asyncio.run(start())
+    assert app.state.ready is False
