@@ -1,14 +1,18 @@
-"""Convert: rewrite a trained model's normalization layers into cheaper exact forms, prove it, export it."""
+"""Convert: rewrite a trained model's normalization layers into cheaper exact forms, prove it, export it.
 
-from convert.rewrites import EXACT_VARIANTS, REWRITES, NotApplicable, rewrite
+The public names are imported on first use (PEP 562), so `normfuse convert --help` and the other commands that
+only register their flags do not pay for importing torch.
+"""
+
+import importlib
 
 __all__ = ["EXACT_VARIANTS", "REWRITES", "NotApplicable", "rewrite", "verify"]
 
+_LAZY = {"EXACT_VARIANTS": "convert.rewrites", "REWRITES": "convert.rewrites", "NotApplicable": "convert.rewrites",
+         "rewrite": "convert.rewrites", "verify": "convert.verify"}
+
 
 def __getattr__(name: str):
-    # `convert.verify` is the comparison function of convert/verify.py (imported lazily: it pulls numpy-heavy code)
-    if name == "verify":
-        from convert.verify import verify
-
-        return verify
-    raise AttributeError(name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'convert' has no attribute {name!r}")

@@ -50,3 +50,9 @@ def test_invalid_settings_one_line_each(tmp_path):
     assert bad.returncode == 2 and len(lines) == 3 and "Traceback" not in bad.stderr, bad.stderr
     assert lines[1].startswith("  --port / NORMFUSE_PORT = 70000: ") and "65535" in lines[1]
     assert lines[2].startswith("  --max-batch-size / NORMFUSE_MAX_BATCH_SIZE = 'x': ") and "integer" in lines[2]
+
+
+def test_convert_help_without_heavy_imports():
+    out = imported_by(["convert", "--help"])
+    assert "HEAVY []" in out, out[-2000:]
+    assert "--variants" in out and "--repo" in out
