@@ -38,7 +38,9 @@ from convert.export import (
     lost_fusions,
     ort_session,
 )
+from convert.lossy import LOSSY_VARIANTS
 from convert.models import Source, load_source
+from convert.quantize import Int8Options
 from convert.rewrites import BENCHMARK_ONLY, EXACT_VARIANTS
 from engines.manifest import Manifest, VariantInfo, file_ref, write_manifest
 
@@ -62,6 +64,8 @@ class ConvertOptions:
     progress: bool = True
     max_batch_size: int = 32
     tools: dict[str, str] = field(default_factory=dict)
+    int8: Int8Options | None = None     # calibration + accuracy gate of the lossy variants (None: defaults)
+    allow_lossy_default: bool = False   # a gated lossy variant (int8) may become default_variant
 
 
 def convert(source: str | Source, name: str, repo: str | Path, options: ConvertOptions | None = None) -> Manifest:
@@ -74,7 +78,7 @@ def convert(source: str | Source, name: str, repo: str | Path, options: ConvertO
         src = source if isinstance(source, Source) else load_source(source, progress=options.progress)
         built, not_applicable = {}, {}
         bar = tqdm(names, desc="rewrite/verify/export", unit="variant", disable=not options.progress)
-        context = Context(src, staging, options.samples, options.threads, options.torch_artifacts)
+        context = Context(src, staging, options.samples, options.threads, options.torch_artifacts, options.int8)
         try:
             for variant in bar:
                 bar.set_postfix_str(variant)
@@ -91,14 +95,14 @@ def convert(source: str | Source, name: str, repo: str | Path, options: ConvertO
                 context.reference = None
                 release_memory()
                 default = benchmark(context, built, options.benchmark_rounds, options.benchmark_batch,
-                                    progress=options.progress)
+                                    progress=options.progress, allow_lossy=options.allow_lossy_default)
         finally:
             context.weights.close()  # the caller's Source gets its model's weights back
         manifest = Manifest(
             name=name, source=str(source if not isinstance(source, Source) else source.name), task=src.task,
             tools=tool_versions() | options.tools, inputs=src.inputs, outputs=src.outputs,
             max_batch_size=options.max_batch_size, variants=built, not_applicable=not_applicable,
-            default_variant=default,
+            default_variant=default, allow_lossy_default=options.allow_lossy_default,
         )
         write_manifest(staging, manifest)
         move_into_place(staging, repo / name)
@@ -113,10 +117,10 @@ def requested_variants(options: ConvertOptions) -> list[str]:
         names += [v for v in BENCHMARK_ONLY if v not in names]
     if "unfused" in names:
         names.remove("unfused")
-    unknown = [v for v in names if v not in (*EXACT_VARIANTS, *BENCHMARK_ONLY)]
+    known = (*EXACT_VARIANTS, *BENCHMARK_ONLY, *LOSSY_VARIANTS)
+    unknown = [v for v in names if v not in known]
     if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; expected some of unfused, "
-                         f"{', '.join((*EXACT_VARIANTS, *BENCHMARK_ONLY))}")
+        raise ValueError(f"unknown variant(s) {unknown}; expected some of unfused, {', '.join(known)}")
     return ["unfused", *names]  # unfused is always built: it is the reference and the fallback default
 
 
@@ -291,6 +295,7 @@ class Context:
     samples: int
     threads: int | None
     torch_artifacts: bool
+    int8: Int8Options | None = None
 
     def __post_init__(self) -> None:
         import torch
@@ -337,9 +342,12 @@ def build_variant(ctx: Context, variant: str, not_applicable: dict[str, str]) ->
     """Rewrite, verify, export and census one variant; None (with the reason recorded) when it cannot be built."""
     from convert.rewrites import NotApplicable
 
+    from convert.lossy import build_lossy
+    from convert.quantize import QuantizationError
+
     try:
-        return _build(ctx, variant)
-    except NotApplicable as exc:
+        return (build_lossy if variant in LOSSY_VARIANTS else _build)(ctx, variant)
+    except (NotApplicable, QuantizationError) as exc:
         log.info("variant %s does not apply: %s", variant, exc)
         not_applicable[variant] = str(exc)
     except ImportError as exc:  # the rewrite's module is not part of this installation
@@ -419,7 +427,8 @@ BUDGET_S = 6.0  # seconds per (unfused, variant) pair; fewer rounds (at least 3)
 BOTH_SESSIONS_MAX_BYTES = 256 * 1024**2  # two ONNX files at most this large are benchmarked with both sessions open
 
 
-def benchmark(ctx: Context, built: dict[str, VariantInfo], rounds: int, batch: int, *, progress: bool) -> str:
+def benchmark(ctx: Context, built: dict[str, VariantInfo], rounds: int, batch: int, *, progress: bool,
+              allow_lossy: bool = False) -> str:
     """Time unfused against each other variant, interleaved (A B, B A, ...); return the default variant.
 
     The order A B B A A B ... runs each model twice in a row, so when the two ONNX files together are over
@@ -455,7 +464,8 @@ def benchmark(ctx: Context, built: dict[str, VariantInfo], rounds: int, batch: i
                                      f"ort_cpu_b{batch}_win_rate": wins[variant]}
     bar.close()
     built["unfused"].latency_ms = {f"ort_cpu_b{batch}_median": statistics.median(baseline_times) * 1e3}
-    faster = [v for v in others if built[v].servable and ratios[v] <= 1 - NOISE and wins[v] >= 0.75]
+    faster = [v for v in others if built[v].servable and (built[v].exact or allow_lossy)
+              and ratios[v] <= 1 - NOISE and wins[v] >= 0.75]
     log.info("benchmark ratios vs unfused: %s", {v: round(r, 3) for v, r in ratios.items()})
     return min(faster, key=ratios.__getitem__) if faster else "unfused"
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -62,6 +62,28 @@ class Parity(BaseModel):
     needed: dict[str, float] = Field(description="the tolerances this comparison actually needed")
 
 
+class Accuracy(BaseModel):
+    """A lossy variant's accuracy record against `unfused` on held-out data, and the gate it had to pass."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+    passed: bool = Field(description="met every threshold of `gate`; only then is the variant served")
+    reference: str = Field(description="what it was compared against, e.g. 'onnxruntime cpu unfused fp32'")
+    samples: int = Field(description="held-out inputs (disjoint from the calibration inputs)")
+    rel_l2: float
+    cosine: float
+    top1_agreement: float | None = Field(None, description="share of positions whose argmax equals unfused's")
+    task: dict[str, float] = Field(default_factory=dict,
+                                   description="task metric where the source has labels, e.g. test_accuracy and "
+                                               "unfused_test_accuracy")
+    gate: dict[str, float] = Field(description="thresholds, e.g. {'min_top1_agreement': 0.99, 'min_cosine': 0.999}")
+    failed: list[str] = Field(default_factory=list, description="which thresholds were missed, with the figures")
+    calibration: dict[str, Any] = Field(default_factory=dict, description="what the ranges were calibrated on")
+    quantization: dict[str, Any] = Field(default_factory=dict, description="tool, format, what stayed in float")
+    smoothing: dict[str, Any] | None = Field(None, description="the reparameterization: norms smoothed, and the "
+                                                               "norms left alone with the reason")
+
+
 class VariantInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -75,11 +97,14 @@ class VariantInfo(BaseModel):
     op_census: dict[str, int] = Field(default_factory=dict, description="ops after ORT graph optimization")
     flags: list[str] = Field(default_factory=list, description="warnings, e.g. 'lost-fusion:SkipLayerNormalization'")
     latency_ms: dict[str, float] = Field(default_factory=dict, description="conversion-time benchmark medians")
+    accuracy: Accuracy | None = Field(None, description="lossy variants (exact: false): the record its gate judged")
 
     @model_validator(mode="after")
     def _servable_needs_parity(self) -> VariantInfo:
         if self.servable and (self.benchmark_only or not all(p.passed for p in self.parity)):
             raise ValueError(f"variant {self.name!r}: servable requires every parity check to pass")
+        if self.servable and not self.exact and not (self.accuracy and self.accuracy.passed):
+            raise ValueError(f"variant {self.name!r}: a lossy variant is servable only with a passed accuracy gate")
         return self
 
 
@@ -98,12 +123,17 @@ class Manifest(BaseModel):
     variants: dict[str, VariantInfo]
     not_applicable: dict[str, str] = Field(default_factory=dict, description="variant -> why it was refused")
     default_variant: str
+    allow_lossy_default: bool = Field(False, description="converted with --allow-lossy-default: a gated lossy "
+                                                         "variant may be the default")
 
     @model_validator(mode="after")
     def _default_is_servable(self) -> Manifest:
         default = self.variants.get(self.default_variant)
         if default is None or not default.servable:
             raise ValueError(f"default_variant {self.default_variant!r} must name a servable variant")
+        if not default.exact and not self.allow_lossy_default:
+            raise ValueError(f"default_variant {self.default_variant!r} is lossy (exact: false); it can be the "
+                             "default only when converted with --allow-lossy-default")
         return self
 
     def servable(self) -> list[str]:

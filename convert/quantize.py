@@ -1,0 +1,146 @@
+"""Static int8 quantization of an exported ONNX model with ONNX Runtime's quantization tool, and its accuracy.
+
+    fp32 model.onnx -> quant_pre_process (shape inference + graph clean-up) -> quantize_static:
+    QDQ format, int8 weights per output channel (symmetric), uint8 activations per tensor (asymmetric,
+    MinMax ranges from calibration batches)
+
+Only the linear layers are quantized: MatMul/Gemm nodes whose weight is an initializer (the exported
+nn.Linear / Conv1D). LayerNormalization, Softmax and the attention's activation×activation MatMuls stay in
+float, as do every other op. Whether that holds accuracy is what the `smoothed` reparameterization is for
+(convert.rewrites.smooth); this module is the library glue and the measurement, nothing norm-specific.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+LINEAR_OPS = ("MatMul", "Gemm")
+QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeLinear")
+
+
+class QuantizationError(RuntimeError):
+    """The model could not be quantized (no linear layer, calibration failed, ...); the message says why."""
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """How the int8 variants are calibrated and gated (CLI: --int8-*)."""
+
+    alpha: float = 0.5  # SmoothQuant's migration strength: 0 = all on the weights' side ... 1 = all on activations'
+    method: str = "smoothquant"  # or "repq" (RepQ-ViT's range-based scale)
+    min_agreement: float = 0.99  # gate: top-1 (argmax) agreement with unfused on held-out data
+    min_cosine: float = 0.999  # gate: cosine similarity of all outputs with unfused
+    calibration_samples: int = 64  # calibration inputs (disjoint from the held-out evaluation inputs)
+    eval_samples: int = 256  # held-out inputs the accuracy record is measured on (capped by output size)
+    calibration_batch: int = 8
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--int8-alpha", self.alpha), ("--int8-min-agreement", self.min_agreement),
+                            ("--int8-min-cosine", self.min_cosine)):
+            if not (isinstance(value, int | float) and 0.0 <= value <= 1.0) or math.isnan(value):
+                raise ValueError(f"{flag} must be a number in [0, 1], got {value!r}")
+        if self.method not in ("smoothquant", "repq"):
+            raise ValueError(f"--int8-method must be smoothquant or repq, got {self.method!r}")
+        if self.calibration_samples < 1 or self.eval_samples < 2:
+            raise ValueError("--int8-calibration needs >= 1 sample and the evaluation >= 2")
+
+
+def linear_nodes(model) -> list[str]:
+    """Names of the MatMul/Gemm nodes whose second input is a weight (an initializer): the linear layers."""
+    weights = {init.name for init in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type in LINEAR_OPS and len(n.input) > 1 and n.input[1] in weights]
+
+
+class _Reader:
+    """onnxruntime.quantization.CalibrationDataReader over a list of input batches."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self._batches: Iterator[dict[str, np.ndarray]] = iter(batches)
+
+    def get_next(self):
+        return next(self._batches, None)
+
+    def rewind(self) -> None:  # part of the interface in recent ORT releases; one pass is all MinMax needs
+        pass
+
+
+def quantize_onnx(fp32: Path, out: Path, calibration: list[dict[str, np.ndarray]]) -> dict:
+    """Write the QDQ int8 model of `fp32` to `out`; return what was quantized (for the manifest)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not calibration:
+        raise QuantizationError("no calibration batches")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="normfuse-int8-", dir=out.parent) as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        nodes = linear_nodes(onnx.load(str(pre), load_external_data=False))
+        if not nodes:
+            raise QuantizationError("the model has no linear layer (MatMul/Gemm with a weight) to quantize")
+        try:
+            quantize_static(
+                str(pre), str(out), _Reader(calibration), quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(LINEAR_OPS), nodes_to_quantize=nodes, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            )
+        except Exception as exc:  # noqa: BLE001 - the tool's own message says what failed
+            raise QuantizationError(f"calibration/quantization failed: {type(exc).__name__}: {exc}") from exc
+    quantized = onnx.load(str(out), load_external_data=False)
+    ops = Counter(n.op_type for n in quantized.graph.node)
+    if not ops.get("DequantizeLinear"):
+        raise QuantizationError("ONNX Runtime's quantizer left no quantized op in the model")
+    return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+            "weights": "int8 symmetric, per output channel", "activations": "uint8 asymmetric, per tensor (MinMax)",
+            "linear_layers": len(nodes), "calibration_batches": len(calibration),
+            "float_ops_kept": sorted({op for op in ops if op not in QUANT_OPS and op not in LINEAR_OPS}),
+            "qdq_nodes": {op: ops[op] for op in ("QuantizeLinear", "DequantizeLinear") if op in ops}}
+
+
+def batches(arrays: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    """Split keyword arrays into batches of `size` rows."""
+    rows = len(next(iter(arrays.values())))
+    return [{k: np.ascontiguousarray(v[i:i + size]) for k, v in arrays.items()} for i in range(0, rows, size)]
+
+
+def top1_agreement(reference: np.ndarray, candidate: np.ndarray) -> float | None:
+    """Share of positions (all leading axes) where the last-axis argmax agrees; None for one class."""
+    if reference.ndim < 1 or reference.shape[-1] < 2 or not reference.size:
+        return None
+    return float((np.argmax(reference, -1) == np.argmax(candidate, -1)).mean())
+
+
+def accuracy_figures(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float | None]:
+    """rel-L2 and cosine over all outputs, top-1 agreement of the first output."""
+    r = np.concatenate([a.astype(np.float64).ravel() for a in reference])
+    c = np.concatenate([a.astype(np.float64).ravel() for a in candidate])
+    if not (np.all(np.isfinite(r)) and np.all(np.isfinite(c))):
+        return {"rel_l2": math.inf, "cosine": -1.0, "top1_agreement": 0.0}
+    norm_r, norm_c = np.linalg.norm(r), np.linalg.norm(c)
+    cosine = float(np.dot(r, c) / (norm_r * norm_c)) if norm_r > 0 and norm_c > 0 else float(norm_r == norm_c)
+    return {"rel_l2": float(np.linalg.norm(r - c) / norm_r) if norm_r > 0 else float(np.linalg.norm(c) > 0),
+            "cosine": cosine, "top1_agreement": top1_agreement(reference[0], candidate[0])}
+
+
+def passes_gate(figures: dict, options: Int8Options) -> tuple[bool, list[str]]:
+    """(passed, what failed): top-1 agreement ≥ min_agreement (when defined) and cosine ≥ min_cosine."""
+    failed = []
+    agreement = figures.get("top1_agreement")
+    if agreement is not None and not agreement >= options.min_agreement:
+        failed.append(f"top-1 agreement {agreement:.4f} < {options.min_agreement}")
+    if not figures["cosine"] >= options.min_cosine:
+        failed.append(f"cosine {figures['cosine']:.6f} < {options.min_cosine}")
+    return not failed, failed
