@@ -95,7 +95,9 @@ def quantize_onnx(fp32: Path, out: Path, calibration: list[dict[str, np.ndarray]
                 op_types_to_quantize=list(LINEAR_OPS), nodes_to_quantize=nodes, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+                # the linear layers' outputs stay float (no Q/DQ pair before the bias Add or the residual)
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                               "OpTypesToExcludeOutputQuantization": list(LINEAR_OPS)},
             )
         except Exception as exc:  # noqa: BLE001 - the tool's own message says what failed
             raise QuantizationError(f"calibration/quantization failed: {type(exc).__name__}: {exc}") from exc

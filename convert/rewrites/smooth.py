@@ -200,3 +200,18 @@ def apply_scales(model: nn.Module, use: NormUse, s: torch.Tensor) -> None:
             raise NotApplicable(f"{site.module}.{site.weight} has an unknown layout {site.layout!r}")
         weight = getattr(model.get_submodule(site.module), site.weight)
         write_tensor(model, site.module, site.weight, scale_input_columns(weight, s.to(weight.device), site.layout))
+
+
+def inject_outliers(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None, *,
+                    channels: tuple[int, ...] = (0,), factor: float = 50.0) -> nn.Module:
+    """The stress model of the int8 benchmark: the same function, with outlier channels in every smoothable
+    norm's output (γ_j, β_j × factor; the readers' column j ÷ factor), as trained LLMs/ViTs show them.
+    Mutates and returns `model`; it is `apply_scales` with s_j = 1/factor on `channels`."""
+    eligible, _ = smoothable_norms(model, inputs)
+    if not eligible:
+        raise NotApplicable(f"{type(model).__name__}: no norm read only by linear layers to give outliers")
+    for use in eligible:
+        s = torch.ones(use.module.weight.shape[-1], dtype=torch.float64)
+        s[list(channels)] = 1.0 / factor
+        apply_scales(model, use, s)
+    return model

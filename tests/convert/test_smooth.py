@@ -109,3 +109,14 @@ def test_unknown_method_and_alpha_are_usage_errors():
         smooth(model, model.example_inputs(), method="magic")
     with pytest.raises(ValueError, match="alpha"):
         smooth(model, model.example_inputs(), alpha=-0.1)
+
+
+def test_outlier_injection_is_function_preserving_and_makes_outliers():
+    from convert.rewrites.smooth import inject_outliers
+
+    model = models.TinyViT().double()
+    inputs = {k: v.double() for k, v in model.example_inputs().items()}
+    stressed = inject_outliers(copy.deepcopy(model), inputs, channels=(3,), factor=100.0)
+    with torch.no_grad():
+        assert rel_l2(stressed(**inputs), model(**inputs)) <= 1e-10
+        assert stressed.norm.weight[3].abs() == pytest.approx(100 * model.norm.weight[3].abs().item())
