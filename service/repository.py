@@ -155,7 +155,7 @@ class Repository:
             if name != UNFUSED:
                 labels = servable.labels
                 servable.shadow = Shadow(entry.name, name, unfused.batcher, self.settings.shadow_rate,
-                                         lambda ratio, err, labels=labels: self._record_pair(labels, ratio, err))
+                                         lambda ratio, err, agree, labels=labels: self._record_pair(labels, ratio, err, agree))
 
     def _observe(self, servable: Servable, batch: Batch) -> None:
         labels, children = servable.labels, servable.children
@@ -166,10 +166,12 @@ class Repository:
         if servable.shadow is not None and servable.shadow.offer(batch) == "skipped":
             self.metrics.shadow_skipped.labels(**labels).inc()
 
-    def _record_pair(self, labels: dict[str, str], ratio: float, abs_error: float) -> None:
+    def _record_pair(self, labels: dict[str, str], ratio: float, abs_error: float, agreement: float | None = None) -> None:
         self.metrics.shadow_ratio.labels(**labels).observe(ratio)
         self.metrics.shadow_error.labels(**labels).observe(abs_error)
-        self.compare.add_pair(labels["model"], labels["variant"], ratio, abs_error)
+        if agreement is not None:
+            self.metrics.shadow_agreement.labels(**labels).observe(agreement)
+        self.compare.add_pair(labels["model"], labels["variant"], ratio, abs_error, agreement)
 
     def servables(self) -> list[Servable]:
         return [s for entry in self.models.values() for s in entry.variants.values()]

@@ -36,7 +36,8 @@ def model_config(repo: Repository, entry: ModelEntry, version: str | None) -> di
         },
         "instance_group": [{"name": f"{entry.name}_{servable.variant}", "kind": "KIND_CPU", "count": 1}],
         "default_model_filename": "model.onnx",
-        "parameters": {"variant": {"string_value": servable.variant}},
+        "parameters": {"variant": {"string_value": servable.variant},
+                       "exact": {"string_value": str(manifest.variants[servable.variant].exact).lower()}},
         "model_transaction_policy": {"decoupled": False},
     }
 
