@@ -144,6 +144,7 @@ class Repository:
         files = manifest.variants[variant].files
         info = {k: str(v) for k, v in engine.describe().items()}
         info["onnx_sha256"] = files["onnx"].sha256 if "onnx" in files else ""
+        info["exact"] = str(manifest.variants[variant].exact).lower()  # "false": a gated lossy variant (int8)
         self.metrics.engine.labels(**labels).info(info)
         return servable
 
