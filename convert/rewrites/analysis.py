@@ -1,10 +1,12 @@
 """Where the norms, their readers and the residual stream's writers are.
 
 A dataflow analysis of the ATen graph that `torch.export` produces, lifted back to modules through each
-node's `nn_module_stack`. Nothing here knows a model family's module names; norms are found by type.
+node's `nn_module_stack`. Nothing here knows a model family's module names or classes: norms are found
+by what they compute (`convert.rewrites.probe`), and a layer's bias is the one its op reads in the graph.
 
 - A norm's *readers* are the linear layers (nn.Linear, HF Conv1D, nn.MultiheadAttention's in_proj, any
-  `linear`/`addmm` on a parameter) that its output reaches through ops that do not mix the hidden axis.
+  `linear`/`addmm` on a parameter; an ungrouped, unpadded conv for a channels-first norm) that its output
+  reaches through ops that do not mix the hidden axis.
 - The *residual stream* is every tensor that flows into a norm's input through `add`, `cat` on another
   axis and such pass-through ops; its *writers* are where those paths start (linear/conv outputs,
   embedding lookups, parameters, model inputs). Anything else that writes or reads it is a *blocker*.
@@ -12,7 +14,6 @@ node's `nn_module_stack`. Nothing here knows a model family's module names; norm
 
 from __future__ import annotations
 
-import copy
 import inspect
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from torch import fx, nn
 
 from convert.rewrites import NotApplicable
 from convert.rewrites.math import IN_OUT, OUT_IN
+from convert.rewrites.probe import NormSpec, probe_norm
 
 aten = torch.ops.aten
 # ops that move data without mixing values along the hidden axis (the axis is re-derived from shapes)
@@ -29,6 +31,7 @@ _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
 _IDENTITY = {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
              aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.lift_fresh_copy.default}
 _ZEROS = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default}
+_ADDS = (aten.add.Tensor, aten.add_.Tensor)
 _IGNORED = {aten._assert_tensor_metadata.default, aten.sym_size.int, aten.sym_numel.default}
 
 
@@ -38,7 +41,7 @@ class LinearSite:
 
     module: str
     weight: str
-    bias: str
+    bias: str  # the bias the op reads; "" when it reads none and the module has no slot its forward reads
     layout: str  # OUT_IN (nn.Linear, Conv2d) or IN_OUT (HF Conv1D)
 
 
@@ -60,9 +63,10 @@ class Writer:
 class NormUse:
     name: str
     module: nn.Module
-    kind: str  # "layernorm" or "rmsnorm"
+    kind: str  # "layernorm", "rmsnorm", or "unknown" (norm-like, no exact form: see spec.problem)
     readers: list[LinearSite] = field(default_factory=list)
     blockers: list[str] = field(default_factory=list)  # why γ/β cannot be folded into the readers
+    spec: NormSpec | None = None  # what the probe found it computes (eps, channel axis, affine form)
 
 
 @dataclass
@@ -111,39 +115,25 @@ class Analysis:
 
 
 def norm_kind(module: nn.Module) -> str | None:
-    """'layernorm' / 'rmsnorm' for a normalization module with a per-channel affine, else None."""
-    if isinstance(module, nn.LayerNorm):
-        return "layernorm"
-    if isinstance(module, nn.RMSNorm):
-        return "rmsnorm"
-    has_eps = hasattr(module, "eps") or hasattr(module, "variance_epsilon")
-    if type(module).__name__.endswith("RMSNorm") and has_eps and isinstance(getattr(module, "weight", None), nn.Parameter):
-        return "rmsnorm"
-    return None
+    """'layernorm' / 'rmsnorm' for a module computing one (found by probing it), else None."""
+    spec = probe_norm(module)
+    return spec.kind if spec is not None and not spec.problem else None
 
 
 def norm_eps(module: nn.Module) -> float:
-    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
-    return torch.finfo(torch.float32).eps if eps is None else float(eps)
+    spec = probe_norm(module)
+    return spec.eps if spec is not None else torch.finfo(torch.float32).eps
 
 
 def computes_standard_norm(module: nn.Module) -> bool:
-    """Whether the module computes γ⊙x̂ + β with ε inside the root (not e.g. Gemma's (1+γ) or ε outside)."""
-    kind, weight = norm_kind(module), getattr(module, "weight", None)
-    bias = getattr(module, "bias", None) if kind == "layernorm" else None
-    width = weight.shape[-1] if weight is not None else module.normalized_shape[-1]
-    x = torch.randn(4, width, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3 + 1
-    x = x.to(weight.device if weight is not None else "cpu")
-    centred = x - x.mean(-1, keepdim=True) if kind == "layernorm" else x
-    expected = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + norm_eps(module))
-    expected = expected * (1 if weight is None else weight.double()) + (0 if bias is None else bias.double())
-    with torch.no_grad():
-        got = copy.deepcopy(module).double()(x)
-    return torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-6)
+    """Whether the module computes γ⊙x̂ + β (or x̂·(1+w)) over one channel axis with ε inside the root."""
+    spec = probe_norm(module)
+    return spec is not None and not spec.problem
 
 
-def find_norms(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if norm_kind(m)}
+def find_norms(model: nn.Module) -> dict[str, NormSpec]:
+    """Every norm-like module by name with what it computes (a spec with `problem` when no exact form fits)."""
+    return {name: spec for name, m in model.named_modules() if (spec := probe_norm(m)) is not None}
 
 
 def example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -178,9 +168,22 @@ def _builtin_inputs(model: nn.Module) -> dict:
     )
 
 
+def call_inputs(model: nn.Module, inputs: dict) -> dict:
+    """The keyword inputs as the rewrites call the model: the user's, with any key-value cache switched off
+    (Hugging Face decoders return a DynamicCache that torch.export cannot trace, whatever the config says)."""
+    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if parameter is not None:  # floating inputs follow the model's dtype and device (float32 pixels, float64 model)
+        inputs = {k: v.to(parameter.device, parameter.dtype if v.is_floating_point() else v.dtype)
+                  if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    parameters = inspect.signature(model.forward).parameters
+    if "use_cache" in parameters and "use_cache" not in inputs:
+        return {**inputs, "use_cache": False}
+    return dict(inputs)
+
+
 def analyse(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> Analysis:
     """Trace `model` and locate its norms, their readers, and the residual stream's writers."""
-    inputs = example_inputs(model) if inputs is None else inputs
+    inputs = call_inputs(model, example_inputs(model) if inputs is None else inputs)
     training = model.training
     try:  # traced in eval mode: the rewrite is of the inference function (dropout off)
         program = torch.export.export(model.eval(), args=(), kwargs=inputs, strict=False)
@@ -201,16 +204,17 @@ class _Graph:
                              **{k: ("buffer", v) for k, v in sig.inputs_to_buffers.items()},
                              **{k: ("constant", v) for k, v in sig.inputs_to_lifted_tensor_constants.items()},
                              **{k: ("input", k) for k in sig.user_inputs}}
-        self.norm_nodes = {name: [n for n in self.nodes if name in _paths(n)] for name in find_norms(model)}
+        self.specs = find_norms(model)
+        self.norm_nodes = {name: [n for n in self.nodes if name in _paths(n)] for name in self.specs}
         self.member = {n: name for name, nodes in self.norm_nodes.items() for n in nodes}
 
     def analyse(self) -> Analysis:
         norms, walks = {}, []
         for name, nodes in self.norm_nodes.items():
-            module = self.model.get_submodule(name)
-            use = norms[name] = NormUse(name, module, norm_kind(module))
-            if not computes_standard_norm(module):
-                use.blockers.append(f"{name} ({type(module).__name__}) does not compute γ⊙x̂+β with ε inside the root")
+            module, spec = self.model.get_submodule(name), self.specs[name]
+            use = norms[name] = NormUse(name, module, spec.kind, spec=spec)
+            if spec.problem:
+                use.blockers.append(f"{name}: {spec.problem}")
             if not nodes:
                 continue  # never called: nothing reads or writes through it
             boundary = self._boundary(name, nodes)
@@ -219,14 +223,17 @@ class _Graph:
                 walks.append(([name], {}, [], [boundary]))
                 continue
             source, output = boundary
-            self._collect_readers(use, output, _ndim(output) - 1)
+            self._collect_readers(use, output, spec.axis % _ndim(output))
             stream, starts, blockers = {}, [], []
-            self._walk_back(source, _ndim(source) - 1, stream, starts, blockers)
+            self._walk_back(source, spec.axis % _ndim(source), stream, starts, blockers)
             walks.append(([name], stream, starts, blockers))
         return Analysis(norms, [self._stream(*walk) for walk in _merge_overlapping(walks)])
 
     def _stream(self, names: list[str], stream: dict, starts: list, blockers: list[str]) -> Stream:
         writers = [w for w in (self._writer(n, stream[n], blockers) for n in starts) if w]
+        # a bias added after a matmul (x @ W.T + b) is the linear writer's bias: written once, through it
+        biases = {(w.site.module, w.site.bias) for w in writers if w.kind == "linear" and w.site.bias}
+        writers = [w for w in writers if not (w.kind == "tensor" and (w.module, w.attr) in biases)]
         self._check_stream_readers(stream, set(names), blockers)
         self._check_shared_weights(stream, blockers)
         widths = {int(_shape(n)[a]) for n, a in stream.items()}
@@ -245,17 +252,35 @@ class _Graph:
 
     def _collect_readers(self, use: NormUse, node: fx.Node, axis: int) -> None:
         for user in node.users:
-            linear = self._linear(user)
             if user.target in _IGNORED | _ZEROS:  # shape-only readers
                 continue
-            if linear and linear[0] is node and axis == _ndim(node) - 1:
-                use.readers.append(linear[1])
+            site = self._reader(user, node, axis, use)
+            if site is not None:
+                use.readers.append(site)
                 if self._uses(user, _weight_arg(user)):
-                    use.blockers.append(f"{linear[1].module}.{linear[1].weight} is also used elsewhere")
+                    use.blockers.append(f"{site.module}.{site.weight} is also used elsewhere")
+                if not site.bias and _has_shift(use):
+                    use.blockers.append(f"{site.module} has no bias that its forward reads, to receive {use.name}'s β")
             elif (new_axis := _forward_axis(user, node, axis)) is not None:
                 self._collect_readers(use, user, new_axis)
-            else:
-                use.blockers.append(f"{use.name} is read by {self._where(user)} through {_op(user)}, not by a linear layer")
+
+    def _reader(self, user: fx.Node, node: fx.Node, axis: int, use: NormUse) -> LinearSite | None:
+        """The linear layer `user` when it reads `node` along its input axis (None when it is no linear op;
+        a blocker when it is a conv that cannot take the fold)."""
+        linear = self._linear(user)
+        if linear and linear[0] is node and axis == _ndim(node) - 1:
+            return linear[1]
+        if _is_conv(user) and user.args[0] is node and axis == 1:
+            transposed, groups, padded = _conv_form(user)
+            if not (transposed or groups != 1 or padded) and self._is_weight(user.args[1]):
+                module, attr = self._owner(user, user.args[1])
+                return LinearSite(module, attr, self._bias_slot(user, _arg(user, 2), module), OUT_IN)
+            what = "a transposed" if transposed else "a grouped" if groups != 1 else "a zero-padded"
+            use.blockers.append(f"{use.name} is read by {what} convolution {self._where(user)}, which cannot take its γ/β")
+            return None
+        if _forward_axis(user, node, axis) is None:
+            use.blockers.append(f"{use.name} is read by {self._where(user)} through {_op(user)}, not by a linear layer")
+        return None
 
     # --- the residual stream ---------------------------------------------------------------------
     def _walk_back(self, node: fx.Node, axis: int, stream: dict, starts: list, blockers: list[str]) -> None:
@@ -271,7 +296,7 @@ class _Graph:
             starts.append(node)  # a start of the stream; classified by _writer
         elif node.target in _ZEROS:
             return  # a zero tensor (e.g. the accumulator of an MoE combine) is zero-mean already
-        elif node.target in (aten.add.Tensor, aten.cat.default, aten.mul.Tensor, aten.index_add.default) or \
+        elif node.target in (*_ADDS, aten.cat.default, aten.mul.Tensor, aten.index_add.default) or \
                 _passes_through(node):
             for source, source_axis in self._sources(node, axis, blockers):
                 self._walk_back(source, source_axis, stream, starts, blockers)
@@ -294,7 +319,8 @@ class _Graph:
                 blockers.append(f"{self._where(node)} index_adds along the hidden axis of the residual stream")
                 return []
             return [(node.args[0], axis), (node.args[3], axis)]
-        if node.target == aten.add.Tensor:
+        if node.target in _ADDS:  # an in-place add_ (Falcon) reads as an add; its first operand's other
+            # readers are readers of the stream and are refused by _check_stream_readers
             if not all(isinstance(a, fx.Node) for a in node.args[:2]) or node.kwargs.get("alpha", 1) != 1:
                 blockers.append(f"{self._where(node)} adds a constant to the residual stream")
                 return []
@@ -337,13 +363,20 @@ class _Graph:
         module, attr = self._owner(node, weight)
         if node.target == aten.embedding.default:
             return Writer("tensor", module, attr, 1)
-        bias = node.args[2] if len(node.args) > 2 else None
-        bias_attr = self._owner(node, bias)[1] if bias is not None else attr.replace("weight", "bias")
-        return Writer("linear", module, attr, axis, LinearSite(module, attr, bias_attr, OUT_IN))
+        transposed, groups, _ = _conv_form(node)
+        if transposed or groups != 1:  # centring over outputs would mix weights that read different inputs
+            blockers.append(f"{self._where(node)} writes the residual stream through a "
+                            f"{'transposed' if transposed else 'grouped'} convolution, which cannot be re-centred")
+            return None
+        return Writer("linear", module, attr, axis, LinearSite(module, attr, self._bias_slot(node, _arg(node, 2), module),
+                                                               OUT_IN))
 
     def _check_stream_readers(self, stream: dict[fx.Node, int], names: set[str], blockers: list[str]) -> None:
         for node in stream:
             for user in node.users:
+                if user in stream and self._starts_stream(user):
+                    blockers.append(f"{self._where(user)} writes the residual stream and also reads it through {_op(user)}")
+                    continue
                 if user in stream or user.target in _IGNORED | _ZEROS:
                     continue
                 if self.member.get(user) in names and node in user.all_input_nodes:
@@ -357,6 +390,10 @@ class _Graph:
                                     f"(from {self._where(node)}) without a norm")
                 else:
                     blockers.append(f"{how} reads the residual stream")
+
+    def _starts_stream(self, node: fx.Node) -> bool:
+        """A writer (start) of the stream, as opposed to an op the stream passes through."""
+        return bool(self._linear(node) or _is_writer_op(node))
 
     def _check_shared_weights(self, stream: dict[fx.Node, int], blockers: list[str]) -> None:
         """A re-centred weight must feed nothing but the stream (tied copies are untied by the rewrite)."""
@@ -372,7 +409,8 @@ class _Graph:
     def _uses(self, node: fx.Node, weight: fx.Node) -> list[fx.Node]:
         """The nodes that read `weight` through the same module attribute as `node` does."""
         owner = self._owner(node, weight)
-        return [u for u in weight.users if u is not node and self._owner(u, weight) == owner]
+        return [u for u in weight.users
+                if u is not node and u not in node.all_input_nodes and self._owner(u, weight) == owner]
 
     # --- helpers ---------------------------------------------------------------------------------
     def _linear(self, node: fx.Node) -> tuple[fx.Node, LinearSite] | None:
@@ -381,13 +419,23 @@ class _Graph:
             x, weight, bias, layout = node.args[0], node.args[1], _arg(node, 2), OUT_IN
         elif node.target == aten.addmm.default and not node.kwargs:
             bias, x, weight, layout = *node.args[:3], IN_OUT
+        elif _transposed_weight(node) is not None:  # x @ W.T (Falcon's FalconLinear)
+            x, weight, bias, layout = node.args[0], _transposed_weight(node), None, OUT_IN
         else:
             return None
         if not self._is_weight(weight) or (bias is not None and not self._is_weight(bias)):
             return None
         module, attr = self._owner(node, weight)
-        bias_attr = self._owner(node, bias)[1] if bias is not None else attr.replace("weight", "bias")
-        return x, LinearSite(module, attr, bias_attr, layout)
+        return x, LinearSite(module, attr, self._bias_slot(node, bias, module), layout)
+
+    def _bias_slot(self, node: fx.Node, bias: fx.Node | None, module: str) -> str:
+        """The bias the op reads (from the graph); without one, `bias` only where the module's forward is
+        known to read that slot (torch's Linear and Conv read self.bias even when it is None)."""
+        if bias is not None:
+            return self._owner(node, bias)[1]
+        owner = self.model.get_submodule(module)
+        known = isinstance(owner, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) and "bias" in owner._parameters
+        return "bias" if known else ""
 
     def _scaled_linear(self, node: fx.Node, axis: int) -> Writer | None:
         """A per-channel parameter scaling a linear layer's output (LayerScale: DINOv2, CaiT)."""
@@ -452,12 +500,26 @@ def _merge_overlapping(walks: list[tuple]) -> list[tuple]:
 
 
 def _last_of_sum(node: fx.Node) -> fx.Node:
-    while (node.target == aten.add.Tensor or _passes_through(node)) and len(node.users) == 1:
+    while (node.target in _ADDS or _passes_through(node)) and len(node.users) == 1:
         node = next(iter(node.users))
     return node
 
 
+def _transposed_weight(node: fx.Node) -> fx.Node | None:
+    """W when `node` is matmul(x, W.T) for a 2-D W (its transpose used by nothing else)."""
+    if node.target != aten.matmul.default or not isinstance(node.args[1], fx.Node):
+        return None
+    t = node.args[1]
+    swapped = t.target in (aten.t.default, aten.numpy_T.default) or (t.target == aten.transpose.int and {a % 2 for a in t.args[1:3]} == {0, 1}) \
+        or (t.target == aten.permute.default and list(t.args[1]) == [1, 0])
+    if not swapped or len(t.users) != 1 or not isinstance(t.args[0], fx.Node) or _ndim(t.args[0]) != 2:
+        return None
+    return t.args[0]
+
+
 def _weight_arg(node: fx.Node) -> fx.Node:
+    if _transposed_weight(node) is not None:
+        return _transposed_weight(node)
     return node.args[{aten.embedding.default: 0, aten.addmm.default: 2}.get(node.target, 1)]
 
 
@@ -481,8 +543,30 @@ def _ndim(node: fx.Node) -> int:
     return len(_shape(node))
 
 
+def _is_conv(node: fx.Node) -> bool:
+    return node.target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
+
+
+def _conv_form(node: fx.Node) -> tuple[bool, int, bool]:
+    """(transposed, groups, zero-padded) of a convolution node (False, 1, False for other writers)."""
+    if node.target == aten.convolution.default:
+        padding, transposed, groups = node.args[4], bool(node.args[6]), int(node.args[8])
+    elif _is_conv(node):
+        padding, transposed, groups = _arg(node, 4) or 0, False, int(_arg(node, 6) or 1)
+    else:
+        return False, 1, False
+    padded = padding != "valid" and (any(int(p) for p in padding) if isinstance(padding, list | tuple)
+                                     else padding == "same" or bool(padding))
+    return transposed, groups, padded
+
+
+def _has_shift(use: NormUse) -> bool:
+    bias = getattr(use.module, use.spec.bias) if use.spec is not None and use.spec.bias else None
+    return bias is not None and bool(bias.detach().any())
+
+
 def _is_writer_op(node: fx.Node) -> bool:
-    return node.target in (aten.embedding.default, aten.conv2d.default, aten.conv1d.default, aten.convolution.default)
+    return node.target == aten.embedding.default or _is_conv(node)
 
 
 def _passes_through(node: fx.Node) -> bool:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from convert.rewrites.math import fold_affine_into_linear
+
 
 def bn_affine(
     running_mean: torch.Tensor,
@@ -85,13 +87,12 @@ def fold_affine_into_consumer(
     """(W', b') such that layer(a ⊙ x + c; W, b) == layer(x; W', b'), for Linear or an unpadded Conv.
 
     Exact for a Conv only when every output position reads a full window of real inputs (no zero
-    padding): a padded zero would have been c before the fold and is 0 after it.
+    padding): a padded zero would have been c before the fold and is 0 after it. The arithmetic is the
+    norms' affine fold (`convert.rewrites.math.fold_affine_into_linear`); a bias is always returned.
     """
-    w = weight.double()  # [out, in/groups, k…]
-    w_new = w * _input_channel_scale(scale.double(), w, groups)
-    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.double()
-    b_new = b + (w * _input_channel_scale(shift.double(), w, groups)).flatten(1).sum(dim=1)  # [out]
-    return w_new.to(weight.dtype), b_new.to(weight.dtype if bias is None else bias.dtype)
+    if bias is None:
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    return fold_affine_into_linear(weight, bias, scale, shift, groups=groups)
 
 
 def fold_conv_bn_weights(

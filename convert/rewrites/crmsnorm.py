@@ -14,14 +14,14 @@ from torch import nn
 from convert.modules import CRMSNorm
 from convert.rewrites import NotApplicable
 from convert.rewrites.affine import replace_module, write_tensor
-from convert.rewrites.analysis import Analysis, LinearSite, example_inputs
+from convert.rewrites.analysis import Analysis, LinearSite, call_inputs, example_inputs
 from convert.rewrites.math import compress_readers, compress_writer, drop_along, spans
 from convert.rewrites.pre_rmsnorm import centre_residual_stream
 
 
 def to_pre_crmsnorm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Pre-RMSNorm centring, then store the residual stream at width d−1 (mutates and returns `model`)."""
-    inputs = example_inputs(model) if inputs is None else inputs
+    inputs = call_inputs(model, example_inputs(model) if inputs is None else inputs)
     analysis, _ = centre_residual_stream(model, inputs, boundaries=False, complete=True)
     blocked = [f"{name}'s output cannot be compressed: {use.blockers[0]}" for name, use in analysis.norms.items()
                if use.blockers]  # its output has width d−1: only linear readers can absorb the missing entry
@@ -43,8 +43,8 @@ def to_pre_crmsnorm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = N
             weight = compress_readers(getattr(owner, site.weight), site.layout, index)
             write_tensor(model, site.module, site.weight, weight)
             _sync_shape_attributes(owner)
-        like = use.module.weight if use.module.weight is not None else next(model.parameters())
-        replace_module(model, name, CRMSNorm(analysis.width, float(use.module.eps)).to(like.device, like.dtype))
+        like = next(model.parameters())
+        replace_module(model, name, CRMSNorm(analysis.width, use.spec.eps).to(like.device, like.dtype))
     _check_runs(model, inputs, analysis.width)
     return model
 

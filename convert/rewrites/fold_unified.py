@@ -21,7 +21,7 @@ import torch.fx
 from torch import nn
 
 from convert.models.norms import PowerNorm, UnifiedNorm
-from convert.rewrites import NotApplicable
+from convert.rewrites import NotApplicable, math
 
 _NORMS = (UnifiedNorm, PowerNorm)
 _TRANSPARENT_MODULES = (nn.Identity, nn.Dropout)
@@ -38,10 +38,10 @@ def channel_affine(norm: UnifiedNorm | PowerNorm) -> tuple[torch.Tensor, torch.T
 
 def fold_affine_into_linear(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
                             shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W' = W diag(s), b' = b + W β (W the original weight), computed in float64, cast to W's dtype."""
-    w = weight.detach().double()                                                   # [out, in]
-    b = torch.zeros(w.size(0), dtype=torch.float64) if bias is None else bias.detach().double()
-    return (w * scale.double()).to(weight.dtype), (b + w @ shift.double()).to(weight.dtype)
+    """W' = W diag(s), b' = b + W β (W the original weight): `math.fold_affine_into_linear`, bias always made."""
+    if bias is None:
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    return math.fold_affine_into_linear(weight.detach(), bias.detach(), scale, shift)
 
 
 # ----------------------------------------------------------------------------- where the readers are

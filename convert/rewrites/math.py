@@ -48,30 +48,45 @@ def fold_affine_into_linear(
     gamma: torch.Tensor | None,
     beta: torch.Tensor | None,
     layout: str = OUT_IN,
+    groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """W·(γ⊙u + β) + b == W'·u + b' with W' = W·diag(γ), b' = b + W·β (β uses the original W).
 
-    Returns (W', b'); b' is created (zeros + Wβ) when b is None and β is given, and stays None when
-    both are None.
+    `w` is a Linear weight ([out, in], or HF Conv1D's [in, out] with layout IN_OUT) or a Conv weight
+    [out, in/groups, k…] reading u channels-first; a Conv is exact only when it reads no zero padding (a
+    padded zero was β before the fold). Returns (W', b'); b' is created (zeros + Wβ, on W's device) when b
+    is None and β is given, and stays None when both are None.
     """
     out_axis = _out_axis(layout)
-    in_axis = 1 - out_axis
-    beta64 = None if beta is None else beta.double()
-    gamma64 = None if gamma is None else gamma.double().reshape([-1 if a == in_axis else 1 for a in range(2)])
     new_w = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     shift = None if beta is None else torch.empty(w.shape[out_axis], dtype=torch.float64, device=w.device)
+    others = [a for a in range(w.dim()) if a != out_axis]
     # block by block along the output axis (every output row is independent): one float64 block at a time
     for start, length in spans(w, out_axis):
         w64 = _float64_copy(w.narrow(out_axis, start, length))
         if shift is not None:  # β first: it uses the original W, which is then scaled in place
-            shift[start:start + length] = w64 @ beta64 if layout == OUT_IN else beta64 @ w64
-        if gamma64 is not None:
-            w64.mul_(gamma64)
+            shift[start:start + length] = (w64 * _per_input(beta, w, layout, groups, start, length)).sum(others)
+        if gamma is not None:
+            w64.mul_(_per_input(gamma, w, layout, groups, start, length))
         new_w.narrow(out_axis, start, length).copy_(w64)
     if shift is None:
         return new_w, b
     new_b = shift if b is None else b.double() + shift
     return new_w, new_b.to(w.dtype if b is None else b.dtype)
+
+
+def _per_input(v: torch.Tensor, w: torch.Tensor, layout: str, groups: int, start: int, length: int) -> torch.Tensor:
+    """A per-input-channel vector shaped to broadcast against output rows [start, start+length) of `w`."""
+    v64 = v.detach().to(w.device, torch.float64)
+    if layout == IN_OUT:
+        return v64.reshape(-1, 1)  # [in, 1] against [in, out-block]
+    out_channels, in_per_group = w.shape[0], w.shape[1]
+    trailing = (1,) * (w.dim() - 2)
+    if groups == 1:
+        return v64.reshape(1, -1, *trailing)
+    # output channel o reads the input channels of its group o // (out/groups)
+    rows = v64.reshape(groups, in_per_group).repeat_interleave(out_channels // groups, dim=0)  # [out, in/groups]
+    return rows[start:start + length].reshape(length, in_per_group, *trailing)
 
 
 def center_output_rows(

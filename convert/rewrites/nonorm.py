@@ -14,7 +14,7 @@ from convert.rewrites.analysis import find_norms
 
 
 def remove_norms(model: nn.Module) -> nn.Module:
-    norms = find_norms(model)
+    norms = [name for name, spec in find_norms(model).items() if not spec.problem]
     if not norms:
         raise NotApplicable(f"{type(model).__name__} has no LayerNorm or RMSNorm to remove")
     for name in norms:

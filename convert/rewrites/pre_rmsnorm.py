@@ -26,7 +26,6 @@ from convert.rewrites.analysis import (
     Stream,
     Writer,
     analyse,
-    computes_standard_norm,
     example_inputs,
 )
 from convert.rewrites.math import center_along, center_output_rows, scale_output_rows
@@ -40,9 +39,10 @@ def to_pre_rmsnorm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = No
     for name in (name for stream in streams for name in stream.norms):
         use = analysis.norms[name]
         # folded: γ = 1 stays as the explicit weight, β is gone; unfoldable (a reader is not linear): kept
-        gamma, beta = norm_affine(use.module) if use.blockers else (None, None)
-        like = use.module.weight if use.module.weight is not None else next(model.parameters())
-        norm = RMSNorm(stream_width(streams), float(use.module.eps), bias=beta is not None).to(like.device, like.dtype)
+        gamma, beta = norm_affine(use.module, use.spec) if use.blockers else (None, None)
+        like = next(use.module.parameters(), None)
+        like = like if like is not None else next(model.parameters())
+        norm = RMSNorm(stream_width(streams), use.spec.eps, bias=beta is not None).to(like.device, like.dtype)
         with torch.no_grad():
             for tensor, value in ((norm.weight, gamma), (norm.bias, beta)):
                 if value is not None:
@@ -99,12 +99,14 @@ def _why_not(analysis: Analysis, stream: Stream, boundaries: bool) -> str | None
     if stream.blockers:
         return stream.blockers[0]
     for name in stream.norms:
-        module = analysis.norms[name].module
-        if analysis.norms[name].kind != "layernorm":
+        spec = analysis.norms[name].spec
+        if spec.problem:
+            return f"{name}: {spec.problem}"
+        if spec.kind != "layernorm":
             return (f"{name} is an RMSNorm reading the residual stream: it is not mean-invariant, so the stream "
                     "cannot be re-centred (only the affine fold applies)")
-        if len(module.normalized_shape) != 1 or not computes_standard_norm(module):
-            return f"{name} does not normalize only the hidden axis with ε inside the root"
+        if spec.channels_first:
+            return f"{name} normalizes channels-first (axis 1), where the stream is read by convolutions"
     if stream.width is None:
         return f"the stream read by {stream.norms[0]} has no single width"
     if stream.boundaries and not boundaries:
