@@ -100,15 +100,31 @@ def smoothable_norms(model: nn.Module, inputs: dict[str, torch.Tensor] | None) -
     analysis = analyse(model, inputs)
     eligible, skipped = [], {}
     for name, use in analysis.norms.items():
-        if use.blockers:
-            skipped[name] = "; ".join(use.blockers)
-        elif not use.readers:
-            skipped[name] = f"{name}'s output is not read by any linear layer"
-        elif getattr(use.module, "weight", None) is None:
-            skipped[name] = f"{name} has no γ to carry the scale"
+        reason = _why_not(model, use)
+        if reason:
+            skipped[name] = reason
         else:
             eligible.append(use)
     return eligible, skipped
+
+
+def _why_not(model: nn.Module, use: NormUse) -> str | None:
+    spec = use.spec
+    if use.blockers:
+        return "; ".join(use.blockers)
+    if spec is None or spec.problem:
+        return spec.problem if spec is not None else f"{use.name} does not compute a known norm"
+    if not use.readers:
+        return f"{use.name}'s output is not read by any linear layer"
+    if not spec.weight:
+        return f"{use.name} has no γ to carry the scale"
+    if spec.channels_first:
+        return f"{use.name} normalizes channels-first (its readers are convolutions, not per-token linear layers)"
+    for site in use.readers:
+        owner = model.get_submodule(site.module)
+        if getattr(owner, site.weight).dim() != 2 or getattr(owner, "groups", 1) != 1:
+            return f"{use.name} is read by {site.module}, not a 2-D linear weight"
+    return None
 
 
 # ----------------------------------------------------------------------------- the module-level step
@@ -186,15 +202,19 @@ def scales_for(model: nn.Module, use: NormUse, low: torch.Tensor, high: torch.Te
 
 
 def apply_scales(model: nn.Module, use: NormUse, s: torch.Tensor) -> None:
-    """γ ← γ/s, β ← β/s on the norm; W ← W·diag(s) on every reader (fresh tensors, never in place)."""
-    from convert.rewrites.affine import write_tensor
+    """γ ← γ/s, β ← β/s on the norm; W ← W·diag(s) on every reader (fresh tensors, never in place).
 
-    norm = use.module
-    gamma, beta = norm.weight, getattr(norm, "bias", None) if isinstance(norm, nn.LayerNorm) else None
-    new_gamma, new_beta = divide_norm_affine(gamma, beta, s.to(gamma.device))
-    write_tensor(model, use.name, "weight", new_gamma)
+    γ is the scale as it acts (Gemma's x̂·(1+w): γ = 1 + w, so w ← (1+w)/s − 1)."""
+    from convert.rewrites.probe import norm_affine
+    from convert.rewrites.writer import write_tensor
+
+    spec = use.spec
+    weight = getattr(use.module, spec.weight)
+    gamma, beta = norm_affine(use.module, spec)
+    new_gamma, new_beta = divide_norm_affine(gamma.double(), None if beta is None else beta.double(), s.double().to(weight.device))
+    write_tensor(model, use.name, spec.weight, (new_gamma - spec.offset).to(weight.dtype))
     if new_beta is not None:
-        write_tensor(model, use.name, "bias", new_beta)
+        write_tensor(model, use.name, spec.bias, new_beta.to(beta.dtype))
     for site in use.readers:
         if site.layout not in (OUT_IN, IN_OUT):
             raise NotApplicable(f"{site.module}.{site.weight} has an unknown layout {site.layout!r}")
@@ -211,7 +231,7 @@ def inject_outliers(model: nn.Module, inputs: dict[str, torch.Tensor] | None = N
     if not eligible:
         raise NotApplicable(f"{type(model).__name__}: no norm read only by linear layers to give outliers")
     for use in eligible:
-        s = torch.ones(use.module.weight.shape[-1], dtype=torch.float64)
+        s = torch.ones(use.spec.width, dtype=torch.float64)
         s[list(channels)] = 1.0 / factor
         apply_scales(model, use, s)
     return model

@@ -120,3 +120,24 @@ def test_outlier_injection_is_function_preserving_and_makes_outliers():
     with torch.no_grad():
         assert rel_l2(stressed(**inputs), model(**inputs)) <= 1e-10
         assert stressed.norm.weight[3].abs() == pytest.approx(100 * model.norm.weight[3].abs().item())
+
+
+@pytest.mark.parametrize("family", ["gemma", "qwen2", "bloom", "falcon", "swin", "convnext"])
+def test_smoothed_on_more_families_is_exact_or_refused_with_a_reason(family):
+    """Gemma's x̂·(1+w) carries the scale in (1+w); channels-first norms (ConvNeXt) are skipped, with the reason."""
+    from tests.convert._hf_families import FAMILIES as HF
+
+    model, inputs = HF[family]()
+    model = model.double()
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    try:
+        new = smooth(copy.deepcopy(model), calibration=[inputs])
+    except NotApplicable as refusal:
+        assert str(refusal).strip()
+        return
+    first = (lambda out: out.logits if hasattr(out, "logits") else out[0])
+    with torch.no_grad():
+        gate = 1e-6 if family == "gemma" else 1e-10  # GemmaRMSNorm computes in float32 whatever the model's dtype
+        assert rel_l2(first(new(**inputs)), first(model(**inputs))) <= gate, family
+    assert new.normfuse_smoothing.applied
+    assert all(why.strip() for why in new.normfuse_smoothing.skipped.values())
