@@ -73,6 +73,8 @@ def register(subparsers) -> None:
     capacity_p.set_defaults(handler=run_capacity)
     all_p.set_defaults(handler=run_all)
 
+    _register_int8(modes)
+
     loadgen_p = subparsers.add_parser("loadgen", help="closed-loop sweep and open-loop Poisson load on an OIP v2 server")
     loadgen_p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
     loadgen_p.add_argument("--model", required=True)
@@ -132,6 +134,44 @@ def _register_capacity(subparsers) -> None:
     report_p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     report_p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
     report_p.set_defaults(handler=run_capacity_report)
+
+
+def _register_int8(modes) -> None:
+    p = modes.add_parser("int8", help="int8 and int8-plain beside the exact variants: speed (vit-s16, gpt2-small, "
+                         "1 thread) and accuracy (vit-digits, all-MiniLM-L6-v2, an outlier-channel stress model)")
+    p.add_argument("--work", type=Path, default=Path(".bench"), help="where models are built (default .bench)")
+    p.add_argument("--json", type=Path, default=Path("benchmarks/results/int8.json"))
+    p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="render the int8 section into this file")
+    p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds per model x batch size (default 8)")
+    p.set_defaults(handler=run_int8)
+    r = modes.add_parser("int8-report", help="render BENCHMARKS.md's int8 section and plot from a results JSON")
+    r.add_argument("--results", type=Path, default=Path("benchmarks/results/int8.json"))
+    r.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    r.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+    r.set_defaults(handler=run_int8_report)
+
+
+def run_int8(args) -> int:
+    from benchmarks import int8_bench, int8_report
+
+    _setup_logging()
+    config = int8_bench.Int8BenchConfig(rounds=args.rounds, min_rounds=min(4, args.rounds),
+                                        speed=not args.skip_speed, accuracy=not args.skip_accuracy)
+    result = int8_bench.run(args.work, config)
+    _dump(result, args.json)
+    int8_report.write_int8(args.out, result, plot_dir=args.plots)
+    return 0
+
+
+def run_int8_report(args) -> int:
+    from benchmarks import int8_report
+
+    int8_report.write_int8(args.out, json.loads(args.results.read_text()), plot_dir=args.plots)
+    sys.stdout.write(f"wrote the int8 section of {args.out}\n")
+    return 0
 
 
 def _setup_logging() -> None:

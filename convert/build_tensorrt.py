@@ -279,6 +279,8 @@ def build_engines(
 ) -> list[Path]:
     """Build (or reuse) one plan per variant; plans go to `cache_dir/<variant>/` (default
     `model_dir/<variant>/tensorrt/`). Returns the plan paths in manifest order."""
+    from convert import trt_int8
+
     options = options or BuildOptions(precision=precision, batch_sizes=tuple(batch_sizes))
     trt = load_tensorrt_builder()  # fails fast, before any file is touched
     gpu_name, capability = gpu_identity()
@@ -286,17 +288,21 @@ def build_engines(
     profiles = profiles_for(manifest.inputs, options)
     plans = []
     for name, variant in manifest.variants.items():
+        if not trt_int8.should_build(variant):
+            log.info("variant %s: no plan (it failed its accuracy gate at conversion)", name)
+            continue
         files = verify_files(model_dir, variant)
         out_dir = Path(cache_dir) / name if cache_dir else model_dir / name / "tensorrt"
         out_dir.mkdir(parents=True, exist_ok=True)
-        onnx_path = files["onnx"] if options.precision == "fp32" else _fp16_onnx(files["onnx"], out_dir)
+        precision = trt_int8.plan_precision(variant, options.precision)  # a QDQ ONNX: explicit INT8, as it is
+        onnx_path = files["onnx"] if precision in ("fp32", "int8") else _fp16_onnx(files["onnx"], out_dir)
         key = EngineKey(
             source_sha256=variant_source_sha256(variant.files),
             onnx_sha256=variant_source_sha256(variant.files) if onnx_path == files["onnx"] else _onnx_digest(onnx_path),
             trt_version=str(trt.__version__),
             gpu_name=gpu_name,
             compute_capability=capability,
-            precision=options.precision,
+            precision=precision,
             profiles=profiles,
             builder_flags=builder_flags(trt, options),
         )

@@ -20,7 +20,7 @@ import torch
 
 from convert.export import census, export_onnx, ort_session, run_onnx
 from convert.quantize import Int8Options, accuracy_figures, batches, passes_gate, quantize_onnx
-from engines.manifest import Accuracy, Parity, VariantInfo, file_ref
+from engines.manifest import Accuracy, Parity, VariantInfo, file_ref, save_reference
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,19 @@ def build_lossy(ctx, variant: str) -> VariantInfo:
                             "source": "calibration_inputs" if src.calibration_inputs else "sample_inputs beyond "
                                                                                           "the held-out ones"}
     bound = variant == "int8-plain"
+    reference_file = save_reference(target.with_name("reference.npz"),
+                                    {k: v[:REFERENCE_SAMPLES] for k, v in held_out.items()},
+                                    [o[:REFERENCE_SAMPLES] for o in reference])
     log.info("%s: %s", variant, "passed its gate" if accuracy.passed else f"failed its gate: {accuracy.failed}")
     return VariantInfo(
         name=variant, description=DESCRIPTIONS[variant], exact=False, benchmark_only=bound,
         servable=not bound and accuracy.passed and all(p.passed for p in parity),
-        files={"onnx": file_ref(ctx.staging, target)}, parity=parity, op_census=op_census, accuracy=accuracy,
+        files={"onnx": file_ref(ctx.staging, target), "reference": file_ref(ctx.staging, reference_file)}, parity=parity, op_census=op_census, accuracy=accuracy,
         flags=[] if accuracy.passed else [f"accuracy-gate-failed: {'; '.join(accuracy.failed)}"],
     )
+
+
+REFERENCE_SAMPLES = 32  # held-out inputs + unfused outputs kept beside the int8 ONNX for build-time gates (TensorRT)
 
 
 def evaluation_split(src, options: Int8Options) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -93,8 +99,20 @@ def smoothed_model(ctx, calibration: dict[str, np.ndarray], options: Int8Options
             model = smooth(model, ctx.trace, calibration=torch_batches, alpha=options.alpha, method=options.method)
     except NotApplicable as exc:
         log.warning("int8: no norm smoothed (%s); quantizing the model as it is", exc)
-        return None, {"method": options.method, "alpha": options.alpha, "applied": {}, "skipped": {"*": str(exc)}}
+        return None, {"method": options.method, "alpha": options.alpha, "applied": {},
+                      "skipped": skipped_norms(ctx) or {"*": str(exc)}}
     return model.eval(), model.normfuse_smoothing.as_dict()
+
+
+def skipped_norms(ctx) -> dict[str, str]:
+    """Every norm with the reason it could not be smoothed (for the manifest, when none could)."""
+    from convert.rewrites import NotApplicable
+    from convert.rewrites.smooth import smoothable_norms
+
+    try:
+        return smoothable_norms(ctx.source.model, ctx.trace)[1]
+    except NotApplicable:
+        return {}
 
 
 def smoothing_parity(ctx, model) -> Parity:
@@ -108,6 +126,8 @@ def smoothing_parity(ctx, model) -> Parity:
 def accuracy_record(src, reference, outputs, unfused: Path, target: Path, options: Int8Options,
                     threads: int | None) -> Accuracy:
     figures = accuracy_figures(reference, outputs)
+    if src.task == "feature-extraction":  # an argmax over hidden features is no prediction: not gated
+        figures["top1_agreement"] = None
     passed, failed = passes_gate(figures, options)
     task = {}
     if src.evaluate is not None:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.manifest import accuracy_figures, judge  # the one measure and gate, shared with engines
+
 log = logging.getLogger(__name__)
 
 LINEAR_OPS = ("MatMul", "Gemm")
@@ -118,31 +120,7 @@ def batches(arrays: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarr
     return [{k: np.ascontiguousarray(v[i:i + size]) for k, v in arrays.items()} for i in range(0, rows, size)]
 
 
-def top1_agreement(reference: np.ndarray, candidate: np.ndarray) -> float | None:
-    """Share of positions (all leading axes) where the last-axis argmax agrees; None for one class."""
-    if reference.ndim < 1 or reference.shape[-1] < 2 or not reference.size:
-        return None
-    return float((np.argmax(reference, -1) == np.argmax(candidate, -1)).mean())
-
-
-def accuracy_figures(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float | None]:
-    """rel-L2 and cosine over all outputs, top-1 agreement of the first output."""
-    r = np.concatenate([a.astype(np.float64).ravel() for a in reference])
-    c = np.concatenate([a.astype(np.float64).ravel() for a in candidate])
-    if not (np.all(np.isfinite(r)) and np.all(np.isfinite(c))):
-        return {"rel_l2": math.inf, "cosine": -1.0, "top1_agreement": 0.0}
-    norm_r, norm_c = np.linalg.norm(r), np.linalg.norm(c)
-    cosine = float(np.dot(r, c) / (norm_r * norm_c)) if norm_r > 0 and norm_c > 0 else float(norm_r == norm_c)
-    return {"rel_l2": float(np.linalg.norm(r - c) / norm_r) if norm_r > 0 else float(np.linalg.norm(c) > 0),
-            "cosine": cosine, "top1_agreement": top1_agreement(reference[0], candidate[0])}
-
-
 def passes_gate(figures: dict, options: Int8Options) -> tuple[bool, list[str]]:
     """(passed, what failed): top-1 agreement ≥ min_agreement (when defined) and cosine ≥ min_cosine."""
-    failed = []
-    agreement = figures.get("top1_agreement")
-    if agreement is not None and not agreement >= options.min_agreement:
-        failed.append(f"top-1 agreement {agreement:.4f} < {options.min_agreement}")
-    if not figures["cosine"] >= options.min_cosine:
-        failed.append(f"cosine {figures['cosine']:.6f} < {options.min_cosine}")
+    failed = judge(figures, {"min_top1_agreement": options.min_agreement, "min_cosine": options.min_cosine})
     return not failed, failed

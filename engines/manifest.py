@@ -83,6 +83,59 @@ class Accuracy(BaseModel):
     smoothing: dict[str, Any] | None = Field(None, description="the reparameterization: norms smoothed, and the "
                                                                "norms left alone with the reason")
 
+    def judge(self, figures: dict) -> list[str]:
+        """The thresholds of this record's gate that `figures` miss (see `judge`)."""
+        return judge(figures, self.gate)
+
+
+def judge(figures: dict, gate: dict[str, float]) -> list[str]:
+    """The thresholds of `gate` ({'min_top1_agreement', 'min_cosine'}) that `figures` (`accuracy_figures`) miss,
+    each with its figure; [] = passed. An undefined agreement (one class, embeddings) is not judged."""
+    failed = []
+    agreement, least = figures.get("top1_agreement"), gate.get("min_top1_agreement")
+    if agreement is not None and least is not None and not agreement >= least:
+        failed.append(f"top-1 agreement {agreement:.4f} < {least}")
+    if "min_cosine" in gate and not figures["cosine"] >= gate["min_cosine"]:
+        failed.append(f"cosine {figures['cosine']:.6f} < {gate['min_cosine']}")
+    return failed
+
+
+def accuracy_figures(reference: list, candidate: list) -> dict[str, float | None]:
+    """rel-L2 and cosine over all outputs, top-1 (last-axis argmax) agreement of the first output (None for
+    one class): what an Accuracy record holds and its gate judges, wherever a lossy artifact is run."""
+    import numpy as np
+
+    r = np.concatenate([np.asarray(a, np.float64).ravel() for a in reference])
+    c = np.concatenate([np.asarray(a, np.float64).ravel() for a in candidate])
+    if not (np.all(np.isfinite(r)) and np.all(np.isfinite(c))):
+        return {"rel_l2": float("inf"), "cosine": -1.0, "top1_agreement": 0.0}
+    norm_r, norm_c = np.linalg.norm(r), np.linalg.norm(c)
+    cosine = float(np.dot(r, c) / (norm_r * norm_c)) if norm_r > 0 and norm_c > 0 else float(norm_r == norm_c)
+    first_r, first_c = np.asarray(reference[0]), np.asarray(candidate[0])
+    agreement = (float((np.argmax(first_r, -1) == np.argmax(first_c, -1)).mean())
+                 if first_r.ndim >= 1 and first_r.shape[-1] >= 2 and first_r.size else None)
+    return {"rel_l2": float(np.linalg.norm(r - c) / norm_r) if norm_r > 0 else float(np.linalg.norm(c) > 0),
+            "cosine": cosine, "top1_agreement": agreement}
+
+
+def save_reference(path: Path, inputs: dict, outputs: list) -> Path:
+    """A lossy variant's `reference` file: held-out inputs (`in.<name>`) and unfused's outputs (`out.<i>`), so a
+    plan built later (TensorRT, on the GPU) is judged on the same data as the ONNX was."""
+    import numpy as np
+
+    arrays = {f"in.{k}": v for k, v in inputs.items()} | {f"out.{i}": v for i, v in enumerate(outputs)}
+    np.savez_compressed(path, **arrays)
+    return Path(path)
+
+
+def load_reference(path: Path) -> tuple[dict, list]:
+    import numpy as np
+
+    with np.load(path) as data:
+        inputs = {k[3:]: data[k] for k in data.files if k.startswith("in.")}
+        outputs = [data[f"out.{i}"] for i in range(sum(k.startswith("out.") for k in data.files))]
+    return inputs, outputs
+
 
 class VariantInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
