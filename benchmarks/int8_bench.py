@@ -102,6 +102,7 @@ def summarize(manifest, task_key: str | None = None) -> dict:
         row = {"rel_l2": acc.rel_l2, "cosine": acc.cosine, "top1_agreement": acc.top1_agreement,
                "passed": acc.passed, "servable": info.servable, "samples": acc.samples,
                "smoothed_norms": len((acc.smoothing or {}).get("applied", {})),
+               "scaled_norms": len((acc.smoothing or {}).get("scaled", {})),
                "skipped_norms": len((acc.smoothing or {}).get("skipped", {}))}
         if task_key and task_key in acc.task:
             row.update(task=acc.task[task_key], unfused_task=acc.task[f"unfused_{task_key}"])

@@ -32,10 +32,10 @@ def accuracy_table(accuracy: dict) -> str:
                    if "embedding_cosine_median" in row else "–")
             body.append([case, name, _num(row["rel_l2"], ".4f"), _num(row["cosine"], ".6f"),
                          _num(row["top1_agreement"], ".4f"), task, emb,
-                         f"{row['smoothed_norms']} / {row['skipped_norms']}",
+                         f"{row['smoothed_norms']} / {row.get('scaled_norms', 0)} / {row['skipped_norms']}",
                          "passed" if row["passed"] else "failed"])
     return table(["model", "variant", "rel-L2 vs unfused", "cosine", "top-1 agreement", "test accuracy % (unfused → v)",
-                  "embedding cosine median", "norms smoothed / left", "gate"], body)
+                  "embedding cosine median", "norms: γ-folded / explicit 1/s / left", "gate"], body)
 
 
 def targets(result: dict) -> list[str]:
@@ -85,8 +85,9 @@ def int8_section(result: dict, plot: Path | None = None, out_dir: Path | None = 
                   "256 held-out test images.",
                   f"- all-MiniLM-L6-v2 (the real pretrained model, Post-LN BERT): {acc.get('all-minilm-l6-v2', {}).get('sentences', '?')} "
                   "held-out sentences of `benchmarks/data/sentences.txt` (template sentences, committed), the first 64 "
-                  "calibrate. Every LayerNorm output is also the residual stream, so `smoothed` applies to none of them "
-                  "(the manifest records why for each): int8 equals int8-plain here.",
+                  "calibrate. Every LayerNorm output is also the residual stream (Post-LN), so no scale can be folded "
+                  "into a γ/β; `int8` gives their linear readers an explicit 1/s instead (one Mul per reader, the same "
+                  "function; `--int8-post-ln scale`, the default), the manifest records which norm got which.",
                   f"- stress: vit-digits with outlier channels {stress.get('channels')} × {stress.get('factor')} put into "
                   "every Pre-LN norm's output by a function-preserving γ-scaling (γ_j, β_j × factor, the readers' "
                   "column j ÷ factor: the same function as vit-digits).", ""]

@@ -66,6 +66,9 @@ def add_int8_arguments(parser) -> None:
                        help="SmoothQuant migration strength α in [0, 1] (default 0.5)")
     group.add_argument("--int8-method", choices=("smoothquant", "repq"), default="smoothquant",
                        help="how the per-channel scales are chosen (default smoothquant)")
+    group.add_argument("--int8-post-ln", choices=("scale", "skip"), default="scale",
+                       help="norms whose output is also the Post-LN residual (BERT): give their linear readers an "
+                            "explicit 1/s (one Mul each, scale) or leave them unsmoothed (skip); default scale")
     group.add_argument("--int8-calibration", type=positive, default=64, metavar="N",
                        help="calibration inputs, disjoint from the held-out ones (default 64)")
     group.add_argument("--allow-lossy-default", action="store_true",
@@ -110,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         samples=args.samples, benchmark=not args.no_benchmark, torch_artifacts=not args.no_torch,
         threads=args.threads, progress=not args.quiet, allow_lossy_default=args.allow_lossy_default,
         int8=Int8Options(alpha=args.int8_alpha, method=args.int8_method, min_agreement=args.int8_min_agreement,
-                         min_cosine=args.int8_min_cosine, calibration_samples=args.int8_calibration),
+                         min_cosine=args.int8_min_cosine, calibration_samples=args.int8_calibration,
+                         post_ln_scale=args.int8_post_ln == "scale"),
     )
     backend = _backend_module(BACKENDS[args.backend]) if BACKENDS[args.backend] else None
     if BACKENDS[args.backend] and (backend is None or not hasattr(backend, "build")):

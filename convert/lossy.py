@@ -96,7 +96,8 @@ def smoothed_model(ctx, calibration: dict[str, np.ndarray], options: Int8Options
     try:
         with ctx.weights.shedding():
             model = copy.deepcopy(ctx.source.model, shared_tensors(ctx.source.model))
-            model = smooth(model, ctx.trace, calibration=torch_batches, alpha=options.alpha, method=options.method)
+            model = smooth(model, ctx.trace, calibration=torch_batches, alpha=options.alpha, method=options.method,
+                           post_ln_scale=options.post_ln_scale)
     except NotApplicable as exc:
         log.warning("int8: no norm smoothed (%s); quantizing the model as it is", exc)
         return None, {"method": options.method, "alpha": options.alpha, "applied": {},
@@ -110,7 +111,7 @@ def skipped_norms(ctx) -> dict[str, str]:
     from convert.rewrites.smooth import smoothable_norms
 
     try:
-        return smoothable_norms(ctx.source.model, ctx.trace)[1]
+        return smoothable_norms(ctx.source.model, ctx.trace, post_ln=True)[2]
     except NotApplicable:
         return {}
 

@@ -45,6 +45,8 @@ class Int8Options:
     calibration_samples: int = 64  # calibration inputs (disjoint from the held-out evaluation inputs)
     eval_samples: int = 256  # held-out inputs the accuracy record is measured on (capped by output size)
     calibration_batch: int = 8
+    # Post-LN norms (their output is also the residual): give their linear readers an explicit 1/s (one Mul each)
+    post_ln_scale: bool = True
 
     def __post_init__(self) -> None:
         for flag, value in (("--int8-alpha", self.alpha), ("--int8-min-agreement", self.min_agreement),

@@ -14,8 +14,11 @@ half of RepQ-ViT's reparameterization, `../shared/papers.md`).
 - RepQ-ViT (`method="repq"`): s_j = r_j / mean(r), r_j = max X_j − min X_j, the per-channel range of the
   calibration activations (RepQ-ViT also shifts by per-channel zero points; that part is not done here).
 
-A norm whose output is read by anything else (a Post-LN residual, a nonlinearity) is left alone; the reason is
-recorded per norm (`smoothing_report`) and goes into the manifest.
+A norm whose output is read by anything else (a Post-LN residual, a nonlinearity) cannot carry the scale in
+its γ/β; it is left alone and the reason is recorded per norm (`SmoothingReport.skipped`, into the manifest).
+With `post_ln_scale=True` a norm whose output is also the Post-LN residual (BERT) still gets the scale, made
+explicit: each linear reader becomes `InputScaled`, computing (W·diag(s))(u ⊙ 1/s) — one elementwise Mul per
+reader, the same function, and the tensor the quantizer sees is u/s (`SmoothingReport.scaled`).
 """
 
 from __future__ import annotations
@@ -44,12 +47,13 @@ class SmoothingReport:
     method: str
     alpha: float
     calibration_batches: int
-    applied: dict[str, list[str]] = field(default_factory=dict)  # norm -> its readers' weights
+    applied: dict[str, list[str]] = field(default_factory=dict)  # norm -> its readers' weights (scale in γ/β)
     skipped: dict[str, str] = field(default_factory=dict)  # norm -> why it was left alone
+    scaled: dict[str, list[str]] = field(default_factory=dict)  # Post-LN norm -> readers given an explicit 1/s
 
     def as_dict(self) -> dict:
         return {"method": self.method, "alpha": self.alpha, "calibration_batches": self.calibration_batches,
-                "applied": self.applied, "skipped": self.skipped}
+                "applied": self.applied, "scaled": self.scaled, "skipped": self.skipped}
 
 
 # ----------------------------------------------------------------------------- the math (pure, float64)
@@ -95,17 +99,31 @@ def check_alpha(alpha: float) -> None:
 
 # ----------------------------------------------------------------------------- where (re-pointable)
 
-def smoothable_norms(model: nn.Module, inputs: dict[str, torch.Tensor] | None) -> tuple[list[NormUse], dict[str, str]]:
-    """Norms whose output is read only by linear layers (with those readers), and the others with a reason."""
+def smoothable_norms(model: nn.Module, inputs: dict[str, torch.Tensor] | None, *, post_ln: bool = False
+                     ) -> tuple[list[NormUse], list[NormUse], dict[str, str]]:
+    """(norms read only by linear layers, Post-LN norms whose linear readers can take an explicit scale — only
+    with `post_ln` —, the others with the reason)."""
     analysis = analyse(model, inputs)
-    eligible, skipped = [], {}
+    eligible, explicit, skipped = [], [], {}
     for name, use in analysis.norms.items():
         reason = _why_not(model, use)
-        if reason:
-            skipped[name] = reason
-        else:
+        if not reason:
             eligible.append(use)
-    return eligible, skipped
+        elif post_ln and _explicit_ok(model, use):
+            explicit.append(use)
+        else:
+            skipped[name] = reason
+    return eligible, explicit, skipped
+
+
+def _explicit_ok(model: nn.Module, use: NormUse) -> bool:
+    """Only other readers block it (the residual): every linear reader is a whole 2-D linear module."""
+    only_readers = all("not by a linear layer" in b or "no bias that its forward reads" in b for b in use.blockers)
+    spec_ok = use.spec is not None and not use.spec.problem and not use.spec.channels_first
+    modules = [model.get_submodule(site.module) for site in use.readers]
+    return bool(use.readers) and only_readers and spec_ok and all(
+        getattr(m, site.weight).dim() == 2 and getattr(m, "groups", 1) == 1 and site.weight == "weight"
+        and not isinstance(m, nn.MultiheadAttention) for m, site in zip(modules, use.readers, strict=True))
 
 
 def _why_not(model: nn.Module, use: NormUse) -> str | None:
@@ -131,7 +149,7 @@ def _why_not(model: nn.Module, use: NormUse) -> str | None:
 
 def smooth(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None, *,
            calibration: Iterable[dict[str, torch.Tensor]] | None = None, alpha: float = 0.5,
-           method: str = "smoothquant") -> nn.Module:
+           method: str = "smoothquant", post_ln_scale: bool = False) -> nn.Module:
     """Reparameterize every smoothable norm of `model` (mutated and returned; `rewrite()` hands a copy).
 
     `calibration`: keyword-input batches whose norm outputs set the scales (default: `inputs`).
@@ -140,8 +158,8 @@ def smooth(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None, *,
     if method not in METHODS:
         raise ValueError(f"unknown smoothing method {method!r}; expected one of {', '.join(METHODS)}")
     check_alpha(alpha)
-    eligible, skipped = smoothable_norms(model, inputs)
-    if not eligible:
+    eligible, explicit, skipped = smoothable_norms(model, inputs, post_ln=post_ln_scale)
+    if not eligible and not explicit:
         reason = next(iter(skipped.values()), f"{type(model).__name__} has no LayerNorm or RMSNorm")
         raise NotApplicable(f"no norm is read only by linear layers: {reason}")
     if calibration is not None:
@@ -150,13 +168,14 @@ def smooth(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None, *,
         batches = [inputs if inputs is not None else example_inputs(model)]
     if not batches:
         raise ValueError("smoothing needs at least one calibration batch")
-    stats = activation_ranges(model, [use.name for use in eligible], batches)
+    stats = activation_ranges(model, [use.name for use in eligible + explicit], batches)
     report = SmoothingReport(method, alpha, len(batches), skipped=skipped)
-    for use in eligible:
+    for use in eligible + explicit:
         low, high = stats[use.name]
         s = scales_for(model, use, low, high, alpha, method)
-        apply_scales(model, use, s)
-        report.applied[use.name] = [f"{site.module}.{site.weight}" for site in use.readers]
+        (apply_scales if use in eligible else scale_readers)(model, use, s)
+        target = report.applied if use in eligible else report.scaled
+        target[use.name] = [f"{site.module}.{site.weight}" for site in use.readers]
     for name, why in skipped.items():
         log.info("smoothed: leaving %s as it is: %s", name, why)
     model.normfuse_smoothing = report
@@ -222,12 +241,37 @@ def apply_scales(model: nn.Module, use: NormUse, s: torch.Tensor) -> None:
         write_tensor(model, site.module, site.weight, scale_input_columns(weight, s.to(weight.device), site.layout))
 
 
+class InputScaled(nn.Module):
+    """A linear layer whose weight holds W·diag(s), reading u ⊙ (1/s): the same function as the original on u."""
+
+    def __init__(self, layer: nn.Module, inv_scale: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("inv_scale", inv_scale)  # (d,) 1/s, in the layer's dtype
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.layer(x * self.inv_scale, *args, **kwargs)
+
+
+def scale_readers(model: nn.Module, use: NormUse, s: torch.Tensor) -> None:
+    """W ← W·diag(s) on every reader, each wrapped to read u/s (the norm itself is untouched)."""
+    from convert.rewrites.writer import write_tensor
+
+    for site in use.readers:
+        layer = model.get_submodule(site.module)
+        weight = layer.weight
+        write_tensor(model, site.module, site.weight, scale_input_columns(weight, s.to(weight.device), site.layout))
+        parent, _, child = site.module.rpartition(".")
+        inv = (1.0 / s.double()).to(device=weight.device, dtype=weight.dtype)
+        setattr(model.get_submodule(parent), child, InputScaled(layer, inv))
+
+
 def inject_outliers(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None, *,
                     channels: tuple[int, ...] = (0,), factor: float = 50.0) -> nn.Module:
     """The stress model of the int8 benchmark: the same function, with outlier channels in every smoothable
     norm's output (γ_j, β_j × factor; the readers' column j ÷ factor), as trained LLMs/ViTs show them.
     Mutates and returns `model`; it is `apply_scales` with s_j = 1/factor on `channels`."""
-    eligible, _ = smoothable_norms(model, inputs)
+    eligible, _, _ = smoothable_norms(model, inputs)
     if not eligible:
         raise NotApplicable(f"{type(model).__name__}: no norm read only by linear layers to give outliers")
     for use in eligible:

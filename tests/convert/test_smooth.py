@@ -141,3 +141,17 @@ def test_smoothed_on_more_families_is_exact_or_refused_with_a_reason(family):
         assert rel_l2(first(new(**inputs)), first(model(**inputs))) <= gate, family
     assert new.normfuse_smoothing.applied
     assert all(why.strip() for why in new.normfuse_smoothing.skipped.values())
+
+
+def test_post_ln_bert_gets_explicit_scales_on_its_readers_and_stays_exact():
+    """BERT's norms feed the residual too: with post_ln_scale their readers read u/s (InputScaled), exactly."""
+    from convert.rewrites.smooth import InputScaled
+
+    model = models.bert().double()
+    inputs = {"input_ids": torch.randint(0, models.VOCAB, (3, models.SEQ), generator=torch.Generator().manual_seed(2))}
+    new = smooth(copy.deepcopy(model), calibration=[inputs], post_ln_scale=True)
+    report = new.normfuse_smoothing
+    assert report.scaled and not report.applied
+    assert sum(isinstance(m, InputScaled) for m in new.modules()) == sum(len(r) for r in report.scaled.values())
+    with torch.no_grad():
+        assert rel_l2(new(**inputs).last_hidden_state, model(**inputs).last_hidden_state) <= 1e-10
