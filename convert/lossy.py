@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from convert.export import census, export_onnx, ort_session, run_onnx
-from convert.quantize import Int8Options, accuracy_figures, batches, passes_gate, quantize_onnx
-from engines.manifest import Accuracy, Parity, VariantInfo, file_ref, save_reference
+from convert.quantize import Int8Options, batches, passes_gate, quantize_onnx
+from engines.manifest import Accuracy, Parity, VariantInfo, accuracy_figures, file_ref, save_reference
 
 log = logging.getLogger(__name__)
 

@@ -340,10 +340,9 @@ def shorter(arrays: dict[str, np.ndarray], inputs) -> dict[str, np.ndarray]:
 
 def build_variant(ctx: Context, variant: str, not_applicable: dict[str, str]) -> VariantInfo | None:
     """Rewrite, verify, export and census one variant; None (with the reason recorded) when it cannot be built."""
-    from convert.rewrites import NotApplicable
-
     from convert.lossy import build_lossy
     from convert.quantize import QuantizationError
+    from convert.rewrites import NotApplicable
 
     try:
         return (build_lossy if variant in LOSSY_VARIANTS else _build)(ctx, variant)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.manifest import accuracy_figures, judge  # the one measure and gate, shared with engines
+from engines.manifest import judge  # the gate, shared with engines (which judges TensorRT plans with it)
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import torch
 from convert.export import export_onnx, ort_session, run_onnx
 from convert.models import Source
 from convert.pipeline import ConvertOptions, convert
-from convert.quantize import Int8Options, QuantizationError, accuracy_figures, batches, passes_gate, quantize_onnx
-from engines.manifest import Manifest, TensorInfo
+from convert.quantize import Int8Options, QuantizationError, batches, passes_gate, quantize_onnx
 from convert.rewrites.smooth import inject_outliers
+from engines.manifest import Manifest, TensorInfo, accuracy_figures
 from tests.convert._models_a import TinyViT
 
 PATCHES, PATCH_DIM, CLASSES = 4, 16, 5

@@ -135,7 +135,8 @@ def test_smoothed_on_more_families_is_exact_or_refused_with_a_reason(family):
     except NotApplicable as refusal:
         assert str(refusal).strip()
         return
-    first = (lambda out: out.logits if hasattr(out, "logits") else out[0])
+    def first(out):
+        return (out.logits if hasattr(out, "logits") else out[0])
     with torch.no_grad():
         gate = 1e-6 if family == "gemma" else 1e-10  # GemmaRMSNorm computes in float32 whatever the model's dtype
         assert rel_l2(first(new(**inputs)), first(model(**inputs))) <= gate, family

@@ -94,8 +94,8 @@ def add_int8_variant(model_dir: Path) -> None:
     """Add a real lossy variant `int8` to REPO/linear: ONNX Runtime static QDQ int8 of its unfused ONNX, with the
     accuracy record and gate measured on held-out inputs (as `convert` writes them), for the live dashboard test."""
     from convert.export import ort_session, run_onnx
-    from convert.quantize import Int8Options, accuracy_figures, passes_gate, quantize_onnx
-    from engines.manifest import Accuracy, read_manifest
+    from convert.quantize import Int8Options, passes_gate, quantize_onnx
+    from engines.manifest import Accuracy, accuracy_figures, read_manifest
 
     rng = np.random.default_rng(5)
     calibration = [{"x": rng.integers(0, 7, (8, FEATURES)).astype(np.float32)} for _ in range(4)]
