@@ -130,10 +130,15 @@ def _register_capacity(subparsers) -> None:
     plan_p.add_argument("--kappa", type=float, default=1.0, help="with --mu: the queueing-term scale")
     plan_p.set_defaults(handler=run_capacity_plan)
     report_p = modes.add_parser("report", help="render BENCHMARKS.md's capacity section and plot from a results JSON")
-    report_p.add_argument("--results", type=Path, default=Path("benchmarks/results/capacity.json"))
-    report_p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
-    report_p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+    _report_arguments(report_p, "benchmarks/results/capacity.json")
     report_p.set_defaults(handler=run_capacity_report)
+
+
+def _report_arguments(p: argparse.ArgumentParser, results: str) -> None:
+    """A section renderer's inputs: the results JSON, the BENCHMARKS.md to write into, the plot directory."""
+    p.add_argument("--results", type=Path, default=Path(results))
+    p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
 
 
 def _register_int8(modes) -> None:
@@ -148,9 +153,7 @@ def _register_int8(modes) -> None:
     p.add_argument("--rounds", type=int, default=8, help="interleaved rounds per model x batch size (default 8)")
     p.set_defaults(handler=run_int8)
     r = modes.add_parser("int8-report", help="render BENCHMARKS.md's int8 section and plot from a results JSON")
-    r.add_argument("--results", type=Path, default=Path("benchmarks/results/int8.json"))
-    r.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
-    r.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+    _report_arguments(r, "benchmarks/results/int8.json")
     r.set_defaults(handler=run_int8_report)
 
 
