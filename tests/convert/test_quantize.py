@@ -187,3 +187,14 @@ def test_a_faster_lossy_variant_is_default_only_with_the_flag(tmp_path, monkeypa
     assert manifest.variants["int8"].servable
     assert manifest.default_variant == ("int8" if allow else "unfused")
     assert manifest.allow_lossy_default is allow
+
+
+def test_a_calibration_that_fails_is_refused_with_the_reason_and_the_rest_is_built(tmp_path):
+    src = source()
+    src.calibration_inputs = lambda n: {"x": np.zeros((n, PATCHES + 1, PATCH_DIM - 3), np.float32)}  # wrong shape
+    options = ConvertOptions(variants=["unfused", "affine", "int8", "int8-plain"], samples=8, benchmark=False,
+                             torch_artifacts=False, progress=False, int8=Int8Options(eval_samples=16))
+    manifest = convert(src, "badcal", tmp_path, options)
+    assert "calibration/quantization failed" in manifest.not_applicable["int8-plain"]
+    assert manifest.not_applicable["int8"].strip()  # smoothing's calibration pass already fails, with its error
+    assert manifest.servable() == ["unfused", "affine"]
