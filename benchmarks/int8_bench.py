@@ -196,7 +196,7 @@ def run(work: Path, config: Int8BenchConfig) -> dict:
 
     work = Path(work)
     load = os.getloadavg()
-    result: dict = {"config": {**config.__dict__}, "machine": machine(load), "notes": [
+    result: dict = {"config": {**config.__dict__}, "notes": [
         "The machine was shared with other agents' jobs while this ran (load averages above); ratios of "
         "interleaved runs are what to read, not absolute times."]}
     if config.speed:
@@ -208,5 +208,6 @@ def run(work: Path, config: Int8BenchConfig) -> dict:
                               "all-minilm-l6-v2": minilm_accuracy(repo),
                               "stress": vit_digits_accuracy(repo, stress=True)}
         result["accuracy"]["stress"]["outliers"] = {"channels": list(OUTLIER_CHANNELS), "factor": OUTLIER_FACTOR}
+    result["machine"] = machine(load)  # at the end: it records the load average at start and now
     result["load_at_end"] = list(os.getloadavg())
     return result

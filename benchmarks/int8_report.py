@@ -87,7 +87,9 @@ def int8_section(result: dict, plot: Path | None = None, out_dir: Path | None = 
                   "held-out sentences of `benchmarks/data/sentences.txt` (template sentences, committed), the first 64 "
                   "calibrate. Every LayerNorm output is also the residual stream (Post-LN), so no scale can be folded "
                   "into a γ/β; `int8` gives their linear readers an explicit 1/s instead (one Mul per reader, the same "
-                  "function; `--int8-post-ln scale`, the default), the manifest records which norm got which.",
+                  "function; `--int8-post-ln scale`, the default), the manifest records which norm got which. Its gate "
+                  "judges the raw token states (every position, padding included: rel-L2/cosine columns), not the "
+                  "pooled embeddings, so a `failed` there means the conversion recorded it and does not serve it.",
                   f"- stress: vit-digits with outlier channels {stress.get('channels')} × {stress.get('factor')} put into "
                   "every Pre-LN norm's output by a function-preserving γ-scaling (γ_j, β_j × factor, the readers' "
                   "column j ÷ factor: the same function as vit-digits).", ""]
@@ -96,8 +98,8 @@ def int8_section(result: dict, plot: Path | None = None, out_dir: Path | None = 
         parts += [f"![int8 vs exact]({rel.as_posix()})", ""]
     machine = result.get("machine", {})
     if machine:
-        parts += ["Machine: " + "; ".join(f"{k} {v}" for k, v in machine.items() if "load" in k or k in ("cpu", "logical cores"))
-                  + f"; load at end {' '.join(f'{x:.2f}' for x in result.get('load_at_end', []))}.", ""]
+        keys = ("cpu", "logical cores", "memory", "onnxruntime", "torch")
+        parts += ["Machine: " + "; ".join(f"{k} {v}" for k, v in machine.items() if "load" in k or k in keys) + ".", ""]
     return "\n".join(parts)
 
 
@@ -124,12 +126,14 @@ def plot_int8(result: dict, path: Path) -> Path | None:
     left.legend(fontsize=8)
     cases = list(acc)
     for i, name in enumerate(("int8", "int8-plain")):
-        values = [acc[c]["variants"].get(name, {}).get("rel_l2", 0) for c in cases]
+        rows = [acc[c]["variants"].get(name, {}) for c in cases]
+        # 1 − cosine to unfused: of the outputs, or of the sentence embeddings where the model makes them
+        values = [1 - r.get("embedding_cosine_median", r.get("cosine", 1.0)) for r in rows]
         right.bar([j + i * 0.4 for j in range(len(cases))], values, 0.4, label=name)
     right.set_xticks([j + 0.2 for j in range(len(cases))], cases)
     right.set_yscale("log")
-    right.set_ylabel("rel-L2 error vs unfused (log)")
-    right.set_title("Accuracy on held-out data (lower is better)")
+    right.set_ylabel("1 − cosine to unfused (log)")
+    right.set_title("Error on held-out data, lower is better\n(MiniLM: median over sentence embeddings)", fontsize=10)
     right.legend(fontsize=8)
     fig.tight_layout()
     return plots._save(fig, path)

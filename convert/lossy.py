@@ -55,22 +55,23 @@ def build_lossy(ctx, variant: str) -> VariantInfo:
     accuracy = accuracy_record(src, reference, outputs, unfused, target, options, ctx.threads)
     accuracy.quantization, accuracy.smoothing = quantization, smoothing
     accuracy.calibration = {"samples": len(next(iter(calibration.values()))), "batch": options.calibration_batch,
-                            "source": "calibration_inputs" if src.calibration_inputs else "sample_inputs beyond "
-                                                                                          "the held-out ones"}
-    bound = variant == "int8-plain"
+                            "source": "calibration_inputs" if src.calibration_inputs
+                            else "sample_inputs beyond the held-out ones"}
     reference_file = save_reference(target.with_name("reference.npz"),
                                     {k: v[:REFERENCE_SAMPLES] for k, v in held_out.items()},
                                     [o[:REFERENCE_SAMPLES] for o in reference])
     log.info("%s: %s", variant, "passed its gate" if accuracy.passed else f"failed its gate: {accuracy.failed}")
+    bound = variant == "int8-plain"
     return VariantInfo(
         name=variant, description=DESCRIPTIONS[variant], exact=False, benchmark_only=bound,
         servable=not bound and accuracy.passed and all(p.passed for p in parity),
-        files={"onnx": file_ref(ctx.staging, target), "reference": file_ref(ctx.staging, reference_file)}, parity=parity, op_census=op_census, accuracy=accuracy,
+        files={"onnx": file_ref(ctx.staging, target), "reference": file_ref(ctx.staging, reference_file)},
+        parity=parity, op_census=op_census, accuracy=accuracy,
         flags=[] if accuracy.passed else [f"accuracy-gate-failed: {'; '.join(accuracy.failed)}"],
     )
 
 
-REFERENCE_SAMPLES = 32  # held-out inputs + unfused outputs kept beside the int8 ONNX for build-time gates (TensorRT)
+REFERENCE_SAMPLES = 32  # held-out inputs + unfused outputs kept beside the int8 ONNX to gate TensorRT plans
 
 
 def evaluation_split(src, options: Int8Options) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
