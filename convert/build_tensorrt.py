@@ -20,6 +20,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from convert.trt_parity import gate_plans, tensorrt_runner
 from engines.manifest import Manifest, TensorInfo, sha256_file, verify_files
 from engines.trt_cache import (
     EngineKey,
@@ -278,7 +279,9 @@ def build_engines(
     options: BuildOptions | None = None,
 ) -> list[Path]:
     """Build (or reuse) one plan per variant; plans go to `cache_dir/<variant>/` (default
-    `model_dir/<variant>/tensorrt/`). Returns the plan paths in manifest order."""
+    `model_dir/<variant>/tensorrt/`). Every plan then passes the parity gate against the unfused ONNX
+    Runtime reference (convert/trt_parity.py, recorded in the manifest); returns the plans that passed,
+    in manifest order."""
     from convert import trt_int8
 
     options = options or BuildOptions(precision=precision, batch_sizes=tuple(batch_sizes))
@@ -286,7 +289,7 @@ def build_engines(
     gpu_name, capability = gpu_identity()
     model_dir = Path(model_dir)
     profiles = profiles_for(manifest.inputs, options)
-    plans = []
+    plans: dict[str, Path] = {}
     for name, variant in manifest.variants.items():
         if not trt_int8.should_build(variant):
             log.info("variant %s: no plan (it failed its accuracy gate at conversion)", name)
@@ -315,8 +318,16 @@ def build_engines(
             plan, lines = build_plan(trt, onnx_path, profiles, options, timing)
             found.plan.write_bytes(plan)
             write_sidecar(found.plan, name, key, build_log=lines)
-        plans.append(found.plan)
-    return plans
+        plans[name] = found.plan
+    run_plan = tensorrt_runner(trt)
+    exact = {n: p for n, p in plans.items() if not trt_int8.is_lossy(manifest.variants[n])}
+    passed = gate_plans(model_dir, manifest, exact, precision=options.precision, tf32=options.tf32, run_plan=run_plan)
+    passed |= trt_int8.gate_plans(model_dir, manifest, {n: p for n, p in plans.items() if n not in exact}, run_plan)
+    failed = [name for name, ok in passed.items() if not ok]
+    if failed:
+        log.warning("TensorRT plans of %s failed their parity/accuracy gate and were removed (see manifest.json)",
+                    ", ".join(failed))
+    return [plan for name, plan in plans.items() if passed[name]]
 
 
 def _fp16_onnx(fp32_onnx: Path, out_dir: Path) -> Path:

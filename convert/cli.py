@@ -9,9 +9,13 @@ has been written (e.g. to build TensorRT plans from each variant's ONNX).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -48,6 +52,9 @@ def register(subparsers) -> None:
     parser.add_argument("--no-torch", action="store_true", help="do not save model.pt (the torch module, for the torch backend)")
     parser.add_argument("--threads", type=positive, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the conversion log (every decision, tracebacks of failed variants) on stderr; "
+                             "it is always written to DIR/NAME/convert.log")
     for module_name in filter(None, BACKENDS.values()):
         module = _backend_module(module_name)
         if module is not None and hasattr(module, "add_arguments"):
@@ -105,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from convert.pipeline import ConversionError, ConvertOptions, convert
     from convert.quantize import Int8Options
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log_file = setup_logging(getattr(args, "verbose", False))
     if Path(args.source).is_dir():
         quiet_transformers()
     options = ConvertOptions(
@@ -136,6 +143,12 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(exc))
     except KeyboardInterrupt:  # conversions are written to a temp dir and moved into place only at the end
         return fail(f"interrupted; {args.repo / args.name} was left as it was", code=130)
+    except Exception as exc:  # noqa: BLE001 - an unexpected failure: one paragraph here, the traceback in the log
+        log.debug("conversion failed", exc_info=True)
+        return fail(f"could not convert {args.source!r}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]} "
+                    f"(the traceback is in {log_file})")
+    with contextlib.suppress(OSError):  # the log travels with the model (a missing directory keeps it in /tmp)
+        shutil.copyfile(log_file, args.repo / args.name / "convert.log")
     sys.stdout.write(summary(manifest, args.repo / args.name))
     if backend is not None:
         try:
@@ -154,24 +167,53 @@ def fail(message: str, code: int = 2) -> int:
 
 
 def summary(manifest, model_dir: Path) -> str:
-    """A short table: one line per variant, then the variants that do not apply and why."""
+    """One screen: a line per variant (built / refused with a one-line reason / flagged), then the default."""
     lines = [f"wrote {model_dir}/manifest.json ({manifest.source}, {manifest.task})"]
     for name, info in manifest.variants.items():
         worst = max((p.rel_l2 for p in info.parity), default=0.0)
         norms = ", ".join(f"{op} {n}" for op, n in info.op_census.items() if op != "total") or "no norm ops"
-        latency = "".join(f" {k}={v:.3g}" for k, v in info.latency_ms.items())
-        state = "servable" if info.servable else ("benchmark-only" if info.benchmark_only else "NOT servable")
-        lines.append(f"  {name:<9} {state:<14} max rel_l2 {worst:.2e}  [{norms}]{latency}")
-        lines += [f"            flag: {flag}" for flag in info.flags]
+        speed = info.latency_ms.get(next((k for k in info.latency_ms if k.endswith("_vs_unfused")), ""), None)
+        state = "built" if info.servable else ("benchmark-only" if info.benchmark_only else "NOT servable")
+        lines.append(f"  {name:<9} {state:<14} rel_l2 {worst:.1e}  [{norms}]"
+                     + (f"  {speed:.2f}x unfused time" if speed else ""))
+        lines += [f"            flagged: {one_line(flag)}" for flag in info.flags]
         if info.accuracy is not None:  # a lossy variant: what its gate saw
             acc = info.accuracy
             task = "".join(f", {k} {v:.4f}" for k, v in acc.task.items())
             lines.append(f"            accuracy vs unfused ({acc.samples} held-out): cosine {acc.cosine:.6f}, "
                          f"top-1 agreement {acc.top1_agreement}{task}; gate {'passed' if acc.passed else 'FAILED'}")
     for name, reason in manifest.not_applicable.items():
-        lines.append(f"  {name:<9} not applicable: {reason}")
-    lines.append(f"default variant: {manifest.default_variant}")
+        lines.append(f"  {name:<9} refused        {one_line(reason)}")
+    lines.append(f"default variant: {manifest.default_variant}  (details: {model_dir}/convert.log)")
     return "\n".join(lines) + "\n"
+
+
+def one_line(text: str, width: int = 150) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def setup_logging(verbose: bool) -> Path:
+    """Everything (DEBUG) to a log file that ends up in the model directory; stderr gets errors only, or the
+    whole log with --verbose. Returns the file's path."""
+    handle, name = tempfile.mkstemp(prefix="normfuse-convert-", suffix=".log")
+    os.close(handle)
+    file_handler = logging.FileHandler(name)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    console = logging.StreamHandler()
+    console.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # their DEBUG output is graph dumps
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    root.addHandler(file_handler)
+    root.addHandler(console)
+    # Python warnings (tracing and export chatter) go to the log file, not the terminal
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").propagate = False
+    logging.getLogger("py.warnings").addHandler(file_handler)
+    return Path(name)
 
 
 def quiet_transformers() -> None:

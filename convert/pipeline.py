@@ -2,7 +2,8 @@
 
     load source -> for each variant: rewrite (NotApplicable -> reason) -> verify in torch -> export ONNX
     -> ONNX Runtime parity against the ORIGINAL torch model on held-out data -> op census
-    -> short interleaved benchmark (unfused, v, unfused, v ...) -> default_variant -> manifest.json
+    -> short interleaved benchmark (unfused, v, unfused, v ...) -> default_variant (only a variant whose
+    speed-up's 95% interval excludes 1) -> manifest.json
 
 Everything is written into a temporary directory inside the repository and moved into place at the end,
 so a failed conversion never leaves a half-written model behind.
@@ -11,9 +12,11 @@ so a failed conversion never leaves a half-written model behind.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import gc
 import logging
+import math
 import mmap as mmap_module
 import os
 import platform
@@ -42,6 +45,7 @@ from convert.lossy import LOSSY_VARIANTS
 from convert.models import Source, load_source
 from convert.quantize import Int8Options
 from convert.rewrites import BENCHMARK_ONLY, EXACT_VARIANTS
+from convert.trt_parity import save_parity_inputs
 from engines.manifest import Manifest, VariantInfo, file_ref, write_manifest
 
 log = logging.getLogger(__name__)
@@ -57,7 +61,7 @@ class ConvertOptions:
     include_bound: bool = False         # also build the benchmark-only `nonorm` bound
     samples: int = 32                   # held-out samples for parity
     benchmark: bool = True              # time variants at conversion to pick default_variant
-    benchmark_rounds: int = 7           # A B A B ... rounds per variant pair
+    benchmark_rounds: int = 8           # A B A B ... rounds per variant pair (8: one lost round still bounds the median)
     benchmark_batch: int = 8
     torch_artifacts: bool = True        # also save model.pt per variant (TorchEngine)
     threads: int | None = None          # ORT intra-op threads (None: all cores)
@@ -104,6 +108,7 @@ def convert(source: str | Source, name: str, repo: str | Path, options: ConvertO
             max_batch_size=options.max_batch_size, variants=built, not_applicable=not_applicable,
             default_variant=default, allow_lossy_default=options.allow_lossy_default,
         )
+        save_parity_inputs(staging, context.held_out)  # the batch later backends' parity gates run on
         write_manifest(staging, manifest)
         move_into_place(staging, repo / name)
         return manifest
@@ -341,43 +346,48 @@ def shorter(arrays: dict[str, np.ndarray], inputs) -> dict[str, np.ndarray]:
 def build_variant(ctx: Context, variant: str, not_applicable: dict[str, str]) -> VariantInfo | None:
     """Rewrite, verify, export and census one variant; None (with the reason recorded) when it cannot be built."""
     from convert.lossy import build_lossy
+    from convert.models.hf import user_names
     from convert.quantize import QuantizationError
     from convert.rewrites import NotApplicable
+    from convert.rewrites.check import first_line
 
     try:
         return (build_lossy if variant in LOSSY_VARIANTS else _build)(ctx, variant)
     except (NotApplicable, QuantizationError) as exc:
         log.info("variant %s does not apply: %s", variant, exc)
-        not_applicable[variant] = str(exc)
+        not_applicable[variant] = user_names(str(exc), ctx.source.model)
     except ImportError as exc:  # the rewrite's module is not part of this installation
         log.warning("variant %s is not available: %s", variant, exc)
         not_applicable[variant] = f"rewrite not available: {exc}"
     except ExportError as exc:
         log.warning("variant %s could not be exported: %s", variant, exc)
-        not_applicable[variant] = str(exc)
+        not_applicable[variant] = user_names(str(exc), ctx.source.model)
     except Exception as exc:
         if variant == "unfused":
             raise
-        log.exception("variant %s failed", variant)
-        not_applicable[variant] = f"failed: {type(exc).__name__}: {exc}"
+        log.debug("variant %s failed", variant, exc_info=True)  # the traceback: --verbose and the log file
+        log.warning("variant %s failed: %s", variant, first_line(exc))
+        not_applicable[variant] = user_names(f"failed: {first_line(exc)}", ctx.source.model)
     return None
 
 
 def _build(ctx: Context, variant: str) -> VariantInfo:
     import torch
 
-    from convert.rewrites import rewrite
+    from convert.rewrites import rewrite, shared_tensors
     from convert.verify import compare, run
 
     src, parity, flags = ctx.source, [], []
     if variant == "unfused":
-        model = src.model
+        # a copy over the same tensors: tracing for export may set module attributes (HF Swin turns its window
+        # size into a traced tensor), which must not leak into the source that the rewrites trace next
+        model = copy.deepcopy(src.model, shared_tensors(src.model))
     else:
         ctx.weights.restore()
         try:
             # the copy shares the tensors the rewrite leaves alone; parking then swaps only the source's
             with ctx.weights.shedding():
-                model = rewrite(src.model, variant, inputs=ctx.trace, share_weights=True)
+                model = rewrite(src.model, variant, inputs=ctx.trace, share_weights=True, check=False)
         finally:
             ctx.weights.park()  # from here on only the variant's copy is in memory
     reference = "torch unfused fp32"
@@ -418,7 +428,7 @@ def flag_lost_fusions(built: dict[str, VariantInfo]) -> None:
 
 # ----------------------------------------------------------------------------- benchmark
 
-NOISE = 0.03  # a variant must be ≥ 3% faster (median of paired ratios) to become the default
+NOISE = 0.03  # a variant must be ≥ 3% faster (median of paired ratios, its 95% bound below 1) to become the default
 REPEATS = 3  # each timing is the best of 3 runs: noise on a shared machine only ever adds time
 BUDGET_S = 6.0  # seconds per (unfused, variant) pair; fewer rounds (at least 3) for slow models
 
@@ -439,7 +449,7 @@ def benchmark(ctx: Context, built: dict[str, VariantInfo], rounds: int, batch: i
     paths = {name: ctx.staging / info.files["onnx"].path for name, info in built.items()}
     others = [v for v in built if v != "unfused"]
     bar = tqdm(total=rounds * len(others), desc="benchmark", unit="round", disable=not progress)
-    baseline_times, ratios, wins = [], {}, {}
+    baseline_times, ratios, wins, pairs = [], {}, {}, {}
     for variant in others:
         pair = Sessions(paths["unfused"], paths[variant], threads=ctx.threads)
         warm = max(timed(pair.get(name), inputs) for name in (variant, "unfused"))  # warm-up; round 0 starts with unfused
@@ -456,17 +466,44 @@ def benchmark(ctx: Context, built: dict[str, VariantInfo], rounds: int, batch: i
         baseline_times += times["unfused"]
         paired = [b / a for a, b in zip(times["unfused"], times[variant], strict=True)]
         # faster beyond noise: the median paired ratio clears NOISE and the variant won most rounds
-        ratios[variant] = statistics.median(paired)
+        ratios[variant], pairs[variant] = statistics.median(paired), paired
         wins[variant] = sum(r < 1 for r in paired) / len(paired)
         built[variant].latency_ms = {f"ort_cpu_b{batch}_median": statistics.median(times[variant]) * 1e3,
                                      f"ort_cpu_b{batch}_vs_unfused": ratios[variant],
                                      f"ort_cpu_b{batch}_win_rate": wins[variant]}
     bar.close()
     built["unfused"].latency_ms = {f"ort_cpu_b{batch}_median": statistics.median(baseline_times) * 1e3}
-    faster = [v for v in others if built[v].servable and (built[v].exact or allow_lossy)
-              and ratios[v] <= 1 - NOISE and wins[v] >= 0.75]
+    for variant, paired in pairs.items():
+        if math.isfinite(bound := median_upper_bound(paired)):
+            built[variant].latency_ms[f"ort_cpu_b{batch}_vs_unfused_upper95"] = bound
+    faster = [v for v in others if (built[v].exact or allow_lossy) and is_safe_default(built[v], pairs[v])]
     log.info("benchmark ratios vs unfused: %s", {v: round(r, 3) for v, r in ratios.items()})
     return min(faster, key=ratios.__getitem__) if faster else "unfused"
+
+
+MIN_ROUNDS = 5  # fewer paired rounds cannot exclude 1 at 95% with a sign-based interval
+
+
+def median_upper_bound(ratios: list[float], confidence: float = 0.95) -> float:
+    """A distribution-free one-sided upper confidence bound of the median paired ratio (variant/unfused).
+
+    The true median is ≤ the j-th smallest ratio with probability P(Binomial(n, ½) ≤ j−1); take the
+    smallest j reaching `confidence` (with n = 5 that is the largest ratio: all five rounds must be won).
+    inf when there are too few rounds for any bound.
+    """
+    ordered, n = sorted(ratios), len(ratios)
+    for j in range(1, n + 1):
+        if sum(math.comb(n, k) for k in range(j)) / 2**n >= confidence:
+            return ordered[j - 1]
+    return math.inf
+
+
+def is_safe_default(info: VariantInfo, paired: list[float]) -> bool:
+    """A fused variant becomes the default only when it is servable, lost no fusion, ran MIN_ROUNDS rounds,
+    its median ratio clears NOISE, and the upper 95% bound of that median excludes 1 (it is faster)."""
+    if not info.servable or any(flag.startswith("lost-fusion") for flag in info.flags) or len(paired) < MIN_ROUNDS:
+        return False
+    return statistics.median(paired) <= 1 - NOISE and median_upper_bound(paired) < 1.0
 
 
 class Sessions:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -86,16 +87,41 @@ def _load_config(path: Path):
         raise SourceError(f"{path}/config.json is not a configuration transformers can read: {exc}") from exc
 
 
-def pick_task(config) -> tuple[str, type]:
-    """causal-LM, image classification, or the bare model (feature extraction), from config.architectures."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
+# a class-name suffix of config.architectures -> the task it serves
+TASKS = (("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"), ("ForImageClassification", "image-classification"),
+         ("ForSequenceClassification", "text-classification"))
 
-    architectures = " ".join(config.architectures or [])
-    if "ForCausalLM" in architectures or "LMHeadModel" in architectures:
-        return "causal-lm", AutoModelForCausalLM
-    if "ForImageClassification" in architectures:
-        return "image-classification", AutoModelForImageClassification
-    return "feature-extraction", AutoModel
+
+def pick_task(config) -> tuple[str, type]:
+    """The task and the class to load, from config.architectures (the class that saved the directory).
+
+    A head we serve (causal LM, image or sequence classification) loads as that class; an encoder saved
+    as itself (T5EncoderModel, BertModel, ViTModel) loads as itself, for feature extraction. A directory
+    without `architectures` loads as AutoModel; another head is refused with the supported list.
+    """
+    import transformers
+
+    for name in config.architectures or []:
+        model_class = getattr(transformers, name, None)
+        if model_class is None:
+            continue
+        task = next((task for suffix, task in TASKS if suffix in name), None)
+        if task is None and name.endswith("Model"):
+            task = "feature-extraction"
+        if task is None:
+            raise SourceError(f"{name} ({config.model_type}) is not supported: normfuse serves causal language "
+                              "models, image and sequence classifiers, and bare encoders (…Model, e.g. "
+                              "T5EncoderModel, BertModel, ViTModel)")
+        return task, model_class
+    return "feature-extraction", transformers.AutoModel
+
+
+def user_names(message: str, model: torch.nn.Module) -> str:
+    """A message about the wrapped model in the user's terms: their class, their layer names."""
+    if not isinstance(model, KeywordModel):
+        return message
+    message = message.replace(type(model).__name__, type(model.model).__name__)
+    return re.sub(r"(?<![\w.])model\.", "", message)  # layer paths as the user's model names them
 
 
 def _text_inputs(model, config):
@@ -125,7 +151,7 @@ def _image_inputs(config):
 def _output_info(model, config, task: str, inputs: list[TensorInfo]) -> TensorInfo:
     if task == "causal-lm":
         return TensorInfo(name="logits", datatype="FP32", shape=[-1, -1, int(config.vocab_size)])
-    if task == "image-classification":
+    if task in ("image-classification", "text-classification"):
         return TensorInfo(name="logits", datatype="FP32", shape=[-1, int(config.num_labels)])
     hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or -1)
     return TensorInfo(name="last_hidden_state", datatype="FP32", shape=[-1, -1, hidden])

@@ -10,8 +10,11 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import logging
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class NotApplicable(ValueError):
@@ -34,7 +37,7 @@ BENCHMARK_ONLY = ("nonorm",)
 
 
 def rewrite(model: torch.nn.Module, variant: str, *, inputs: dict[str, torch.Tensor] | None = None,
-            share_weights: bool = False) -> torch.nn.Module:
+            share_weights: bool = False, check: bool = True) -> torch.nn.Module:
     """Return a new module in eval mode computing the same function as `model` with `variant` applied.
 
     `inputs`: example keyword inputs to trace the model with (a small batch); they are handed to the
@@ -46,17 +49,38 @@ def rewrite(model: torch.nn.Module, variant: str, *, inputs: dict[str, torch.Ten
     never write a tensor in place (they assign new ones), so the input still stays untouched; but neither
     module may then be modified in place (training, `.copy_()`) without changing the other.
 
+    `check` (default on): the rewrite is proved on `inputs` (or the model's example inputs) by running it
+    again on a float64 copy and comparing with the float64 original (`convert.rewrites.check`); a mismatch
+    refuses. It costs two float64 copies of the model: turn it off for very large models (the pipeline does,
+    and runs its own parity gate). The benchmark-only `nonorm` is never checked (it is not exact).
+
     The input model is left untouched. Raises NotApplicable (a ValueError) when the rewrite cannot be
-    applied exactly, and ValueError for an unknown variant name.
+    applied exactly, whatever the cause (an unexpected error inside a rewrite becomes a NotApplicable
+    naming it; the traceback goes to the debug log), and ValueError for an unknown variant name.
     """
     if variant not in REWRITES:
         raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(REWRITES)}")
+    from convert.rewrites.check import first_line
+
     module_name, function_name = REWRITES[variant].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    extra = {"inputs": inputs} if inputs is not None and takes_inputs(function) else {}
+    from convert.rewrites.check import check_exact
+
+    def apply(copied: torch.nn.Module, example: dict | None) -> torch.nn.Module:
+        extra = {"inputs": example} if example is not None and takes_inputs(function) else {}
+        try:
+            return function(copied, **extra)
+        except NotApplicable:
+            raise
+        except Exception as error:  # noqa: BLE001 - a model that runs gets a result or a reason, never a crash
+            log.debug("%s failed on %s", variant, type(model).__name__, exc_info=True)
+            raise NotApplicable(f"{variant} cannot be applied to {type(model).__name__}: {first_line(error)}") from error
+
     # the copy keeps the input's train/eval mode so a rewrite can refuse statistics that are not fixed
     memo = shared_tensors(model) if share_weights else {}
-    new = function(copy.deepcopy(model, memo), **extra)
+    new = apply(copy.deepcopy(model, memo), inputs)
+    if check and variant not in BENCHMARK_ONLY:
+        check_exact(model, variant, apply, inputs)
     return new.eval()
 
 

@@ -15,6 +15,7 @@ by what they compute (`convert.rewrites.probe`), and a layer's bias is the one i
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ from convert.rewrites import NotApplicable
 from convert.rewrites.math import IN_OUT, OUT_IN
 from convert.rewrites.probe import NormSpec, probe_norm
 
+log = logging.getLogger(__name__)
 aten = torch.ops.aten
 # ops that move data without mixing values along the hidden axis (the axis is re-derived from shapes)
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int,
@@ -183,18 +185,27 @@ def call_inputs(model: nn.Module, inputs: dict) -> dict:
 
 def analyse(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> Analysis:
     """Trace `model` and locate its norms, their readers, and the residual stream's writers."""
+    return trace(model, inputs).analyse()
+
+
+def trace(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> Graph:
+    """The one graph front-end: `model` exported with torch.export (eval mode, cache off) on keyword `inputs`
+    (default: its example inputs); NotApplicable with the first line of the reason when it cannot be traced."""
     inputs = call_inputs(model, example_inputs(model) if inputs is None else inputs)
     training = model.training
     try:  # traced in eval mode: the rewrite is of the inference function (dropout off)
         program = torch.export.export(model.eval(), args=(), kwargs=inputs, strict=False)
     except Exception as error:  # noqa: BLE001 - any tracing failure means we cannot prove anything
-        raise NotApplicable(f"{type(model).__name__} could not be traced with torch.export: {error}") from error
+        from convert.rewrites.check import first_line
+
+        log.debug("torch.export failed on %s", type(model).__name__, exc_info=True)  # the graph dump, if any
+        raise NotApplicable(f"{type(model).__name__} could not be traced with torch.export: {first_line(error)}") from error
     finally:
         model.train(training)
-    return _Graph(model, program).analyse()
+    return Graph(model, program)
 
 
-class _Graph:
+class Graph:
     """The exported graph plus the maps from its nodes back to the model's modules and tensors."""
 
     def __init__(self, model: nn.Module, program: torch.export.ExportedProgram):
@@ -228,6 +239,19 @@ class _Graph:
             self._walk_back(source, spec.axis % _ndim(source), stream, starts, blockers)
             walks.append(([name], stream, starts, blockers))
         return Analysis(norms, [self._stream(*walk) for walk in _merge_overlapping(walks)])
+
+    def readers_of(self, name: str, spec: NormSpec) -> NormUse:
+        """The linear readers (and blockers) of module `name`'s output along `spec.axis`: the same reader rules
+        for a norm with fixed statistics (UnifiedNorm, PowerNorm: `spec.kind` "affine") as for any norm."""
+        use = NormUse(name, self.model.get_submodule(name), spec.kind, spec=spec)
+        nodes = [n for n in self.nodes if name in _paths(n)]
+        if nodes:
+            boundary = self._boundary(name, nodes)
+            if isinstance(boundary, str):
+                use.blockers.append(boundary)
+            else:
+                self._collect_readers(use, boundary[1], spec.axis % _ndim(boundary[1]))
+        return use
 
     def _stream(self, names: list[str], stream: dict, starts: list, blockers: list[str]) -> Stream:
         writers = [w for w in (self._writer(n, stream[n], blockers) for n in starts) if w]
@@ -543,14 +567,20 @@ def _ndim(node: fx.Node) -> int:
     return len(_shape(node))
 
 
+_CONV_TRANSPOSE = (aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
+
+
 def _is_conv(node: fx.Node) -> bool:
-    return node.target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
+    return node.target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+                           *_CONV_TRANSPOSE)
 
 
 def _conv_form(node: fx.Node) -> tuple[bool, int, bool]:
     """(transposed, groups, zero-padded) of a convolution node (False, 1, False for other writers)."""
     if node.target == aten.convolution.default:
         padding, transposed, groups = node.args[4], bool(node.args[6]), int(node.args[8])
+    elif node.target in _CONV_TRANSPOSE:
+        padding, transposed, groups = _arg(node, 4) or 0, True, int(_arg(node, 6) or 1)
     elif _is_conv(node):
         padding, transposed, groups = _arg(node, 4) or 0, False, int(_arg(node, 6) or 1)
     else:

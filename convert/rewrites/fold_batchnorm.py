@@ -1,13 +1,11 @@
-"""Fold every eval-mode BatchNorm into its linear neighbour, found on a torch.fx graph of the model.
+"""Fold every eval-mode BatchNorm into its linear neighbour, found on the torch.export graph of the model.
 
 Post position — Conv/ConvTranspose/Linear → BN — folds into the producer, always exactly. Pre position
 — BN → Conv/Linear — folds into the consumer, exact only when the conv reads no zero padding (a padded
 zero was BN's shift c before the fold and is 0 after it; reflect/replicate/circular padding copies real
 values and stays exact). Every BatchNorm must fold, or the pass refuses with the layer and the reason
-before touching anything. The math lives in `bn_math`; this module only decides where it is safe.
-
-Limit: fx graphs carry no shapes, so Linear ↔ BatchNorm1d assumes [batch, features] tensors (BN1d's
-channels are axis 1, Linear's features the last axis); the channel counts are checked, the rank is not.
+before touching anything. The graph is the rewrites' one front-end (`analysis.trace`, with shapes, so
+Linear ↔ BatchNorm1d is checked on real ranks); the math lives in `bn_math`.
 """
 
 from __future__ import annotations
@@ -15,10 +13,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from convert.rewrites import NotApplicable
+from convert.rewrites.analysis import Graph, _conv_form, _is_conv, _ndim, _paths, trace
 from convert.rewrites.bn_math import bn_affine, fold_affine_into_consumer, fold_affine_into_producer
 
 logger = logging.getLogger(__name__)
@@ -27,8 +27,7 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _PRODUCERS = (*_CONV, *_CONV_TRANSPOSE, nn.Linear)
 _CONSUMERS = (*_CONV, nn.Linear)  # a transposed conv spreads a constant unevenly over its output
-_Modules = dict[str, nn.Module]  # qualified name -> module
-_Calls = dict[str, list[fx.Node]]  # module name -> the graph nodes calling it
+_BATCH_NORM = torch.ops.aten.batch_norm.default
 
 
 @dataclass(frozen=True)
@@ -38,18 +37,19 @@ class _Fold:
     position: str  # "post": layer → BN; "pre": BN → layer
 
 
-def fold_batchnorms(model: nn.Module) -> list[str]:
+def fold_batchnorms(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Fold every BatchNorm of `model` into its neighbour, in place; return the folded BNs' names.
 
-    Raises NotApplicable naming the first BatchNorm that cannot be folded exactly, and leaves `model`
-    untouched in that case. A model without BatchNorm returns [] without being traced.
+    `inputs`: keyword inputs to trace the model with (default: its example inputs). Raises NotApplicable
+    naming the first BatchNorm that cannot be folded exactly, and leaves `model` untouched in that case.
+    A model without BatchNorm returns [] without being traced.
     """
     bns = {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
     if not bns:
         return []
     for name, bn in bns.items():
         _check_statistics_fixed(name, bn)
-    plan = _plan(model, bns)
+    plan = _plan(model, bns, trace(model, inputs))
     modules = dict(model.named_modules())
     for fold in plan:
         _apply(fold, bns[fold.bn], modules[fold.layer])
@@ -57,7 +57,7 @@ def fold_batchnorms(model: nn.Module) -> list[str]:
         logger.debug("folded %s into %s (%s)", fold.bn, fold.layer, fold.position)
     unused = sorted(set(bns) - {fold.bn for fold in plan})
     if unused:
-        # never called as a module in the traced graphs: unused, so there is nothing to fold
+        # never called in the traced graph: unused, so there is nothing to fold
         logger.info("left BatchNorm layers that forward() never calls: %s", ", ".join(unused))
     return [fold.bn for fold in plan]
 
@@ -74,42 +74,12 @@ def _check_statistics_fixed(name: str, bn: _BatchNorm) -> None:
         )
 
 
-def _graphs(module: nn.Module, prefix: str = "") -> list[fx.Graph]:
-    """fx graphs covering every BatchNorm call: the whole model's, or its largest traceable parts'.
-
-    When a module's forward cannot be traced (data-dependent control flow, input checks that raise —
-    most Hugging Face models), its children that hold BatchNorms are traced one by one instead. That
-    assumes the untraced forward calls those children as a whole, not their inner layers one by one;
-    the parity check after the rewrite is the backstop. A BatchNorm called directly from an
-    untraceable forward is refused. Node targets are rewritten to names qualified from the root.
-    """
-    try:
-        graph = fx.symbolic_trace(module).graph
-    except Exception as exc:  # fx raises many types (TraceError, TypeError, …) for untraceable code
-        graphs = []
-        for name, child in module.named_children():
-            if isinstance(child, _BatchNorm):
-                raise NotApplicable(
-                    f"BatchNorm {prefix + name!r} is called from {type(module).__name__}.forward, which "
-                    f"torch.fx cannot trace, so its neighbours cannot be proved ({type(exc).__name__}: {exc})"
-                ) from exc
-            if any(isinstance(m, _BatchNorm) for m in child.modules()):
-                graphs += _graphs(child, f"{prefix}{name}.")
-        return graphs
-    for node in graph.nodes:  # the graph is only read, never run
-        if node.op == "call_module":
-            node.target = prefix + node.target
-    return [graph]
-
-
-def _plan(model: nn.Module, bns: dict[str, _BatchNorm]) -> list[_Fold]:
+def _plan(model: nn.Module, bns: dict[str, _BatchNorm], graph: Graph) -> list[_Fold]:
     """Where each called BatchNorm folds; NotApplicable for the first one that cannot."""
-    modules = dict(model.named_modules())
     calls: dict[str, list[fx.Node]] = {}
-    for graph in _graphs(model):
-        for node in graph.nodes:
-            if node.op == "call_module":
-                calls.setdefault(node.target, []).append(node)
+    for node in graph.nodes:
+        if node.target == _BATCH_NORM and _paths(node) and _paths(node)[-1] in bns:
+            calls.setdefault(_paths(node)[-1], []).append(node)
     shared = _shared_parameter_owners(model)
     plan = []
     for name in bns:
@@ -119,72 +89,85 @@ def _plan(model: nn.Module, bns: dict[str, _BatchNorm]) -> list[_Fold]:
                 f"BatchNorm {name!r} is called {len(nodes)} times; folding it would need one copy per call"
             )
         if nodes:
-            plan.append(_place(name, nodes[0], modules, calls, shared))
+            plan.append(_place(model, graph, name, nodes[0], shared))
     return plan
 
 
-def _place(name: str, node: fx.Node, modules: _Modules, calls: _Calls, shared: set[str]) -> _Fold:
+def _place(model: nn.Module, graph: Graph, name: str, node: fx.Node, shared: set[str]) -> _Fold:
     """Fold into the producer when that is safe, else into the consumer, else refuse with the reason."""
-    bn = modules[name]
-    producer = node.args[0] if node.args else None
-    post_reason = _post_blocker(bn, producer, modules, calls, shared)
+    bn = model.get_submodule(name)
+    producer = node.args[0]
+    post_reason = _post_blocker(model, graph, bn, node, producer, shared)
     if post_reason is None:
-        return _Fold(name, producer.target, "post")
-    consumer = next(iter(node.users)) if len(node.users) == 1 else None
-    pre_reason = _pre_blocker(bn, node, consumer, modules, calls, shared)
+        return _Fold(name, _layer(model, graph, producer, _PRODUCERS), "post")
+    consumer, read = (next(iter(node.users)) if len(node.users) == 1 else None), node
+    if consumer is not None and _copies_values(consumer) and len(consumer.users) == 1:
+        read, consumer = consumer, next(iter(consumer.users))  # a conv's reflect/replicate/circular padding
+    pre_reason = _pre_blocker(model, graph, bn, read, consumer, shared)
     if pre_reason is None:
-        return _Fold(name, consumer.target, "pre")
+        return _Fold(name, _layer(model, graph, consumer, _CONSUMERS), "pre")
     raise NotApplicable(f"BatchNorm {name!r} cannot be folded: {post_reason}; and {pre_reason}")
 
 
-def _post_blocker(
-    bn: _BatchNorm, producer: object, modules: _Modules, calls: _Calls, shared: set[str]
-) -> str | None:
+def _layer(model: nn.Module, graph: Graph, node: object, kinds: tuple[type, ...]) -> str | None:
+    """The name of the torch Conv/Linear module whose `weight` this conv/linear node reads, else None."""
+    if not isinstance(node, fx.Node) or not (_is_conv(node) or node.target == torch.ops.aten.linear.default):
+        return None
+    weight = node.args[1]
+    if not graph._is_weight(weight):
+        return None
+    module, attr = graph._owner(node, weight)
+    return module if attr == "weight" and isinstance(model.get_submodule(module), kinds) else None
+
+
+def _post_blocker(model: nn.Module, graph: Graph, bn: _BatchNorm, node: fx.Node, producer: object,
+                  shared: set[str]) -> str | None:
     """Why `bn` cannot fold into the layer that produces its input (None when it can)."""
-    if not _is_call(producer, modules, _PRODUCERS):
+    name = _layer(model, graph, producer, _PRODUCERS)
+    if name is None:
         return "its input is not produced by a Conv, ConvTranspose or Linear"
-    layer = modules[producer.target]
+    layer = model.get_submodule(name)
     if len(producer.users) > 1:
         readers = ", ".join(str(user) for user in producer.users)
-        return f"its producer {producer.target!r} has a second consumer ({readers})"
-    if len(calls[producer.target]) > 1:
-        return f"its producer {producer.target!r} is called more than once"
-    if producer.target in shared:
-        return f"its producer {producer.target!r} shares parameters with another layer"
-    if _out_channels(layer) != bn.num_features:
+        return f"its producer {name!r} has a second consumer ({readers})"
+    if name in shared:
+        return f"its producer {name!r} shares parameters with another layer"
+    if len(producer.args[1].users) > 1:
+        return f"its producer {name!r} is called more than once"
+    if _out_channels(layer) != bn.num_features or (isinstance(layer, nn.Linear) and _ndim(producer) != 2):
         channels = _out_channels(layer)
-        return f"its producer {producer.target!r} has {channels} channels, the BatchNorm {bn.num_features}"
+        return f"its producer {name!r} has {channels} channels on axis -1, the BatchNorm {bn.num_features} on axis 1"
     return None
 
 
-def _pre_blocker(
-    bn: _BatchNorm, node: fx.Node, consumer: fx.Node | None, modules: _Modules, calls: _Calls, shared: set[str],
-) -> str | None:
+def _pre_blocker(model: nn.Module, graph: Graph, bn: _BatchNorm, node: fx.Node, consumer: fx.Node | None,
+                 shared: set[str]) -> str | None:
     """Why `bn` cannot fold into the layer that reads its output (None when it can)."""
     if consumer is None:
         return f"its output has {len(node.users)} readers, not one Conv or Linear"
-    if not _is_call(consumer, modules, _CONSUMERS) or consumer.args[0] is not node:
-        return f"its output is read by {consumer}, not by a Conv or Linear"
-    layer = modules[consumer.target]
+    name = _layer(model, graph, consumer, _CONSUMERS)
+    if name is None or consumer.args[0] is not node or _conv_form(consumer)[0]:
+        return f"its output is read by {graph._where(consumer)} through {consumer.target}, not by a Conv or Linear"
+    layer = model.get_submodule(name)
     if isinstance(layer, _CONV) and _zero_padded(layer):
         return (
-            f"its consumer {consumer.target!r} zero-pads its input (padding={layer.padding}), so folding "
+            f"its consumer {name!r} zero-pads its input (padding={layer.padding}), so folding "
             "would change the border outputs"
         )
-    if len(calls[consumer.target]) > 1:
-        return f"its consumer {consumer.target!r} is called more than once"
-    if consumer.target in shared:
-        return f"its consumer {consumer.target!r} shares parameters with another layer"
-    if _in_channels(layer) != bn.num_features:
+    if name in shared:
+        return f"its consumer {name!r} shares parameters with another layer"
+    if len(consumer.args[1].users) > 1:
+        return f"its consumer {name!r} is called more than once"
+    if _in_channels(layer) != bn.num_features or (isinstance(layer, nn.Linear) and _ndim(node) != 2):
         channels = _in_channels(layer)
-        return f"its consumer {consumer.target!r} reads {channels} channels, the BatchNorm has {bn.num_features}"
+        return f"its consumer {name!r} reads {channels} channels, the BatchNorm has {bn.num_features}"
     return None
 
 
-def _is_call(node: object, modules: _Modules, kinds: tuple[type, ...]) -> bool:
-    if not isinstance(node, fx.Node) or node.op != "call_module":
-        return False
-    return isinstance(modules.get(node.target), kinds)
+def _copies_values(node: fx.Node) -> bool:
+    """A padding that copies real values (reflect, replicate, circular): a per-channel affine commutes with it."""
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    return node.target == torch.ops.aten.pad.default and mode in ("reflect", "replicate", "circular")
 
 
 def _out_channels(layer: nn.Module) -> int:

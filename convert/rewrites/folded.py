@@ -12,12 +12,12 @@ import torch
 from convert.rewrites import NotApplicable
 
 
-def fold_statistics(model: torch.nn.Module) -> torch.nn.Module:
+def fold_statistics(model: torch.nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     from convert.rewrites.fold_batchnorm import fold_batchnorms
     from convert.rewrites.fold_unified import fold_unified_norms
 
     # each pass refuses a norm module left in training mode (its statistics are not fixed yet)
-    folded = fold_batchnorms(model) + fold_unified_norms(model)
+    folded = fold_batchnorms(model, inputs) + fold_unified_norms(model, inputs)
     if not folded:
         raise NotApplicable(
             f"{type(model).__name__} has no BatchNorm, UnifiedNorm or PowerNorm layer with fixed statistics to fold"

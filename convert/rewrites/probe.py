@@ -37,6 +37,7 @@ class NormSpec:
     bias: str | None = None  # attribute holding β; None: no shift
     offset: float = 0.0  # 0: γ⊙x̂ (LayerNorm, Llama's RMSNorm); 1: x̂·(1+w) (Gemma)
     problem: str | None = None  # why the module is norm-like but no exact rewrite can use it
+    precision: str = "float64"  # "float32": it computes in float32 even in a float64 model (HF casts x̂)
 
     @property
     def channels_first(self) -> bool:
@@ -124,13 +125,14 @@ def _fit(module: nn.Module, kind: str, eps: float, axis: int, width: int) -> Nor
     xs = normalize(x, kind, eps, axis).movedim(axis, -1).reshape(-1, width)
     ys = y.double().movedim(axis, -1).reshape(-1, width)
     scale, shift = _regress(xs, ys)
-    if (ys - (xs * scale + shift)).abs().max() > _FIT * (1 + ys.abs().max()):
+    residual = float((ys - (xs * scale + shift)).abs().max() / (1 + ys.abs().max()))
+    if residual > _FIT:
         return None
     weight, offset = _match_scale(module, scale)
     bias = _match_shift(module, shift, weight)
     if weight is False or bias is False:
         return f"computes a {kind} whose scale/shift are not its own weight/bias"
-    return NormSpec(kind, eps, axis, width, weight, bias, offset)
+    return NormSpec(kind, eps, axis, width, weight, bias, offset, precision="float64" if residual < 1e-12 else "float32")
 
 
 def _regress(xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import convert.build_tensorrt as build
-from engines.manifest import Manifest, TensorInfo, VariantInfo, file_ref, write_manifest
+from engines.manifest import Manifest, TensorInfo, VariantInfo, file_ref, read_manifest, write_manifest
 from engines.trt_cache import read_sidecar
 from tests.fakes.tensorrt_api import ILogger, Severity
 
@@ -208,11 +208,25 @@ def make_repo(tmp_path, op: str = "Relu"):
     return model_dir, manifest
 
 
+def onnxruntime_runner(perturb: dict[str, float] | None = None):
+    """Stands in for TensorRT's runtime: a plan is run as the ONNX it was built from, on ONNX Runtime
+    (each variant's output optionally scaled by 1 + perturb[variant], a plan that lost accuracy)."""
+    from convert.export import ort_session
+
+    def run(plan: Path, inputs):
+        variant = plan.parent.parent.name  # <model>/<variant>/tensorrt/<stem>.plan
+        outputs = ort_session(plan.parent.parent / "model.onnx").run(None, inputs)
+        return [np.asarray(o) * (1 + (perturb or {}).get(variant, 0.0)) for o in outputs]
+
+    return run
+
+
 @pytest.fixture
 def use_fake(monkeypatch):
-    def install(fake):
+    def install(fake, runner=None):
         monkeypatch.setattr(build, "load_tensorrt_builder", lambda: fake)
         monkeypatch.setattr(build, "gpu_identity", lambda device=0: ("Fake H100", "9.0"))
+        monkeypatch.setattr(build, "tensorrt_runner", lambda trt: runner or onnxruntime_runner())
         return fake
 
     return install
@@ -389,3 +403,70 @@ def test_convert_imports_only_the_artifact_schemas_from_engines():
                 continue
             found |= {(path.name, n) for n in names if n == "engines" or n.startswith("engines.")}
     assert found and {name for _, name in found} <= allowed, sorted(found)
+
+
+# -- the parity gate at build time -------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_every_plan_passes_the_parity_gate_and_it_is_recorded(tmp_path, use_fake, precision):
+    if precision == "fp16":
+        pytest.importorskip("onnxconverter_common")
+    use_fake(make_fake_trt())
+    model_dir, manifest = make_repo(tmp_path)
+    plans = build.build_engines(model_dir, manifest, precision=precision)
+    assert len(plans) == 2
+    recorded = read_manifest(model_dir)
+    for name in ("unfused", "rmsnorm"):
+        (parity,) = [p for p in recorded.variants[name].parity if p.candidate.startswith("tensorrt")]
+        assert parity.passed and parity.candidate == f"tensorrt {precision} {name}"
+        assert parity.reference == "onnxruntime cpu unfused fp32"
+        assert parity.dtype == ("float16" if precision == "fp16" else "float32")
+    # the unfused plan has the fixed gate; a variant is held to twice the unfused plan's own error
+    assert recorded.variants["unfused"].parity[-1].gate == {"rel_l2": 1e-2}  # TF32 on by default
+    assert set(recorded.variants["rmsnorm"].parity[-1].gate) >= {"rel_l2"}
+
+
+def test_a_plan_that_fails_the_gate_is_removed_and_flagged(tmp_path, use_fake):
+    use_fake(make_fake_trt(), runner=onnxruntime_runner({"rmsnorm": 0.05}))
+    model_dir, manifest = make_repo(tmp_path)
+    plans = build.build_engines(model_dir, manifest)
+    assert [p.parent.parent.name for p in plans] == ["unfused"]
+    assert not list((model_dir / "rmsnorm" / "tensorrt").glob("*.plan"))
+    recorded = read_manifest(model_dir)
+    assert recorded.variants["rmsnorm"].flags == ["tensorrt-parity-failed:fp32"]
+    assert not recorded.variants["rmsnorm"].parity[-1].passed and not recorded.variants["rmsnorm"].servable
+    use_fake(make_fake_trt())  # a good rebuild replaces the record and clears the flag
+    assert len(build.build_engines(model_dir, manifest)) == 2
+    again = read_manifest(model_dir)
+    assert again.variants["rmsnorm"].flags == [] and again.variants["rmsnorm"].parity[-1].passed
+    assert again.variants["rmsnorm"].servable
+    assert sum(p.candidate.startswith("tensorrt") for p in again.variants["rmsnorm"].parity) == 1
+
+
+def test_an_unfused_plan_that_does_not_match_onnxruntime_is_an_error(tmp_path, use_fake):
+    use_fake(make_fake_trt(), runner=onnxruntime_runner({"unfused": 0.5}))
+    model_dir, manifest = make_repo(tmp_path)
+    with pytest.raises(RuntimeError, match="unfused model does not match ONNX Runtime"):
+        build.build_engines(model_dir, manifest)
+    assert not list((model_dir / "unfused" / "tensorrt").glob("*.plan"))
+
+
+def test_the_gate_uses_the_saved_held_out_batch(tmp_path, use_fake):
+    from convert.trt_parity import PARITY_FILE, parity_inputs, save_parity_inputs
+
+    model_dir, manifest = make_repo(tmp_path)
+    batch = {"x": np.arange(40, dtype=np.float32).reshape(10, 4)}
+    save_parity_inputs(model_dir, batch)
+    assert (model_dir / PARITY_FILE).is_file()
+    np.testing.assert_array_equal(parity_inputs(model_dir, manifest.inputs)["x"], batch["x"][:4])
+
+
+@pytest.mark.gpu
+def test_real_tensorrt_plans_pass_the_gate(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU (CUDA)")
+    pytest.importorskip("tensorrt")
+    model_dir, manifest = make_repo(tmp_path)
+    assert len(build.build_engines(model_dir, manifest, batch_sizes=(1, 4))) == 2
+    assert all(p.passed for info in read_manifest(model_dir).variants.values() for p in info.parity)

@@ -58,7 +58,9 @@ def test_vit_digits_converts(vit):
     assert "rewrite/verify/export" in result.stderr  # progress bars go to stderr
     assert f"default variant: {manifest.default_variant}" in result.stdout
     for name in manifest.not_applicable:
-        assert f"{name}" in result.stdout and "not applicable" in result.stdout
+        assert f"{name}" in result.stdout and "refused" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    assert (repo / "digits" / "convert.log").is_file()
 
 
 def test_vit_digits_default_variant_answers_like_the_original(vit):

@@ -30,9 +30,9 @@ def _images(n: int = 6, size: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _folded(model: nn.Module) -> tuple[nn.Module, list[str]]:
+def _folded(model: nn.Module, inputs: dict | None = None) -> tuple[nn.Module, list[str]]:
     new = copy.deepcopy(model)
-    return new, fold_batchnorms(new)
+    return new, fold_batchnorms(new, {"x": _images()} if inputs is None else inputs)
 
 
 # --- the math, one layer kind at a time, in float64 -------------------------------------------------
@@ -159,21 +159,21 @@ def test_folding_creates_biases_for_bias_free_layers():
 
 def test_a_model_without_batchnorm_returns_nothing():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
-    assert fold_batchnorms(model) == []
+    assert fold_batchnorms(model) == []  # not even traced: it needs no inputs
 
 
 def test_rewrite_folded_leaves_its_input_untouched():
     torch.manual_seed(0)
     model = randomize_batchnorms(TinyResNet()).eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    new = rewrite(model, "folded")
+    new = rewrite(model, "folded", inputs={"x": _images()})
     assert _bn_names(new) == [] and _bn_names(model)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert verify(model, new, _images())
 
 
 class _UntraceableParent(nn.Module):
-    """Untraceable forward calling traceable children: their BatchNorms fold within each child."""
+    """A forward with an input check (fx could not trace it; torch.export can): every BatchNorm folds."""
 
     def __init__(self):
         super().__init__()
@@ -185,7 +185,7 @@ class _UntraceableParent(nn.Module):
         return self.head(self.body(x))
 
 
-def test_untraceable_forward_falls_back_to_its_traceable_children():
+def test_a_shape_check_that_fx_could_not_trace_is_traced_by_torch_export():
     torch.manual_seed(0)
     model = randomize_batchnorms(_UntraceableParent()).eval()
     folded, names = _folded(model)
@@ -199,7 +199,7 @@ def test_hugging_face_resnet_folds():
     torch.manual_seed(0)
     config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=5)
     model = randomize_batchnorms(ResNetForImageClassification(config)).eval()
-    folded, names = _folded(model)
+    folded, names = _folded(model, {"pixel_values": _images(size=32)})
     assert len(names) == 6 and _bn_names(folded) == []
     assert verify(model, folded, {"pixel_values": _images(size=32)})
 
@@ -244,7 +244,7 @@ REFUSALS = {
         lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)),
         r"'1' has track_running_stats=False",
     ),
-    "untraceable": (_Untraceable, r"'bn' is called from _Untraceable\.forward, which torch\.fx cannot trace"),
+    "untraceable": (_Untraceable, r"_Untraceable could not be traced with torch\.export"),
     "bn-called-twice": (_BnTwice, r"'bn' is called 2 times"),
     "tied-weights": (_TiedConv, r"'bn'.*producer 'conv1' shares parameters"),
 }
@@ -259,7 +259,8 @@ def test_refuses_with_the_layer_and_the_reason(case):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     before = _bn_names(model)
     with pytest.raises(NotApplicable, match=message):
-        fold_batchnorms(model)
+        images = _images()[:, :1].expand(-1, 4, -1, -1) if case == "tied-weights" else _images()  # 4 channels
+        fold_batchnorms(model, {"input" if isinstance(model, nn.Sequential) else "x": images})
     assert _bn_names(model) == before
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 

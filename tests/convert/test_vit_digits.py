@@ -104,3 +104,10 @@ def test_onnx_export_with_dynamic_batch(source, tmp_path):
 def test_unknown_norm_is_rejected():
     with pytest.raises(ValueError, match="unknown norm"):
         vd.ViT(vd.ViTConfig(norm="batchnorm"))
+
+
+@pytest.mark.slow  # trains vit-digits-un once (then the weight cache answers)
+def test_the_un_trained_demo_reaches_layernorm_accuracy():
+    """The UN paper's claim at demo scale: Unified Normalization within 1 point of LayerNorm."""
+    ln, un = vd.vit_digits(), vd.vit_digits_un()
+    assert un.metrics["test_accuracy"] >= ln.metrics["test_accuracy"] - 0.01, (un.metrics, ln.metrics)

@@ -1,0 +1,82 @@
+"""The family table: what `rewrite(model, variant, inputs=...)` does on the architectures users bring.
+
+Tiny Hugging Face models built from their configs (random weights, perturbed γ/β/statistics) are called the
+way a user calls them, with their keyword inputs. Each entry is exact (checked here in float64 against the
+original, independently of rewrite()'s own check) or refused with a NotApplicable whose reason is asserted.
+README's supported-families list is this table.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from convert.rewrites import NotApplicable, rewrite
+from convert.rewrites.analysis import call_inputs, find_norms
+from convert.rewrites.check import EXACT_GATE, FLOAT32_NORMS_GATE
+from convert.verify import verify
+from tests.convert import _hf_families as hf
+
+RMS_REFUSAL = "RMSNorm reading the residual stream: it is not mean-invariant"
+# family -> {variant: "exact" or a regex of the refusal}
+TABLE = {
+    "llama": {"affine": "exact", "rmsnorm": RMS_REFUSAL},
+    "qwen2": {"affine": "exact", "rmsnorm": RMS_REFUSAL},
+    "mistral": {"affine": "exact", "rmsnorm": RMS_REFUSAL},
+    "phi3": {"affine": "exact", "rmsnorm": RMS_REFUSAL},
+    "gemma": {"affine": "exact", "rmsnorm": RMS_REFUSAL},  # x̂·(1+w)
+    "t5_encoder": {"affine": "exact", "crmsnorm": RMS_REFUSAL},  # T5LayerNorm: RMS without a mean
+    "bloom": {"affine": "exact", "rmsnorm": "exact", "crmsnorm": "word_embeddings_layernorm is Post-LN"},
+    "falcon": {"affine": "exact", "rmsnorm": "exact", "crmsnorm": "exact"},  # parallel block, shared LN, add_
+    "gpt_bigcode": {"affine": "exact", "rmsnorm": "exact", "crmsnorm": "exact"},
+    "deit": {"affine": "exact", "rmsnorm": "exact", "crmsnorm": "exact"},  # distillation token
+    "beit": {"affine": "exact", "rmsnorm": "exact", "crmsnorm": "exact"},  # layer scale
+    "swin": {"affine": "exact", "rmsnorm": "concatenates along the hidden axis"},  # patch merging
+    "convnext": {"affine": "exact", "rmsnorm": "read by .*dwconv"},  # channels-first LN into the downsampling conv
+    "resnet": {"folded": "exact", "affine": "has no layer computing a LayerNorm or RMSNorm"},
+    "mobilenet_v2": {"folded": "exact"},  # TF-style padding: every BatchNorm follows its conv
+}
+CASES = [(family, variant, expected) for family, row in TABLE.items() for variant, expected in row.items()]
+
+
+@pytest.fixture(scope="module")
+def built():
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = hf.FAMILIES[family]()
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize(("family", "variant", "expected"), CASES, ids=[f"{f}-{v}" for f, v, _ in CASES])
+def test_family_table(built, family, variant, expected):
+    model, inputs = built(family)
+    if expected != "exact":
+        with pytest.raises(NotApplicable, match=expected):
+            rewrite(model, variant, inputs=inputs)
+        return
+    original = copy.deepcopy(model).double()
+    rewritten = rewrite(original, variant, inputs=inputs)  # rewrite() checks itself; this test checks again
+    low = any(spec.precision != "float64" for spec in find_norms(original).values())
+    comparison = verify(original, rewritten, call_inputs(original, inputs), dtype="float64")
+    assert comparison.rel_l2 <= (FLOAT32_NORMS_GATE if low else EXACT_GATE), comparison.summary()
+    changed = [name for name, p in rewritten.named_parameters()
+               if name not in dict(original.named_parameters()) or not torch.equal(p, dict(original.named_parameters())[name])]
+    assert changed, f"{variant} left {family} as it was"
+
+
+def test_the_float32_result_matches_the_float32_model(built):
+    model, inputs = built("llama")
+    rewritten = rewrite(model, "affine", inputs=inputs)
+    assert verify(model, rewritten, call_inputs(model, inputs), dtype="float32")
+    assert next(rewritten.parameters()).dtype == torch.float32
+
+
+def test_gemma_weight_becomes_zero_and_t5_weight_one(built):
+    gemma = rewrite(built("gemma")[0], "affine", inputs=built("gemma")[1])
+    assert not gemma.model.norm.weight.any()  # x̂·(1+0): the affine is the identity
+    t5 = rewrite(built("t5_encoder")[0], "affine", inputs=built("t5_encoder")[1])
+    assert torch.equal(t5.encoder.final_layer_norm.weight, torch.ones(16))
