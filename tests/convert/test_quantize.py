@@ -179,8 +179,8 @@ def test_a_faster_lossy_variant_is_default_only_with_the_flag(tmp_path, monkeypa
     """The conversion-time benchmark sees int8 twice as fast (timings faked: tests never depend on timing)."""
     from convert import pipeline
 
-    monkeypatch.setattr(pipeline, "timed", lambda session, inputs: 0.5 if "int8" in session._model_path else 1.0)
-    options = ConvertOptions(variants=["unfused", "int8"], samples=8, benchmark=True, benchmark_rounds=3,
+    monkeypatch.setattr(pipeline, "timed", lambda session, inputs: 0.005 if "int8" in session._model_path else 0.01)
+    options = ConvertOptions(variants=["unfused", "int8"], samples=8, benchmark=True, benchmark_rounds=7,
                              torch_artifacts=False, progress=False, allow_lossy_default=allow,
                              int8=Int8Options(eval_samples=32))
     manifest = convert(source(), "fast", tmp_path, options)
