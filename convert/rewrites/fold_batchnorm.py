@@ -18,8 +18,10 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from convert.rewrites import NotApplicable
-from convert.rewrites.analysis import Graph, _conv_form, _is_conv, _ndim, _paths, trace
+from convert.rewrites.analysis import trace
 from convert.rewrites.bn_math import bn_affine, fold_affine_into_consumer, fold_affine_into_producer
+from convert.rewrites.graph import Graph
+from convert.rewrites.graph_ops import _conv_form, _is_conv, _ndim, _paths
 
 logger = logging.getLogger(__name__)
 

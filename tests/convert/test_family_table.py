@@ -79,4 +79,6 @@ def test_gemma_weight_becomes_zero_and_t5_weight_one(built):
     gemma = rewrite(built("gemma")[0], "affine", inputs=built("gemma")[1])
     assert not gemma.model.norm.weight.any()  # x̂·(1+0): the affine is the identity
     t5 = rewrite(built("t5_encoder")[0], "affine", inputs=built("t5_encoder")[1])
-    assert torch.equal(t5.encoder.final_layer_norm.weight, torch.ones(16))
+    assert torch.equal(t5.encoder.block[0].layer[0].layer_norm.weight, torch.ones(16))  # folded into q/k/v
+    # the final norm's output is the model's output (last_hidden_state): nothing to fold it into, kept
+    assert torch.equal(t5.encoder.final_layer_norm.weight, built("t5_encoder")[0].encoder.final_layer_norm.weight)

@@ -20,7 +20,7 @@ def resnet_pair() -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     model = randomize_batchnorms(TinyResNet()).eval()
     folded = copy.deepcopy(model)
-    fold_batchnorms(folded)
+    fold_batchnorms(folded, {"x": _images()})
     return model, folded
 
 
@@ -61,7 +61,7 @@ def test_float64_gate_is_tighter_than_float32(resnet_pair):
     model, _ = resnet_pair
     model64 = copy.deepcopy(model).double()  # .double() is in place: keep the fixture fp32
     folded64 = copy.deepcopy(model64)
-    fold_batchnorms(folded64)
+    fold_batchnorms(folded64, {"x": _images()})
     assert verify(model64, folded64, _images(), dtype=torch.float64)
     # a perturbation fp32 would accept is caught in fp64
     slightly_off = _perturbed(folded64, 1e-8)
