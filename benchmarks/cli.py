@@ -91,6 +91,8 @@ def register(subparsers) -> None:
     _reload_options(reload_p)
     reload_p.set_defaults(handler=run_reload)
 
+    _register_int8(modes)
+
     loadgen_p = subparsers.add_parser("loadgen", help="closed-loop sweep and open-loop Poisson load on an OIP v2 server")
     loadgen_p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
     loadgen_p.add_argument("--model", required=True)
@@ -191,6 +193,40 @@ def _register_capacity(subparsers) -> None:
     plan_p.add_argument("--kappa", type=float, default=1.0, help="with --mu: the queueing-term scale")
     plan_p.set_defaults(handler=run_capacity_plan)
     _report_parser(modes, "report", "capacity", Path("benchmarks/results/capacity.json"), run_capacity_report)
+
+
+def _register_int8(modes) -> None:
+    p = modes.add_parser("int8", help="int8 and int8-plain beside the exact variants: speed (vit-s16, gpt2-small, "
+                         "1 thread) and accuracy (vit-digits, all-MiniLM-L6-v2, an outlier-channel stress model)")
+    p.add_argument("--work", type=Path, default=Path(".bench"), help="where models are built (default .bench)")
+    p.add_argument("--json", type=Path, default=Path("benchmarks/results/int8.json"))
+    p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="render the int8 section into this file")
+    p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds per model x batch size (default 8)")
+    p.set_defaults(handler=run_int8)
+    _report_parser(modes, "int8-report", "int8", Path("benchmarks/results/int8.json"), run_int8_report)
+
+
+def run_int8(args) -> int:
+    from benchmarks import int8_bench, int8_report
+
+    _setup_logging()
+    config = int8_bench.Int8BenchConfig(rounds=args.rounds, min_rounds=min(4, args.rounds),
+                                        speed=not args.skip_speed, accuracy=not args.skip_accuracy)
+    result = int8_bench.run(args.work, config)
+    _dump(result, args.json)
+    int8_report.write_int8(args.out, result, plot_dir=args.plots)
+    return 0
+
+
+def run_int8_report(args) -> int:
+    from benchmarks import int8_report
+
+    int8_report.write_int8(args.out, json.loads(args.results.read_text()), plot_dir=args.plots)
+    sys.stdout.write(f"wrote the int8 section of {args.out}\n")
+    return 0
 
 
 def _setup_logging() -> None:
@@ -436,6 +472,11 @@ def run_all(args) -> int:
         from benchmarks import grpc_report
 
         grpc_report.write_grpc(args.out, json.loads(args.grpc_results.read_text()), plot_dir=args.plots)
+    int8_results = Path("benchmarks/results/int8.json")  # `normfuse bench int8`: kept, not re-measured
+    if int8_results.is_file():
+        from benchmarks import int8_report
+
+        int8_report.write_int8(args.out, json.loads(int8_results.read_text()), plot_dir=args.plots)
     log.info("wrote %s", args.out)
     return 0
 

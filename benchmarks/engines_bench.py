@@ -101,7 +101,9 @@ def rows_for(model: str, backend: str, batch: int, times: dict[str, list[float]]
 
 def bench_model(repo, model: str, backend: str, config: EngineBenchConfig) -> list[dict]:
     manifest = read_manifest(engines.open_model(repo, model)[1])
-    variants = [v for v, info in manifest.variants.items() if info.servable or info.benchmark_only]
+    # lossy variants are timed whether or not they passed their accuracy gate (random weights: speed only)
+    variants = [v for v, info in manifest.variants.items()
+                if info.servable or info.benchmark_only or info.accuracy is not None]
     exact = {v: manifest.variants[v].exact and not manifest.variants[v].benchmark_only for v in variants}
     options = {"intra_op_threads": config.threads} if backend == "onnxruntime" and config.threads else {}
     opened = {}

@@ -282,24 +282,30 @@ def build_engines(
     `model_dir/<variant>/tensorrt/`). Every plan then passes the parity gate against the unfused ONNX
     Runtime reference (convert/trt_parity.py, recorded in the manifest); returns the plans that passed,
     in manifest order."""
+    from convert import trt_int8
+
     options = options or BuildOptions(precision=precision, batch_sizes=tuple(batch_sizes))
     trt = load_tensorrt_builder()  # fails fast, before any file is touched
     gpu_name, capability = gpu_identity()
     model_dir = Path(model_dir)
     profiles = profiles_for(manifest.inputs, options)
-    plans = []
+    plans: dict[str, Path] = {}
     for name, variant in manifest.variants.items():
+        if not trt_int8.should_build(variant):
+            log.info("variant %s: no plan (it failed its accuracy gate at conversion)", name)
+            continue
         files = verify_files(model_dir, variant)
         out_dir = Path(cache_dir) / name if cache_dir else model_dir / name / "tensorrt"
         out_dir.mkdir(parents=True, exist_ok=True)
-        onnx_path = files["onnx"] if options.precision == "fp32" else _fp16_onnx(files["onnx"], out_dir)
+        precision = trt_int8.plan_precision(variant, options.precision)  # a QDQ ONNX: explicit INT8, as it is
+        onnx_path = files["onnx"] if precision in ("fp32", "int8") else _fp16_onnx(files["onnx"], out_dir)
         key = EngineKey(
             source_sha256=variant_source_sha256(variant.files),
             onnx_sha256=variant_source_sha256(variant.files) if onnx_path == files["onnx"] else _onnx_digest(onnx_path),
             trt_version=str(trt.__version__),
             gpu_name=gpu_name,
             compute_capability=capability,
-            precision=options.precision,
+            precision=precision,
             profiles=profiles,
             builder_flags=builder_flags(trt, options),
         )
@@ -312,14 +318,16 @@ def build_engines(
             plan, lines = build_plan(trt, onnx_path, profiles, options, timing)
             found.plan.write_bytes(plan)
             write_sidecar(found.plan, name, key, build_log=lines)
-        plans.append(found.plan)
-    passed = gate_plans(model_dir, manifest, dict(zip(manifest.variants, plans, strict=True)),
-                        precision=options.precision, tf32=options.tf32, run_plan=tensorrt_runner(trt))
+        plans[name] = found.plan
+    run_plan = tensorrt_runner(trt)
+    exact = {n: p for n, p in plans.items() if not trt_int8.is_lossy(manifest.variants[n])}
+    passed = gate_plans(model_dir, manifest, exact, precision=options.precision, tf32=options.tf32, run_plan=run_plan)
+    passed |= trt_int8.gate_plans(model_dir, manifest, {n: p for n, p in plans.items() if n not in exact}, run_plan)
     failed = [name for name, ok in passed.items() if not ok]
     if failed:
-        log.warning("TensorRT %s plans of %s failed the parity gate and were removed (see manifest.json)",
-                    options.precision, ", ".join(failed))
-    return [plan for name, plan in zip(manifest.variants, plans, strict=True) if passed[name]]
+        log.warning("TensorRT plans of %s failed their parity/accuracy gate and were removed (see manifest.json)",
+                    ", ".join(failed))
+    return [plan for name, plan in plans.items() if passed[name]]
 
 
 def _fp16_onnx(fp32_onnx: Path, out_dir: Path) -> Path:

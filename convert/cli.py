@@ -41,7 +41,9 @@ def register(subparsers) -> None:
     parser.add_argument("--repo", required=True, type=Path, metavar="DIR", help="the model repository")
     parser.add_argument("--variants", type=variant_list, default=None, metavar="LIST",
                         help="comma-separated variants (default: unfused + every exact variant that applies; "
-                             "add nonorm for the benchmark-only no-norm bound)")
+                             "add nonorm for the benchmark-only no-norm bound, int8 for the gated lossy int8 "
+                             "variant, int8-plain for its unsmoothed comparison)")
+    add_int8_arguments(parser)
     parser.add_argument("--backend", choices=list(BACKENDS), default="onnxruntime",
                         help="engines to prepare besides the ONNX files (default: onnxruntime)")
     parser.add_argument("--samples", type=positive, default=32, help="held-out samples for parity (default 32)")
@@ -58,6 +60,36 @@ def register(subparsers) -> None:
         if module is not None and hasattr(module, "add_arguments"):
             module.add_arguments(parser)
     parser.set_defaults(handler=run)
+
+
+def add_int8_arguments(parser) -> None:
+    """The lossy variants' options (see convert.quantize.Int8Options)."""
+    group = parser.add_argument_group("int8 (lossy, only with --variants ...,int8)")
+    group.add_argument("--int8-min-agreement", type=unit_interval, default=0.99, metavar="A",
+                       help="gate: top-1 agreement with unfused on held-out data (default 0.99)")
+    group.add_argument("--int8-min-cosine", type=unit_interval, default=0.999, metavar="C",
+                       help="gate: cosine similarity of the outputs with unfused (default 0.999)")
+    group.add_argument("--int8-alpha", type=unit_interval, default=0.5, metavar="ALPHA",
+                       help="SmoothQuant migration strength α in [0, 1] (default 0.5)")
+    group.add_argument("--int8-method", choices=("smoothquant", "repq"), default="smoothquant",
+                       help="how the per-channel scales are chosen (default smoothquant)")
+    group.add_argument("--int8-post-ln", choices=("scale", "skip"), default="scale",
+                       help="norms whose output is also the Post-LN residual (BERT): give their linear readers an "
+                            "explicit 1/s (one Mul each, scale) or leave them unsmoothed (skip); default scale")
+    group.add_argument("--int8-calibration", type=positive, default=64, metavar="N",
+                       help="calibration inputs, disjoint from the held-out ones (default 64)")
+    group.add_argument("--allow-lossy-default", action="store_true",
+                       help="let a lossy variant that passed its gate become default_variant if it is fastest")
+
+
+def unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
 
 
 def variant_list(text: str) -> list[str]:
@@ -78,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from convert.export import ExportError
     from convert.models import SourceError
     from convert.pipeline import ConversionError, ConvertOptions, convert
+    from convert.quantize import Int8Options
 
     log_file = setup_logging(getattr(args, "verbose", False))
     if Path(args.source).is_dir():
@@ -85,7 +118,10 @@ def run(args: argparse.Namespace) -> int:
     options = ConvertOptions(
         variants=args.variants, include_bound=bool(args.variants and "nonorm" in args.variants),
         samples=args.samples, benchmark=not args.no_benchmark, torch_artifacts=not args.no_torch,
-        threads=args.threads, progress=not args.quiet,
+        threads=args.threads, progress=not args.quiet, allow_lossy_default=args.allow_lossy_default,
+        int8=Int8Options(alpha=args.int8_alpha, method=args.int8_method, min_agreement=args.int8_min_agreement,
+                         min_cosine=args.int8_min_cosine, calibration_samples=args.int8_calibration,
+                         post_ln_scale=args.int8_post_ln == "scale"),
     )
     backend = _backend_module(BACKENDS[args.backend]) if BACKENDS[args.backend] else None
     if BACKENDS[args.backend] and (backend is None or not hasattr(backend, "build")):
@@ -141,6 +177,11 @@ def summary(manifest, model_dir: Path) -> str:
         lines.append(f"  {name:<9} {state:<14} rel_l2 {worst:.1e}  [{norms}]"
                      + (f"  {speed:.2f}x unfused time" if speed else ""))
         lines += [f"            flagged: {one_line(flag)}" for flag in info.flags]
+        if info.accuracy is not None:  # a lossy variant: what its gate saw
+            acc = info.accuracy
+            task = "".join(f", {k} {v:.4f}" for k, v in acc.task.items())
+            lines.append(f"            accuracy vs unfused ({acc.samples} held-out): cosine {acc.cosine:.6f}, "
+                         f"top-1 agreement {acc.top1_agreement}{task}; gate {'passed' if acc.passed else 'FAILED'}")
     for name, reason in manifest.not_applicable.items():
         lines.append(f"  {name:<9} refused        {one_line(reason)}")
     lines.append(f"default variant: {manifest.default_variant}  (details: {model_dir}/convert.log)")

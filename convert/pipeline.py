@@ -43,7 +43,9 @@ from convert.export import (
     lost_fusions,
     ort_session,
 )
+from convert.lossy import LOSSY_VARIANTS
 from convert.models import Source, load_source
+from convert.quantize import Int8Options
 from convert.rewrites import BENCHMARK_ONLY, EXACT_VARIANTS
 from convert.trt_parity import save_parity_inputs
 from engines.manifest import Manifest, VariantInfo, file_ref, write_manifest
@@ -68,6 +70,8 @@ class ConvertOptions:
     progress: bool = True
     max_batch_size: int = 32
     tools: dict[str, str] = field(default_factory=dict)
+    int8: Int8Options | None = None     # calibration + accuracy gate of the lossy variants (None: defaults)
+    allow_lossy_default: bool = False   # a gated lossy variant (int8) may become default_variant
 
 
 def convert(source: str | Source, name: str, repo: str | Path, options: ConvertOptions | None = None) -> Manifest:
@@ -80,7 +84,7 @@ def convert(source: str | Source, name: str, repo: str | Path, options: ConvertO
         src = source if isinstance(source, Source) else load_source(source, progress=options.progress)
         built, not_applicable = {}, {}
         bar = tqdm(names, desc="rewrite/verify/export", unit="variant", disable=not options.progress)
-        context = Context(src, staging, options.samples, options.threads, options.torch_artifacts)
+        context = Context(src, staging, options.samples, options.threads, options.torch_artifacts, options.int8)
         try:
             for variant in bar:
                 bar.set_postfix_str(variant)
@@ -97,7 +101,7 @@ def convert(source: str | Source, name: str, repo: str | Path, options: ConvertO
                 context.reference = None
                 release_memory()
                 default = benchmark(context, built, options.benchmark_rounds, options.benchmark_batch,
-                                    progress=options.progress)
+                                    progress=options.progress, allow_lossy=options.allow_lossy_default)
         finally:
             context.weights.close()  # the caller's Source gets its model's weights back
         manifest = Manifest(
@@ -105,6 +109,7 @@ def convert(source: str | Source, name: str, repo: str | Path, options: ConvertO
             tools=tool_versions() | options.tools, inputs=src.inputs, outputs=src.outputs,
             max_batch_size=options.max_batch_size, variants=built, not_applicable=not_applicable,
             default_variant=default, constraints=input_constraints(src),
+            allow_lossy_default=options.allow_lossy_default,
         )
         save_parity_inputs(staging, context.held_out)  # the batch later backends' parity gates run on
         write_manifest(staging, manifest)
@@ -120,10 +125,10 @@ def requested_variants(options: ConvertOptions) -> list[str]:
         names += [v for v in BENCHMARK_ONLY if v not in names]
     if "unfused" in names:
         names.remove("unfused")
-    unknown = [v for v in names if v not in (*EXACT_VARIANTS, *BENCHMARK_ONLY)]
+    known = (*EXACT_VARIANTS, *BENCHMARK_ONLY, *LOSSY_VARIANTS)
+    unknown = [v for v in names if v not in known]
     if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; expected some of unfused, "
-                         f"{', '.join((*EXACT_VARIANTS, *BENCHMARK_ONLY))}")
+        raise ValueError(f"unknown variant(s) {unknown}; expected some of unfused, {', '.join(known)}")
     return ["unfused", *names]  # unfused is always built: it is the reference and the fallback default
 
 
@@ -323,6 +328,7 @@ class Context:
     samples: int
     threads: int | None
     torch_artifacts: bool
+    int8: Int8Options | None = None
 
     def __post_init__(self) -> None:
         import torch
@@ -367,13 +373,15 @@ def shorter(arrays: dict[str, np.ndarray], inputs) -> dict[str, np.ndarray]:
 
 def build_variant(ctx: Context, variant: str, not_applicable: dict[str, str]) -> VariantInfo | None:
     """Rewrite, verify, export and census one variant; None (with the reason recorded) when it cannot be built."""
+    from convert.lossy import build_lossy
     from convert.models.hf import user_names
+    from convert.quantize import QuantizationError
     from convert.rewrites import NotApplicable
     from convert.rewrites.check import first_line
 
     try:
-        return _build(ctx, variant)
-    except NotApplicable as exc:
+        return (build_lossy if variant in LOSSY_VARIANTS else _build)(ctx, variant)
+    except (NotApplicable, QuantizationError) as exc:
         log.info("variant %s does not apply: %s", variant, exc)
         not_applicable[variant] = user_names(str(exc), ctx.source.model)
     except ImportError as exc:  # the rewrite's module is not part of this installation
@@ -456,7 +464,8 @@ BUDGET_S = 6.0  # seconds per (unfused, variant) pair; fewer rounds (at least 3)
 BOTH_SESSIONS_MAX_BYTES = 256 * 1024**2  # two ONNX files at most this large are benchmarked with both sessions open
 
 
-def benchmark(ctx: Context, built: dict[str, VariantInfo], rounds: int, batch: int, *, progress: bool) -> str:
+def benchmark(ctx: Context, built: dict[str, VariantInfo], rounds: int, batch: int, *, progress: bool,
+              allow_lossy: bool = False) -> str:
     """Time unfused against each other variant, interleaved (A B, B A, ...); return the default variant.
 
     The order A B B A A B ... runs each model twice in a row, so when the two ONNX files together are over
@@ -495,7 +504,7 @@ def benchmark(ctx: Context, built: dict[str, VariantInfo], rounds: int, batch: i
     for variant, paired in pairs.items():
         if math.isfinite(bound := median_upper_bound(paired)):
             built[variant].latency_ms[f"ort_cpu_b{batch}_vs_unfused_upper95"] = bound
-    faster = [v for v in others if is_safe_default(built[v], pairs[v])]
+    faster = [v for v in others if (built[v].exact or allow_lossy) and is_safe_default(built[v], pairs[v])]
     log.info("benchmark ratios vs unfused: %s", {v: round(r, 3) for v, r in ratios.items()})
     return min(faster, key=ratios.__getitem__) if faster else "unfused"
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -77,6 +77,81 @@ class Parity(BaseModel):
     needed: dict[str, float] = Field(description="the tolerances this comparison actually needed")
 
 
+class Accuracy(BaseModel):
+    """A lossy variant's accuracy record against `unfused` on held-out data, and the gate it had to pass."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+    passed: bool = Field(description="met every threshold of `gate`; only then is the variant served")
+    reference: str = Field(description="what it was compared against, e.g. 'onnxruntime cpu unfused fp32'")
+    samples: int = Field(description="held-out inputs (disjoint from the calibration inputs)")
+    rel_l2: float
+    cosine: float
+    top1_agreement: float | None = Field(None, description="share of positions whose argmax equals unfused's")
+    task: dict[str, float] = Field(default_factory=dict,
+                                   description="task metric where the source has labels, e.g. test_accuracy and "
+                                               "unfused_test_accuracy")
+    gate: dict[str, float] = Field(description="thresholds, e.g. {'min_top1_agreement': 0.99, 'min_cosine': 0.999}")
+    failed: list[str] = Field(default_factory=list, description="which thresholds were missed, with the figures")
+    calibration: dict[str, Any] = Field(default_factory=dict, description="what the ranges were calibrated on")
+    quantization: dict[str, Any] = Field(default_factory=dict, description="tool, format, what stayed in float")
+    smoothing: dict[str, Any] | None = Field(None, description="the reparameterization: norms smoothed, and the "
+                                                               "norms left alone with the reason")
+
+    def judge(self, figures: dict) -> list[str]:
+        """The thresholds of this record's gate that `figures` miss (see `judge`)."""
+        return judge(figures, self.gate)
+
+
+def judge(figures: dict, gate: dict[str, float]) -> list[str]:
+    """The thresholds of `gate` ({'min_top1_agreement', 'min_cosine'}) that `figures` (`accuracy_figures`) miss,
+    each with its figure; [] = passed. An undefined agreement (one class, embeddings) is not judged."""
+    failed = []
+    agreement, least = figures.get("top1_agreement"), gate.get("min_top1_agreement")
+    if agreement is not None and least is not None and not agreement >= least:
+        failed.append(f"top-1 agreement {agreement:.4f} < {least}")
+    if "min_cosine" in gate and not figures["cosine"] >= gate["min_cosine"]:
+        failed.append(f"cosine {figures['cosine']:.6f} < {gate['min_cosine']}")
+    return failed
+
+
+def accuracy_figures(reference: list, candidate: list) -> dict[str, float | None]:
+    """rel-L2 and cosine over all outputs, top-1 (last-axis argmax) agreement of the first output (None for
+    one class): what an Accuracy record holds and its gate judges, wherever a lossy artifact is run."""
+    import numpy as np
+
+    r = np.concatenate([np.asarray(a, np.float64).ravel() for a in reference])
+    c = np.concatenate([np.asarray(a, np.float64).ravel() for a in candidate])
+    if not (np.all(np.isfinite(r)) and np.all(np.isfinite(c))):
+        return {"rel_l2": float("inf"), "cosine": -1.0, "top1_agreement": 0.0}
+    norm_r, norm_c = np.linalg.norm(r), np.linalg.norm(c)
+    cosine = float(np.dot(r, c) / (norm_r * norm_c)) if norm_r > 0 and norm_c > 0 else float(norm_r == norm_c)
+    first_r, first_c = np.asarray(reference[0]), np.asarray(candidate[0])
+    agreement = (float((np.argmax(first_r, -1) == np.argmax(first_c, -1)).mean())
+                 if first_r.ndim >= 1 and first_r.shape[-1] >= 2 and first_r.size else None)
+    return {"rel_l2": float(np.linalg.norm(r - c) / norm_r) if norm_r > 0 else float(np.linalg.norm(c) > 0),
+            "cosine": cosine, "top1_agreement": agreement}
+
+
+def save_reference(path: Path, inputs: dict, outputs: list) -> Path:
+    """A lossy variant's `reference` file: held-out inputs (`in.<name>`) and unfused's outputs (`out.<i>`), so a
+    plan built later (TensorRT, on the GPU) is judged on the same data as the ONNX was."""
+    import numpy as np
+
+    arrays = {f"in.{k}": v for k, v in inputs.items()} | {f"out.{i}": v for i, v in enumerate(outputs)}
+    np.savez_compressed(path, **arrays)
+    return Path(path)
+
+
+def load_reference(path: Path) -> tuple[dict, list]:
+    import numpy as np
+
+    with np.load(path) as data:
+        inputs = {k[3:]: data[k] for k in data.files if k.startswith("in.")}
+        outputs = [data[f"out.{i}"] for i in range(sum(k.startswith("out.") for k in data.files))]
+    return inputs, outputs
+
+
 class VariantInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -90,11 +165,14 @@ class VariantInfo(BaseModel):
     op_census: dict[str, int] = Field(default_factory=dict, description="ops after ORT graph optimization")
     flags: list[str] = Field(default_factory=list, description="warnings, e.g. 'lost-fusion:SkipLayerNormalization'")
     latency_ms: dict[str, float] = Field(default_factory=dict, description="conversion-time benchmark medians")
+    accuracy: Accuracy | None = Field(None, description="lossy variants (exact: false): the record its gate judged")
 
     @model_validator(mode="after")
     def _servable_needs_parity(self) -> VariantInfo:
         if self.servable and (self.benchmark_only or not all(p.passed for p in self.parity)):
             raise ValueError(f"variant {self.name!r}: servable requires every parity check to pass")
+        if self.servable and not self.exact and not (self.accuracy and self.accuracy.passed):
+            raise ValueError(f"variant {self.name!r}: a lossy variant is servable only with a passed accuracy gate")
         return self
 
 
@@ -114,12 +192,17 @@ class Manifest(BaseModel):
     not_applicable: dict[str, str] = Field(default_factory=dict, description="variant -> why it was refused")
     default_variant: str
     constraints: list[InputConstraint] = Field(default_factory=list, description="value and size limits per input")
+    allow_lossy_default: bool = Field(False, description="converted with --allow-lossy-default: a gated lossy "
+                                                         "variant may be the default")
 
     @model_validator(mode="after")
     def _default_is_servable(self) -> Manifest:
         default = self.variants.get(self.default_variant)
         if default is None or not default.servable:
             raise ValueError(f"default_variant {self.default_variant!r} must name a servable variant")
+        if not default.exact and not self.allow_lossy_default:
+            raise ValueError(f"default_variant {self.default_variant!r} is lossy (exact: false); it can be the "
+                             "default only when converted with --allow-lossy-default")
         return self
 
     def servable(self) -> list[str]:

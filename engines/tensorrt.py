@@ -106,9 +106,10 @@ class TensorRTEngine(Engine):
 
     backend = "tensorrt"
 
-    def __init__(self, plan_path: str | Path, *, device: int = 0) -> None:
+    def __init__(self, plan_path: str | Path, *, device: int = 0, gate: tuple[Path | None, object] | None = None) -> None:
         super().__init__()
         self.plan_path = Path(plan_path)
+        self.gate = gate  # a lossy variant's (reference.npz, manifest Accuracy): judged at load, before serving
         self.device_index = device
         self._trt = None
         self._runtime = None
@@ -141,7 +142,29 @@ class TensorRTEngine(Engine):
         self._inputs, self._outputs = inputs, outputs
         self.max_batch_size = min(hi[0] for _, hi in self._profiles.values()) if self._profiles else None
         log.info("loaded TensorRT plan %s: inputs %s, max batch %s", self.plan_path.name, inputs, self.max_batch_size)
+        if self.gate is not None:
+            self._check_gate(*self.gate)
         return self
+
+    def _check_gate(self, reference: Path | None, accuracy) -> None:
+        """An int8 plan is served only if, on the held-out inputs saved at conversion, it meets the variant's own
+        accuracy gate against unfused (the same measure and thresholds the ONNX passed)."""
+        from engines.manifest import accuracy_figures, load_reference
+
+        if reference is None:
+            self.close()
+            raise EngineError(f"{self.plan_path.name}: a lossy variant needs its reference file to be gated; reconvert it")
+        inputs, expected = load_reference(reference)
+        rows = len(next(iter(inputs.values())))
+        step = self.max_batch_size or rows
+        parts = [self.infer({k: v[i:i + step] for k, v in inputs.items()}) for i in range(0, rows, step)]
+        figures = accuracy_figures(expected, [np.concatenate([p[s.name] for p in parts]) for s in self.outputs])
+        failed = accuracy.judge(figures)
+        log.info("TensorRT int8 plan %s vs unfused on %d held-out inputs: %s", self.plan_path.name, rows, figures)
+        if failed:
+            self.close()
+            raise EngineError(f"TensorRT plan {self.plan_path.name} failed its accuracy gate against unfused on "
+                              f"{rows} held-out inputs ({'; '.join(failed)}); it is not served")
 
     def _deserialize(self, trt, cuda, logger, key):
         """Runtime -> engine -> execution context, each checked for None with TensorRT's log."""
@@ -269,4 +292,7 @@ def open_variant(model_dir: Path, manifest, info, paths: dict[str, Path], *, pre
     """The `engines.load(..., backend="tensorrt")` opener: the plan for this variant, GPU and TensorRT
     (see `find_plan`), as a TensorRTEngine that is not loaded yet. `paths` were sha256-verified by the caller.
     `intra_op_threads` is accepted for the service's common options and ignored (no CPU threads to size)."""
-    return TensorRTEngine(find_plan(model_dir, info, precision=precision, device=device), device=device)
+    gate = None
+    if info.accuracy is not None:  # a lossy variant: one plan precision (its QDQ ONNX's explicit int8), gated
+        precision, gate = "int8", (paths.get("reference"), info.accuracy)
+    return TensorRTEngine(find_plan(model_dir, info, precision=precision, device=device), device=device, gate=gate)

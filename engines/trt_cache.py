@@ -63,7 +63,7 @@ class EngineKey:
     trt_version: str            # trt.__version__, e.g. "11.4.0.106"
     gpu_name: str               # torch.cuda.get_device_name(), e.g. "NVIDIA H100 80GB HBM3"
     compute_capability: str     # "9.0"
-    precision: str              # "fp32" | "fp16"
+    precision: str              # "fp32" | "fp16" | "int8" (a lossy variant's QDQ ONNX, explicitly quantized)
     profiles: dict[str, ShapeProfile]
     builder_flags: dict[str, str] = field(default_factory=dict)  # optimization level, workspace, TF32, typing…
     key_version: int = KEY_VERSION

@@ -83,7 +83,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     @answers
     async def ModelMetadata(self, request, context):
         meta = await routes.model_metadata(request.name, self.repo, request.version or None)
-        return message(meta.model_dump(), pb.ModelMetadataResponse)
+        # KServe's ModelMetadataResponse has no parameters: `exact` reaches gRPC clients in ModelConfig's parameters
+        return message(meta.model_dump(exclude={"parameters"}), pb.ModelMetadataResponse)
 
     @answers
     async def ModelConfig(self, request, context):

@@ -26,6 +26,7 @@ TIME_BUCKETS = tuple(round(50e-6 * 2 ** (i / 2), 7) for i in range(37))  # 50 µ
 BATCH_BUCKETS = tuple(2.0**i for i in range(11))  # 1 … 1024
 RATIO_BUCKETS = tuple(round(0.5 * 1.05**i, 4) for i in range(30))  # 0.5 … ~2.06, 5 % steps
 ERROR_BUCKETS = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+AGREEMENT_BUCKETS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)  # top-1 agreement per shadowed batch
 
 
 class Metrics:
@@ -65,6 +66,9 @@ class Metrics:
                                       LABELS, buckets=ERROR_BUCKETS, registry=r)
         self.shadow_skipped = Counter("normfuse_shadow_skipped", "Sampled batches not shadowed (worker busy)",
                                       LABELS, registry=r)
+        self.shadow_agreement = Histogram("normfuse_shadow_agreement",
+                                          "Top-1 (argmax) agreement of variant and unfused on the same batch, 0-1",
+                                          LABELS, buckets=AGREEMENT_BUCKETS, registry=r)
 
 
 class Children:

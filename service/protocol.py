@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel
 
 from oip.codec import (  # noqa: F401 - re-exported
@@ -42,6 +44,9 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+    # normfuse's addition (OIP clients ignore unknown keys): whether this version computes the same function as
+    # unfused; false for a lossy variant (int8), served only after passing its accuracy gate
+    parameters: dict[str, Any] | None = None
 
 
 class ErrorBody(BaseModel):

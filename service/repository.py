@@ -178,13 +178,14 @@ class Repository(ModelControl):
             if unfused is not None and name != UNFUSED and self.settings.shadow_rate > 0:
                 labels = servable.labels
                 servable.shadow = Shadow(entry.name, name, unfused.batcher, self.settings.shadow_rate,
-                                         lambda ratio, err, labels=labels: self._record_pair(labels, ratio, err))
+                                         lambda ratio, err, agree, labels=labels: self._record_pair(labels, ratio, err, agree))
             servable.batcher.start()
             self.metrics.queue_depth.labels(**servable.labels).set_function(lambda s=servable: s.batcher.depth)
             files = entry.manifest.variants[name].files
             info = {k: str(v) for k, v in servable.engine.describe().items()}
             info["onnx_sha256"] = files["onnx"].sha256 if "onnx" in files else ""
             info["revision"] = entry.revision
+            info["exact"] = str(entry.manifest.variants[name].exact).lower()  # "false": a gated lossy variant (int8)
             self.metrics.engine.labels(**servable.labels).info(info)
 
     def unpublish(self, servable: Servable) -> None:
@@ -224,10 +225,12 @@ class Repository(ModelControl):
         if servable.shadow is not None and servable.shadow.offer(batch) == "skipped":
             self.metrics.shadow_skipped.labels(**labels).inc()
 
-    def _record_pair(self, labels: dict[str, str], ratio: float, abs_error: float) -> None:
+    def _record_pair(self, labels: dict[str, str], ratio: float, abs_error: float, agreement: float | None = None) -> None:
         self.metrics.shadow_ratio.labels(**labels).observe(ratio)
         self.metrics.shadow_error.labels(**labels).observe(abs_error)
-        self.compare.add_pair(labels["model"], labels["variant"], ratio, abs_error)
+        if agreement is not None:
+            self.metrics.shadow_agreement.labels(**labels).observe(agreement)
+        self.compare.add_pair(labels["model"], labels["variant"], ratio, abs_error, agreement)
 
     def servables(self) -> list[Servable]:
         return [s for entry in self.models.values() for s in entry.variants.values()]

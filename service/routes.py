@@ -107,6 +107,7 @@ async def model_metadata(model: str, repo: Repo, version: str | None = None) -> 
         platform=platform(servable.labels["backend"]),
         inputs=[TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in servable.engine.inputs],
         outputs=[TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in servable.engine.outputs],
+        parameters={"variant": servable.variant, "exact": manifest.variants[servable.variant].exact},
     )
 
 
@@ -171,8 +172,10 @@ async def compare(model: str, repo: Repo) -> dict[str, Any]:
         info = entry.manifest.variants[name]
         variants[name] = {
             "ready": name in entry.variants,
+            "exact": info.exact,
             **summaries[name],
             "parity": [p.model_dump() for p in info.parity],
+            "accuracy": info.accuracy.model_dump() if info.accuracy else None,  # lossy variants: the gate's record
         }
     return {"model": model, "baseline": "unfused", "default_variant": entry.default,
             "variants": variants}

@@ -11,8 +11,9 @@ otherwise is skipped (counted). What that does and does not promise:
   with several variants shadowing, by several, one after another);
 * on CPU every run shares the same cores, so shadow runs also slow concurrent batches of every variant a little.
 
-Each shadow run records the paired ratio (variant compute time / unfused compute time on the same batch) and
-the max |Δ| of the outputs.
+Each shadow run records the paired ratio (variant compute time / unfused compute time on the same batch),
+the max |Δ| of the outputs and the top-1 agreement (share of rows, or positions, whose last-axis argmax of the
+first output equals unfused's): for a lossy variant (int8) the production error monitor.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import asyncio
 import logging
 import random
 from collections import defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,6 +42,7 @@ class Snapshot:
     ratios: list[float]
     errors: list[float]
     added: int  # pairs ever added: identifies the ratio window's contents for the bootstrap cache
+    agreements: list[float] = field(default_factory=list)  # top-1 agreements (only outputs with classes)
 
 
 class CompareStats:
@@ -56,21 +58,25 @@ class CompareStats:
         self.latency: dict[tuple[str, str], dict[int, deque[float]]] = defaultdict(dict)
         self.ratios: dict[tuple[str, str], deque[float]] = defaultdict(lambda: deque(maxlen=window))
         self.errors: dict[tuple[str, str], deque[float]] = defaultdict(lambda: deque(maxlen=window))
+        self.agreements: dict[tuple[str, str], deque[float]] = defaultdict(lambda: deque(maxlen=window))
         self.added: dict[tuple[str, str], int] = defaultdict(int)
         self._ci: dict[tuple[str, str], tuple[int, list[float] | None]] = {}  # key -> (added, interval)
 
     def add_latency(self, model: str, variant: str, rows: int, seconds: float) -> None:
         self.latency[model, variant].setdefault(rows, deque(maxlen=self.window)).append(seconds)
 
-    def add_pair(self, model: str, variant: str, ratio: float, abs_error: float) -> None:
+    def add_pair(self, model: str, variant: str, ratio: float, abs_error: float, agreement: float | None = None) -> None:
         self.ratios[model, variant].append(ratio)
         self.errors[model, variant].append(abs_error)
+        if agreement is not None:
+            self.agreements[model, variant].append(agreement)
         self.added[model, variant] += 1
 
     def snapshot(self, model: str, variant: str) -> Snapshot:
         key = (model, variant)
         return Snapshot(key, {b: list(w) for b, w in self.latency.get(key, {}).items()},
-                        list(self.ratios.get(key, ())), list(self.errors.get(key, ())), self.added.get(key, 0))
+                        list(self.ratios.get(key, ())), list(self.errors.get(key, ())), self.added.get(key, 0),
+                        list(self.agreements.get(key, ())))
 
     async def summaries(self, model: str, variants: list[str]) -> dict[str, dict]:
         """`summary` of each variant, computed on a worker thread (never on the event loop)."""
@@ -90,6 +96,8 @@ class CompareStats:
                 "ratio_median": float(np.median(snap.ratios)) if snap.ratios else None,
                 "ratio_ci95": self._cached_ci(snap),
                 "max_abs_error": max(snap.errors) if snap.errors else None,
+                "agreement_mean": float(np.mean(snap.agreements)) if snap.agreements else None,
+                "agreement_min": min(snap.agreements) if snap.agreements else None,
             },
         }
 
@@ -122,7 +130,7 @@ class Shadow:
 
     def __init__(self, model: str, variant: str, unfused: Batcher, rate: float, record, seed: int | None = None):
         self.model, self.variant, self.unfused, self.rate = model, variant, unfused, rate
-        self.record = record  # record(ratio, abs_error) on the event loop
+        self.record = record  # record(ratio, abs_error, top1_agreement or None) on the event loop
         self.skipped = 0
         self._random = random.Random(seed)
         self._busy = False
@@ -147,7 +155,7 @@ class Shadow:
             outputs, seconds = await self.unfused.run_aside(batch.inputs)
             error = max(float(np.max(np.abs(batch.outputs[k].astype(np.float64) - outputs[k].astype(np.float64))))
                         for k in outputs)
-            self.record(batch.compute_s / max(seconds, 1e-9), error)
+            self.record(batch.compute_s / max(seconds, 1e-9), error, top1_agreement(batch.outputs, outputs))
         except Exception:  # a shadow failure must never touch serving
             log.exception("shadow run of %s/%s failed", self.model, self.variant)
         finally:
@@ -158,3 +166,11 @@ class Shadow:
         self._closed = True
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def top1_agreement(served: dict[str, np.ndarray], unfused: dict[str, np.ndarray]) -> float | None:
+    """Share of positions whose last-axis argmax of the first output agrees (None: one class or no output)."""
+    name = next(iter(unfused), None)
+    if name is None or unfused[name].ndim < 1 or unfused[name].shape[-1] < 2 or not unfused[name].size:
+        return None
+    return float(np.mean(np.argmax(served[name], -1) == np.argmax(unfused[name], -1)))

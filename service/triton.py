@@ -63,7 +63,8 @@ def model_config(repo: Repository, entry: ModelEntry, version: str | None) -> di
         },
         "instance_group": [{"name": f"{entry.name}_{servable.variant}", "kind": instance_kind(servable), "count": 1}],
         "parameters": {"variant": {"string_value": servable.variant},
-                       "revision": {"string_value": entry.revision}},  # which conversion serves
+                       "revision": {"string_value": entry.revision},  # which conversion serves
+                       "exact": {"string_value": str(manifest.variants[servable.variant].exact).lower()}},
         "model_transaction_policy": {"decoupled": False},
     }
     if file is not None:

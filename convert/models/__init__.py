@@ -35,6 +35,9 @@ class Source:
     metrics: dict[str, float] = field(default_factory=dict)  # e.g. {"test_accuracy": 0.97}
     # a task metric evaluated on held-out data for any candidate model (None when the source has no labels)
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = field(repr=False, default=None)
+    # n -> n inputs to calibrate quantization ranges on, disjoint from sample_inputs and from what `evaluate`
+    # scores (None: the pipeline takes sample_inputs beyond the held-out ones)
+    calibration_inputs: Callable[[int], dict[str, np.ndarray]] | None = field(repr=False, default=None)
 
 
 # built-in name -> "module:function" returning a Source; imported lazily (training happens on demand).

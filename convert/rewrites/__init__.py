@@ -29,6 +29,8 @@ REWRITES: dict[str, str] = {
     "crmsnorm": "convert.rewrites.crmsnorm:to_pre_crmsnorm",
     "folded": "convert.rewrites.folded:fold_statistics",
     "nonorm": "convert.rewrites.nonorm:remove_norms",
+    # the reparameterization int8 is built on (exact; not a served variant of its own, see convert.quantize)
+    "smoothed": "convert.rewrites.smooth:smooth",
 }
 EXACT_VARIANTS = ("affine", "rmsnorm", "crmsnorm", "folded")
 BENCHMARK_ONLY = ("nonorm",)

@@ -29,7 +29,7 @@ def test_only_the_analysing_rewrites_take_inputs():
         module, name = REWRITES[variant].split(":")
         return getattr(importlib.import_module(module), name)
 
-    assert {v for v in REWRITES if takes_inputs(function(v))} == {"affine", "rmsnorm", "crmsnorm", "folded"}
+    assert {v for v in REWRITES if takes_inputs(function(v))} == {"affine", "rmsnorm", "crmsnorm", "folded", "smoothed"}
 
 
 @pytest.mark.parametrize("variant", ["affine", "rmsnorm", "crmsnorm"])

@@ -139,7 +139,8 @@ def run_compose_loadgen(server: str, model: str) -> subprocess.CompletedProcess:
 def test_rules_and_dashboard_queries_return_data(tmp_path):
     repo = repo_builder.build_test_repo(tmp_path / "repo")
     shutil.rmtree(repo / repo_builder.BROKEN)  # the deliberately unloadable model has no metrics to show
-    model, variants = repo_builder.MODEL, ["unfused", "affine"]
+    repo_builder.add_int8_variant(repo / repo_builder.MODEL)  # a real lossy variant for the "int8 vs exact" row
+    model, variants = repo_builder.MODEL, ["unfused", "affine", "int8"]
 
     server_port, prom_port = free_port(), free_port()
     config = render_test_config(tmp_path / "prometheus.yml", target=f"127.0.0.1:{server_port}",
@@ -165,11 +166,16 @@ def test_rules_and_dashboard_queries_return_data(tmp_path):
 
         # fused ÷ unfused joins one series per fused variant, never the baseline against itself.
         ratio = instant_query(prometheus, "normfuse:compute_duration_seconds:p50_ratio_to_unfused_1m")
-        assert [s["metric"]["variant"] for s in ratio] == ["affine"]
+        assert sorted(s["metric"]["variant"] for s in ratio) == ["affine", "int8"]
         assert all(v > 0 for v in finite_values(ratio))
-        # Both variants compute x @ W from the same ONNX file: the shadow parity error is exactly 0.
-        error = instant_query(prometheus, "normfuse:shadow_abs_error:p99_1m")
-        assert [s["metric"]["variant"] for s in error] == ["affine"] and finite_values(error) == [0.0]
+        # affine and unfused compute x @ W from the same ONNX file: the shadow parity error is exactly 0.
+        error = {s["metric"]["variant"]: finite_values([s]) for s in instant_query(prometheus, "normfuse:shadow_abs_error:p99_1m")}
+        assert sorted(error) == ["affine", "int8"] and error["affine"] == [0.0]
+        # The "int8 vs exact" row shows the lossy variant only, with an agreement in (0, 1].
+        for rule in ("lossy_shadow_agreement:mean_1m", "lossy_compute_duration_seconds:p50_ratio_to_unfused_1m"):
+            lossy = instant_query(prometheus, f"normfuse:{rule}")
+            assert [s["metric"]["variant"] for s in lossy] == ["int8"], (rule, lossy)
+        assert all(0 < v <= 1 for v in finite_values(instant_query(prometheus, "normfuse:lossy_shadow_agreement:mean_1m")))
         # Bad requests count as errors by code; expired ones (504: their own queue timeout) as shed, per variant.
         codes = {s["metric"]["code"] for s in instant_query(prometheus, "normfuse:requests:rate1m")}
         assert codes >= {"200", "400", "504"}, codes
@@ -178,7 +184,7 @@ def test_rules_and_dashboard_queries_return_data(tmp_path):
         assert {s["metric"]["protocol"] for s in protocols} == {"http"}, protocols
         shed = instant_query(prometheus, "normfuse:requests_shed:ratio_1m")
         assert sorted(s["metric"]["variant"] for s in shed) == sorted(variants)
-        assert all(0 < v < 1 for v in finite_values(shed)) and len(finite_values(shed)) == 2, shed
+        assert all(0 < v < 1 for v in finite_values(shed)) and len(finite_values(shed)) == len(variants), shed
         # The compose loadgen profile's command drives this server: every variant gets successful requests.
         if compose_binary() is not None:
             loadgen = run_compose_loadgen(server, model)

@@ -30,6 +30,7 @@ HISTOGRAMS = {
     "normfuse_batch_size",
     "normfuse_shadow_latency_ratio",
     "normfuse_shadow_abs_error",
+    "normfuse_shadow_agreement",
 }
 SERVER_METRICS = (
     {f"{h}_{suffix}" for h in HISTOGRAMS for suffix in ("bucket", "sum", "count")}

@@ -68,11 +68,13 @@ def test_health_metadata_config_statistics_and_index_say_what_rest_says(server, 
     for tensors in ("inputs", "outputs"):  # protobuf's JSON writes int64 as strings
         for t in meta[tensors]:
             t["shape"] = [int(d) for d in t["shape"]]
+    assert rest_meta.pop("parameters")["exact"] is True  # exact variants only; the proto has no such field
     assert meta == rest_meta
     for version in ("", "unfused"):
         config = client.get_model_config(MODEL, version, as_json=True)["config"]
         rest_config = rest.get(f"/v2/models/{MODEL}" + (f"/versions/{version}" if version else "") + "/config").json()
-        assert config["parameters"] == rest_config["parameters"]  # the variant served
+        assert config["parameters"] == rest_config["parameters"]  # the variant served, its revision, exact or not
+        assert config["parameters"]["exact"] == {"string_value": "true"}
         assert (config["name"], config["platform"], config["max_batch_size"]) == (MODEL, "onnxruntime_onnx", 8)
         assert [[int(d) for d in t["dims"]] for t in config["input"]] == [t["dims"] for t in rest_config["input"]]
     assert client.get_model_repository_index(as_json=True)["models"] == rest.post("/v2/repository/index").json()

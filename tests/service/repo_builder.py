@@ -88,3 +88,28 @@ def build_test_repo(path: Path, broken: bool = True) -> Path:
     (broken / "unfused" / "model.onnx").write_bytes(b"this is not an ONNX file")
     write_manifest(broken, _manifest(BROKEN, broken, ["unfused"]))
     return repo
+
+
+def add_int8_variant(model_dir: Path) -> None:
+    """Add a real lossy variant `int8` to REPO/linear: ONNX Runtime static QDQ int8 of its unfused ONNX, with the
+    accuracy record and gate measured on held-out inputs (as `convert` writes them), for the live dashboard test."""
+    from convert.export import ort_session, run_onnx
+    from convert.quantize import Int8Options, passes_gate, quantize_onnx
+    from engines.manifest import Accuracy, accuracy_figures, read_manifest
+
+    rng = np.random.default_rng(5)
+    calibration = [{"x": rng.integers(0, 7, (8, FEATURES)).astype(np.float32)} for _ in range(4)]
+    held_out = {"x": rng.integers(0, 7, (64, FEATURES)).astype(np.float32)}
+    quantization = quantize_onnx(model_dir / "unfused" / "model.onnx", model_dir / "int8" / "model.onnx", calibration)
+    figures = accuracy_figures([expected(held_out["x"])], run_onnx(ort_session(model_dir / "int8" / "model.onnx"), held_out))
+    options = Int8Options()
+    passed, failed = passes_gate(figures, options)
+    accuracy = Accuracy(passed=passed, reference="numpy x @ W", samples=64, rel_l2=figures["rel_l2"],
+                        cosine=figures["cosine"], top1_agreement=figures["top1_agreement"], failed=failed,
+                        gate={"min_top1_agreement": options.min_agreement, "min_cosine": options.min_cosine},
+                        quantization=quantization)
+    manifest = read_manifest(model_dir)
+    manifest.variants["int8"] = VariantInfo(name="int8", exact=False, servable=passed, accuracy=accuracy,
+                                            files={"onnx": file_ref(model_dir, model_dir / "int8" / "model.onnx")},
+                                            description="y = x @ W in int8")
+    write_manifest(model_dir, Manifest.model_validate(manifest.model_dump()))

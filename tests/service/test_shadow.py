@@ -20,7 +20,8 @@ def test_compare_percentiles_and_bootstrap_interval():
     lo, hi = summary["shadow"]["ratio_ci95"]
     assert lo <= summary["shadow"]["ratio_median"] <= hi and 0.8 <= lo < hi <= 1.0
     assert stats.summary("m", "other")["shadow"] == {"pairs": 0, "ratio_median": None, "ratio_ci95": None,
-                                                       "max_abs_error": None}
+                                                       "max_abs_error": None, "agreement_mean": None,
+                                                       "agreement_min": None}
 
 
 def test_shadow_reruns_sampled_batches_and_skips_while_busy():
@@ -28,7 +29,7 @@ def test_shadow_reruns_sampled_batches_and_skips_while_busy():
         engine = AffineEngine().load()
         unfused = Batcher(engine, max_batch_size=8, max_queue_delay_s=0.0)  # idle: never started
         pairs = []
-        shadow = Shadow("m", "affine", unfused, rate=1.0, record=lambda r, e: pairs.append((r, e)), seed=0)
+        shadow = Shadow("m", "affine", unfused, rate=1.0, record=lambda r, e, a: pairs.append((r, e, a)), seed=0)
         x = np.ones((2, 4), np.float32)
         batch = Batch({"x": x}, {"y": 2 * x + 1.5}, compute_s=0.001, rows=2)  # off by 0.5 from unfused
         first, second = shadow.offer(batch), shadow.offer(batch)  # the second arrives while the first runs
@@ -39,6 +40,7 @@ def test_shadow_reruns_sampled_batches_and_skips_while_busy():
     first, second, pairs, off, runs = asyncio.run(main())
     assert (first, second, off) == ("started", "skipped", "unsampled")
     assert len(pairs) == 1 and pairs[0][1] == 0.5 and pairs[0][0] > 0
+    assert pairs[0][2] is not None and 0.0 <= pairs[0][2] <= 1.0
     assert runs == [2]
 
 
@@ -47,7 +49,7 @@ def test_shadow_skips_while_the_unfused_batcher_is_busy():
         engine = AffineEngine().load()
         unfused = Batcher(engine, max_batch_size=8, max_queue_delay_s=0.0)
         unfused._running = True  # as while it collects or runs a batch of its own
-        shadow = Shadow("m", "affine", unfused, rate=1.0, record=lambda r, e: None)
+        shadow = Shadow("m", "affine", unfused, rate=1.0, record=lambda r, e, a: None)
         x = np.ones((1, 4), np.float32)
         result = shadow.offer(Batch({"x": x}, {"y": 2 * x + 1}, compute_s=0.001, rows=1))
         await shadow.close()
