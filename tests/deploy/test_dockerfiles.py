@@ -21,7 +21,9 @@ from tests.deploy.promkit import ROOT
 GRPC_DEFAULT = Settings.model_fields["grpc_port"].default  # `normfuse serve` serves gRPC here unless told otherwise
 
 DOCKERFILES = {"cpu": ROOT / "deploy" / "Dockerfile.cpu", "gpu": ROOT / "deploy" / "Dockerfile.gpu"}
-SOURCE_PACKAGES = ("normfuse", "convert", "engines", "service", "benchmarks")
+# the packages the wheel installs (pyproject's packages.find include), each of which an image must copy
+SOURCE_PACKAGES = tuple(p.rstrip("*") for p in tomllib.loads((ROOT / "pyproject.toml").read_text())
+                        ["tool"]["setuptools"]["packages"]["find"]["include"])
 
 
 def instructions(kind: str) -> list[tuple[str, str]]:
@@ -114,6 +116,14 @@ def test_dependency_layer_comes_before_the_source(kind):
     install = next(i for i, (word, rest) in enumerate(steps) if word == "RUN" and "pip install -r" in rest)
     source = min(i for i, args in copies if any(a.rstrip("/") in SOURCE_PACKAGES for a in args[:-1]))
     assert first_index < install < source
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_every_installed_package_is_copied_into_the_image(kind):
+    """A package pyproject installs but the image does not copy fails only at run time (ModuleNotFoundError)."""
+    copied = {a.rstrip("/") for word, rest in instructions(kind) if word == "COPY" for a in shlex.split(rest)[:-1]}
+    assert set(SOURCE_PACKAGES) <= copied, f"not copied: {sorted(set(SOURCE_PACKAGES) - copied)}"
+    assert all(dockerignore_admits(f"{package}/__init__.py") for package in SOURCE_PACKAGES)
 
 
 @pytest.mark.parametrize("kind", DOCKERFILES)
