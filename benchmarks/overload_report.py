@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.overload_bench import targets, window_ratio
-from benchmarks.report import _num, table
+from benchmarks.report import _num, splice, table
 
 BEGIN, END = "<!-- overload:begin -->", "<!-- overload:end -->"
 
@@ -71,14 +71,5 @@ def _rounds(values: list[float]) -> str:
 
 
 def write(out: Path, result: dict) -> Path:
-    """Replace the section in `out` (or append it), keeping everything else."""
-    out = Path(out)
-    block = f"{BEGIN}\n{section(result)}\n{END}"
-    text = out.read_text() if out.is_file() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    out.write_text(text)
-    return out
+    """Replace the section in `out` (or add it), keeping everything else."""
+    return splice(out, BEGIN, END, f"{BEGIN}\n{section(result)}\n{END}")
