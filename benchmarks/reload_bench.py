@@ -3,7 +3,7 @@
 One `normfuse serve` with its default settings plus `--model-control-mode poll` (`NORMFUSE_REPOSITORY_POLL_SECS`
 = `poll_s`) serves a copy of MODEL; a closed loop of `concurrency` workers (loadgen) runs for the whole
 measurement; every `gap_s` the model is re-converted the way `normfuse convert` lands a conversion (a complete
-copy staged beside it with a new manifest, then moved into place by convert.pipeline.move_into_place; a swap's
+copy staged beside it with a new manifest, then moved into place by convert.staging.move_into_place; a swap's
 clock starts at that move). The conversion itself is not re-run: its CPU would be measured too. A monitor polls the model config's revision and
 `normfuse_model_revisions` every 50 ms, which marks each swap: from the rename until the new revision serves
 ("load": the old revision serves meanwhile), then until the old one has closed ("drain").
@@ -47,7 +47,7 @@ class ReloadConfig:
 
 def stage(repo: Path, model: str) -> Path:
     """A new revision of `model`, as convert stages one: its files copied into a hidden directory beside it, with a
-    new manifest (new created_at, so a new sha256). convert.pipeline.move_into_place lands it."""
+    new manifest (new created_at, so a new sha256). convert.staging.move_into_place lands it."""
     from engines.manifest import read_manifest, write_manifest
 
     staging = Path(tempfile.mkdtemp(prefix=f".{model}.partial-", dir=repo))
@@ -69,7 +69,7 @@ async def _state(session: aiohttp.ClientSession, base: str, model: str) -> tuple
 
 async def _swaps(base: str, repo: Path, config: ReloadConfig, t0: float) -> list[dict]:
     """Re-convert every gap_s; for each, when the new revision served and the old one had closed (s from t0)."""
-    from convert.pipeline import move_into_place  # imported (torch and all) by run(), before the clock starts
+    from convert.staging import move_into_place
     swaps = []
     async with aiohttp.ClientSession() as session:
         revision, _ = await _state(session, base, config.model)

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # backend -> module providing add_arguments(parser) / build(model_dir, manifest, args); None: nothing to add
 BACKENDS: dict[str, str | None] = {
     "onnxruntime": None,
-    "tensorrt": "convert.build_tensorrt",
+    "tensorrt": "convert.tensorrt.build",
 }
 
 

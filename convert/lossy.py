@@ -33,7 +33,7 @@ DESCRIPTIONS = {
 
 
 def build_lossy(ctx, variant: str) -> VariantInfo:
-    """Build, measure and gate one lossy variant in ctx.staging/<variant>/ (ctx: convert.pipeline.Context)."""
+    """Build, measure and gate one lossy variant in ctx.staging/<variant>/ (ctx: convert.context.Context)."""
     options = ctx.int8 or Int8Options()
     src, unfused = ctx.source, ctx.staging / "unfused" / "model.onnx"
     held_out, calibration = evaluation_split(src, options)
@@ -77,7 +77,7 @@ REFERENCE_SAMPLES = 32  # held-out inputs + unfused outputs kept beside the int8
 def evaluation_split(src, options: Int8Options) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(held-out inputs, calibration inputs), disjoint: calibration from the source's own calibration set, or
     the sample inputs after the held-out ones."""
-    from convert.pipeline import parity_samples
+    from convert.context import parity_samples
 
     n = parity_samples(src, options.eval_samples)
     held_out = src.sample_inputs(n)

@@ -21,6 +21,13 @@ class NotApplicable(ValueError):
     """A rewrite cannot be applied exactly to this model; the message names the layer and the reason."""
 
 
+def first_line(error: BaseException) -> str:
+    """An exception as one short line (no graph dumps: those go to the debug log)."""
+    text = str(error).strip().splitlines()
+    line = text[0] if text else ""
+    return f"{type(error).__name__}: {line[:200]}{'…' if len(line) > 200 else ''}"
+
+
 # variant -> "module:function". `exact` variants compute the same function; `nonorm` is the
 # benchmark-only no-norm bound (norms removed) and is never served.
 REWRITES: dict[str, str] = {
@@ -60,8 +67,6 @@ def rewrite(model: torch.nn.Module, variant: str, *, inputs: dict[str, torch.Ten
     """
     if variant not in REWRITES:
         raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(REWRITES)}")
-    from convert.rewrites.check import first_line
-
     module_name, function_name = REWRITES[variant].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
     from convert.rewrites.check import check_exact

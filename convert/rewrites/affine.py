@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from convert.rewrites import NotApplicable
-from convert.rewrites.analysis import Analysis, NormUse, analyse
+from convert.rewrites.analysis import analyse
 from convert.rewrites.probe import NormSpec, probe_norm
 from convert.rewrites.probe import norm_affine as probe_affine
+from convert.rewrites.records import Analysis, NormUse
 from convert.rewrites.writer import fold_norm_into_readers, replace_module, write_tensor
 
 __all__ = ["fold_affine", "fold_norm_into_readers", "norm_affine", "replace_module", "write_tensor"]

@@ -2,7 +2,8 @@
 
 A dataflow analysis of the ATen graph that `torch.export` produces (`trace`; the walk is `graph.Graph`, its
 op helpers `graph_ops`), lifted back to modules through each node's `nn_module_stack`. Nothing here knows a model family's module names or classes: norms are found
-by what they compute (`convert.rewrites.probe`), and a layer's bias is the one its op reads in the graph.
+by what they compute (`convert.rewrites.probe`), and a layer's bias is the one its op reads in the graph. The
+records handed out (`Analysis`, `NormUse`, `Stream`, `Writer`, `LinearSite`) live in `convert.rewrites.records`.
 
 - A norm's *readers* are the linear layers (nn.Linear, HF Conv1D, nn.MultiheadAttention's in_proj, any
   `linear`/`addmm` on a parameter; an ungrouped, unpadded conv for a channels-first norm) that its output
@@ -16,98 +17,16 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from convert.rewrites import NotApplicable
-from convert.rewrites.probe import NormSpec, probe_norm
-
-if TYPE_CHECKING:
-    from convert.rewrites.graph import Graph
+from convert.rewrites import NotApplicable, first_line
+from convert.rewrites.graph import Graph
+from convert.rewrites.probe import probe_norm
+from convert.rewrites.records import Analysis
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LinearSite:
-    """A weight (and its bias slot) that a linear op reads: module path + attribute names + layout."""
-
-    module: str
-    weight: str
-    bias: str  # the bias the op reads; "" when it reads none and the module has no slot its forward reads
-    layout: str  # OUT_IN (nn.Linear, Conv2d) or IN_OUT (HF Conv1D)
-
-
-@dataclass(frozen=True)
-class Writer:
-    """One start of the residual stream."""
-
-    # "linear" (W, b centred over outputs), "tensor" (a parameter/buffer), "input" (a model input),
-    # "norm" (a norm's output: a Post-LN prefix or an embedding LN, centred by an inserted op),
-    # "scaled" (a per-channel scale `attr` on the output of the linear `site`: folded into it, then centred)
-    kind: str
-    module: str
-    attr: str  # the tensor's attribute (the weight for "linear"; the input's name for "input")
-    axis: int  # the hidden axis of that tensor
-    site: LinearSite | None = None
-
-
-@dataclass
-class NormUse:
-    name: str
-    module: nn.Module
-    kind: str  # "layernorm", "rmsnorm", or "unknown" (norm-like, no exact form: see spec.problem)
-    readers: list[LinearSite] = field(default_factory=list)
-    blockers: list[str] = field(default_factory=list)  # why γ/β cannot be folded into the readers
-    spec: NormSpec | None = None  # what the probe found it computes (eps, channel axis, affine form)
-
-
-@dataclass
-class Stream:
-    """A set of tensors read only by norms (in a Pre-LN model: the one residual stream)."""
-
-    norms: list[str]  # the norms reading it
-    writers: list[Writer]
-    blockers: list[str]  # why it cannot be re-centred
-    width: int | None  # its width d
-
-    @property
-    def boundaries(self) -> list[str]:
-        """Norms whose output writes this stream (Post-LN prefix, embedding LN): need a centring op."""
-        return [w.module for w in self.writers if w.kind == "norm"]
-
-
-@dataclass
-class Analysis:
-    norms: dict[str, NormUse]
-    streams: list[Stream]
-
-    @property
-    def writers(self) -> list[Writer]:
-        return [w for stream in self.streams for w in stream.writers]
-
-    @property
-    def stream_blockers(self) -> list[str]:
-        return list(dict.fromkeys(b for stream in self.streams for b in stream.blockers))
-
-    @property
-    def width(self) -> int | None:
-        widths = {stream.width for stream in self.streams}
-        return widths.pop() if len(widths) == 1 else None
-
-    def describe(self) -> dict:
-        """A JSON-able account of what was found and why a rewrite would be refused (for manifests, CLIs)."""
-        return {
-            "width": self.width,
-            "norms": {name: {"kind": use.kind, "readers": [f"{s.module}.{s.weight}" for s in use.readers],
-                             "blockers": use.blockers} for name, use in self.norms.items()},
-            "stream_writers": [f"{w.kind} {'.'.join(p for p in (w.module, w.attr) if p)}" for w in self.writers],
-            "stream_blockers": self.stream_blockers,
-            "streams": [{"norms": s.norms, "boundaries": s.boundaries, "blockers": s.blockers} for s in self.streams],
-        }
 
 
 def norm_kind(module: nn.Module) -> str | None:
@@ -125,11 +44,6 @@ def computes_standard_norm(module: nn.Module) -> bool:
     """Whether the module computes γ⊙x̂ + β (or x̂·(1+w)) over one channel axis with ε inside the root."""
     spec = probe_norm(module)
     return spec is not None and not spec.problem
-
-
-def find_norms(model: nn.Module) -> dict[str, NormSpec]:
-    """Every norm-like module by name with what it computes (a spec with `problem` when no exact form fits)."""
-    return {name: spec for name, m in model.named_modules() if (spec := probe_norm(m)) is not None}
 
 
 def example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -190,20 +104,8 @@ def trace(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> Gr
     try:  # traced in eval mode: the rewrite is of the inference function (dropout off)
         program = torch.export.export(model.eval(), args=(), kwargs=inputs, strict=False)
     except Exception as error:  # noqa: BLE001 - any tracing failure means we cannot prove anything
-        from convert.rewrites.check import first_line
-
         log.debug("torch.export failed on %s", type(model).__name__, exc_info=True)  # the graph dump, if any
         raise NotApplicable(f"{type(model).__name__} could not be traced with torch.export: {first_line(error)}") from error
     finally:
         model.train(training)
-    from convert.rewrites.graph import Graph  # graph.py builds on this module's records
-
     return Graph(model, program)
-
-
-def __getattr__(name: str):
-    if name == "Graph":  # `from convert.rewrites.analysis import Graph` (defined in graph.py)
-        from convert.rewrites.graph import Graph
-
-        return Graph
-    raise AttributeError(name)

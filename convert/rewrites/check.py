@@ -25,7 +25,8 @@ FLOAT32_NORMS_GATE = 1e-5  # a norm computes in float32 inside the float64 model
 def check_exact(model: nn.Module, variant: str, apply, inputs: dict | None):
     """Rewrite a float64 copy of `model` with `apply(copy)` and compare it with the float64 original on
     `inputs`; return the Comparison (None when there is nothing to run it on), NotApplicable on a mismatch."""
-    from convert.rewrites.analysis import call_inputs, example_inputs, find_norms
+    from convert.rewrites.analysis import call_inputs, example_inputs
+    from convert.rewrites.probe import find_norms
     from convert.verify import verify
 
     if inputs is None:
@@ -47,10 +48,3 @@ def check_exact(model: nn.Module, variant: str, apply, inputs: dict | None):
     log.info("%s: float64 check %s%s", variant, comparison.summary(),
              f" (float32 gate: {low[0]} computes in float32)" if low else "")
     return comparison
-
-
-def first_line(error: BaseException) -> str:
-    """An exception as one short line (no graph dumps: those go to the debug log)."""
-    text = str(error).strip().splitlines()
-    line = text[0] if text else ""
-    return f"{type(error).__name__}: {line[:200]}{'…' if len(line) > 200 else ''}"

@@ -14,9 +14,10 @@ from torch import nn
 from convert.modules import CRMSNorm
 from convert.rewrites import NotApplicable
 from convert.rewrites.affine import replace_module, write_tensor
-from convert.rewrites.analysis import Analysis, LinearSite, call_inputs, example_inputs
+from convert.rewrites.analysis import call_inputs, example_inputs
 from convert.rewrites.math import compress_readers, compress_writer, drop_along, spans
 from convert.rewrites.pre_rmsnorm import centre_residual_stream
+from convert.rewrites.records import Analysis, LinearSite
 
 
 def to_pre_crmsnorm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> nn.Module:

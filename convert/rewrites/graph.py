@@ -9,14 +9,6 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from convert.rewrites.analysis import (
-    Analysis,
-    LinearSite,
-    NormUse,
-    Stream,
-    Writer,
-    find_norms,
-)
 from convert.rewrites.graph_ops import (
     _ADDS,
     _IDENTITY,
@@ -40,7 +32,8 @@ from convert.rewrites.graph_ops import (
     _weight_arg,
 )
 from convert.rewrites.math import IN_OUT, OUT_IN
-from convert.rewrites.probe import NormSpec
+from convert.rewrites.probe import NormSpec, find_norms
+from convert.rewrites.records import Analysis, LinearSite, NormUse, Stream, Writer
 
 aten = torch.ops.aten
 

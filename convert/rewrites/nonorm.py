@@ -10,7 +10,7 @@ from torch import nn
 
 from convert.rewrites import NotApplicable
 from convert.rewrites.affine import replace_module
-from convert.rewrites.analysis import find_norms
+from convert.rewrites.probe import find_norms
 
 
 def remove_norms(model: nn.Module) -> nn.Module:

@@ -21,14 +21,9 @@ from torch import nn
 from convert.modules import Center, CenteredInputs, RMSNorm
 from convert.rewrites import NotApplicable
 from convert.rewrites.affine import fold_norm_into_readers, norm_affine, replace_module, write_tensor
-from convert.rewrites.analysis import (
-    Analysis,
-    Stream,
-    Writer,
-    analyse,
-    example_inputs,
-)
+from convert.rewrites.analysis import analyse, example_inputs
 from convert.rewrites.math import center_along, center_output_rows, scale_output_rows
+from convert.rewrites.records import Analysis, Stream, Writer
 
 log = logging.getLogger(__name__)
 

@@ -80,6 +80,11 @@ def probe_norm(module: nn.Module) -> NormSpec | None:
     return _problem(name, reason, width, eps)
 
 
+def find_norms(model: nn.Module) -> dict[str, NormSpec]:
+    """Every norm-like module by name with what it computes (a spec with `problem` when no exact form fits)."""
+    return {name: spec for name, m in model.named_modules() if (spec := probe_norm(m)) is not None}
+
+
 def norm_affine(module: nn.Module, spec: NormSpec) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(γ, β) of y = γ⊙x̂ + β as they act (Gemma: γ = 1 + w, computed in float64); None where absent."""
     weight = getattr(module, spec.weight) if spec.weight else None

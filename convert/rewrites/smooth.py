@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from convert.rewrites import NotApplicable
-from convert.rewrites.analysis import NormUse, analyse, example_inputs
+from convert.rewrites.analysis import analyse, example_inputs
 from convert.rewrites.math import IN_OUT, OUT_IN
+from convert.rewrites.records import NormUse
 
 log = logging.getLogger(__name__)
 

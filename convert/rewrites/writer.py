@@ -12,9 +12,9 @@ import logging
 import torch
 from torch import nn
 
-from convert.rewrites.analysis import LinearSite, NormUse
 from convert.rewrites.math import fold_affine_into_linear
 from convert.rewrites.probe import identity_affine, norm_affine, probe_norm
+from convert.rewrites.records import LinearSite, NormUse
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import convert.build_tensorrt as build
+import convert.tensorrt.build as build
 from engines.manifest import Manifest, TensorInfo, VariantInfo, file_ref, read_manifest, write_manifest
 from engines.trt_cache import read_sidecar
 from tests.fakes.tensorrt_api import ILogger, Severity
@@ -452,7 +452,7 @@ def test_an_unfused_plan_that_does_not_match_onnxruntime_is_an_error(tmp_path, u
 
 
 def test_the_gate_uses_the_saved_held_out_batch(tmp_path, use_fake):
-    from convert.trt_parity import PARITY_FILE, parity_inputs, save_parity_inputs
+    from convert.tensorrt.parity import PARITY_FILE, parity_inputs, save_parity_inputs
 
     model_dir, manifest = make_repo(tmp_path)
     batch = {"x": np.arange(40, dtype=np.float32).reshape(10, 4)}

@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-import convert.build_tensorrt as build
+import convert.tensorrt.build as build
 from convert.pipeline import ConvertOptions, convert
 from convert.quantize import Int8Options
 from engines.manifest import read_manifest

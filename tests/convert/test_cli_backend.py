@@ -18,8 +18,8 @@ def _manifest() -> Manifest:
 
 @pytest.mark.parametrize("error", ["EngineBuildError", "OnnxParseError"])
 def test_a_backend_build_failure_is_an_error_paragraph(error, monkeypatch, tmp_path, capsys):
-    import convert.build_tensorrt as trt_build
     import convert.pipeline
+    import convert.tensorrt.build as trt_build
     from normfuse.cli import main
 
     def failing_build(model_dir, manifest, args):

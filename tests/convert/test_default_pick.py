@@ -3,7 +3,7 @@ speed-up's 95% interval excludes 1 over enough rounds, and never when it lost a 
 
 import pytest
 
-from convert.pipeline import MIN_ROUNDS, NOISE, is_safe_default, median_upper_bound
+from convert.default_pick import MIN_ROUNDS, NOISE, is_safe_default, median_upper_bound
 from engines.manifest import VariantInfo
 
 

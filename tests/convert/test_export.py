@@ -7,6 +7,7 @@ import onnx
 import pytest
 import torch
 
+from convert.context import shorter
 from convert.export import (
     OPSET,
     ExportError,
@@ -18,7 +19,7 @@ from convert.export import (
     run_onnx,
 )
 from convert.models import Source
-from convert.pipeline import ConvertOptions, convert, shorter
+from convert.pipeline import ConvertOptions, convert
 from engines.manifest import TensorInfo
 
 D = 8

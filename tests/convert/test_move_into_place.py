@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from convert import pipeline
-from convert.pipeline import move_into_place
+from convert import staging
+from convert.staging import move_into_place
 
 
 def stage(parent, text: str):
@@ -21,7 +21,7 @@ def test_the_model_directory_is_never_missing_while_replaced(tmp_path):
     final = tmp_path / "m"
     move_into_place(stage(tmp_path, "0"), final)
     probe = stage(tmp_path, "probe")
-    if not pipeline._exchange(probe, final):
+    if not staging._exchange(probe, final):
         pytest.skip("this filesystem cannot swap two directories in one step (the poller's grace covers it)")
     shutil.rmtree(probe)  # now holding the first model
     seen, stop = [], threading.Event()
@@ -47,7 +47,7 @@ def test_the_model_directory_is_never_missing_while_replaced(tmp_path):
 
 
 def test_without_an_atomic_swap_two_renames_still_replace_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "_exchange", lambda a, b: False)  # e.g. NFS: EINVAL from renameat2
+    monkeypatch.setattr(staging, "_exchange", lambda a, b: False)  # e.g. NFS: EINVAL from renameat2
     final = tmp_path / "m"
     move_into_place(stage(tmp_path, "old"), final)
     move_into_place(stage(tmp_path, "new"), final)

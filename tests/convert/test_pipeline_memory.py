@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from convert import pipeline
+from convert import default_pick, memory
+from convert.memory import ParkedWeights
 from convert.models import Source
-from convert.pipeline import ConvertOptions, ParkedWeights, convert
+from convert.pipeline import ConvertOptions, convert
 from convert.rewrites import math
 from engines.manifest import TensorInfo
 from tests.convert._models_a import VOCAB, gpt2
 
 
 def test_parked_weights_come_back_the_same_and_still_tied(monkeypatch):
-    monkeypatch.setattr(pipeline, "PARK_MIN_BYTES", 0)
+    monkeypatch.setattr(memory, "PARK_MIN_BYTES", 0)
     model = gpt2()
     before = copy.deepcopy(model.state_dict())
     weights = ParkedWeights(model)
@@ -37,7 +38,7 @@ def test_small_models_are_not_parked():
 
 
 def test_a_conversion_with_parking_leaves_the_source_intact(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "PARK_MIN_BYTES", 0)
+    monkeypatch.setattr(memory, "PARK_MIN_BYTES", 0)
     model = gpt2()
 
     class Wrapped(torch.nn.Module):  # keyword input_ids -> logits
@@ -116,8 +117,8 @@ def _identity_onnx(path):
 def test_benchmark_sessions_of_large_models_are_open_one_at_a_time(tmp_path, monkeypatch, limit, opened,
                                                                    open_at_end):
     if limit is not None:
-        monkeypatch.setattr(pipeline, "BOTH_SESSIONS_MAX_BYTES", limit)
-    pair = pipeline.Sessions(_identity_onnx(tmp_path / "a.onnx"), _identity_onnx(tmp_path / "b.onnx"), threads=1)
+        monkeypatch.setattr(default_pick, "BOTH_SESSIONS_MAX_BYTES", limit)
+    pair = default_pick.Sessions(_identity_onnx(tmp_path / "a.onnx"), _identity_onnx(tmp_path / "b.onnx"), threads=1)
     x = np.ones((2, 3), dtype=np.float32)
     for name in ("unfused", "v", "v", "unfused"):  # the A B B A order of two benchmark rounds
         np.testing.assert_array_equal(pair.get(name).run(None, {"x": x})[0], x)
@@ -155,7 +156,7 @@ def test_the_checker_sees_initializer_shapes_and_leaves_no_files(tmp_path):
 
 
 def test_shedding_the_mapped_pages_keeps_the_values(monkeypatch):
-    monkeypatch.setattr(pipeline, "PARK_MIN_BYTES", 0)
+    monkeypatch.setattr(memory, "PARK_MIN_BYTES", 0)
     model = gpt2()
     before = copy.deepcopy(model.state_dict())
     weights = ParkedWeights(model)

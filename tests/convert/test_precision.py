@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("onnxconverter_common", reason="FP16 conversion needs onnxconverter-common")
 
-from convert.precision import fp32_compute_nodes, statistics_nodes, to_fp16, write_fp16_onnx
+from convert.tensorrt.precision import fp32_compute_nodes, statistics_nodes, to_fp16, write_fp16_onnx
 
 # Recorded FP16 budget against the FP32 graph on ORT CPU (tiny random block, activations up to ~300).
 # Measured (ORT 1.32, 2026-11-23): rel-L2 1.7e-4, max |diff| / max |ref| 2.3e-4. Budget: ~10x headroom.

@@ -177,9 +177,9 @@ def test_int8_on_a_model_without_linear_layers_is_refused_and_the_rest_is_built(
 @pytest.mark.parametrize("allow", [False, True])
 def test_a_faster_lossy_variant_is_default_only_with_the_flag(tmp_path, monkeypatch, allow):
     """The conversion-time benchmark sees int8 twice as fast (timings faked: tests never depend on timing)."""
-    from convert import pipeline
+    from convert import default_pick
 
-    monkeypatch.setattr(pipeline, "timed", lambda session, inputs: 0.005 if "int8" in session._model_path else 0.01)
+    monkeypatch.setattr(default_pick, "timed", lambda session, inputs: 0.005 if "int8" in session._model_path else 0.01)
     options = ConvertOptions(variants=["unfused", "int8"], samples=8, benchmark=True, benchmark_rounds=7,
                              torch_artifacts=False, progress=False, allow_lossy_default=allow,
                              int8=Int8Options(eval_samples=32))

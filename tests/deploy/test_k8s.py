@@ -280,7 +280,7 @@ def test_server_waits_for_the_marker_the_job_writes(tmp_path):
 def test_a_new_conversion_removes_the_marker_until_it_is_done_too(tmp_path):
     """The marker lives inside REPO/NAME: convert's move_into_place swaps the whole directory, so servers
     starting during a re-conversion wait for the new one instead of loading a half-built one."""
-    from convert.pipeline import move_into_place
+    from convert.staging import move_into_place
 
     final = tmp_path / "vit-digits"
     final.mkdir()

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from convert.pipeline import move_into_place
+from convert.staging import move_into_place
 from engines.manifest import read_manifest, write_manifest
 from tests.service.repo_builder import BROKEN, MODEL, build_test_repo, expected
 from tests.service.server_process import Server

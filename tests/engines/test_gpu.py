@@ -99,7 +99,7 @@ def repo(tmp_path):
 def test_tensorrt_build_run_and_parity_with_onnxruntime(repo, precision, budget):
     import onnxruntime as ort
 
-    from convert.build_tensorrt import BuildOptions, build_engines
+    from convert.tensorrt.build import BuildOptions, build_engines
     from engines.base import InputError
     from engines.tensorrt import TensorRTEngine, find_plan
 

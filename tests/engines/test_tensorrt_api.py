@@ -40,7 +40,7 @@ def test_the_runtime_check_is_not_vacuous():
 
 def write_project(tmp_path, runtime: str = "", builder: str = "") -> Path:
     (tmp_path / "engines").mkdir()
-    (tmp_path / "convert").mkdir()
+    (tmp_path / check.BUILDER_FILE).parent.mkdir(parents=True)  # convert/tensorrt/
     (tmp_path / check.RUNTIME_FILES[0]).write_text(runtime)
     (tmp_path / check.BUILDER_FILE).write_text(builder)
     return tmp_path
@@ -62,7 +62,7 @@ def test_builder_names_are_checked_against_the_list_for_both_majors(tmp_path):
         "    config.made_up_setting = 1\n"
     ))
     problems = check.check_builder(root, lean=lean)
-    assert "convert/build_tensorrt.py: BuilderFlag.FP16 does not exist in TensorRT 11.x" in problems
+    assert "convert/tensorrt/build.py: BuilderFlag.FP16 does not exist in TensorRT 11.x" in problems
     assert any("IBuilderConfig.made_up_setting is not in builder_api.txt" in p for p in problems)
     assert not any("create_network" in p for p in problems)
 

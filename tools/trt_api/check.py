@@ -6,7 +6,7 @@ Three checks; any finding exits 1:
 
 (a) runtime  every TensorRT name engines/tensorrt.py uses exists in the installed `tensorrt_lean`
              (Runtime, ICudaEngine, IExecutionContext, TensorIOMode, DataType, ILogger, ...);
-(b) builder  every TensorRT name convert/build_tensorrt.py uses is listed in builder_api.txt for every
+(b) builder  every TensorRT name convert/tensorrt/build.py uses is listed in builder_api.txt for every
              supported major (10 and 11), and, where `tensorrt_lean` has the class too, exists there;
 (c) removed  no project file uses an API that 10.x or 11.x removed: the bindings API, execute_async_v2,
              EXPLICIT_BATCH, FP16/INT8/... builder flags, layer precision, max_workspace_size, build_engine.
@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 BUILDER_API = HERE / "builder_api.txt"
 SUPPORTED_MAJORS = ("10", "11")
 RUNTIME_FILES = ("engines/tensorrt.py", "engines/trt_cache.py")  # trt_cache holds the TensorRT logger
-BUILDER_FILE = "convert/build_tensorrt.py"
+BUILDER_FILE = "convert/tensorrt/build.py"
 
 # variable (or self attribute) name -> the TensorRT class it holds, by our naming convention
 VARIABLE_TYPES = {

@@ -1,7 +1,7 @@
 """TensorRT for the lossy int8 variants: the QDQ ONNX *is* the precision contract.
 
 TensorRT 11 networks are strongly typed: Q/DQ nodes in the graph make an explicitly quantized INT8 plan, with
-no calibrator and no INT8 builder flag (tensorrt.md §0.1, §7.2). So `build_tensorrt.build_engines` parses a
+no calibrator and no INT8 builder flag (tensorrt.md §0.1, §7.2). So `convert.tensorrt.build.build_engines` parses a
 lossy variant's own ONNX (the ORT quantization tool's QDQ output) whatever `--precision` says and keys the plan
 as precision "int8". Its gate is the variant's own accuracy gate, not the exact variants' parity rule: at build
 time the plan runs the held-out inputs saved at conversion (`reference.npz`, with unfused's outputs) and must

@@ -7,7 +7,7 @@ engines/tensorrt.py). The flow follows tensorrt.md §1.2:
     (workspace pool, optimization level, timing cache, one optimization profile) -> build_serialized_network.
 
 Version switch (tensorrt.md §0.1, §1.4): on 11.x every network is strongly typed and there is no FP16
-builder flag, so `--precision fp16` means parsing the FP16 precision-annotated ONNX (convert/precision.py);
+builder flag, so `--precision fp16` means parsing the FP16 precision-annotated ONNX (convert/tensorrt/precision.py);
 on 10.x the same ONNX is parsed into a STRONGLY_TYPED network. `EXPLICIT_BATCH` is never referenced.
 Plans are cached by engines.trt_cache (the plan-cache schema, which with engines.manifest is all of `engines`
 that convert imports); a matching plan is reused, anything else is rebuilt.
@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from convert.trt_parity import gate_plans, tensorrt_runner
+from convert.tensorrt.parity import gate_plans, tensorrt_runner
 from engines.manifest import Manifest, TensorInfo, sha256_file, verify_files
 from engines.trt_cache import (
     EngineKey,
@@ -280,9 +280,9 @@ def build_engines(
 ) -> list[Path]:
     """Build (or reuse) one plan per variant; plans go to `cache_dir/<variant>/` (default
     `model_dir/<variant>/tensorrt/`). Every plan then passes the parity gate against the unfused ONNX
-    Runtime reference (convert/trt_parity.py, recorded in the manifest); returns the plans that passed,
+    Runtime reference (convert/tensorrt/parity.py, recorded in the manifest); returns the plans that passed,
     in manifest order."""
-    from convert import trt_int8
+    from convert.tensorrt import int8 as trt_int8
 
     options = options or BuildOptions(precision=precision, batch_sizes=tuple(batch_sizes))
     trt = load_tensorrt_builder()  # fails fast, before any file is touched
@@ -332,7 +332,7 @@ def build_engines(
 
 def _fp16_onnx(fp32_onnx: Path, out_dir: Path) -> Path:
     """The FP16 precision-annotated ONNX, written next to the plans (a build artifact, like them)."""
-    from convert.precision import write_fp16_onnx
+    from convert.tensorrt.precision import write_fp16_onnx
 
     path = out_dir / "model.fp16.onnx"
     result = write_fp16_onnx(fp32_onnx, path)
