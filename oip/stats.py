@@ -93,10 +93,11 @@ def bootstrap(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> Interval:
-    """Percentile bootstrap interval of `statistic(*samples)`.
+    """Percentile bootstrap interval of `statistic(*samples)`, resampled by `scipy.stats.bootstrap`.
 
     paired=True resamples the same indices in every sample (they must have equal lengths: round i of
-    each variant ran back to back); paired=False resamples each sample on its own. NaN results of the
+    each variant ran back to back); paired=False resamples each sample on its own. A statistic taking an
+    `axis` keyword (np.median; the ones below) is evaluated on all resamples at once. NaN results of the
     statistic on a resample (e.g. an undefined ratio) are dropped; an all-NaN bootstrap gives NaN bounds.
     """
     if not 0 < confidence < 1:
@@ -106,22 +107,29 @@ def bootstrap(
         return Interval(math.nan, math.nan, math.nan, confidence)
     if paired and len({a.size for a in arrays}) != 1:
         raise ValueError(f"paired bootstrap needs equal lengths, got {[a.size for a in arrays]}")
-    rng = np.random.default_rng(seed)
     estimate = float(statistic(*arrays))
-    values = np.empty(resamples)
-    for i in range(resamples):
-        if paired:
-            idx = rng.integers(0, arrays[0].size, arrays[0].size)
-            drawn = [a[idx] for a in arrays]
-        else:
-            drawn = [a[rng.integers(0, a.size, a.size)] for a in arrays]
-        values[i] = statistic(*drawn)
+    if min(a.size for a in arrays) < 2:  # every resample of one value is that value (scipy refuses to resample it)
+        return Interval(estimate, estimate, estimate, confidence) if not math.isnan(estimate) else \
+            Interval(estimate, math.nan, math.nan, confidence)
+    values = _resampled(statistic, arrays, paired, resamples, np.random.default_rng(seed))
     values = values[~np.isnan(values)]
     if values.size == 0:
         return Interval(estimate, math.nan, math.nan, confidence)
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
     return Interval(estimate, float(low), float(high), confidence)
+
+
+def _resampled(statistic: Callable[..., float], arrays: list[np.ndarray], paired: bool, resamples: int,
+               rng: np.random.Generator) -> np.ndarray:
+    """The statistic on each of `resamples` bootstrap resamples (scipy draws them; we take the percentiles
+    ourselves so that a NaN resample is dropped rather than turning the whole interval into NaN)."""
+    from scipy.stats import bootstrap as scipy_bootstrap
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        result = scipy_bootstrap(tuple(arrays), statistic, n_resamples=resamples, paired=paired,
+                                 method="percentile", rng=rng)
+    return np.asarray(result.bootstrap_distribution, dtype=np.float64).reshape(-1)
 
 
 def median_ratio(baseline: Sequence[float], candidate: Sequence[float]) -> float:
@@ -131,7 +139,11 @@ def median_ratio(baseline: Sequence[float], candidate: Sequence[float]) -> float
 
 def ratio_ci(baseline: Sequence[float], candidate: Sequence[float], **kwargs) -> Interval:
     """median(candidate) ÷ median(baseline) with a (paired by default) bootstrap interval."""
-    return bootstrap(median_ratio, baseline, candidate, **kwargs)
+
+    def statistic(b: np.ndarray, c: np.ndarray, axis: int = -1) -> np.ndarray:  # every resample at once
+        return np.median(c, axis=axis) / np.median(b, axis=axis)
+
+    return bootstrap(statistic, baseline, candidate, **kwargs)
 
 
 def gain_captured(t_unfused: float, t_variant: float, t_nonorm: float) -> float:
@@ -152,7 +164,9 @@ def gain_captured_ci(
 ) -> Interval:
     """gain_captured on medians, with a paired bootstrap interval over interleaved rounds."""
 
-    def statistic(u: np.ndarray, v: np.ndarray, n: np.ndarray) -> float:
-        return gain_captured(float(np.median(u)), float(np.median(v)), float(np.median(n)))
+    def statistic(u: np.ndarray, v: np.ndarray, n: np.ndarray, axis: int = -1) -> np.ndarray:  # every resample at once
+        t_u, t_v, t_n = (np.median(x, axis=axis) for x in (u, v, n))
+        bound = t_u - t_n
+        return np.where(bound > 0, (t_u - t_v) / np.where(bound > 0, bound, 1.0), np.nan)  # gain_captured's rule
 
     return bootstrap(statistic, unfused, variant, nonorm, **kwargs)
