@@ -9,9 +9,6 @@ import sys
 
 log = logging.getLogger(__name__)
 
-REPEATABLE = {"load_model"}  # list settings whose flag may be given several times (each may still be "a,b")
-
-
 # NORMFUSE_* variables read by other parts of normfuse, which the server must not call typos
 NOT_SERVER_SETTINGS = {
     "NORMFUSE_CACHE_DIR",  # convert/models/vit_digits.py: where built-in model weights are cached
@@ -23,37 +20,51 @@ def flag_of(name: str) -> str:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """One flag per Settings field (its description, variable and default in --help); only flags actually given
-    override the environment, so the defaults shown are the settings' own."""
-    from pydantic_core import PydanticUndefined
+    """`normfuse serve`'s flags, made by pydantic-settings' CLI source from the Settings fields: one flag per field
+    (list fields repeatable, each value may still be "a,b"); only flags actually given override the environment."""
+    from pydantic_settings import CliSettingsSource
 
     from service.settings import Settings
 
     parser = subparsers.add_parser("serve", help="serve a model repository over the Open Inference Protocol v2",
                                    description=__doc__)
-    for name, field in Settings.model_fields.items():
-        required = field.is_required()
-        if required:
-            default = "required"
-        elif field.default is not PydanticUndefined:
-            default = f"default: {field.default if field.default is not None else 'none'}"
-        else:
-            default = f"default: {field.default_factory() or 'none'}"
-        choices = getattr(field.annotation, "__args__", None) if "Literal" in str(field.annotation) else None
-        what = field.description or (" | ".join(map(str, choices)) if choices else "")
-        parser.add_argument(flag_of(name), dest=name, default=None, metavar=name.split("_")[-1].upper(),
-                            type=_lenient(field.annotation),
-                            help=f"{what} (NORMFUSE_{name.upper()}; {default})".replace("%", "%%").lstrip(" "),
-                            action="append" if name in REPEATABLE else "store")
-    parser.set_defaults(handler=serve)
+    source = CliSettingsSource(Settings, root_parser=parser, cli_prog_name="normfuse serve", cli_kebab_case=True,
+                               cli_hide_none_type=True, add_argument_method=_add_argument)
+    parser.set_defaults(handler=serve, settings_source=source)
 
 
-def _lenient(annotation):
+def _add_argument(parser: argparse.ArgumentParser, *names: str, **kwargs):
+    """How the CLI source adds a field's flag: our help (description, variable, default) and lenient numbers."""
+    from service.settings import Settings
+
+    field = Settings.model_fields.get(kwargs.get("dest", ""))
+    if field is not None:
+        kwargs["help"] = _help(kwargs["dest"], field)
+        kwargs["default"] = None  # a flag not given reads None (not absent); build_settings passes on the rest
+        if field.annotation in (int, float):
+            kwargs["type"] = _lenient(field.annotation)
+    return parser.add_argument(*names, **kwargs)
+
+
+def _help(name: str, field) -> str:
+    """'DESCRIPTION (NORMFUSE_NAME; default: VALUE)', or '(NORMFUSE_NAME; required)'."""
+    from pydantic_core import PydanticUndefined
+
+    if field.is_required():
+        default = "required"
+    elif field.default is not PydanticUndefined:
+        default = f"default: {field.default if field.default is not None else 'none'}"
+    else:
+        default = f"default: {field.default_factory() or 'none'}"
+    choices = getattr(field.annotation, "__args__", None) if "Literal" in str(field.annotation) else None
+    what = field.description or (" | ".join(map(str, choices)) if choices else "")
+    return f"{what} (NORMFUSE_{name.upper()}; {default})".replace("%", "%%").lstrip(" ")
+
+
+def _lenient(kind: type):
     """int/float for numeric settings, but a value that does not parse is passed on as given, so the settings
-    report every bad value at once (one line each) instead of argparse stopping at the first."""
-    kind = annotation if annotation in (int, float) else None
-    if kind is None:
-        return str
+    report every bad value at once (one line each, the number as a number) instead of argparse stopping at the
+    first."""
 
     def parse(text: str):
         try:
@@ -66,10 +77,11 @@ def _lenient(annotation):
 
 
 def build_settings(args: argparse.Namespace):
+    """Settings from the flags given (through the CLI source `register` made), then NORMFUSE_*, then defaults."""
     from service.settings import Settings
 
-    overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
-    return Settings(**overrides)
+    given = {name: value for name, value in vars(args).items() if name in Settings.model_fields and value is not None}
+    return Settings(_cli_settings_source=args.settings_source(parsed_args=given))
 
 
 def serve(args: argparse.Namespace) -> int:
