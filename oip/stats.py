@@ -9,6 +9,7 @@ moment of machine noise, so the bootstrap resamples whole rounds rather than eac
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -124,9 +125,12 @@ def _resampled(statistic: Callable[..., float], arrays: list[np.ndarray], paired
                rng: np.random.Generator) -> np.ndarray:
     """The statistic on each of `resamples` bootstrap resamples (scipy draws them; we take the percentiles
     ourselves so that a NaN resample is dropped rather than turning the whole interval into NaN)."""
+    from scipy.stats import DegenerateDataWarning
     from scipy.stats import bootstrap as scipy_bootstrap
 
-    with np.errstate(invalid="ignore", divide="ignore"):
+    # scipy warns when its own interval is NaN (some resample's statistic was NaN): we drop those instead
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateDataWarning)
         result = scipy_bootstrap(tuple(arrays), statistic, n_resamples=resamples, paired=paired,
                                  method="percentile", rng=rng)
     return np.asarray(result.bootstrap_distribution, dtype=np.float64).reshape(-1)
