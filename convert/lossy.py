@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from convert.context import Context, parity_samples
 from convert.export import census, export_onnx, ort_session, run_onnx
 from convert.quantize import Int8Options, batches, passes_gate, quantize_onnx
 from engines.manifest import Accuracy, Parity, VariantInfo, accuracy_figures, file_ref, save_reference
@@ -32,8 +33,8 @@ DESCRIPTIONS = {
 }
 
 
-def build_lossy(ctx, variant: str) -> VariantInfo:
-    """Build, measure and gate one lossy variant in ctx.staging/<variant>/ (ctx: convert.context.Context)."""
+def build_lossy(ctx: Context, variant: str) -> VariantInfo:
+    """Build, measure and gate one lossy variant in ctx.staging/<variant>/."""
     options = ctx.int8 or Int8Options()
     src, unfused = ctx.source, ctx.staging / "unfused" / "model.onnx"
     held_out, calibration = evaluation_split(src, options)
@@ -77,8 +78,6 @@ REFERENCE_SAMPLES = 32  # held-out inputs + unfused outputs kept beside the int8
 def evaluation_split(src, options: Int8Options) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(held-out inputs, calibration inputs), disjoint: calibration from the source's own calibration set, or
     the sample inputs after the held-out ones."""
-    from convert.context import parity_samples
-
     n = parity_samples(src, options.eval_samples)
     held_out = src.sample_inputs(n)
     if src.calibration_inputs is not None:
