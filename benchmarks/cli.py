@@ -1,19 +1,18 @@
-"""`normfuse bench {engines,serving,capacity,reload,grpc,grpc-report,overload,all}`, `normfuse loadgen URL` and
-`normfuse capacity {plan,report}`.
+"""`normfuse bench {engines,serving,capacity,reload,grpc,grpc-report,overload,int8,int8-report,all}`,
+`normfuse loadgen URL` and `normfuse capacity {plan,report}`: the flags. What each command does is in
+benchmarks/commands.py (heavy imports happen in its handlers).
 
-Heavy imports happen in the handlers."""
+The flags most commands share (--repo, --model, --threads, --quick, --json, --out, --plots, --results) are
+declared once, in SHARED; a command takes the ones it needs with `shared(parser, ...)`, changing a default or
+help where its meaning differs (a benchmark whose --json has a fixed home, a --threads that means one replica).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from benchmarks import commands
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -28,34 +27,41 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(x for x in text.split(",") if x)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repo", type=Path, required=True, help="model repository (REPO/NAME/manifest.json)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-    p.add_argument("--quick", action="store_true", help="tiny counts and short steps: a smoke run, not numbers")
-    p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+SHARED: dict[str, dict] = {
+    "repo": {"type": Path, "required": True, "help": "model repository (REPO/NAME/manifest.json)"},
+    "model": {"default": "vit-digits"},
+    "threads": {"type": int, "default": None, "help": "ONNX Runtime intra-op threads (default: all cores)"},
+    "quick": {"action": "store_true", "help": "tiny counts and short steps: a smoke run, not numbers"},
+    "json": {"type": Path, "default": None, "help": "also write the raw results here"},
+    "out": {"type": Path, "default": None, "help": "also render this benchmark's section into this BENCHMARKS.md"},
+    "plots": {"type": Path, "default": Path("benchmarks/plots")},
+    "results": {"type": Path},
+}
+
+
+def shared(parser: argparse.ArgumentParser, *names: str, **changes: dict) -> None:
+    """Add the SHARED flags `names` to `parser`; `changes[name]` overrides parts of one flag's spec."""
+    for name in names:
+        parser.add_argument(f"--{name}", **(SHARED[name] | changes.get(name, {})))
 
 
 def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmark engines and servers; write BENCHMARKS.md")
     modes = bench.add_subparsers(dest="mode", required=True, metavar="MODE")
+    _register_engines_serving_all(modes)
+    _register_capacity_bench(modes)
+    _register_reload(modes)
+    _register_grpc(modes)
+    _register_overload(modes)
+    _register_int8(modes)
+    _register_loadgen(subparsers)
+    _register_capacity(subparsers)
+
+
+def _register_engines_serving_all(modes) -> None:
     engines_p = modes.add_parser("engines", help="every variant vs unfused and the no-norm bound, in-process")
     serving_p = modes.add_parser("serving", help="the server vs the raw engine, a plain endpoint, LitServe, Triton")
-    capacity_p = modes.add_parser("capacity", help="one replica's latency curve, the queueing model fitted to it, "
-                                  "checked against two replicas; replicas at fleet scale, fused vs unfused")
-    reload_p = modes.add_parser("reload", help="latency and failed requests while re-conversions are swapped "
-                                "into a server in poll mode (docs/serving.md, Model control)")
     all_p = modes.add_parser("all", help="prepare the repository, run the benchmarks, write the report")
-    _register_grpc(modes)
-    overload_p = modes.add_parser("overload", help="the server at its default settings: overhead at concurrency 1 "
-                                  "(Triton's client), throughput vs a 2 ms window, a 256-client flood")
-    overload_p.add_argument("--repo", type=Path, help="model repository (required to measure)")
-    overload_p.add_argument("--model", default="vit-digits", help="the model to serve (default vit-digits)")
-    overload_p.add_argument("--json", type=Path, default=Path("benchmarks/results/overload.json"),
-                            help="results file: written when measuring, read with --report-only")
-    overload_p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report to update")
-    overload_p.add_argument("--report-only", action="store_true", help="re-render the section from --json")
-    overload_p.add_argument("--quick", action="store_true", help="a smoke run (short steps), not numbers")
-    overload_p.set_defaults(handler=run_overload)
     for p in (engines_p, all_p):
         p.add_argument("--models", type=_names, default=None, help="comma list (default: all in the repo)")
         p.add_argument("--batch-sizes", type=_ints, default=None, help="default 1,8")
@@ -70,10 +76,8 @@ def register(subparsers) -> None:
         p.add_argument("--max-queue-delay-ms", type=float, default=0.0,
                        help="every batching server's queue delay (default 0: opportunistic batching)")
     for p in (engines_p, serving_p, all_p):
-        _common(p)
-    _capacity_options(capacity_p)
-    all_p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
-    all_p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+        shared(p, "repo", "threads", "quick", "json")
+    shared(all_p, "out", "plots", out={"default": Path("BENCHMARKS.md"), "help": None}, plots={"help": None})
     all_p.add_argument("--no-prepare", action="store_true", help="benchmark what is in --repo; convert nothing")
     all_p.add_argument("--reconvert", action="store_true", help="convert every model again (new rewrites landed)")
     all_p.add_argument("--skip-serving", action="store_true")
@@ -84,71 +88,18 @@ def register(subparsers) -> None:
                        help="`normfuse bench grpc`'s results: its section is rendered from them if they exist")
     all_p.add_argument("--skip-norms", action="store_true",
                        help="skip the LN / UN / PowerNorm vit-digits table (trains the UN and PN demo models once)")
-    engines_p.set_defaults(handler=run_engines)
-    serving_p.set_defaults(handler=run_serving)
-    capacity_p.set_defaults(handler=run_capacity)
-    all_p.set_defaults(handler=run_all)
-    _reload_options(reload_p)
-    reload_p.set_defaults(handler=run_reload)
-
-    _register_int8(modes)
-
-    loadgen_p = subparsers.add_parser("loadgen", help="closed-loop sweep and open-loop Poisson load on an OIP v2 server")
-    loadgen_p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
-    loadgen_p.add_argument("--model", required=True)
-    loadgen_p.add_argument("--variants", type=_names, default=(),
-                           help="comma list of versions/variants; 'all' = every version the server lists; "
-                                "default: the server's default")
-    loadgen_p.add_argument("--protocol", choices=("json", "binary"), default="binary")
-    loadgen_p.add_argument("--batch", type=int, default=1, help="items per request")
-    loadgen_p.add_argument("--seq-len", type=int, default=128, help="for dynamic non-batch axes")
-    loadgen_p.add_argument("--concurrency", type=_ints, default=(1, 4, 16), help="closed-loop sweep ('' = none)")
-    loadgen_p.add_argument("--rates", type=_floats, default=(), help="open-loop Poisson rates, req/s")
-    loadgen_p.add_argument("--max-requests", type=int, default=1000, help="per step")
-    loadgen_p.add_argument("--max-seconds", type=float, default=10.0, help="per step")
-    loadgen_p.add_argument("--timeout", type=float, default=30.0, help="per request")
-    loadgen_p.add_argument("--json", type=Path, default=None)
-    loadgen_p.set_defaults(handler=run_loadgen)
-    _register_capacity(subparsers)
+    engines_p.set_defaults(handler=commands.run_engines)
+    serving_p.set_defaults(handler=commands.run_serving)
+    all_p.set_defaults(handler=commands.run_all)
 
 
-def _register_grpc(modes) -> None:
-    grpc_p = modes.add_parser("grpc", help="OIP v2 over gRPC vs REST binary on one normfuse serve (its defaults), "
-                              "beside Triton's gRPC (pytriton), at concurrency 1 and 32")
-    grpc_p.add_argument("--repo", type=Path, required=True, help="model repository (REPO/NAME/manifest.json)")
-    grpc_p.add_argument("--model", default="vit-digits")
-    grpc_p.add_argument("--concurrency", type=_ints, default=(1, 32))
-    grpc_p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    grpc_p.add_argument("--step-seconds", type=float, default=4.0, help="per target, concurrency and round")
-    grpc_p.add_argument("--no-triton", action="store_true", help="leave Triton (pytriton) out")
-    grpc_p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: the "
-                        "server's default)")
-    grpc_p.add_argument("--quick", action="store_true", help="1 round of 1 s: a smoke run, not numbers")
-    grpc_p.add_argument("--json", type=Path, default=None, help="where the results go (default: grpc.json beside "
-                        "the server logs, like capacity.json)")
-    grpc_p.add_argument("--out", type=Path, default=None, help="also render the gRPC section into this BENCHMARKS.md")
-    grpc_p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
-    grpc_p.set_defaults(handler=run_grpc)
-    _report_parser(modes, "grpc-report", "gRPC", Path("benchmarks/results/grpc.json"), run_grpc_report)
-
-
-def _report_parser(modes, name: str, what: str, results: Path, handler) -> None:
-    """`NAME --results --out --plots`: re-render WHAT's section of BENCHMARKS.md from its results JSON."""
-    p = modes.add_parser(name, help=f"render BENCHMARKS.md's {what} section and plot from a results JSON")
-    p.add_argument("--results", type=Path, default=results)
-    p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
-    p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
-    p.set_defaults(handler=handler)
-
-
-def _capacity_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repo", type=Path, required=True, help="model repository (REPO/NAME/manifest.json)")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per process: one replica "
-                   "(default 1)")
-    p.add_argument("--quick", action="store_true", help="tiny counts and short steps: a smoke run, not numbers")
-    p.add_argument("--json", type=Path, default=None, help="write the raw results here (default: capacity.json beside the server logs: "
-                   ".bench/ for a repository in the working directory, else the repository's parent)")
-    p.add_argument("--model", default="vit-digits")
+def _register_capacity_bench(modes) -> None:
+    p = modes.add_parser("capacity", help="one replica's latency curve, the queueing model fitted to it, checked "
+                         "against two replicas; replicas at fleet scale, fused vs unfused")
+    shared(p, "repo", "threads", "quick", "json", "model",
+           threads={"default": 1, "help": "ONNX Runtime intra-op threads per process: one replica (default 1)"},
+           json={"help": "write the raw results here (default: capacity.json beside the server logs: .bench/ for "
+                         "a repository in the working directory, else the repository's parent)"})
     p.add_argument("--fused", default=None, help="the fused variant (default: the manifest's default if it is "
                    "not unfused, else rmsnorm)")
     p.add_argument("--slo-ms", type=float, default=10.0, help="p99 SLO of the 1-vs-2-process check (default 10)")
@@ -157,353 +108,109 @@ def _capacity_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fleet-slo-ms", type=_floats, default=(10.0, 50.0), help="p99 SLOs of the fleet table")
     p.add_argument("--fleet-rates", type=_floats, default=(1e3, 1e4, 1e5), help="req/s rows of the fleet table")
     p.add_argument("--no-pin", action="store_true", help="do not pin each server process to its own core")
-    p.add_argument("--out", type=Path, default=None, help="also render the capacity section into this BENCHMARKS.md")
-    p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+    shared(p, "out", "plots")
+    p.set_defaults(handler=commands.run_capacity)
 
 
-def _reload_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repo", type=Path, default=None, help="model repository holding --model (required unless "
-                   "--render); the model is copied, the repository is not touched")
-    p.add_argument("--model", default="vit-digits")
+def _register_reload(modes) -> None:
+    p = modes.add_parser("reload", help="latency and failed requests while re-conversions are swapped into a "
+                         "server in poll mode (docs/serving.md, Model control)")
+    shared(p, "repo", "model", repo={"required": False, "default": None, "help": "model repository holding --model "
+                                     "(required unless --render); the model is copied, the repository is not touched"})
     p.add_argument("--swaps", type=int, default=5, help="re-conversions swapped in (default 5)")
     p.add_argument("--gap-s", type=float, default=6.0, help="seconds between re-conversions (default 6)")
     p.add_argument("--poll-s", type=float, default=1.0, help="the server's --repository-poll-secs (default 1)")
     p.add_argument("--concurrency", type=int, default=4, help="closed-loop workers (default 4)")
-    p.add_argument("--json", type=Path, default=None, help="write the raw results here (default: reload.json "
-                   "beside the server logs)")
+    shared(p, "json", json={"help": "write the raw results here (default: reload.json beside the server logs)"})
     p.add_argument("--render", type=Path, default=None, metavar="RESULTS",
                    help="measure nothing: render --out's reload section from this results JSON")
-    p.add_argument("--out", type=Path, default=None, help="also render the reload section into this BENCHMARKS.md")
-    p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+    shared(p, "out", "plots")
+    p.set_defaults(handler=commands.run_reload)
 
 
-def _register_capacity(subparsers) -> None:
-    capacity = subparsers.add_parser("capacity", help="replicas needed for a request rate and a p99 SLO")
-    modes = capacity.add_subparsers(dest="mode", required=True, metavar="MODE")
-    plan_p = modes.add_parser("plan", help="replicas per variant for request rates at a p99 SLO")
-    plan_p.add_argument("--results", type=Path, default=Path("benchmarks/results/capacity.json"),
-                        help="`normfuse bench capacity` JSON, or `normfuse loadgen --json` with open-loop --rates")
-    plan_p.add_argument("--rate", type=_floats, required=True, help="req/s, comma list")
-    plan_p.add_argument("--p99-ms", type=float, required=True)
-    plan_p.add_argument("--variants", type=_names, default=(), help="default: every variant in the results")
-    plan_p.add_argument("--util-cap", type=float, default=0.8, help="largest utilisation per replica (default 0.8)")
-    plan_p.add_argument("--spare", type=int, default=1, help="replicas on top for a disruption budget (default 1)")
-    plan_p.add_argument("--mu", type=float, default=None, help="a curve by hand instead of --results: μ req/s")
-    plan_p.add_argument("--base-ms", type=float, default=0.0, help="with --mu: the fixed latency")
-    plan_p.add_argument("--kappa", type=float, default=1.0, help="with --mu: the queueing-term scale")
-    plan_p.set_defaults(handler=run_capacity_plan)
-    _report_parser(modes, "report", "capacity", Path("benchmarks/results/capacity.json"), run_capacity_report)
+def _register_grpc(modes) -> None:
+    p = modes.add_parser("grpc", help="OIP v2 over gRPC vs REST binary on one normfuse serve (its defaults), "
+                         "beside Triton's gRPC (pytriton), at concurrency 1 and 32")
+    shared(p, "repo", "model")
+    p.add_argument("--concurrency", type=_ints, default=(1, 32))
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--step-seconds", type=float, default=4.0, help="per target, concurrency and round")
+    p.add_argument("--no-triton", action="store_true", help="leave Triton (pytriton) out")
+    shared(p, "threads", "quick", "json", "out", "plots",
+           threads={"help": "ONNX Runtime intra-op threads (default: the server's default)"},
+           quick={"help": "1 round of 1 s: a smoke run, not numbers"},
+           json={"help": "where the results go (default: grpc.json beside the server logs, like capacity.json)"})
+    p.set_defaults(handler=commands.run_grpc)
+    _report_parser(modes, "grpc-report", "gRPC", Path("benchmarks/results/grpc.json"), commands.run_grpc_report)
+
+
+def _report_parser(modes, name: str, what: str, results: Path, handler) -> None:
+    """`NAME --results --out --plots`: re-render WHAT's section of BENCHMARKS.md from its results JSON."""
+    p = modes.add_parser(name, help=f"render BENCHMARKS.md's {what} section and plot from a results JSON")
+    shared(p, "results", "out", "plots", results={"default": results},
+           out={"default": Path("BENCHMARKS.md"), "help": None})
+    p.set_defaults(handler=handler)
+
+
+def _register_overload(modes) -> None:
+    p = modes.add_parser("overload", help="the server at its default settings: overhead at concurrency 1 "
+                         "(Triton's client), throughput vs a 2 ms window, a 256-client flood")
+    shared(p, "repo", "model", "json", "out", "quick",
+           repo={"required": False, "help": "model repository (required to measure)"},
+           model={"help": "the model to serve (default vit-digits)"},
+           json={"default": Path("benchmarks/results/overload.json"),
+                 "help": "results file: written when measuring, read with --report-only"},
+           out={"default": Path("BENCHMARKS.md"), "help": "report to update"},
+           quick={"help": "a smoke run (short steps), not numbers"})
+    p.add_argument("--report-only", action="store_true", help="re-render the section from --json")
+    p.set_defaults(handler=commands.run_overload)
 
 
 def _register_int8(modes) -> None:
     p = modes.add_parser("int8", help="int8 and int8-plain beside the exact variants: speed (vit-s16, gpt2-small, "
                          "1 thread) and accuracy (vit-digits, all-MiniLM-L6-v2, an outlier-channel stress model)")
     p.add_argument("--work", type=Path, default=Path(".bench"), help="where models are built (default .bench)")
-    p.add_argument("--json", type=Path, default=Path("benchmarks/results/int8.json"))
-    p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="render the int8 section into this file")
-    p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+    shared(p, "json", "out", "plots", json={"default": Path("benchmarks/results/int8.json"), "help": None},
+           out={"default": Path("BENCHMARKS.md"), "help": "render the int8 section into this file"})
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--rounds", type=int, default=8, help="interleaved rounds per model x batch size (default 8)")
-    p.set_defaults(handler=run_int8)
-    _report_parser(modes, "int8-report", "int8", Path("benchmarks/results/int8.json"), run_int8_report)
-
-
-def run_int8(args) -> int:
-    from benchmarks import int8_bench, int8_report
-
-    _setup_logging()
-    config = int8_bench.Int8BenchConfig(rounds=args.rounds, min_rounds=min(4, args.rounds),
-                                        speed=not args.skip_speed, accuracy=not args.skip_accuracy)
-    result = int8_bench.run(args.work, config)
-    _dump(result, args.json)
-    int8_report.write_int8(args.out, result, plot_dir=args.plots)
-    return 0
-
-
-def run_int8_report(args) -> int:
-    from benchmarks import int8_report
-
-    int8_report.write_int8(args.out, json.loads(args.results.read_text()), plot_dir=args.plots)
-    sys.stdout.write(f"wrote the int8 section of {args.out}\n")
-    return 0
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
-def _engine_config(args):
-    from benchmarks.engines_bench import EngineBenchConfig
-
-    quick = {"batch_sizes": (1, 4), "rounds": 4, "min_rounds": 2, "max_seconds": 10.0, "warmup": 1} if args.quick else {}
-    given = {k: v for k, v in {"batch_sizes": args.batch_sizes, "rounds": args.rounds}.items() if v}
-    return EngineBenchConfig(**(quick | given), threads=args.threads, backends=tuple(args.backends),
-                             models=tuple(args.models) if args.models else None)
-
-
-def _serving_config(args):
-    from benchmarks.serving_bench import ServingBenchConfig
-
-    quick = {"concurrencies": (1, 4), "batch_sizes": (1, 4), "step_seconds": 1.0, "step_requests": 200,
-             "open_fractions": (0.5,), "engine_rounds": 5, "max_batch_size": 4} if args.quick else {}
-    given = {"concurrencies": args.concurrency} if args.concurrency else {}
-    return ServingBenchConfig(**(quick | given), model=args.serving_model, variant=args.serving_variant,
-                              servers=tuple(args.servers), threads=args.threads,
-                              max_queue_delay_ms=args.max_queue_delay_ms,
-                              log_dir=Path(args.repo).parent / "logs")
-
-
-def _capacity_config(args):
-    from benchmarks.capacity_bench import CapacityConfig
-
-    quick = {"saturation_concurrency": 4, "saturation_rounds": 2, "saturation_step_s": 0.4, "fractions": (0.3, 0.6),
-             "open_step_s": 0.6, "open_timeout_s": 5.0, "max_batch_size": 4} if args.quick else {}
-    given = {"fractions": args.fractions} if getattr(args, "fractions", None) else {}
-    return CapacityConfig(**(quick | given), model=getattr(args, "model", None) or args.serving_model,
-                          fused=getattr(args, "fused", None), threads=args.threads or 1,
-                          slo_ms=getattr(args, "slo_ms", 10.0), pin=not getattr(args, "no_pin", False),
-                          fleet_slos_ms=tuple(getattr(args, "fleet_slo_ms", (10.0, 50.0))),
-                          fleet_rates=tuple(getattr(args, "fleet_rates", (1e3, 1e4, 1e5))),
-                          log_dir=_log_dir(args.repo))
-
-
-def _log_dir(repo: Path) -> Path:
-    """Server logs beside the repository (.bench/repo -> .bench/logs), or under .bench/ for a repository in
-    the working directory (model_repository), not loose in the source tree."""
-    parent = Path(repo).resolve().parent
-    return Path(".bench/logs") if parent == Path.cwd().resolve() else parent / "logs"
-
-
-def _dump(result: dict, path: Path | None) -> None:
-    text = json.dumps(result, indent=1, default=str)
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
-    else:
-        sys.stdout.write(text + "\n")
-
-
-def run_engines(args) -> int:
-    from benchmarks import engines_bench
-
-    _setup_logging()
-    _dump(engines_bench.run(args.repo, _engine_config(args)), args.json)
-    return 0
-
-
-def run_serving(args) -> int:
-    from benchmarks import serving_bench
-
-    _setup_logging()
-    _dump(serving_bench.run(args.repo, _serving_config(args)), args.json)
-    return 0
-
-
-def run_capacity(args) -> int:
-    from benchmarks import capacity_bench, report
-
-    _setup_logging()
-    _keep(capacity_bench.run(args.repo, _capacity_config(args)), args, "capacity", report.write_capacity)
-    return 0
-
-
-def run_reload(args) -> int:
-    from benchmarks import reload_bench
-
-    _setup_logging()
-    if args.render is not None:
-        _keep(json.loads(args.render.read_text()), args, "reload", reload_bench.write, dump=False)
-        return 0
-    if args.repo is None:
-        sys.stderr.write("normfuse bench reload: --repo is required (or --render RESULTS)\n")
-        return 2
-    config = reload_bench.ReloadConfig(model=args.model, swaps=args.swaps, gap_s=args.gap_s, poll_s=args.poll_s,
-                                       concurrency=args.concurrency, log_dir=_log_dir(args.repo))
-    _keep(reload_bench.run(args.repo, config), args, "reload", reload_bench.write)
-    return 0
-
-
-def _keep(result: dict, args, name: str, write, dump: bool = True) -> None:
-    """The results to --json (default NAME.json beside the server logs) unless not `dump` (a re-render); their
-    section into --out, if given."""
-    if dump:
-        _dump(result, args.json or _log_dir(args.repo).parent / f"{name}.json")
-    if args.out:
-        write(args.out, result, plot_dir=args.plots)
-        log.info("wrote the %s section of %s", name, args.out)
-
-
-def run_overload(args) -> int:
-    import dataclasses
-
-    from benchmarks import overload_bench, overload_report
-
-    if not args.report_only:
-        if args.repo is None:
-            sys.stderr.write("normfuse bench overload: --repo is required to measure (or --report-only)\n")
-            return 2
-        _setup_logging()
-        config = overload_bench.OverloadConfig(model=args.model, log_dir=_log_dir(args.repo))
-        if args.quick:
-            config = dataclasses.replace(config, clients=32, flood_s=3, big_rows=256, capacity_s=2,
-                                         unloaded_requests=30, triton_requests=30, window_rounds=1, window_s=1,
-                                         engine_rounds=30)
-        start = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        result = overload_bench.run(args.repo, config)
-        result["load_start"], result["load_end"] = start, " ".join(f"{x:.2f}" for x in os.getloadavg())
-        _dump(result, args.json)
-    overload_report.write(args.out, json.loads(args.json.read_text()))
-    sys.stdout.write(f"wrote the overload section of {args.out}\n")
-    return 0
-
-
-def run_capacity_plan(args) -> int:
-    from benchmarks.capacity_model import InfeasibleSLO, QueueFit, fits_from_results, plan
-
-    try:
-        fits = ({"curve": QueueFit(mu=args.mu, base_s=args.base_ms / 1e3, kappa=args.kappa)} if args.mu
-                else fits_from_results(json.loads(args.results.read_text())))
-    except (OSError, ValueError, KeyError) as exc:
-        sys.stderr.write(f"normfuse capacity plan: cannot read a curve: {exc}\n")
-        return 2
-    names = list(args.variants) or list(fits)
-    unknown = [n for n in names if n not in fits]
-    if unknown:
-        sys.stderr.write(f"normfuse capacity plan: no curve for {unknown}; have {list(fits)}\n")
-        return 2
-    sys.stdout.write(f"p99 SLO {args.p99_ms:g} ms, utilisation cap {args.util_cap:g}, spare {args.spare}\n"
-                     f"{'variant':>10} {'mu req/s':>9} {'base ms':>8} {'rate req/s':>11} {'replicas':>8} "
-                     f"{'total':>6} {'util':>5} {'p99 ms':>7}  limited by\n")
-    status = 0
-    for name in names:
-        fit = fits[name]
-        for rate in args.rate:
-            try:
-                p = plan(rate, args.p99_ms / 1e3, fit, util_cap=args.util_cap, spare=args.spare)
-            except InfeasibleSLO as exc:
-                sys.stderr.write(f"{name}: {exc}\n")
-                status = 3
-                continue
-            sys.stdout.write(f"{name:>10} {fit.mu:9.0f} {fit.base_s * 1e3:8.2f} {rate:11.0f} {p.replicas:8d} "
-                             f"{p.total:6d} {p.utilisation:5.2f} {p.predicted_s * 1e3:7.2f}  {p.limited_by}\n")
-    return status
-
-
-def run_capacity_report(args) -> int:
-    from benchmarks import report
-
-    report.write_capacity(args.out, json.loads(args.results.read_text()), plot_dir=args.plots)
-    sys.stdout.write(f"wrote the capacity section of {args.out}\n")
-    return 0
-
-
-def run_grpc(args) -> int:
-    from benchmarks import grpc_bench, grpc_report
-
-    _setup_logging()
-    quick = {"rounds": 1, "step_seconds": 1.0, "step_requests": 300} if args.quick else {}
-    config = grpc_bench.GrpcBenchConfig(**({"rounds": args.rounds, "step_seconds": args.step_seconds} | quick),
-                                        model=args.model, concurrencies=tuple(args.concurrency),
-                                        triton=not args.no_triton, threads=args.threads,
-                                        log_dir=_log_dir(args.repo))
-    _keep(grpc_bench.run(args.repo, config), args, "grpc", grpc_report.write_grpc)
-    return 0
-
-
-def run_grpc_report(args) -> int:
-    from benchmarks import grpc_report
-
-    grpc_report.write_grpc(args.out, json.loads(args.results.read_text()), plot_dir=args.plots)
-    sys.stdout.write(f"wrote the gRPC section of {args.out}\n")
-    return 0
-
-
-def _stage(name: str, run, notes: list[str]):
-    """run(); if it fails, the report says why and keeps what the other stages measured (None here)."""
-    try:
-        return run()
-    except Exception as exc:  # noqa: BLE001 - report what was measured rather than nothing
-        log.exception("%s benchmark failed", name)
-        notes.append(f"the {name} benchmark failed: {type(exc).__name__}: {exc}")
-        return None
-
-
-def run_all(args) -> int:
-    from benchmarks import engines_bench, prepare, report, serving_bench
-
-    _setup_logging()
-    started, load_at_start = datetime.now(timezone.utc), os.getloadavg()
-    notes = []
-    if not args.no_prepare:
-        wanted = list(args.models) if args.models else list(prepare.MODELS)
-        ready = prepare.prepare(args.repo, Path(args.repo).parent, wanted, threads=args.threads,
-                                reconvert=args.reconvert)
-        notes += [f"model {m} could not be converted (see the log); not benchmarked" for m in wanted if m not in ready]
-    results_path = args.json or Path(args.repo).parent / "results.json"
-    engine_result = engines_bench.run(args.repo, _engine_config(args))
-    _dump({"engines": engine_result, "serving": None}, results_path)  # kept even if serving fails below
-    serving_result = None
-    if not args.skip_serving:
-        serving_result = _stage("serving", lambda: serving_bench.run(args.repo, _serving_config(args)), notes)
-    capacity = None
-    if not args.skip_capacity:
-        from benchmarks import capacity_bench
-
-        capacity = _stage("capacity", lambda: capacity_bench.run(args.repo, _capacity_config(args)), notes)
-    elif args.capacity_results.is_file():
-        capacity = json.loads(args.capacity_results.read_text())
-    _dump({"engines": engine_result, "serving": serving_result, "capacity": capacity}, results_path)
-    norms = None
-    if not args.skip_norms:  # issue 7: LN / LN→rmsnorm / UN-folded / PN and the no-norm bound, trained models
-        from benchmarks import un_powernorm
-
-        norms = un_powernorm.measure(rounds=10 if args.quick else 30, iters=20 if args.quick else 50)
-    command = "normfuse bench all " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "all"] else "make bench"
-    report.write(args.out, engine_result, serving_result, plot_dir=args.plots, command=command, started=started,
-                 notes=notes, load_at_start=load_at_start, norms=norms, capacity=capacity)
-    reload_results = Path("benchmarks/results/reload.json")  # `normfuse bench reload`: kept, not re-measured
-    if reload_results.is_file():
-        from benchmarks import reload_bench
-
-        reload_bench.write(args.out, json.loads(reload_results.read_text()), plot_dir=args.plots)
-    if args.grpc_results.is_file():  # measured by `normfuse bench grpc`; its section names its own run
-        from benchmarks import grpc_report
-
-        grpc_report.write_grpc(args.out, json.loads(args.grpc_results.read_text()), plot_dir=args.plots)
-    int8_results = Path("benchmarks/results/int8.json")  # `normfuse bench int8`: kept, not re-measured
-    if int8_results.is_file():
-        from benchmarks import int8_report
-
-        int8_report.write_int8(args.out, json.loads(int8_results.read_text()), plot_dir=args.plots)
-    log.info("wrote %s", args.out)
-    return 0
-
-
-def run_loadgen(args) -> int:
-    import asyncio
-
-    from benchmarks import loadgen
-
-    _setup_logging()
-    metadata = asyncio.run(loadgen.fetch_metadata(args.url, args.model))
-    specs = [{**t, "shape": [t["shape"][0]] + [args.seq_len if d < 0 else d for d in t["shape"][1:]]}
-             for t in metadata["inputs"]]
-    variants = list(metadata.get("versions") or [None]) if args.variants == ("all",) else list(args.variants or [None])
-    results = []
-    for variant in variants:
-        target = loadgen.make_target(args.url, args.model, specs, version=variant, binary=args.protocol == "binary",
-                                     batch=args.batch, label=variant or "default")
-        bounds = {"max_requests": args.max_requests, "max_seconds": args.max_seconds, "timeout": args.timeout}
-        for concurrency in args.concurrency:
-            results.append(asyncio.run(loadgen.closed_loop(target, concurrency, **bounds)).to_dict())
-        for rate in args.rates:
-            results.append(asyncio.run(loadgen.open_loop(target, rate, **bounds)).to_dict())
-    for r in results:
-        sys.stdout.write(f"{r['label']:>12} {r['mode']:>6} {r['level']:>7g}  ok {r['ok']:>5}/{r['sent']:<5} "
-                         f"{r['throughput_rps']:8.1f} req/s  p50 {r['p50_ms']:8.2f}  p90 {r['p90_ms']:8.2f}  "
-                         f"p99 {r['p99_ms']:8.2f} ms  codes {r['codes']}\n")
-    if args.json:
-        _dump({"url": args.url, "model": args.model, "protocol": args.protocol, "results": results}, args.json)
-    return 0
+    p.set_defaults(handler=commands.run_int8)
+    _report_parser(modes, "int8-report", "int8", Path("benchmarks/results/int8.json"), commands.run_int8_report)
+
+
+def _register_loadgen(subparsers) -> None:
+    p = subparsers.add_parser("loadgen", help="closed-loop sweep and open-loop Poisson load on an OIP v2 server")
+    p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", required=True)
+    p.add_argument("--variants", type=_names, default=(),
+                   help="comma list of versions/variants; 'all' = every version the server lists; "
+                        "default: the server's default")
+    p.add_argument("--protocol", choices=("json", "binary"), default="binary")
+    p.add_argument("--batch", type=int, default=1, help="items per request")
+    p.add_argument("--seq-len", type=int, default=128, help="for dynamic non-batch axes")
+    p.add_argument("--concurrency", type=_ints, default=(1, 4, 16), help="closed-loop sweep ('' = none)")
+    p.add_argument("--rates", type=_floats, default=(), help="open-loop Poisson rates, req/s")
+    p.add_argument("--max-requests", type=int, default=1000, help="per step")
+    p.add_argument("--max-seconds", type=float, default=10.0, help="per step")
+    p.add_argument("--timeout", type=float, default=30.0, help="per request")
+    shared(p, "json", json={"help": None})
+    p.set_defaults(handler=commands.run_loadgen)
+
+
+def _register_capacity(subparsers) -> None:
+    capacity = subparsers.add_parser("capacity", help="replicas needed for a request rate and a p99 SLO")
+    modes = capacity.add_subparsers(dest="mode", required=True, metavar="MODE")
+    p = modes.add_parser("plan", help="replicas per variant for request rates at a p99 SLO")
+    shared(p, "results", results={"default": Path("benchmarks/results/capacity.json"), "help": "`normfuse bench "
+                                  "capacity` JSON, or `normfuse loadgen --json` with open-loop --rates"})
+    p.add_argument("--rate", type=_floats, required=True, help="req/s, comma list")
+    p.add_argument("--p99-ms", type=float, required=True)
+    p.add_argument("--variants", type=_names, default=(), help="default: every variant in the results")
+    p.add_argument("--util-cap", type=float, default=0.8, help="largest utilisation per replica (default 0.8)")
+    p.add_argument("--spare", type=int, default=1, help="replicas on top for a disruption budget (default 1)")
+    p.add_argument("--mu", type=float, default=None, help="a curve by hand instead of --results: μ req/s")
+    p.add_argument("--base-ms", type=float, default=0.0, help="with --mu: the fixed latency")
+    p.add_argument("--kappa", type=float, default=1.0, help="with --mu: the queueing-term scale")
+    p.set_defaults(handler=commands.run_capacity_plan)
+    _report_parser(modes, "report", "capacity", Path("benchmarks/results/capacity.json"), commands.run_capacity_report)
