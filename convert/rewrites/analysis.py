@@ -23,7 +23,7 @@ from torch import nn
 
 from convert.rewrites import NotApplicable, first_line
 from convert.rewrites.graph import Graph
-from convert.rewrites.probe import probe_norm
+from convert.rewrites.probe import find_norms, probe_norm  # noqa: F401 - find_norms is read from here too
 from convert.rewrites.records import Analysis
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import logging
 
 from torch import nn
 
-from convert.rewrites import NotApplicable
+from convert.rewrites import NotApplicable, first_line  # noqa: F401 - first_line: callers import it from here
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,7 @@ FLOAT32_NORMS_GATE = 1e-5  # a norm computes in float32 inside the float64 model
 def check_exact(model: nn.Module, variant: str, apply, inputs: dict | None):
     """Rewrite a float64 copy of `model` with `apply(copy)` and compare it with the float64 original on
     `inputs`; return the Comparison (None when there is nothing to run it on), NotApplicable on a mismatch."""
-    from convert.rewrites.analysis import call_inputs, example_inputs
-    from convert.rewrites.probe import find_norms
+    from convert.rewrites.analysis import call_inputs, example_inputs, find_norms
     from convert.verify import verify
 
     if inputs is None:

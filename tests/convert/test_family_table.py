@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from convert.rewrites import NotApplicable, rewrite
-from convert.rewrites.analysis import call_inputs
+from convert.rewrites.analysis import call_inputs, find_norms
 from convert.rewrites.check import EXACT_GATE, FLOAT32_NORMS_GATE
-from convert.rewrites.probe import find_norms
 from convert.verify import verify
 from tests.convert import _hf_families as hf
 
