@@ -37,47 +37,59 @@ BOTH_SESSIONS_MAX_BYTES = 256 * 1024**2  # two ONNX files at most this large are
 
 def benchmark(ctx: Context, built: dict[str, VariantInfo], rounds: int, batch: int, *, progress: bool,
               allow_lossy: bool = False) -> str:
-    """Time unfused against each other variant, interleaved (A B, B A, ...); return the default variant.
-
-    The order A B B A A B ... runs each model twice in a row, so when the two ONNX files together are over
-    BOTH_SESSIONS_MAX_BYTES only one session is open at a time (reopened once per round: GPT-2-small's
-    two sessions together would hold 1.5 GB); smaller models keep both open. Each timing is the best of
-    REPEATS runs, so the first run of a reopened session does not count against it.
-    """
+    """Time unfused against each other variant, interleaved (A B, B A, ...); record the timings in `built` and
+    return the default variant (unfused unless a variant is a safe default: `is_safe_default`)."""
     inputs = ctx.source.sample_inputs(batch)
     paths = {name: ctx.staging / info.files["onnx"].path for name, info in built.items()}
     others = [v for v in built if v != "unfused"]
-    bar = tqdm(total=rounds * len(others), desc="benchmark", unit="round", disable=not progress)
-    baseline_times, ratios, wins, pairs = [], {}, {}, {}
-    for variant in others:
-        pair = Sessions(paths["unfused"], paths[variant], threads=ctx.threads)
-        warm = max(timed(pair.get(name), inputs) for name in (variant, "unfused"))  # warm-up; round 0 starts with unfused
-        pair_rounds = max(3, min(rounds, int(BUDGET_S / (2 * REPEATS * warm))))
-        times = {"unfused": [], variant: []}
-        for r in range(pair_rounds):
-            for name in (("unfused", variant) if r % 2 == 0 else (variant, "unfused")):
-                session = pair.get(name)
-                times[name].append(min(timed(session, inputs) for _ in range(REPEATS)))
-                del session
-            bar.update()
-        bar.update(rounds - pair_rounds)
-        pair.close()
-        baseline_times += times["unfused"]
-        paired = [b / a for a, b in zip(times["unfused"], times[variant], strict=True)]
-        # faster beyond noise: the median paired ratio clears NOISE and the variant won most rounds
-        ratios[variant], pairs[variant] = statistics.median(paired), paired
-        wins[variant] = sum(r < 1 for r in paired) / len(paired)
-        built[variant].latency_ms = {f"ort_cpu_b{batch}_median": statistics.median(times[variant]) * 1e3,
-                                     f"ort_cpu_b{batch}_vs_unfused": ratios[variant],
-                                     f"ort_cpu_b{batch}_win_rate": wins[variant]}
-    bar.close()
-    built["unfused"].latency_ms = {f"ort_cpu_b{batch}_median": statistics.median(baseline_times) * 1e3}
-    for variant, paired in pairs.items():
-        if math.isfinite(bound := median_upper_bound(paired)):
-            built[variant].latency_ms[f"ort_cpu_b{batch}_vs_unfused_upper95"] = bound
+    key = f"ort_cpu_b{batch}"
+    baseline_times, pairs = [], {}
+    with tqdm(total=rounds * len(others), desc="benchmark", unit="round", disable=not progress) as bar:
+        for variant in others:
+            times = time_pair(paths["unfused"], paths[variant], inputs, rounds, threads=ctx.threads, bar=bar)
+            baseline_times += times["unfused"]
+            pairs[variant] = [b / a for a, b in zip(times["unfused"], times["variant"], strict=True)]
+            record(built[variant], key, times["variant"], pairs[variant])
+    built["unfused"].latency_ms = {f"{key}_median": statistics.median(baseline_times) * 1e3}
+    ratios = {v: statistics.median(paired) for v, paired in pairs.items()}
     faster = [v for v in others if (built[v].exact or allow_lossy) and is_safe_default(built[v], pairs[v])]
     log.info("benchmark ratios vs unfused: %s", {v: round(r, 3) for v, r in ratios.items()})
     return min(faster, key=ratios.__getitem__) if faster else "unfused"
+
+
+def time_pair(unfused: Path, variant: Path, inputs: dict[str, np.ndarray], rounds: int, *, threads: int | None,
+              bar) -> dict[str, list[float]]:
+    """{"unfused": [...], "variant": [...]}: one time per round for each model, interleaved A B, B A, ...
+
+    `rounds` rounds, fewer (at least 3) for slow models so a pair takes about BUDGET_S. The order A B B A A B ...
+    runs each model twice in a row, so when the two ONNX files together are over BOTH_SESSIONS_MAX_BYTES only one
+    session is open at a time (reopened once per round: GPT-2-small's two sessions together would hold 1.5 GB);
+    smaller models keep both open. Each time is the best of REPEATS runs, so the first run of a reopened session
+    does not count against it.
+    """
+    pair = Sessions(unfused, variant, threads=threads)
+    warm = max(timed(pair.get(name), inputs) for name in ("variant", "unfused"))  # warm-up; round 0 starts with unfused
+    pair_rounds = max(3, min(rounds, int(BUDGET_S / (2 * REPEATS * warm))))
+    times = {"unfused": [], "variant": []}
+    for r in range(pair_rounds):
+        for name in (("unfused", "variant") if r % 2 == 0 else ("variant", "unfused")):
+            session = pair.get(name)
+            times[name].append(min(timed(session, inputs) for _ in range(REPEATS)))
+            del session
+        bar.update()
+    bar.update(rounds - pair_rounds)
+    pair.close()
+    return times
+
+
+def record(info: VariantInfo, key: str, times: list[float], paired: list[float]) -> None:
+    """A variant's timings in its manifest entry: its median, the median paired ratio to unfused, the share of
+    rounds it won, and the ratio's upper 95% bound when there are rounds enough for one."""
+    info.latency_ms = {f"{key}_median": statistics.median(times) * 1e3,
+                       f"{key}_vs_unfused": statistics.median(paired),
+                       f"{key}_win_rate": sum(r < 1 for r in paired) / len(paired)}
+    if math.isfinite(bound := median_upper_bound(paired)):
+        info.latency_ms[f"{key}_vs_unfused_upper95"] = bound
 
 
 MIN_ROUNDS = 5  # fewer paired rounds cannot exclude 1 at 95% with a sign-based interval
