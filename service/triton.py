@@ -1,5 +1,5 @@
-"""Triton's extensions in Triton's JSON shapes: model configuration, statistics, repository index (built by
-service.control).
+"""Triton's extensions in Triton's JSON shapes: model configuration and statistics (the repository index is
+service.control's).
 
 They let Triton's own clients and tools (tritonclient, perf_analyzer) talk to this server unmodified.
 """
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.repository import ModelEntry, Repository, Servable
+from service.repository import Repository
+from service.revision import Revision, Servable
 
 # our backend -> Triton's (platform, backend) names for the same kind of model file
 PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "onnxruntime"), "tensorrt": ("tensorrt_plan", "tensorrt"),
@@ -37,7 +38,7 @@ def model_file(servable: Servable) -> Path | None:
     return Path(path) if isinstance(path, str | Path) else None
 
 
-def model_config(repo: Repository, entry: ModelEntry, version: str | None) -> dict:
+def model_config(repo: Repository, entry: Revision, version: str | None) -> dict:
     """Triton's model configuration (JSON form of config.pbtxt); dims exclude the batch axis."""
     manifest = entry.manifest
     servable = repo.get(entry.name, version)
@@ -63,7 +64,7 @@ def model_config(repo: Repository, entry: ModelEntry, version: str | None) -> di
         },
         "instance_group": [{"name": f"{entry.name}_{servable.variant}", "kind": instance_kind(servable), "count": 1}],
         "parameters": {"variant": {"string_value": servable.variant},
-                       "revision": {"string_value": entry.revision},  # which conversion serves
+                       "revision": {"string_value": entry.label},  # which conversion serves
                        "exact": {"string_value": str(manifest.variants[servable.variant].exact).lower()}},
         "model_transaction_policy": {"decoupled": False},
     }
@@ -85,8 +86,3 @@ def statistics(repo: Repository, model: str | None, version: str | None) -> dict
     else:
         servables = [repo.get(model, version)]
     return {"model_stats": [s.stats.dump(s.model, s.variant) for s in servables]}
-
-
-def repository_index(repo: Repository, ready_only: bool) -> list[dict]:
-    """Triton's repository index (service.control builds it: every model of the repository, loaded or not)."""
-    return repo.index(ready_only)
