@@ -154,7 +154,7 @@ def decode_tensors(items: list[RequestInput] | list[ResponseOutput], blob: memor
     for item in items:
         if item.name in arrays:
             raise ProtocolError(f"{what} {item.name!r} is given twice")
-        dtype = _checked_dtype(item, what)
+        dtype = checked_dtype(item, what)
         count = math.prod(item.shape)
         nbytes = (item.parameters or {}).get("binary_data_size")
         if nbytes is not None:
@@ -180,7 +180,8 @@ def decode_tensors(items: list[RequestInput] | list[ResponseOutput], blob: memor
     return arrays
 
 
-def _checked_dtype(item: RequestInput | ResponseOutput, what: str) -> np.dtype:
+def checked_dtype(item: RequestInput | ResponseOutput, what: str) -> np.dtype:
+    """The numpy dtype of a tensor whose datatype and shape are sane (ProtocolError otherwise)."""
     if len(item.shape) > MAX_DIMS:
         raise ProtocolError(f"{what} {item.name!r}: shape has {len(item.shape)} dimensions; at most {MAX_DIMS}")
     if any(d < 0 for d in item.shape):

@@ -23,10 +23,26 @@ class Overloaded(Exception):
 
 
 class Admission:
-    def __init__(self, limit: int, on_reject: Callable[[], None] | None = None) -> None:
+    """`limit` requests in flight (`admit`), and `max_receiving` bytes of bodies being received (`receive`)."""
+
+    def __init__(self, limit: int, on_reject: Callable[[], None] | None = None, max_receiving: int = 2**62) -> None:
         self.limit = limit
         self.current = 0
         self.on_reject = on_reject
+        self.max_receiving = max_receiving
+        self.receiving = 0
+
+    def receive(self, nbytes: int) -> None:
+        """Hold `nbytes` more of a body being received (`received` gives them back), or raise Overloaded."""
+        if self.receiving + nbytes > self.max_receiving:
+            if self.on_reject:
+                self.on_reject()
+            raise Overloaded(f"the server is receiving {self.receiving} bytes of request bodies, its limit is "
+                             f"{self.max_receiving} (max_receiving_bytes); retry shortly")
+        self.receiving += nbytes
+
+    def received(self, nbytes: int) -> None:
+        self.receiving -= nbytes
 
     def try_enter(self) -> bool:
         """Take a place if one is free (then `leave()` once answered); False, counted, when none is."""

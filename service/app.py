@@ -75,7 +75,8 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.state.control = ModelControl(app.state.repo)
     app.state.ready = False
     app.state.grpc = None  # service.grpc_server.GrpcServer while serving gRPC
-    app.state.admission = Admission(settings.max_inflight, on_reject=app.state.metrics.refused.inc)
+    app.state.admission = Admission(settings.max_inflight, on_reject=app.state.metrics.refused.inc,
+                                    max_receiving=settings.max_receiving_bytes)
     app.state.inference = Inference(settings, app.state.repo, app.state.admission, app.state.metrics)
     app.add_middleware(InflightLimit, admission=app.state.admission)
     errors.install(app)

@@ -18,11 +18,13 @@ from oip.parameters import binary_choices, priority_of, timeout_of
 from oip.schema import InferenceRequest
 from service.admission import Admission
 from service.batcher import Result
-from service.errors import CLIENT_GONE, status_of
+from service.body import Pace
+from service.errors import CLIENT_GONE, ResponseTooLarge, status_of
 from service.metrics import Metrics
 from service.repository import Repository
 from service.revision import Servable
 from service.settings import Settings
+from service.validation import JSON_CHARS, answer_size, check_header
 
 JSON_PER_BYTE = 4  # about how many bytes of JSON text one byte of a float32 array becomes (~16 chars per value)
 
@@ -67,7 +69,12 @@ class Inference:
 
     def __init__(self, settings: Settings, repo: Repository, admission: Admission, metrics: Metrics) -> None:
         self.repo, self.admission, self.metrics = repo, admission, metrics
+        # the limits, in one place (service.settings documents each; Admission holds max_inflight and the
+        # receiving budget, the gRPC server and uvicorn the connection limits)
         self.offload_bytes = settings.offload_bytes  # messages this large are decoded and encoded off the loop
+        self.pace = Pace(settings.body_timeout_s, settings.min_upload_bytes_per_s)  # how fast a REST body must come
+        self.max_response_bytes = settings.max_response_bytes
+        self.max_json_response_bytes = settings.max_json_response_bytes
 
     async def __call__(self, model: str, version: str | None, message: Message,
                        wait: Callable[[Awaitable[Result]], Awaitable[Result]] | None = None) -> Any:
@@ -85,12 +92,18 @@ class Inference:
             await message.receive()
             with self.admission.admit():
                 request = await self._off_loop(message.size, message.header)
+                declared = check_header(servable.engine.inputs, servable.constraints, request)  # before decoding
+                servable.batcher.check_rows(next(iter(declared.values())).shape[0])
+                outputs = self.outputs(servable, request, message.binary_only)
+                self.check_answer(servable, declared, outputs)  # before compute
                 arrays = await self._off_loop(message.size, message.tensors, request)
                 rows = servable.check(arrays)
-                outputs = self.outputs(servable, request, message.binary_only)
                 work = servable.batcher.submit(arrays, timeout_of(request.parameters), priority_of(request.parameters))
                 result = await (wait(work) if wait is not None else work)
                 queue_s = result.queue_s
+                self.check_sizes({n: a.shape for n, a in result.outputs.items()}, outputs,
+                                 {n: (a.shape, a.nbytes, a.size * JSON_CHARS.get(a.dtype.kind, 16))
+                                  for n, a in result.outputs.items()})  # an engine that answered larger than said
                 answer = Answer(model, servable, request.id, result, outputs)
                 response = await self._off_loop(answer_bytes(answer), message.encode, answer)
             code = 200
@@ -106,6 +119,32 @@ class Inference:
         """The outputs to return (all when none are named), each binary or not (ProtocolError)."""
         choices = binary_choices(request, [spec.name for spec in servable.engine.outputs])
         return dict.fromkeys(choices, True) if binary_only else choices
+
+    def check_answer(self, servable: Servable, declared: dict[str, np.ndarray], outputs: dict[str, bool]) -> None:
+        """ResponseTooLarge (413) if the answer, sized from the output specs and the request's shapes, is over
+        max_response_bytes, or a JSON output over max_json_response_bytes."""
+        engine = servable.engine
+        sizes = answer_size(engine.outputs, {n: a.shape for n, a in declared.items()}, engine.inputs)
+        self.check_sizes(declared, outputs, sizes)
+
+    def check_sizes(self, _, outputs: dict[str, bool], sizes: dict[str, tuple[tuple[int, ...], int, int]]) -> None:
+        total = 0
+        for name, binary in outputs.items():
+            shape, raw, text = sizes[name]
+            size, encoding = (raw, "binary") if binary else (text, "JSON (about)")
+            total += size
+            if not binary and text > self.max_json_response_bytes:
+                raise ResponseTooLarge(
+                    f"output {name!r} of shape {list(shape)} would be {text} bytes as JSON (about); JSON outputs are "
+                    f"limited to {self.max_json_response_bytes} bytes (max_json_response_bytes): ask for it as binary "
+                    f"({raw} bytes) with parameters.binary_data_output = true or outputs[].parameters.binary_data = "
+                    "true (tritonclient: binary_data=True)")
+            if size > self.max_response_bytes:
+                raise ResponseTooLarge(f"output {name!r} of shape {list(shape)} would be {size} bytes as {encoding}; "
+                                       f"the limit is {self.max_response_bytes} bytes (max_response_bytes)")
+        if total > self.max_response_bytes:
+            raise ResponseTooLarge(f"the outputs {list(outputs)} would be {total} bytes together; the limit is "
+                                   f"{self.max_response_bytes} bytes (max_response_bytes): ask for fewer outputs")
 
     async def _off_loop(self, size: int, fn, *args):
         """fn(*args) on a worker thread for a large message, else right here on the event loop."""

@@ -22,12 +22,11 @@ def check_live(repo: Repository) -> None:
 
 
 def check_ready(serving: bool, repo: Repository) -> None:
-    """ModelNotReady (with the reason) unless the server is serving and some model is ready; in explicit mode a
-    server with no model loaded is ready (models come by load requests)."""
+    """ModelNotReady (with the reason) unless the server is serving and some model is ready; in explicit mode
+    too, a server with no model loaded is not ready (a load request makes it ready)."""
     if not serving:
         raise ModelNotReady("the server is starting or shutting down")
-    explicit_and_empty = repo.settings.model_control_mode == "explicit" and not repo.models
-    if not explicit_and_empty and not any(entry.ready for entry in repo.models.values()):
+    if not any(entry.ready for entry in repo.models.values()):
         reasons = "; ".join(f"{n}: {e.reason}" for n, e in repo.models.items()) or "no model is loaded"
         raise ModelNotReady("no model is ready: " + reasons)
 

@@ -13,7 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
 from service import info
-from service.body import json_object, read_body
+from service.body import json_object as _json_object
+from service.body import read_body
 from service.control import ModelControl
 from service.errors import CLIENT_GONE, ERROR_RESPONSES, ClientGone, ModelNotReady
 from service.inference import Answer
@@ -93,14 +94,14 @@ async def config(model: str, repo: Repo, version: str | None = None) -> dict[str
 
 @router.post("/v2/repository/index")
 async def index(request: Request, control: Control) -> list[dict[str, Any]]:
-    body = await json_object(request, request.app.state.settings.max_body_bytes)
+    body = await json_object(request)
     return info.repository_index(control, flag(body, "ready", False, "ready"))
 
 
 @router.post("/v2/repository/models/{model}/load")
 async def load_model(model: str, request: Request, control: Control) -> dict:
     """Load `model`, or reload it (a zero-downtime swap): explicit mode (service.control)."""
-    body = await json_object(request, request.app.state.settings.max_body_bytes)
+    body = await json_object(request)
     await control.load(model, body.get("parameters"))
     return {}
 
@@ -108,7 +109,7 @@ async def load_model(model: str, request: Request, control: Control) -> dict:
 @router.post("/v2/repository/models/{model}/unload")
 async def unload_model(model: str, request: Request, control: Control) -> dict:
     """Stop serving `model` once the requests it accepted are answered: explicit mode (service.control)."""
-    await json_object(request, request.app.state.settings.max_body_bytes)  # unload_dependents: there are none
+    await json_object(request)  # unload_dependents: there are none
     await control.unload(model)
     return {}
 
@@ -145,6 +146,12 @@ INFER_DOC = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}}}}
 
 
+async def json_object(request: Request) -> dict[str, Any]:
+    """A control route's small JSON body (at most max_control_body_bytes, read at the inference bodies' pace)."""
+    state = request.app.state
+    return await _json_object(request, state.settings.max_control_body_bytes, state.inference.pace)
+
+
 class InferRoute(APIRoute):
     """The inference route reads the raw request itself and returns a ready Response, so it skips FastAPI's
     per-request dependency solving and response handling; its signature still documents it in the schema."""
@@ -167,7 +174,8 @@ class RestMessage:
         self.body, self.size, self._blob = b"", 0, memoryview(b"")
 
     async def receive(self) -> None:
-        self.body = await read_body(self.request, self.request.app.state.settings.max_body_bytes)
+        state = self.request.app.state
+        self.body = await read_body(self.request, state.settings.max_body_bytes, state.inference.pace, state.admission)
         self.size = len(self.body)
 
     def header(self) -> InferenceRequest:

@@ -1,7 +1,11 @@
-"""The one check every inference request passes before it is queued, whatever protocol brought it (HTTP, gRPC):
-names, datatypes and shapes against the engine's specs, then the limits the manifest records for the source
-model (token ids within the vocabulary, sequences no longer than the positions, inputs sharing a shape, no empty
-sequence). A failure is `InputError` (400) naming the input, the value and the limit."""
+"""The checks every inference request passes, whatever protocol brought it (HTTP, gRPC): names, datatypes and
+shapes against the engine's specs, then the limits the manifest records for the source model (token ids within
+the vocabulary, sequences no longer than the positions, inputs sharing a shape, no empty sequence). A failure is
+`InputError` (400) naming the input, the value and the limit.
+
+`check_header` runs them on the request's header alone, before any tensor is decoded (so a request's element
+counts are bounded by the model's spec before memory is spent on them); `check_request` runs them again on the
+decoded arrays, with the values. `answer_size` is what the answer will weigh, before compute."""
 
 from __future__ import annotations
 
@@ -11,6 +15,48 @@ import numpy as np
 
 from engines.base import InputError, TensorSpec, check_inputs
 from engines.manifest import InputConstraint
+from oip.codec import checked_dtype
+from oip.schema import InferenceRequest
+
+JSON_CHARS = {"f": 16, "i": 8, "u": 8, "b": 5}  # about how many characters of JSON one value of a kind becomes
+
+
+def check_header(specs: Sequence[TensorSpec], constraints: Sequence[InputConstraint],
+                 request: InferenceRequest) -> dict[str, np.ndarray]:
+    """Raise (ProtocolError, InputError) unless the declared inputs fit the engine: names, count, datatypes,
+    shapes, axis limits. Returns zero-cost stand-ins (read-only, zero strides) of each declared shape."""
+    if len(request.inputs) > len(specs):
+        raise InputError(f"{len(request.inputs)} inputs given; this model takes {len(specs)}: "
+                         f"{', '.join(repr(s.name) for s in specs)}")
+    stand_ins = {}
+    for item in request.inputs:
+        dtype = checked_dtype(item, "input")
+        stand_ins[item.name] = np.broadcast_to(np.zeros((), dtype), item.shape)
+    check_inputs(list(specs), stand_ins)
+    for constraint in constraints:
+        if constraint.name in stand_ins:
+            check_constraint(constraint, stand_ins, values=False)
+    return stand_ins
+
+
+def answer_size(outputs: Sequence[TensorSpec], shapes: Mapping[str, tuple[int, ...]], inputs: Sequence[TensorSpec],
+                ) -> dict[str, tuple[tuple[int, ...], int, int]]:
+    """Per output: (its shape for this request, bytes as binary, bytes as JSON, about). Axis 0 is the request's
+    rows; another dynamic axis takes the size of the inputs' same dynamic axis (a sequence length), else 1."""
+    rows = next(iter(shapes.values()))[0]
+    sizes = {}
+    for spec in outputs:
+        shape = [rows] + [d if d != -1 else _dynamic(axis, shapes, inputs) for axis, d in enumerate(spec.shape)
+                          if axis > 0]
+        count = int(np.prod(shape, dtype=np.float64)) if shape else 1
+        sizes[spec.name] = (tuple(shape), count * spec.dtype.itemsize, count * JSON_CHARS.get(spec.dtype.kind, 16))
+    return sizes
+
+
+def _dynamic(axis: int, shapes: Mapping[str, tuple[int, ...]], inputs: Sequence[TensorSpec]) -> int:
+    sizes = [shapes[s.name][axis] for s in inputs
+             if s.name in shapes and axis < len(s.shape) and s.shape[axis] == -1 and axis < len(shapes[s.name])]
+    return max(sizes, default=1)
 
 
 def check_request(specs: Sequence[TensorSpec], constraints: Sequence[InputConstraint],
@@ -23,7 +69,7 @@ def check_request(specs: Sequence[TensorSpec], constraints: Sequence[InputConstr
     return next(iter(arrays.values())).shape[0]
 
 
-def check_constraint(c: InputConstraint, arrays: Mapping[str, np.ndarray]) -> None:
+def check_constraint(c: InputConstraint, arrays: Mapping[str, np.ndarray], values: bool = True) -> None:
     array = arrays[c.name]
     why = f" ({c.source})" if c.source else ""
     if c.same_shape_as is not None and c.same_shape_as in arrays and array.shape != arrays[c.same_shape_as].shape:
@@ -37,7 +83,7 @@ def check_constraint(c: InputConstraint, arrays: Mapping[str, np.ndarray]) -> No
         if axis < array.ndim and array.shape[axis] > high:
             raise InputError(f"input {c.name!r}: dimension {axis} is {array.shape[axis]}, the model takes at most "
                              f"{high}{why}")
-    if array.size and (c.min_value is not None or c.max_value is not None):
+    if values and array.size and (c.min_value is not None or c.max_value is not None):
         _check_values(c, array, why)
 
 

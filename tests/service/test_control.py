@@ -74,7 +74,8 @@ def test_none_and_poll_mode_refuse_load_and_unload_saying_how(test_repo):
 def test_explicit_mode_refusals(test_repo):
     async def main():
         async with serving(test_repo, model_control_mode="explicit") as (c, app):
-            assert (await c.get("/v2/health/ready")).status_code == 200  # explicit, nothing asked for: ready
+            r = await c.get("/v2/health/ready")  # explicit, nothing loaded: not ready (issue 22)
+            assert r.status_code == 503 and "no model is loaded" in r.json()["error"]
             r = await c.post("/v2/repository/models/nope/load", content=b"")
             assert r.status_code == 404 and str(test_repo) in r.json()["error"] and "nope" in r.json()["error"]
             r = await c.post(f"/v2/repository/models/{MODEL}/unload", json={})

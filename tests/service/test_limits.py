@@ -1,0 +1,145 @@
+"""The limits of the inference call (issue 22), in-process with the real app, batcher and error table: a GPT-2-shaped
+answer refused before compute, declared shapes checked before any tensor is decoded, no 500 from client input,
+and explicit mode with nothing loaded not ready."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from engines.base import Engine, TensorSpec
+from service.app import create_app
+from service.settings import Settings
+from tests.service.repo_builder import MODEL
+
+pytestmark = pytest.mark.timeout(120)
+VOCAB = 50257
+
+
+class LogitsEngine(Engine):
+    """input_ids (-1, -1) INT64 -> logits (-1, -1, VOCAB) FP32, as a GPT-2 language model; records each run."""
+
+    backend = "fake"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: list[tuple[int, ...]] = []
+
+    def load(self) -> LogitsEngine:
+        self._inputs = [TensorSpec("input_ids", "INT64", (-1, -1))]
+        self._outputs = [TensorSpec("logits", "FP32", (-1, -1, VOCAB))]
+        return self
+
+    def _run(self, inputs):
+        ids = inputs["input_ids"]
+        if ids.shape[1] > 1:  # warm-up runs are (rows, 1)
+            self.runs.append(ids.shape)
+        return {"logits": np.zeros((*ids.shape, VOCAB), np.float32)}
+
+
+def serve(test_repo, engines, **settings):
+    def loader(*args, **options):
+        engines.append(LogitsEngine().load())
+        return engines[-1]
+
+    return create_app(Settings(repo=test_repo, warmup_batch_sizes=[], **settings), loader=loader)
+
+
+async def post_all(app, bodies):
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return [await c.post(f"/v2/models/{MODEL}/infer", content=b) for b in bodies]
+
+
+def ids(tokens: int, **extra) -> bytes:
+    return json.dumps({"inputs": [{"name": "input_ids", "shape": [1, tokens], "datatype": "INT64",
+                                   "data": [464] * tokens}], **extra}).encode()
+
+
+def test_a_1024_token_json_answer_is_refused_before_compute_with_a_hint(test_repo):
+    engines = []
+    app = serve(test_repo, engines)
+    json_answer, binary_answer, small = asyncio.run(post_all(app, [
+        ids(1024), ids(1024, parameters={"binary_data_output": True}), ids(2)]))
+    assert json_answer.status_code == 413, json_answer.text
+    error = json_answer.json()["error"]
+    # names the output, its shape, its size in the requested encoding, the limit, and how to get it
+    assert "'logits'" in error and "[1, 1024, 50257]" in error and "JSON" in error
+    assert str(Settings.model_fields["max_json_response_bytes"].default) in error and "binary" in error
+    assert binary_answer.status_code == 200  # 206 MB as binary: under max_response_bytes (256 MiB)
+    assert small.status_code == 200 and len(small.json()["outputs"][0]["data"]) == 2 * VOCAB
+    assert [shape for e in engines for shape in e.runs] == [(1, 1024), (1, 2)]  # the refused one never ran
+
+
+def test_max_response_bytes_refuses_binary_answers_too(test_repo):
+    engines = []
+    app = serve(test_repo, engines, max_response_bytes=1 << 20)
+    (answer,) = asyncio.run(post_all(app, [ids(8, parameters={"binary_data_output": True})]))
+    assert answer.status_code == 413
+    assert f"would be {8 * VOCAB * 4} bytes as binary" in answer.json()["error"]
+    assert "max_response_bytes" in answer.json()["error"] and not any(e.runs for e in engines)
+
+
+@pytest.mark.parametrize("body, status, words", [
+    # a shape past numpy's 64 dimensions: 400, not the reshape's ValueError as a 500
+    ({"inputs": [{"name": "input_ids", "shape": [1] * 65, "datatype": "INT64", "data": [1]}]}, 400, "at most 64"),
+    # a huge declared shape with no data: refused from the header (wrong rank) before anything is decoded
+    ({"inputs": [{"name": "input_ids", "shape": [1, 2**20, 2**20], "datatype": "INT64", "data": [1]}]},
+     400, "wrong number of dimensions"),
+    # more inputs than the model has
+    ({"inputs": [{"name": f"i{k}", "shape": [1, 1], "datatype": "INT64", "data": [1]} for k in range(5)]}, 400,
+     "this model takes 1"),
+    # the right name, the wrong datatype: refused before the 10,000 values are converted
+    ({"inputs": [{"name": "input_ids", "shape": [1, 10_000], "datatype": "FP32", "data": [0.5] * 10_000}]}, 400,
+     "wrong datatype"),
+])
+def test_declared_inputs_are_checked_before_decoding(test_repo, body, status, words):
+    engines = []
+    (answer,) = asyncio.run(post_all(serve(test_repo, engines), [json.dumps(body).encode()]))
+    assert answer.status_code == status and words in answer.json()["error"], answer.text
+
+
+def test_deep_json_on_every_route_is_a_400(test_repo):
+    deep = b"[" * 100_000 + b"]" * 100_000
+
+    async def main():
+        app = serve(test_repo, [], model_control_mode="explicit", load_model=[MODEL])
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                return [await c.post(path, content=deep) for path in
+                        (f"/v2/models/{MODEL}/infer", "/v2/repository/index", f"/v2/repository/models/{MODEL}/load")]
+
+    for answer in asyncio.run(main()):
+        assert answer.status_code in (400, 413), answer.text  # 413: over max_control_body_bytes (64 KiB)
+
+
+def test_control_routes_take_small_bodies_only(test_repo):
+    async def main():
+        app = serve(test_repo, [], model_control_mode="explicit", load_model=[MODEL], max_control_body_bytes=1024)
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                return await c.post("/v2/repository/index", content=b'{"ready": true, "pad": "' + b"x" * 2000 + b'"}')
+
+    answer = asyncio.run(main())
+    assert answer.status_code == 413 and "1024" in answer.json()["error"]
+
+
+def test_explicit_mode_with_no_model_loaded_is_not_ready_until_a_load(test_repo):
+    async def main():
+        app = serve(test_repo, [], model_control_mode="explicit")
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                before = await c.get("/v2/health/ready")
+                assert (await c.post(f"/v2/repository/models/{MODEL}/load")).status_code == 200
+                after = await c.get("/v2/health/ready")
+                assert (await c.post(f"/v2/repository/models/{MODEL}/unload")).status_code == 200
+                await app.state.control.retired()
+                return before, after, await c.get("/v2/health/ready")
+
+    before, after, unloaded = asyncio.run(main())
+    assert before.status_code == 503 and "no model is loaded" in before.json()["error"]
+    assert after.status_code == 200 and unloaded.status_code == 503
