@@ -1,7 +1,8 @@
 """Slow uploads cannot lock the server out (issue 22), against the real uvicorn server process: 100 raw-socket
-connections announce `Content-Length: 1000000` and trickle a byte every 2 s, while normal requests are sent; the
-normal ones are answered 200 (a slow body holds no in-flight place) and each trickler is answered 408 with the
-connection closed (min_upload_bytes_per_s). Outcomes are asserted, not timings."""
+connections announce `Content-Length: 1000000` and trickle a byte every 2 s, and once all are connected normal
+requests are sent; the normal ones are answered 200 (a slow body holds no in-flight place) and each trickler is
+answered 408 with the connection closed (past body_timeout_s, or below min_upload_bytes_per_s). Outcomes are
+asserted, not timings."""
 
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 TRICKLERS, NORMAL = 100, 40
 
 
-def trickle(port: int, answers: list, stop_at: float) -> None:
-    """Announce a 1 MB body, send a byte every 2 s until answered (or `stop_at`); record the answer's head."""
+def trickle(port: int, answers: list, stop_at: float, connected: threading.Semaphore) -> None:
+    """Announce a 1 MB body, send a byte every 2 s until answered (or `stop_at`); record the answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall((f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
                       "Content-Length: 1000000\r\n\r\n{").encode())
+        connected.release()
         sock.settimeout(2)
         answer = b""
         while time.monotonic() < stop_at:
@@ -43,25 +45,47 @@ def trickle(port: int, answers: list, stop_at: float) -> None:
         answers.append((answer, "open"))
 
 
-def test_trickling_uploads_do_not_stop_normal_requests(tmp_path):
-    proc, url, _gate, log = launch(tmp_path, max_inflight=8)
+def run_tricklers(url: str, count: int, normal: int) -> tuple[list[int], list]:
+    """`count` tricklers, and once all are connected `normal` requests: (their status codes, the tricklers' answers)."""
     port = int(url.rsplit(":", 1)[1])
     answers: list = []
-    stop_at = time.monotonic() + 30
-    threads = [threading.Thread(target=trickle, args=(port, answers, stop_at)) for _ in range(TRICKLERS)]
+    connected = threading.Semaphore(0)
+    stop_at = time.monotonic() + 40
+    threads = [threading.Thread(target=trickle, args=(port, answers, stop_at, connected)) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for _ in range(count):
+        assert connected.acquire(timeout=30)
+    with httpx.Client(base_url=url, timeout=20) as c:
+        codes = [c.post(f"/v2/models/{MODEL}/infer", json=body(i)).status_code for i in range(normal)]
+    for t in threads:
+        t.join(45)
+    return codes, answers
+
+
+def test_trickling_uploads_do_not_stop_normal_requests(tmp_path):
+    # no minimum rate here: the tricklers hold their connections for body_timeout_s (10 s) while the normal
+    # requests are sent, as the 100 slow uploads of the issue did (max_inflight 8 < 100)
+    proc, url, _gate, log = launch(tmp_path, max_inflight=8, min_upload_bytes_per_s=0, body_timeout_s=10)
     try:
-        for t in threads:
-            t.start()
-        with httpx.Client(base_url=url, timeout=20) as c:
-            codes = [c.post(f"/v2/models/{MODEL}/infer", json=body(i)).status_code for i in range(NORMAL)]
-        for t in threads:
-            t.join(40)
+        codes, answers = run_tricklers(url, TRICKLERS, NORMAL)
     finally:
         stop(proc)
     assert codes.count(200) >= 0.9 * NORMAL, codes
     assert len(answers) == TRICKLERS
     heads = [a.split(b"\r\n", 1)[0] for a, _ in answers]
     assert all(h.startswith(b"HTTP/1.1 408") for h in heads), heads[:5]
-    assert all(how == "closed" for _, how in answers)
-    assert b"min_upload_bytes_per_s" in answers[0][0]
+    assert all(how == "closed" for _, how in answers)  # the rest of a slow body is not waited for
+    assert b"body_timeout_s" in answers[0][0]
     assert "Traceback" not in log.read_text()
+
+
+def test_an_upload_below_the_minimum_rate_is_cut_after_its_first_second(tmp_path):
+    proc, url, _gate, log = launch(tmp_path)  # defaults: 8192 bytes/s after the first second, 60 s in all
+    try:
+        codes, answers = run_tricklers(url, 10, 5)
+    finally:
+        stop(proc)
+    assert codes == [200] * 5
+    assert [(a.split(b"\r\n", 1)[0], how) for a, how in answers] == [(b"HTTP/1.1 408 Request Timeout", "closed")] * 10
+    assert b"min_upload_bytes_per_s" in answers[0][0]
