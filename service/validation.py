@@ -23,11 +23,9 @@ JSON_CHARS = {"f": 16, "i": 8, "u": 8, "b": 5}  # about how many characters of J
 
 def check_header(specs: Sequence[TensorSpec], constraints: Sequence[InputConstraint],
                  request: InferenceRequest) -> dict[str, np.ndarray]:
-    """Raise (ProtocolError, InputError) unless the declared inputs fit the engine: names, count, datatypes,
-    shapes, axis limits. Returns zero-cost stand-ins (read-only, zero strides) of each declared shape."""
-    if len(request.inputs) > len(specs):
-        raise InputError(f"{len(request.inputs)} inputs given; this model takes {len(specs)}: "
-                         f"{', '.join(repr(s.name) for s in specs)}")
+    """Raise (ProtocolError, InputError) unless the declared inputs fit the engine: names (so their count),
+    datatypes, shapes, axis limits, with the messages `check_request` gives. Returns zero-cost stand-ins (read-only,
+    zero strides) of each declared shape."""
     stand_ins = {}
     for item in request.inputs:
         dtype = checked_dtype(item, "input")

@@ -92,7 +92,7 @@ def test_max_response_bytes_refuses_binary_answers_too(test_repo):
      400, "wrong number of dimensions"),
     # more inputs than the model has
     ({"inputs": [{"name": f"i{k}", "shape": [1, 1], "datatype": "INT64", "data": [1]} for k in range(5)]}, 400,
-     "this model takes 1"),
+     "unknown input(s) ['i0', 'i1', 'i2', 'i3', 'i4']"),
     # the right name, the wrong datatype: refused before the 10,000 values are converted
     ({"inputs": [{"name": "input_ids", "shape": [1, 10_000], "datatype": "FP32", "data": [0.5] * 10_000}]}, 400,
      "wrong datatype"),
@@ -143,3 +143,55 @@ def test_explicit_mode_with_no_model_loaded_is_not_ready_until_a_load(test_repo)
     before, after, unloaded = asyncio.run(main())
     assert before.status_code == 503 and "no model is loaded" in before.json()["error"]
     assert after.status_code == 200 and unloaded.status_code == 503
+
+
+def test_requests_holding_a_drained_revision_get_503_with_retry_after(test_repo):
+    """A reload swaps in a new revision while the old one holds a running and a queued request; past the drain
+    timeout both are answered 503 + Retry-After (not a closed engine's 500), and new requests get the new one."""
+    import threading
+
+    from tests.service.fakes import AffineEngine
+
+    gate, first = threading.Event(), []
+
+    def loader(*args, **options):
+        engine = AffineEngine(gate=gate if len(first) < 2 else None).load()  # the first revision's two variants
+        first.append(engine)
+        return engine
+
+    def x(value):
+        return {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [value] * 4}]}
+
+    async def main():
+        settings = Settings(repo=test_repo, warmup_batch_sizes=[], max_batch_size=1, drain_timeout_s=0.2,
+                            model_control_mode="explicit", load_model=[MODEL])
+        app = create_app(settings, loader=loader)
+        gate.set()
+        async with app.router.lifespan_context(app):
+            gate.clear()
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                url = f"/v2/models/{MODEL}/infer"
+                running = asyncio.ensure_future(c.post(url, json=x(1)))
+                old = app.state.repo.get(MODEL)
+                while not old.batcher.busy:
+                    await asyncio.sleep(0.01)
+                queued = asyncio.ensure_future(c.post(url, json=x(2)))
+                while old.batcher.depth < 1:
+                    await asyncio.sleep(0.01)
+                assert (await c.post(f"/v2/repository/models/{MODEL}/load")).status_code == 200
+                after = await c.post(url, json=x(3))  # the new revision
+                answers = await asyncio.gather(running, queued)
+                gate.set()  # let the abandoned engine call return
+                await app.state.control.retired()
+                with pytest.raises(Exception) as refused:
+                    async with old.revision.lease():
+                        pass
+        return answers, after, refused.value
+
+    answers, after, refused = asyncio.run(main())
+    assert after.status_code == 200 and after.json()["outputs"][0]["data"] == [7.0] * 4
+    for answer in answers:
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
+    from service.errors import status_of
+
+    assert status_of(refused) == (503, {"Retry-After": "1"}) and "being replaced or unloaded" in str(refused)
