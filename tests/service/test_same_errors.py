@@ -38,6 +38,11 @@ CASES = {
     "unknown output": (case([("x", [1, 4], "FP32", X.tobytes())], outputs=["w"]), 400, "INVALID_ARGUMENT"),
     "bad timeout": (case([("x", [1, 4], "FP32", X.tobytes())], parameters={"timeout": -5}), 400, "INVALID_ARGUMENT"),
     "unknown datatype": (case([("x", [1, 4], "FP99", X.tobytes())]), 400, "INVALID_ARGUMENT"),
+    "65 dimensions": (case([("x", [1] * 65, "FP32", X.tobytes()[:4])]), 400, "INVALID_ARGUMENT"),
+    "more rows than the queue holds": (case([("x", [8 * 256 + 1, 4], "FP32", np.zeros((2049, 4), np.float32).tobytes())]),
+                                       413, "INVALID_ARGUMENT"),
+    "answer over max_response_bytes": (case([("x", [100, 4], "FP32", np.zeros((100, 4), np.float32).tobytes())],
+                                            parameters={"binary_data_output": True}), 413, "RESOURCE_EXHAUSTED"),
 }
 
 
@@ -63,7 +68,10 @@ def grpc_request(c):
         request.inputs.add(name=name, shape=shape, datatype=datatype)
         request.raw_input_contents.append(data)
     for key, value in c["parameters"].items():
-        request.parameters[key].int64_param = value
+        if isinstance(value, bool):
+            request.parameters[key].bool_param = value
+        else:
+            request.parameters[key].int64_param = value
     for name in c["outputs"] or []:
         request.outputs.add(name=name)
     return request
@@ -74,7 +82,7 @@ def test_rest_and_grpc_give_the_same_status_and_message(test_repo):
     import httpx
     from tritonclient.grpc import service_pb2_grpc
 
-    settings = Settings(repo=test_repo, grpc_port=free_port(), warmup_batch_sizes=[])
+    settings = Settings(repo=test_repo, grpc_port=free_port(), warmup_batch_sizes=[], max_response_bytes=1024)
     app = create_app(settings, loader=lambda *a, **k: AffineEngine().load())
 
     async def main():
