@@ -89,3 +89,14 @@ def test_an_upload_below_the_minimum_rate_is_cut_after_its_first_second(tmp_path
     assert codes == [200] * 5
     assert [(a.split(b"\r\n", 1)[0], how) for a, how in answers] == [(b"HTTP/1.1 408 Request Timeout", "closed")] * 10
     assert b"min_upload_bytes_per_s" in answers[0][0]
+
+
+def test_connections_beyond_max_connections_are_refused_by_uvicorn(tmp_path):
+    proc, url, _gate, _log = launch(tmp_path, max_connections=5, min_upload_bytes_per_s=0, body_timeout_s=5)
+    try:
+        # uvicorn counts the arriving connection too: 4 held open + the next one reach the limit of 5
+        codes, answers = run_tricklers(url, 4, 3)
+    finally:
+        stop(proc)
+    assert codes == [503] * 3  # uvicorn's limit_concurrency
+    assert [a.split(b"\r\n", 1)[0] for a, _ in answers] == [b"HTTP/1.1 408 Request Timeout"] * 4

@@ -195,3 +195,36 @@ def test_requests_holding_a_drained_revision_get_503_with_retry_after(test_repo)
     from service.errors import status_of
 
     assert status_of(refused) == (503, {"Retry-After": "1"}) and "being replaced or unloaded" in str(refused)
+
+
+def test_grpc_calls_beyond_max_grpc_rpcs_are_refused(test_repo):
+    import threading
+
+    from tests.service.test_grpc_overload import gated_app, infer, one_call_running
+
+    gate, engines = threading.Event(), []
+    app = gated_app(test_repo, gate, engines, max_grpc_rpcs=1, max_batch_size=1)
+
+    async def main():
+        async with one_call_running(app, gate, engines) as (_, client, running):
+            refused = await infer(client, 2)
+            gate.set()
+            return refused, await running
+
+    refused, first = asyncio.run(main())
+    assert refused[0] == "RESOURCE_EXHAUSTED" and first == ("OK", 3.0)
+
+
+def test_bodies_being_received_are_bounded_in_bytes_apart_from_max_inflight(test_repo):
+    async def main():
+        app = serve(test_repo, [], max_receiving_bytes=4096)
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                big = await c.post(f"/v2/models/{MODEL}/infer", content=ids(1000))
+                small = await c.post(f"/v2/models/{MODEL}/infer", content=ids(2))
+                return big, small, app.state.admission.receiving
+
+    big, small, receiving = asyncio.run(main())
+    assert big.status_code == 503 and big.headers["retry-after"] == "1"
+    assert "max_receiving_bytes" in big.json()["error"]
+    assert small.status_code == 200 and receiving == 0  # every byte held was given back
