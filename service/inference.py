@@ -1,7 +1,9 @@
-"""One inference request, whatever protocol brought it: resolve -> admit -> decode -> check -> submit -> encode ->
-record. The REST route and the gRPC service are adapters: each wraps its request in a `Message` (how to read its
-header and tensors, how to encode the answer) and translates what comes back, or the error, into its own types
-(service.errors holds both tables). A limit or a status added here holds for both.
+"""One inference request, whatever protocol brought it: resolve (and lease the revision) -> receive -> admit ->
+read the header -> check it against the model and size the answer -> decode -> check -> submit -> encode ->
+record. The REST route and the gRPC service are adapters: each wraps its request in a `Message` (how to receive
+it, read its header and tensors, encode the answer) and translates what comes back, or the error, into its own
+types (service.errors maps every error to both an HTTP status and a gRPC code). The limits live here and in
+`Admission`, so a limit or a status added once holds for both.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from service.metrics import Metrics
 from service.repository import Repository
 from service.revision import Servable
 from service.settings import Settings
-from service.validation import JSON_CHARS, answer_size, check_header
+from service.validation import Size, answer_size, check_header, sizes_of
 
 JSON_PER_BYTE = 4  # about how many bytes of JSON text one byte of a float32 array becomes (~16 chars per value)
 
@@ -95,15 +97,13 @@ class Inference:
                 declared = check_header(servable.engine.inputs, servable.constraints, request)  # before decoding
                 servable.batcher.check_rows(next(iter(declared.values())).shape[0])
                 outputs = self.outputs(servable, request, message.binary_only)
-                self.check_answer(servable, declared, outputs)  # before compute
+                self.check_answer(outputs, answer_size(servable.engine, declared))  # before compute
                 arrays = await self._off_loop(message.size, message.tensors, request)
                 rows = servable.check(arrays)
                 work = servable.batcher.submit(arrays, timeout_of(request.parameters), priority_of(request.parameters))
                 result = await (wait(work) if wait is not None else work)
                 queue_s = result.queue_s
-                self.check_sizes({n: a.shape for n, a in result.outputs.items()}, outputs,
-                                 {n: (a.shape, a.nbytes, a.size * JSON_CHARS.get(a.dtype.kind, 16))
-                                  for n, a in result.outputs.items()})  # an engine that answered larger than said
+                self.check_answer(outputs, sizes_of(result.outputs))  # an engine that answered larger than said
                 answer = Answer(model, servable, request.id, result, outputs)
                 response = await self._off_loop(answer_bytes(answer), message.encode, answer)
             code = 200
@@ -120,28 +120,23 @@ class Inference:
         choices = binary_choices(request, [spec.name for spec in servable.engine.outputs])
         return dict.fromkeys(choices, True) if binary_only else choices
 
-    def check_answer(self, servable: Servable, declared: dict[str, np.ndarray], outputs: dict[str, bool]) -> None:
-        """ResponseTooLarge (413) if the answer, sized from the output specs and the request's shapes, is over
-        max_response_bytes, or a JSON output over max_json_response_bytes."""
-        engine = servable.engine
-        sizes = answer_size(engine.outputs, {n: a.shape for n, a in declared.items()}, engine.inputs)
-        self.check_sizes(declared, outputs, sizes)
-
-    def check_sizes(self, _, outputs: dict[str, bool], sizes: dict[str, tuple[tuple[int, ...], int, int]]) -> None:
+    def check_answer(self, outputs: dict[str, bool], sizes: dict[str, Size]) -> None:
+        """ResponseTooLarge (413) if the outputs asked for (name -> binary?) of these sizes are over
+        max_response_bytes, or one asked for as JSON is over max_json_response_bytes."""
         total = 0
         for name, binary in outputs.items():
-            shape, raw, text = sizes[name]
-            size, encoding = (raw, "binary") if binary else (text, "JSON (about)")
-            total += size
-            if not binary and text > self.max_json_response_bytes:
+            size = sizes[name]
+            wire, encoding = (size.binary, "binary") if binary else (size.json, "JSON (about)")
+            total += wire
+            if not binary and size.json > self.max_json_response_bytes:
                 raise ResponseTooLarge(
-                    f"output {name!r} of shape {list(shape)} would be {text} bytes as JSON (about); JSON outputs are "
-                    f"limited to {self.max_json_response_bytes} bytes (max_json_response_bytes): ask for it as binary "
-                    f"({raw} bytes) with parameters.binary_data_output = true or outputs[].parameters.binary_data = "
-                    "true (tritonclient: binary_data=True)")
-            if size > self.max_response_bytes:
-                raise ResponseTooLarge(f"output {name!r} of shape {list(shape)} would be {size} bytes as {encoding}; "
-                                       f"the limit is {self.max_response_bytes} bytes (max_response_bytes)")
+                    f"output {name!r} of shape {list(size.shape)} would be {size.json} bytes as JSON (about); JSON "
+                    f"outputs are limited to {self.max_json_response_bytes} bytes (max_json_response_bytes): ask for "
+                    f"it as binary ({size.binary} bytes) with parameters.binary_data_output = true or "
+                    "outputs[].parameters.binary_data = true (tritonclient: binary_data=True)")
+            if wire > self.max_response_bytes:
+                raise ResponseTooLarge(f"output {name!r} of shape {list(size.shape)} would be {wire} bytes as "
+                                       f"{encoding}; the limit is {self.max_response_bytes} bytes (max_response_bytes)")
         if total > self.max_response_bytes:
             raise ResponseTooLarge(f"the outputs {list(outputs)} would be {total} bytes together; the limit is "
                                    f"{self.max_response_bytes} bytes (max_response_bytes): ask for fewer outputs")

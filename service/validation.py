@@ -9,11 +9,13 @@ decoded arrays, with the values. `answer_size` is what the answer will weigh, be
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from engines.base import InputError, TensorSpec, check_inputs
+from engines.base import Engine, InputError, TensorSpec, check_inputs
 from engines.manifest import InputConstraint
 from oip.codec import checked_dtype
 from oip.schema import InferenceRequest
@@ -37,18 +39,33 @@ def check_header(specs: Sequence[TensorSpec], constraints: Sequence[InputConstra
     return stand_ins
 
 
-def answer_size(outputs: Sequence[TensorSpec], shapes: Mapping[str, tuple[int, ...]], inputs: Sequence[TensorSpec],
-                ) -> dict[str, tuple[tuple[int, ...], int, int]]:
-    """Per output: (its shape for this request, bytes as binary, bytes as JSON, about). Axis 0 is the request's
-    rows; another dynamic axis takes the size of the inputs' same dynamic axis (a sequence length), else 1."""
+@dataclass(frozen=True)
+class Size:
+    """One output's shape for a request, and its bytes as binary and (about) as JSON text."""
+
+    shape: tuple[int, ...]
+    binary: int
+    json: int
+
+
+def answer_size(engine: Engine, declared: Mapping[str, np.ndarray]) -> dict[str, Size]:
+    """Each output's size for a request whose inputs have the `declared` shapes, before compute: axis 0 is the
+    request's rows; another dynamic axis takes the size of the inputs' same dynamic axis (a sequence length),
+    else 1 (the answer is checked again, exactly, once computed: `sizes_of`)."""
+    shapes = {name: a.shape for name, a in declared.items()}
     rows = next(iter(shapes.values()))[0]
     sizes = {}
-    for spec in outputs:
-        shape = [rows] + [d if d != -1 else _dynamic(axis, shapes, inputs) for axis, d in enumerate(spec.shape)
-                          if axis > 0]
-        count = int(np.prod(shape, dtype=np.float64)) if shape else 1
-        sizes[spec.name] = (tuple(shape), count * spec.dtype.itemsize, count * JSON_CHARS.get(spec.dtype.kind, 16))
+    for spec in engine.outputs:
+        shape = (rows, *[d if d != -1 else _dynamic(axis + 1, shapes, engine.inputs)
+                         for axis, d in enumerate(spec.shape[1:])])
+        count = math.prod(shape)
+        sizes[spec.name] = Size(shape, count * spec.dtype.itemsize, count * JSON_CHARS.get(spec.dtype.kind, 16))
     return sizes
+
+
+def sizes_of(arrays: Mapping[str, np.ndarray]) -> dict[str, Size]:
+    """The sizes of computed outputs."""
+    return {name: Size(a.shape, a.nbytes, a.size * JSON_CHARS.get(a.dtype.kind, 16)) for name, a in arrays.items()}
 
 
 def _dynamic(axis: int, shapes: Mapping[str, tuple[int, ...]], inputs: Sequence[TensorSpec]) -> int:
