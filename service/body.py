@@ -35,9 +35,9 @@ class Pace:
 
     def refusal(self, elapsed: float, received: int, declared: str) -> BodyTimeout:
         of = f" of {declared}" if declared else ""
+        rate = f", at least {self.rate} bytes/s after its first second (min_upload_bytes_per_s)" if self.rate else ""
         return BodyTimeout(f"the request body came too slowly: {received}{of} bytes in {elapsed:.1f} s; the server "
-                           f"takes a body within {self.timeout_s:g} s (body_timeout_s), at least {self.rate} bytes/s "
-                           "after its first second (min_upload_bytes_per_s)")
+                           f"takes a body within {self.timeout_s:g} s (body_timeout_s){rate}")
 
 
 async def read_body(request: Request, limit: int, pace: Pace | None = None, admission: Admission | None = None

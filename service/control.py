@@ -6,10 +6,10 @@ Start-up, the poller and shutdown (`drain`) use the same steps:
 
 * **load** builds the repository's current revision of a model beside the one serving (engines opened,
   sha256-verified, warmed up, off the event loop), then swaps it in at once: new requests get the new revision;
-  the old one answers every request it accepted (each holds it through `Revision.lease()`), drains and closes its
-  engines (`_retire`). A load that fails
-  leaves the serving revision in place, with the reason in the index, the log and
-  `normfuse_model_load_failures_total{model}`. One load or unload of a model at a time (a lock per model).
+  the old one takes no new lease, answers every request it accepted (each holds it through `Revision.lease()`),
+  drains and closes its engines (`_retire`). A load that fails leaves the serving revision in place, with the
+  reason in the index, the log and `normfuse_model_load_failures_total{model}`. One load or unload of a model at
+  a time (a lock per model).
 * **poll** (`scan`, every `repository_poll_secs`): a model whose files changed (`fingerprint`: the manifest's
   sha256, each artifact's size and mtime) is loaded again, a new model directory is loaded, a failed load is not
   retried until the files change, and a model whose directory is gone is unloaded only once it has been

@@ -14,6 +14,9 @@ from service.revision import Revision, Servable
 # our backend -> Triton's (platform, backend) names for the same kind of model file
 PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "onnxruntime"), "tensorrt": ("tensorrt_plan", "tensorrt"),
              "torch": ("pytorch_libtorch", "pytorch")}
+# the server's limits a client meets (service.settings), reported in each model's configuration parameters
+REPORTED_LIMITS = ("max_body_bytes", "max_inflight", "max_response_bytes", "max_json_response_bytes",
+                   "body_timeout_s", "min_upload_bytes_per_s")
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "schedule_policy", "parameters",
               "model_repository"]
 
@@ -65,7 +68,8 @@ def model_config(repo: Repository, entry: Revision, version: str | None) -> dict
         "instance_group": [{"name": f"{entry.name}_{servable.variant}", "kind": instance_kind(servable), "count": 1}],
         "parameters": {"variant": {"string_value": servable.variant},
                        "revision": {"string_value": entry.label},  # which conversion serves
-                       "exact": {"string_value": str(manifest.variants[servable.variant].exact).lower()}},
+                       "exact": {"string_value": str(manifest.variants[servable.variant].exact).lower()},
+                       **{name: {"string_value": str(getattr(repo.settings, name))} for name in REPORTED_LIMITS}},
         "model_transaction_policy": {"decoupled": False},
     }
     if file is not None:

@@ -228,3 +228,16 @@ def test_bodies_being_received_are_bounded_in_bytes_apart_from_max_inflight(test
     assert big.status_code == 503 and big.headers["retry-after"] == "1"
     assert "max_receiving_bytes" in big.json()["error"]
     assert small.status_code == 200 and receiving == 0  # every byte held was given back
+
+
+def test_the_limits_are_reported_in_the_model_configuration(test_repo):
+    async def main():
+        app = serve(test_repo, [], max_response_bytes=12345)
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                return (await c.get(f"/v2/models/{MODEL}/config")).json()["parameters"]
+
+    parameters = asyncio.run(main())
+    assert parameters["max_response_bytes"] == {"string_value": "12345"}
+    assert parameters["max_json_response_bytes"] == {"string_value": str(16 << 20)}
+    assert {"max_body_bytes", "max_inflight", "body_timeout_s", "min_upload_bytes_per_s"} <= set(parameters)
