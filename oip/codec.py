@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ValidationError
 
 from engines.base import datatype_of, numpy_dtype
@@ -23,6 +24,7 @@ from oip.schema import InferenceRequest, InferenceResponse, RequestInput, Respon
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_DIM = 2**31 - 1  # one dimension of a tensor (Triton's dims are int32-sized too)
+MAX_DIMS = 64  # dimensions of a tensor: numpy's own limit
 MAX_TENSOR_BYTES = 2**62  # nonzero dimensions x item size: beyond this numpy cannot even describe an empty array
 
 
@@ -68,8 +70,22 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview]
         if not 0 < size <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH} is {size} but the body has only {len(body)} bytes")
         head, blob = body[:size], body[size:]
+    return _parsed(head, header_length), memoryview(blob)
+
+
+def _parsed(head: bytes, header_length: str | None) -> Any:
+    """The JSON header through orjson (the standard parser, holding the GIL ~4x longer, stalls the event loop under
+    a flood); what orjson refuses is read again by the standard parser, which takes what it takes (integers beyond
+    64 bits, NaN) and words the errors (this costs time only for bodies that are odd or malformed)."""
     try:
-        return json.loads(head), memoryview(blob)
+        raw = orjson.loads(head)
+        if not _float_dims(raw):  # orjson reads an integer beyond 64 bits as a float: let the shape check see it
+            return raw
+    except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):  # orjson follows at most 1024 levels
+            raise ProtocolError("body is nested too deeply to be an inference message") from None
+    try:
+        return json.loads(head)
     except RecursionError:
         raise ProtocolError("body is nested too deeply to be an inference message") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -77,6 +93,13 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview]
         raise ProtocolError(f"body is not valid JSON: {exc}{hint}") from None
     except ValueError as exc:  # an integer literal of more than 4300 digits
         raise ProtocolError(f"body holds a number that cannot be read: {exc}") from None
+
+
+def _float_dims(raw: Any) -> bool:
+    tensors = raw.get("inputs") or raw.get("outputs") if isinstance(raw, dict) else None
+    return isinstance(tensors, list) and any(
+        isinstance(t, dict) and isinstance(t.get("shape"), list) and any(isinstance(d, float) for d in t["shape"])
+        for t in tensors)
 
 
 def _validated(model: type[BaseModel], raw: Any, what: str) -> Any:
@@ -90,8 +113,25 @@ def _validated(model: type[BaseModel], raw: Any, what: str) -> Any:
 
 def decode_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
     """Split a (possibly binary) request body into the JSON request and its input arrays."""
+    request, blob = read_request(body, header_length)
+    return request, request_arrays(request, blob)
+
+
+def read_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, memoryview]:
+    """The request's JSON header, validated, and the binary rest: nothing decoded into arrays yet, so that the
+    caller can check names, shapes and sizes first (`request_arrays` then decodes)."""
     raw, blob = split_body(body, header_length)
-    return request_from_json(raw, blob)
+    return _validated(InferenceRequest, raw, "request"), blob
+
+
+def request_arrays(request: InferenceRequest, blob: memoryview = memoryview(b"")) -> dict[str, np.ndarray]:
+    """The input arrays of a request read by `read_request` (or `request_header`)."""
+    return decode_tensors(request.inputs, blob, "input")
+
+
+def request_header(raw: Any) -> InferenceRequest:
+    """An already-parsed JSON header (e.g. built from a gRPC message) as a validated request."""
+    return _validated(InferenceRequest, raw, "request")
 
 
 def request_from_json(raw: Any, blob: memoryview = memoryview(b"")) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
@@ -114,7 +154,7 @@ def decode_tensors(items: list[RequestInput] | list[ResponseOutput], blob: memor
     for item in items:
         if item.name in arrays:
             raise ProtocolError(f"{what} {item.name!r} is given twice")
-        dtype = _checked_dtype(item, what)
+        dtype = checked_dtype(item, what)
         count = math.prod(item.shape)
         nbytes = (item.parameters or {}).get("binary_data_size")
         if nbytes is not None:
@@ -130,14 +170,20 @@ def decode_tensors(items: list[RequestInput] | list[ResponseOutput], blob: memor
             cursor += nbytes
         else:
             array = _from_json(item, dtype, count, what)
-        arrays[item.name] = array.reshape(item.shape)
+        try:
+            arrays[item.name] = array.reshape(item.shape)
+        except ValueError as exc:  # never expected after the checks above; a client's input is never a 500
+            raise ProtocolError(f"{what} {item.name!r}: cannot take shape {_short(item.shape)}: {exc}") from None
     if cursor != len(blob):
         raise ProtocolError(f"binary body has {len(blob) - cursor} bytes beyond what the binary_data_size "
                             f"parameters declare")
     return arrays
 
 
-def _checked_dtype(item: RequestInput | ResponseOutput, what: str) -> np.dtype:
+def checked_dtype(item: RequestInput | ResponseOutput, what: str) -> np.dtype:
+    """The numpy dtype of a tensor whose datatype and shape are sane (ProtocolError otherwise)."""
+    if len(item.shape) > MAX_DIMS:
+        raise ProtocolError(f"{what} {item.name!r}: shape has {len(item.shape)} dimensions; at most {MAX_DIMS}")
     if any(d < 0 for d in item.shape):
         raise ProtocolError(f"{what} {item.name!r}: shape {_short(item.shape)} has a negative dimension")
     if any(d > MAX_DIM for d in item.shape):
@@ -157,13 +203,17 @@ def _from_json(item: RequestInput | ResponseOutput, dtype: np.dtype, count: int,
         raise ProtocolError(f"{what} {item.name!r}: no 'data' and no binary_data_size parameter")
     bad = f"{what} {item.name!r}: data is not a regular array of {item.datatype}"
     try:
-        raw = np.asarray(_finite_names(item.data) if dtype.kind == "f" else item.data)
+        raw = np.asarray(item.data)
+        if dtype.kind == "f" and raw.dtype.kind in "UO":  # strings among the values: "NaN", "Infinity"?
+            raw = np.asarray(_finite_names(item.data))
     except (ValueError, TypeError, OverflowError) as exc:
         raise ProtocolError(f"{bad}: {exc}") from None
     if raw.dtype.kind not in "biuf":  # strings, nulls, objects, integers beyond 64 bits
         raise ProtocolError(f"{bad}: it holds values that are not numbers of at most 64 bits "
                             f"(e.g. {raw.reshape(-1)[:1].tolist()})")
     if dtype.kind in "iu" and raw.size:
+        if raw.dtype.kind == "f" and np.abs(raw).max() >= 2.0**64:  # the JSON parser reads such integers as floats
+            raise ProtocolError(f"{bad}: it holds values that are not numbers of at most 64 bits")
         if raw.dtype.kind == "f" and not np.all(np.mod(raw, 1) == 0):
             raise ProtocolError(f"{bad}: it holds fractional values")
         info = np.iinfo(dtype)
@@ -220,7 +270,7 @@ def encode_body(body: dict[str, Any], arrays: Mapping[str, np.ndarray], binary: 
             blobs.append(data)
         else:
             entry["data"] = _json_values(array)
-    head = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    head = orjson.dumps(body)
     if not blobs:
         return head, {"content-type": "application/json"}
     return head + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}

@@ -1,10 +1,10 @@
-"""The server-wide limit on inference requests in flight, checked before a request's body is read.
+"""The server-wide limit on inference requests in flight.
 
-Each admitted request holds a place from its first byte to its last (reading, decoding, queueing, running,
-encoding), so the memory held by requests is bounded by `max_inflight` bodies whatever the queues allow. Over
-the limit a request is answered 503 + Retry-After at once, its body never read nor decoded: under a flood the
-server spends its CPU on requests it will answer. `InflightLimit` applies it to HTTP; another front end (gRPC)
-shares the same `Admission` through `app.state.admission`.
+A request takes a place once its whole message is in (service.inference: decoding, queueing, running, encoding),
+for REST and gRPC alike, so a client that uploads slowly holds no place. Over the limit a request is answered
+503 + Retry-After at once, never decoded. `InflightLimit` also refuses an HTTP request from its headers alone
+while every place is taken, its body never read: under a flood the server spends its CPU on requests it will
+answer.
 """
 
 from __future__ import annotations
@@ -23,10 +23,26 @@ class Overloaded(Exception):
 
 
 class Admission:
-    def __init__(self, limit: int, on_reject: Callable[[], None] | None = None) -> None:
+    """`limit` requests in flight (`admit`), and `max_receiving` bytes of bodies being received (`receive`)."""
+
+    def __init__(self, limit: int, on_reject: Callable[[], None] | None = None, max_receiving: int = 2**62) -> None:
         self.limit = limit
         self.current = 0
         self.on_reject = on_reject
+        self.max_receiving = max_receiving
+        self.receiving = 0
+
+    def receive(self, nbytes: int) -> None:
+        """Hold `nbytes` more of a body being received (`received` gives them back), or raise Overloaded."""
+        if self.receiving + nbytes > self.max_receiving:
+            if self.on_reject:
+                self.on_reject()
+            raise Overloaded(f"the server is receiving {self.receiving} bytes of request bodies, its limit is "
+                             f"{self.max_receiving} (max_receiving_bytes); retry shortly")
+        self.receiving += nbytes
+
+    def received(self, nbytes: int) -> None:
+        self.receiving -= nbytes
 
     def try_enter(self) -> bool:
         """Take a place if one is free (then `leave()` once answered); False, counted, when none is."""
@@ -55,7 +71,7 @@ class Admission:
 
 
 class InflightLimit:
-    """Pure ASGI middleware: POST …/infer requests go through `admission` (found on the app's state)."""
+    """Pure ASGI middleware: a POST …/infer request arriving while `admission` is full is refused at once."""
 
     def __init__(self, app: ASGIApp, admission: Admission) -> None:
         self.app = app
@@ -71,7 +87,5 @@ class InflightLimit:
                                     headers={"Retry-After": RETRY_AFTER_S})
             await response(scope, receive, send)
             return
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.admission.leave()
+        self.admission.leave()  # the place is taken for real once the body is in (service.inference)
+        await self.app(scope, receive, send)

@@ -15,6 +15,8 @@ from fastapi.openapi.utils import get_openapi
 
 from service import errors
 from service.admission import Admission, InflightLimit
+from service.control import ModelControl
+from service.inference import Inference
 from service.metrics import Metrics
 from service.protocol import InferenceRequest
 from service.repository import Loader, Repository
@@ -35,9 +37,9 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        repo, poller = app.state.repo, None
+        repo, control, poller = app.state.repo, app.state.control, None
         try:
-            await repo.start_up()
+            await control.start_up()
             if settings.grpc_port:
                 from service.grpc_server import GrpcServer  # grpcio only when gRPC is on
 
@@ -51,7 +53,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
             app.state.ready = True
             log.info("ready: %d model(s) from %s", len(repo.models), settings.repo)
             if settings.model_control_mode == "poll":  # swaps in re-converted models (service.control)
-                poller = asyncio.get_running_loop().create_task(repo.poll(settings.repository_poll_secs))
+                poller = asyncio.get_running_loop().create_task(control.poll(settings.repository_poll_secs))
             yield
         finally:
             app.state.ready = False
@@ -60,7 +62,7 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
             log.info("draining")
             if app.state.grpc is not None:  # refuse new calls; the accepted ones are answered by the batchers
                 await app.state.grpc.stop()
-            await repo.drain(settings.drain_timeout_s)
+            await control.drain(settings.drain_timeout_s)
             repo.close()
             gc.unfreeze()
             log.info("stopped")
@@ -70,9 +72,12 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.repo = Repository(settings, app.state.metrics, loader or default_loader)
+    app.state.control = ModelControl(app.state.repo)
     app.state.ready = False
     app.state.grpc = None  # service.grpc_server.GrpcServer while serving gRPC
-    app.state.admission = Admission(settings.max_inflight, on_reject=app.state.metrics.refused.inc)
+    app.state.admission = Admission(settings.max_inflight, on_reject=app.state.metrics.refused.inc,
+                                    max_receiving=settings.max_receiving_bytes)
+    app.state.inference = Inference(settings, app.state.repo, app.state.admission, app.state.metrics)
     app.add_middleware(InflightLimit, admission=app.state.admission)
     errors.install(app)
     app.include_router(router)

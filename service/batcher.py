@@ -89,12 +89,15 @@ class Batcher:
         and runs in slices of at most `max_batch_size` rows, interleaved with the other requests of its level.
 
         `timeout_s`: the request's own queue deadline (QueueTimeout); `priority`: 1 highest, 0 the default level."""
-        rows = next(iter(inputs.values())).shape[0]
+        self.check_rows(next(iter(inputs.values())).shape[0])
+        return await self._submit_one(inputs, timeout_s, priority)
+
+    def check_rows(self, rows: int) -> None:
+        """TooManyRows (413) for a request larger than the whole queue can ever take."""
         capacity = self.max_batch_size * self._queue.maxsize
         if rows > capacity:
             raise TooManyRows(f"request has {rows} rows; this model takes at most {capacity} per request "
                               f"(max_batch_size {self.max_batch_size} x max_queue_size {self._queue.maxsize})")
-        return await self._submit_one(inputs, timeout_s, priority)
 
     async def _submit_one(self, inputs: dict[str, np.ndarray], timeout_s: float | None, priority: int) -> Result:
         self._check_open()

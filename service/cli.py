@@ -132,7 +132,8 @@ def build_server(settings, loader=None):
 
     app = create_app(settings, loader)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)), access_log=False)
+                            timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)), access_log=False,
+                            limit_concurrency=settings.max_connections)  # more connections -> 503 from uvicorn
     server = uvicorn.Server(config)
     exit_handler = server.handle_exit
 

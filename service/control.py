@@ -1,13 +1,15 @@
 """Model control (Triton's `--model-control-mode none|poll|explicit` and its repository extension).
 
-The public API, called by the REST routes (and gRPC): `await repo.load(name)`, `await repo.unload(name)`,
-`repo.index(ready_only)`. Start-up and the poller use the same steps:
+`ModelControl(repository)` decides which revision of each model the `Repository` serves. Its API, called by the
+REST and gRPC adapters: `await control.load(name)`, `await control.unload(name)`, `control.index(ready_only)`.
+Start-up, the poller and shutdown (`drain`) use the same steps:
 
 * **load** builds the repository's current revision of a model beside the one serving (engines opened,
   sha256-verified, warmed up, off the event loop), then swaps it in at once: new requests get the new revision;
-  the old one answers every request it accepted, drains and closes its engines (`_retire`). A load that fails
-  leaves the serving revision in place, with the reason in the index, the log and
-  `normfuse_model_load_failures_total{model}`. One load or unload of a model at a time (a lock per model).
+  the old one takes no new lease, answers every request it accepted (each holds it through `Revision.lease()`),
+  drains and closes its engines (`_retire`). A load that fails leaves the serving revision in place, with the
+  reason in the index, the log and `normfuse_model_load_failures_total{model}`. One load or unload of a model at
+  a time (a lock per model).
 * **poll** (`scan`, every `repository_poll_secs`): a model whose files changed (`fingerprint`: the manifest's
   sha256, each artifact's size and mtime) is loaded again, a new model directory is loaded, a failed load is not
   retried until the files change, and a model whose directory is gone is unloaded only once it has been
@@ -25,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engines.manifest import list_models, manifest_sha256
+from engines.manifest import manifest_sha256
 from service.errors import ModelControlError, ModelNotFound
 from service.protocol import ProtocolError
 
 if TYPE_CHECKING:
-    from service.repository import ModelEntry
+    from service.repository import Repository
+    from service.revision import Revision
 
 log = logging.getLogger(__name__)
 READY, LOADING, UNAVAILABLE = "READY", "LOADING", "UNAVAILABLE"  # Triton's model states in the index
@@ -49,17 +52,23 @@ class Control:
 
 
 class ModelControl:
-    """Mixed into service.repository.Repository (settings, metrics, models, root, build/start/stop/...)."""
+    """Locks, polling, the index, load and unload over `repository` (which opens, starts, stops and closes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, repository: Repository) -> None:
+        self.repo = repository
+        self.settings, self.root, self.metrics = repository.settings, repository.root, repository.metrics
         self.control: dict[str, Control] = {}
         self._retiring: set[asyncio.Task] = set()
+
+    @property
+    def models(self) -> dict[str, Revision]:
+        return self.repo.models
 
     # -- the API ---------------------------------------------------------------------------------
     async def start_up(self) -> None:
         """Load what the mode loads at start: every model (none, poll), or `load_model` (explicit)."""
         s = self.settings
-        names = list_models(self.root)
+        names = self.repo.on_disk()
         if s.model_control_mode == "explicit" and "*" not in s.load_model:
             names = list(s.load_model)
         elif not names:
@@ -77,9 +86,9 @@ class ModelControl:
         if overrides:
             raise ProtocolError(f"load parameters {overrides} are not supported: normfuse loads the manifest "
                                 f"and artifacts `normfuse convert` wrote to {self.root}/{name}")
-        if name not in list_models(self.root):
+        if name not in self.repo.on_disk():
             raise ModelNotFound(f"no model {name!r} in the model repository {self.root} (it has: "
-                                f"{', '.join(list_models(self.root)) or 'nothing'}); run `normfuse convert SOURCE "
+                                f"{', '.join(self.repo.on_disk()) or 'nothing'}); run `normfuse convert SOURCE "
                                 f"--name {name} --repo {self.root}` first")
         failure = await self._load(name)
         if failure is not None:
@@ -96,14 +105,9 @@ class ModelControl:
 
     def index(self, ready_only: bool = False) -> list[dict]:
         """Triton's repository index: a row per (model, version) with its state and, if any, a reason."""
-        names = sorted({*list_models(self.root), *self.models, *self.control})
+        names = sorted({*self.repo.on_disk(), *self.models, *self.control})
         rows = [row for name in names for row in self._rows(name)]
         return [r for r in rows if r["state"] == READY] if ready_only else rows
-
-    def not_loaded_hint(self, name: str) -> str:
-        if name in self.models or name not in list_models(self.root):
-            return ""
-        return f"; {name!r} is in the repository but not loaded: {self._why_not_loaded(name)}"
 
     # -- poll mode -------------------------------------------------------------------------------
     async def poll(self, interval_s: float) -> None:
@@ -116,7 +120,7 @@ class ModelControl:
 
     async def scan(self) -> None:
         """Load what is new or re-converted; unload what has been gone for MISSING_GRACE_S."""
-        present, now = list_models(self.root), time.monotonic()
+        present, now = self.repo.on_disk(), time.monotonic()
         for name in present:
             control = self.control.setdefault(name, Control())
             control.missing_since = None
@@ -138,7 +142,7 @@ class ModelControl:
             control.loading = True
             try:
                 seen = await asyncio.to_thread(fingerprint, self.root / name)  # first: a later change shows next scan
-                new = await asyncio.to_thread(self.build, name)
+                new = await asyncio.to_thread(self.repo.build, name)
             finally:
                 control.loading = False
             if new.variants and manifest_sha256(self.root / name) != new.sha256:  # replaced while we read it
@@ -151,29 +155,29 @@ class ModelControl:
                 self._install(new, old)
                 control.reason = ""
             if new.ready:
-                log.info("model %s: revision %s serving, variants %s", name, new.revision, sorted(new.variants))
+                log.info("model %s: revision %s serving, variants %s", name, new.label, sorted(new.variants))
                 return None
             self.metrics.load_failures.labels(model=name).inc()
-            failure = f"revision {new.revision or '(unreadable)'} failed to load: {new.reason}"
+            failure = f"revision {new.label or '(unreadable)'} failed to load: {new.reason}"
             if self.models[name] is not new:
                 await self._discard(new)
-                control.reason = f"{failure}; revision {old.revision} still serving"
+                control.reason = f"{failure}; revision {old.label} still serving"
             log.error("model %s: %s", name, control.reason or failure)
             return failure
 
-    async def _discard(self, entry: ModelEntry) -> None:
+    async def _discard(self, entry: Revision) -> None:
         """Close a revision that was built but never served (its batchers' engine threads, its engines)."""
-        await self.stop(entry, 1.0)
-        self.close_engines(entry)
+        await self.repo.stop(entry, 1.0)
+        self.repo.close_engines(entry)
 
-    def _install(self, new: ModelEntry, old: ModelEntry | None) -> None:
-        self.start(new)
+    def _install(self, new: Revision, old: Revision | None) -> None:
+        self.repo.start(new)
         self.models[new.name] = new  # from here on, requests get the new revision
         if new.variants:
             self.metrics.revisions.labels(model=new.name).inc()
         if old is not None:
             for variant in old.variants.keys() - new.variants.keys():
-                self.unpublish(old.variants[variant])
+                self.repo.unpublish(old.variants[variant])
             self._retire(old)
 
     async def _unload(self, name: str, reason: str) -> None:
@@ -184,28 +188,34 @@ class ModelControl:
                 return
             control.reason, control.attempted = reason, ""
             for servable in entry.variants.values():
-                self.unpublish(servable)
-            log.info("model %s: unloading revision %s (%s)", name, entry.revision, reason)
+                self.repo.unpublish(servable)
+            log.info("model %s: unloading revision %s (%s)", name, entry.label, reason)
         await self._retire(entry)
 
-    def _retire(self, entry: ModelEntry) -> asyncio.Task:
-        """Drain and close a revision no longer routed to, in the background (`retired` waits for all)."""
+    def _retire(self, entry: Revision) -> asyncio.Task:
+        """Drain and close a revision no longer routed to, in the background (`retired` waits for all); it takes
+        no new lease from here on (a request that looked it up just before is answered 503 + Retry-After)."""
+        entry.closing = True
         task = asyncio.get_running_loop().create_task(self._close(entry), name=f"retire {entry.name}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
         return task
 
-    async def _close(self, entry: ModelEntry) -> None:
+    async def _close(self, entry: Revision) -> None:
         servables, timeout_s = list(entry.variants.values()), self.settings.drain_timeout_s
         end = time.monotonic() + timeout_s
-        while any(s.users for s in servables) and time.monotonic() < end:  # requests that got it before the swap
+        while entry.holders and time.monotonic() < end:  # requests that got it before the swap
             await asyncio.sleep(0.01)
-        await self.stop(entry, max(1.0, end - time.monotonic()))
-        await asyncio.to_thread(self.close_engines, entry)
+        await self.repo.stop(entry, max(1.0, end - time.monotonic()))
+        await asyncio.to_thread(self.repo.close_engines, entry)
         if servables:
             self.metrics.revisions.labels(model=entry.name).dec()
         entry.variants.clear()  # the engines' memory went with close(); the servables' small cycles go with the next gc
-        log.info("model %s: revision %s closed", entry.name, entry.revision)
+        log.info("model %s: revision %s closed", entry.name, entry.label)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Shutdown: stop every serving revision within `timeout_s`, and wait for replaced ones still draining."""
+        await asyncio.gather(*(self.repo.stop(entry, timeout_s) for entry in self.models.values()), self.retired())
 
     async def retired(self) -> None:
         """Wait until every replaced or unloaded revision has drained and closed."""

@@ -1,8 +1,10 @@
-"""Domain errors -> HTTP, in one place. Every error body is Triton's `{"error": "message"}`."""
+"""Domain errors -> HTTP status and gRPC code, in one table. Every HTTP error body is Triton's `{"error": "..."}`;
+a gRPC call is aborted with the same message."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,7 +34,15 @@ class ModelControlError(ValueError):
 
 
 class BodyTooLarge(ValueError):
-    """The request body exceeds `max_body_bytes`."""
+    """The request body exceeds `max_body_bytes` (or a control route's `max_control_body_bytes`)."""
+
+
+class ResponseTooLarge(ValueError):
+    """The answer would exceed `max_response_bytes` (or, as JSON, `max_json_response_bytes`): refused before compute."""
+
+
+class BodyTimeout(TimeoutError):
+    """The body did not arrive within `body_timeout_s`, or came slower than `min_upload_bytes_per_s` (408)."""
 
 
 class ClientGone(Exception):
@@ -43,71 +53,72 @@ class NotLive(RuntimeError):
     """An engine call has hung past engine_timeout_s + engine_recovery_s: restart the process."""
 
 
-# exception type -> (status, headers); the first match in order wins
-STATUS: list[tuple[type[BaseException], int, dict[str, str]]] = [
-    (ProtocolError, 400, {}),
-    (InputError, 400, {}),
-    (SchemaError, 422, {}),
-    (ModelNotFound, 404, {}),
-    (ModelControlError, 400, {}),
-    (BodyTooLarge, 413, {}),
-    (TooManyRows, 413, {}),
-    (ClientDisconnect, CLIENT_GONE, {}),  # during the upload
-    (ClientGone, CLIENT_GONE, {}),  # while queued or running
-    (QueueTimeout, 504, {}),  # the request's own `timeout` parameter, not the server's state
-    (Overloaded, 503, {"Retry-After": RETRY_AFTER_S}),
-    (QueueFull, 503, {"Retry-After": RETRY_AFTER_S}),
-    (Draining, 503, {"Retry-After": RETRY_AFTER_S}),
-    (EngineUnavailable, 503, {"Retry-After": RETRY_AFTER_S}),
-    (ModelNotReady, 503, {"Retry-After": RETRY_AFTER_S}),
-    (NotLive, 503, {}),
-    (EngineError, 500, {}),
-]
-EXPECTED = (ClientDisconnect, ClientGone, QueueTimeout, Overloaded, QueueFull, Draining, EngineUnavailable,
-            ModelNotReady, NotLive)  # the server's state or the client's doing: never logged as an error
+@dataclass(frozen=True)
+class Status:
+    http: int
+    grpc: str  # grpc.StatusCode's name
+    retry_after: bool = False  # 503s the client should simply retry: `Retry-After` over HTTP
+    expected: bool = True  # the server's state or the client's doing: never logged as an error
 
-# HTTP status -> the gRPC status code (grpc.StatusCode's name) of the same error, for service.grpc_server;
-# any other status is INTERNAL.
-GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT",
-              499: "CANCELLED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
-# ... except these, whose gRPC code says more than their HTTP status: a well-formed repository request that the
-# server's state refuses (model control off, the model not loaded, its load failed) is FAILED_PRECONDITION
-GRPC_CODE_OF_KIND: list[tuple[type[BaseException], str]] = [(ModelControlError, "FAILED_PRECONDITION")]
+
+# exception type -> its status under each protocol; the first match in order wins; anything else is 500 / INTERNAL
+STATUS: list[tuple[type[BaseException], Status]] = [
+    (ProtocolError, Status(400, "INVALID_ARGUMENT")),
+    (InputError, Status(400, "INVALID_ARGUMENT")),
+    (RecursionError, Status(400, "INVALID_ARGUMENT")),  # a body nested past what any decoder follows
+    (SchemaError, Status(422, "INVALID_ARGUMENT")),
+    (ModelNotFound, Status(404, "NOT_FOUND")),
+    # a well-formed repository request that the server's state refuses (model control off, not loaded, load failed)
+    (ModelControlError, Status(400, "FAILED_PRECONDITION")),
+    (BodyTimeout, Status(408, "DEADLINE_EXCEEDED")),
+    (BodyTooLarge, Status(413, "INVALID_ARGUMENT")),
+    (TooManyRows, Status(413, "INVALID_ARGUMENT")),
+    (ResponseTooLarge, Status(413, "RESOURCE_EXHAUSTED")),
+    (ClientDisconnect, Status(CLIENT_GONE, "CANCELLED")),  # during the upload
+    (ClientGone, Status(CLIENT_GONE, "CANCELLED")),  # while queued or running
+    (QueueTimeout, Status(504, "DEADLINE_EXCEEDED")),  # the request's own `timeout` parameter, not the server's state
+    (Overloaded, Status(503, "UNAVAILABLE", retry_after=True)),
+    (QueueFull, Status(503, "UNAVAILABLE", retry_after=True)),
+    (Draining, Status(503, "UNAVAILABLE", retry_after=True)),
+    (EngineUnavailable, Status(503, "UNAVAILABLE", retry_after=True)),
+    (ModelNotReady, Status(503, "UNAVAILABLE", retry_after=True)),
+    (NotLive, Status(503, "UNAVAILABLE")),
+    (EngineError, Status(500, "INTERNAL", expected=False)),
+]
+INTERNAL = Status(500, "INTERNAL", expected=False)
 
 # what each route declares in the OpenAPI schema
-ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 404, 413, 422, 503, 504)}
+ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 404, 408, 413, 422, 503, 504)}
+
+
+def status(exc: BaseException) -> Status:
+    """The row of `STATUS` for `exc`, logged once (a client gone at debug, an unexpected failure as an error)."""
+    found = next((row for kind, row in STATUS if isinstance(exc, kind)), INTERNAL)
+    if found.http == CLIENT_GONE:
+        log.debug("client went away: %s", type(exc).__name__)
+    elif not found.expected:
+        log.error("internal error: %s", exc, exc_info=exc)
+    return found
 
 
 def status_of(exc: BaseException) -> tuple[int, dict[str, str]]:
-    for kind, status, headers in STATUS:
-        if isinstance(exc, kind):
-            return status, headers
-    return 500, {}
-
-
-def grpc_status_of(exc: BaseException) -> tuple[int, str]:
-    """(the HTTP status recorded in metrics, the gRPC status code's name) for `exc`, logged as HTTP logs it."""
-    status = status_of(exc)[0]
-    _log(status, exc)
-    code = next((code for kind, code in GRPC_CODE_OF_KIND if isinstance(exc, kind)), None)
-    return status, code or GRPC_CODES.get(status, "INTERNAL")
-
-
-def _log(status: int, exc: BaseException) -> None:
-    if isinstance(exc, ClientDisconnect | ClientGone):
-        log.debug("client went away: %s", type(exc).__name__)
-    elif status >= 500 and not isinstance(exc, EXPECTED):
-        log.error("internal error: %s", exc, exc_info=exc)
+    """(HTTP status, headers) of `exc`."""
+    row = next((row for kind, row in STATUS if isinstance(exc, kind)), INTERNAL)
+    return row.http, ({"Retry-After": RETRY_AFTER_S} if row.retry_after else {})
 
 
 def message_of(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "the request is nested too deeply to be read"
     return str(exc) or type(exc).__name__
 
 
 def error_response(exc: BaseException) -> JSONResponse:
-    status, headers = status_of(exc)
-    _log(status, exc)
-    return JSONResponse({"error": message_of(exc)}, status_code=status, headers=headers)
+    row = status(exc)
+    headers = {"Retry-After": RETRY_AFTER_S} if row.retry_after else {}
+    if row.http == 408:  # the rest of a body that came too slowly is not worth reading: drop the connection
+        headers["Connection"] = "close"
+    return JSONResponse({"error": message_of(exc)}, status_code=row.http, headers=headers)
 
 
 def install(app: FastAPI) -> None:
@@ -124,7 +135,7 @@ def install(app: FastAPI) -> None:
     async def http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
-    for kind, _status, _headers in STATUS:
+    for kind, _row in STATUS:
         app.add_exception_handler(kind, domain)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http)

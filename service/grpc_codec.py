@@ -2,7 +2,7 @@
 
 A `ModelInferRequest` becomes the JSON header a REST body would carry, its `raw_input_contents` the binary section
 (each input's `binary_data_size` is its raw entry's length) and its typed `contents` the JSON `data`; the one
-codec (oip.codec.request_from_json) then reads it with the same checks and messages as REST. Responses carry every
+codec (oip.codec.request_header, request_arrays) then reads it with the same checks and messages as REST. Responses carry every
 output in `raw_output_contents`, as Triton's gRPC server does.
 
 The messages are the generated ones shipped in `tritonclient[grpc]` (service_pb2, model_config_pb2).
@@ -17,7 +17,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 
 from engines.base import DATATYPES
-from oip.codec import ProtocolError, request_from_json
+from oip.codec import ProtocolError, request_arrays, request_header
 from oip.schema import InferenceRequest
 
 # the typed `contents` field each datatype's values go in (FP16 and BF16 have none: raw only)
@@ -39,6 +39,12 @@ def parameters(mapping) -> dict[str, Any]:
 
 def decode(request: pb.ModelInferRequest) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
     """The request as the codec's `InferenceRequest` and its input arrays (ProtocolError, SchemaError)."""
+    header, blob = read(request)
+    return header, request_arrays(header, blob)
+
+
+def read(request: pb.ModelInferRequest) -> tuple[InferenceRequest, memoryview]:
+    """The request as the codec's `InferenceRequest` (no arrays decoded yet) and its raw contents, joined."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise ProtocolError(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
@@ -59,7 +65,7 @@ def decode(request: pb.ModelInferRequest) -> tuple[InferenceRequest, dict[str, n
         body["id"] = request.id
     if request.outputs:
         body["outputs"] = [{"name": o.name, "parameters": parameters(o.parameters)} for o in request.outputs]
-    return request_from_json(body, memoryview(b"".join(raw)))
+    return request_header(body), memoryview(b"".join(raw))
 
 
 def _typed_values(tensor) -> list:

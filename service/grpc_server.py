@@ -1,10 +1,10 @@
 """The Open Inference Protocol v2 over gRPC (`inference.GRPCInferenceService`), beside REST in the same process.
 
-grpcio's asyncio server runs on the app's event loop and answers from the same repository, batchers and metrics
-as the REST routes, whose functions it calls for health and metadata; model control (RepositoryModelLoad/Unload,
-explicit mode) calls the repository's load/unload as REST does (service.control); inference goes through the
-same codec and validation (service.grpc_codec). Errors become gRPC status codes through service.errors (the same
-table as HTTP). A client that cancels, or whose deadline passes, has its request dropped before compute. On
+grpcio's asyncio server runs on the app's event loop. Each method is an adapter over what REST calls too: health,
+metadata, configuration, statistics and the index are service.info's functions, model control
+(RepositoryModelLoad/Unload, explicit mode) is service.control's, and ModelInfer is the one inference call
+(service.inference) over a `GrpcMessage` (service.grpc_codec reads it with the REST codec's checks). Errors become
+gRPC status codes through service.errors (the same table as HTTP). A client that cancels, or whose deadline passes, has its request dropped before compute. On
 SIGTERM new calls are refused at once and accepted ones are answered (`GrpcServer.stop_accepting`, `stop`).
 
 The service and messages are the generated ones shipped in `tritonclient[grpc]`; no .proto is kept here.
@@ -15,18 +15,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 
 import grpc
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from service import routes
-from service.errors import CLIENT_GONE, ModelNotFound, ModelNotReady, NotLive, grpc_status_of, message_of
-from service.grpc_codec import decode, encode, message, parameters
-from service.protocol import binary_choices, priority_of, timeout_of
-from service.triton import repository_index, statistics
+from service import info
+from service.errors import ModelNotFound, ModelNotReady, NotLive, message_of, status
+from service.grpc_codec import encode, message, parameters, read
+from service.inference import Answer
+from service.protocol import request_arrays
 
 log = logging.getLogger(__name__)
 
@@ -39,124 +38,109 @@ def answers(method):
         try:
             return await method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error is answered with a status; internal ones are logged
-            _, code = grpc_status_of(exc)
-            error = exc
+            code, error = status(exc).grpc, exc
         await context.abort(grpc.StatusCode[code], message_of(error))
 
     return wrapper
 
 
+class GrpcMessage:
+    """A ModelInferRequest for service.inference: already received whole; every output answered raw."""
+
+    protocol, binary_only = "grpc", True
+
+    def __init__(self, request: pb.ModelInferRequest) -> None:
+        self.request, self.size, self._blob = request, request.ByteSize(), memoryview(b"")
+
+    async def receive(self) -> None:
+        pass
+
+    def header(self):
+        header, self._blob = read(self.request)
+        return header
+
+    def tensors(self, header):
+        return request_arrays(header, self._blob)
+
+    def encode(self, answer: Answer) -> pb.ModelInferResponse:
+        outputs = {name: answer.result.outputs[name] for name in answer.outputs}
+        return encode(answer.model, answer.servable.variant, answer.request_id, outputs, answer.datatypes)
+
+
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """The v2 inference service over the app's state (repo, metrics, settings, ready)."""
+    """The v2 inference service over the app's state (repo, control, inference, ready)."""
 
     def __init__(self, state) -> None:
         self.state = state
         self.repo = state.repo
-        self.offload_bytes = state.settings.offload_bytes  # messages this large are decoded/encoded off the loop
 
     # -- health and metadata ---------------------------------------------------------------------
     async def ServerLive(self, request, context):
         try:
-            await routes.live(self.repo)
+            info.check_live(self.repo)
         except NotLive:
             return pb.ServerLiveResponse(live=False)
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
         try:
-            routes.check_ready(self.state.ready, self.repo)
+            info.check_ready(self.state.ready, self.repo)
         except ModelNotReady:
             return pb.ServerReadyResponse(ready=False)
         return pb.ServerReadyResponse(ready=True)
 
     async def ModelReady(self, request, context):
         try:
-            await routes.model_ready(request.name, self.repo, request.version or None)
+            info.check_model_ready(self.repo, request.name, request.version or None)
         except (ModelNotFound, ModelNotReady):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
     @answers
     async def ServerMetadata(self, request, context):
-        return message((await routes.server_metadata()).model_dump(), pb.ServerMetadataResponse)
+        return message(info.server_metadata().model_dump(), pb.ServerMetadataResponse)
 
     @answers
     async def ModelMetadata(self, request, context):
-        meta = await routes.model_metadata(request.name, self.repo, request.version or None)
+        meta = info.model_metadata(self.repo, request.name, request.version or None)
         # KServe's ModelMetadataResponse has no parameters: `exact` reaches gRPC clients in ModelConfig's parameters
         return message(meta.model_dump(exclude={"parameters"}), pb.ModelMetadataResponse)
 
     @answers
     async def ModelConfig(self, request, context):
-        config = await routes.config(request.name, self.repo, request.version or None)
+        config = info.config(self.repo, request.name, request.version or None)
         # the proto's version_policy holds integer versions; the variants are in ModelMetadata's versions
         config.pop("version_policy")
         return pb.ModelConfigResponse(config=message(config, mc.ModelConfig))
 
     @answers
     async def ModelStatistics(self, request, context):
-        stats = statistics(self.repo, request.name or None, request.version or None)
+        stats = info.statistics(self.repo, request.name or None, request.version or None)
         return message(stats, pb.ModelStatisticsResponse)
 
     @answers
     async def RepositoryIndex(self, request, context):
-        return message({"models": repository_index(self.repo, request.ready)}, pb.RepositoryIndexResponse)
+        rows = info.repository_index(self.state.control, request.ready)
+        return message({"models": rows}, pb.RepositoryIndexResponse)
 
     @answers
     async def RepositoryModelLoad(self, request, context):
         """Load `model_name`, or reload it (a zero-downtime swap): explicit mode (service.control), as REST's."""
-        await self.repo.load(request.model_name, parameters(request.parameters))
+        await self.state.control.load(request.model_name, parameters(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
     @answers
     async def RepositoryModelUnload(self, request, context):
         """Stop serving `model_name` once its accepted requests are answered (unload_dependents: there are none)."""
-        await self.repo.unload(request.model_name)
+        await self.state.control.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference -------------------------------------------------------------------------------
+    @answers
     async def ModelInfer(self, request, context):
-        """Decode, validate, submit, encode: the REST route's steps, with its metrics under protocol="grpc"."""
-        # the code recorded in metrics; stays 499 if the call is cancelled (the client left, or its deadline passed)
-        started, code, queue_s, rows, servable = time.perf_counter(), CLIENT_GONE, None, 0, None
-        try:
-            servable = self.repo.get(request.model_name, request.model_version or None)
-            servable.users += 1  # a replaced revision drains only once no request holds it (service.control)
-            servable.children.of(self.state.metrics.inflight).inc()
-            with self.state.admission.admit():  # the server-wide in-flight limit HTTP requests share
-                req, arrays, wanted = await routes.off_loop(request.ByteSize() >= self.offload_bytes, _decode,
-                                                            request, servable)
-                rows = servable.check(arrays)
-                result = await servable.batcher.submit(arrays, timeout_of(req.parameters), priority_of(req.parameters))
-                queue_s = result.queue_s
-                response = await routes.off_loop(_nbytes(result, wanted) >= self.offload_bytes, _encode,
-                                                 request.model_name, servable, req.id, result, wanted)
-            code = 200
-            return response
-        except Exception as exc:  # noqa: BLE001 - answered with the status of the same HTTP error
-            code, name = grpc_status_of(exc)
-            error = exc
-        finally:
-            if servable is not None:
-                servable.users -= 1
-                routes.record(self.state.metrics, servable, "grpc", code, time.perf_counter() - started, queue_s,
-                              rows)
-        await context.abort(grpc.StatusCode[name], message_of(error))
-
-
-def _decode(request: pb.ModelInferRequest, servable):
-    """(the codec's request, its arrays, the outputs asked for) of one inference call."""
-    req, arrays = decode(request)
-    return req, arrays, list(binary_choices(req, [spec.name for spec in servable.engine.outputs]))
-
-
-def _nbytes(result, wanted: list[str]) -> int:
-    return sum(result.outputs[name].nbytes for name in wanted)
-
-
-def _encode(model: str, servable, request_id: str | None, result, wanted: list[str]) -> pb.ModelInferResponse:
-    datatypes = {spec.name: spec.datatype for spec in servable.engine.outputs}
-    return encode(model, servable.variant, request_id, {name: result.outputs[name] for name in wanted}, datatypes)
+        """The one inference call (service.inference), its metrics under protocol="grpc"; a cancelled call (the
+        client left, or its deadline passed) is dropped before compute."""
+        return await self.state.inference(request.model_name, request.model_version or None, GrpcMessage(request))
 
 
 class GrpcServer:
@@ -165,7 +149,7 @@ class GrpcServer:
     def __init__(self, state) -> None:
         settings = state.settings
         self.host, self.port, self.grace_s = settings.host, settings.grpc_port, settings.drain_timeout_s
-        self._server = grpc.aio.server(options=[
+        self._server = grpc.aio.server(maximum_concurrent_rpcs=settings.max_grpc_rpcs, options=[
             ("grpc.max_receive_message_length", settings.max_body_bytes),  # the REST body limit
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it

@@ -15,6 +15,8 @@ from oip.codec import (  # noqa: F401 - re-exported
     decompress,
     encode_body,
     encode_response,
+    read_request,
+    request_arrays,
 )
 from oip.parameters import binary_choices, flag, priority_of, timeout_of  # noqa: F401 - re-exported
 from oip.schema import (  # noqa: F401 - re-exported

@@ -56,11 +56,17 @@ class RequestQueue(Generic[T]):
         return heapq.heappop(self._heap)[2] if self._heap else None
 
     async def get(self, timeout: float | None = None) -> T | None:
-        """The next item; None if none arrives within `timeout` seconds (None = wait as long as it takes)."""
-        if not self._heap and (timeout is None or timeout > 0):
-            self._waiter = asyncio.get_running_loop().create_future()
+        """The next item; None if none arrives within `timeout` seconds (None = wait as long as it takes). An item
+        removed between its arrival and our waking (its timeout passed at once) is waited past, not returned."""
+        loop = asyncio.get_running_loop()
+        end = None if timeout is None else loop.time() + timeout
+        while not self._heap:
+            left = None if end is None else end - loop.time()
+            if left is not None and left <= 0:
+                return None
+            self._waiter = loop.create_future()
             try:
-                await asyncio.wait({self._waiter}, timeout=timeout)
+                await asyncio.wait({self._waiter}, timeout=left)
             finally:
                 self._waiter.cancel()
                 self._waiter = None

@@ -1,9 +1,10 @@
-"""What the server serves: each model of the repository as one *revision* (the conversion its manifest
-describes), each servable variant of it as an engine + batcher.
+"""What the server serves: each model of the repository as one `Revision` (the conversion its manifest
+describes), each servable variant of it as an engine + batcher (`Servable`).
 
-A revision is built complete (service.control: beside the one serving, then swapped in). A model whose manifest
-or artifacts fail to load is kept with its reason (not ready, listed as UNAVAILABLE in the repository index);
-the others are served.
+`Repository` discovers models on disk, opens a revision (engines loaded, verified, warmed up), starts and stops
+it, and looks requests up in the loaded set; which revision serves which model, and when it changes, is
+service.control's (`ModelControl(repository)`). A model whose manifest or artifacts fail to load is kept with its
+reason (not ready, listed as UNAVAILABLE in the repository index); the others are served.
 """
 
 from __future__ import annotations
@@ -11,111 +12,48 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import timezone
 from pathlib import Path
 
 import numpy as np
 
 from engines.base import Engine
-from engines.manifest import InputConstraint, Manifest, manifest_sha256, read_revision
+from engines.manifest import Manifest, list_models, manifest_sha256, read_revision
 from service.batcher import Batch, Batcher
-from service.control import ModelControl
 from service.errors import ModelNotFound, ModelNotReady
-from service.metrics import LABELS, Children, Metrics, ServableStats
+from service.metrics import LABELS, Metrics
+from service.revision import Revision, Servable
 from service.settings import Settings
 from service.shadow import UNFUSED, CompareStats, Shadow
-from service.validation import check_request
 
 log = logging.getLogger(__name__)
 Loader = Callable[..., Engine]  # engines.load(repo, model, variant, backend, **options)
 
 
-@dataclass
-class Servable:
-    """One variant of one model: its engine, its batcher, its counters."""
-
-    model: str
-    variant: str
-    engine: Engine
-    labels: dict[str, str]
-    batcher: Batcher = field(init=False)  # built right after: its callbacks need the servable
-    stats: ServableStats = field(default_factory=ServableStats)
-    shadow: Shadow | None = None
-    constraints: list[InputConstraint] = field(default_factory=list)  # the manifest's, checked before queueing
-    children: Children = field(init=False, repr=False)  # labelled metric children, cached
-    # requests holding this servable from `Repository.get` to their answer: every protocol's infer path adds 1
-    # and takes it back in its `finally`; a replaced revision drains only once none does (service.control)
-    users: int = 0
-
-    def __post_init__(self) -> None:
-        self.children = Children(self.labels)
-
-    def check(self, arrays: dict[str, np.ndarray]) -> int:
-        """The request validation every protocol calls before `batcher.submit`: InputError (400) or the rows."""
-        return check_request(self.engine.inputs, self.constraints, arrays)
-
-
-@dataclass
-class ModelEntry:
-    """One revision of one model: what its manifest (sha256 `sha256`) describes, as loaded."""
-
-    name: str
-    manifest: Manifest | None = None
-    variants: dict[str, Servable] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)  # variant (or "*" for the model) -> reason
-    default_override: str | None = None  # Settings.default_variant
-    sha256: str = ""  # of manifest.json's bytes
-
-    @property
-    def revision(self) -> str:
-        """Which conversion this is: when it was converted, and its manifest's sha256 (12 digits)."""
-        if self.manifest is None:
-            return self.sha256[:12]
-        return f"{self.manifest.created_at.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{self.sha256[:12]}"
-
-    @property
-    def dead(self) -> dict[str, str]:
-        """Variants that loaded but have since stopped taking work: a batcher that stopped (never expected; see
-        Batcher.alive), or an engine call past engine_timeout_s (Batcher.hung)."""
-        return {v: f"batcher stopped: {s.batcher.dead}" if s.batcher.dead else f"engine not responding: {s.batcher.hung}"
-                for v, s in self.variants.items() if not s.batcher.ready}
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.variants) and not self.failed and not self.dead
-
-    @property
-    def default(self) -> str:
-        """The variant an unversioned request gets: the manifest's default unless the setting overrides it."""
-        return self.default_override or self.manifest.default_variant
-
-    @property
-    def reason(self) -> str:
-        return "; ".join(f"{v}: {why}" if v != "*" else why for v, why in {**self.failed, **self.dead}.items())
-
-
-class Repository(ModelControl):
-    """The models served (`models`: name -> the serving revision); model control comes from ModelControl."""
+class Repository:
+    """The models served (`models`: name -> the serving revision), opened from the model repository `root`."""
 
     def __init__(self, settings: Settings, metrics: Metrics, loader: Loader) -> None:
         self.settings, self.metrics, self.loader = settings, metrics, loader
         self.root = Path(settings.repo)
         self.compare = CompareStats(settings.compare_window)
-        self.models: dict[str, ModelEntry] = {}
+        self.models: dict[str, Revision] = {}
         self._abandoned: set[int] = set()  # servables whose engine call outlived the drain (never closed)
-        super().__init__()
 
-    # -- lookup ----------------------------------------------------------------------------------
-    def entry(self, model: str) -> ModelEntry:
+    # -- discover and look up ----------------------------------------------------------------------
+    def on_disk(self) -> list[str]:
+        """The models of the repository directory (REPO/NAME/manifest.json), loaded or not."""
+        return list_models(self.root)
+
+    def entry(self, model: str) -> Revision:
+        """The revision serving `model`; ModelNotFound names only what is loaded (the disk is never read here)."""
         try:
             return self.models[model]
         except KeyError:
-            raise ModelNotFound(f"unknown model {model!r}; this server has {sorted(self.models)}"
-                                f"{self.not_loaded_hint(model)}") from None
+            loaded = sorted(name for name, revision in self.models.items() if revision.variants)
+            raise ModelNotFound(f"unknown model {model!r}; models loaded: {', '.join(loaded) or 'none'}") from None
 
     def get(self, model: str, version: str | None = None) -> Servable:
-        """The servable for (model, version); no version means the default variant (`ModelEntry.default`)."""
+        """The servable for (model, version); no version means the default variant (`Revision.default`)."""
         entry = self.entry(model)
         if entry.manifest is None:
             raise ModelNotReady(f"model {model!r} is not ready: {entry.reason}")
@@ -129,10 +67,19 @@ class Repository(ModelControl):
             raise ModelNotReady(f"model {model!r} version {variant!r} is not ready: {entry.failed[variant]}")
         raise ModelNotFound(f"model {model!r} has no version {variant!r}; versions: {entry.manifest.servable()}")
 
-    # -- one revision: build (off the event loop), publish, close ---------------------------------
-    def build(self, name: str) -> ModelEntry:
+    def servables(self) -> list[Servable]:
+        return [s for entry in self.models.values() for s in entry.variants.values()]
+
+    def hung(self) -> list[str]:
+        """Variants whose engine call has not come back `engine_recovery_s` after its timeout: the process is
+        beyond saving (/v2/health/live turns false)."""
+        limit = self.settings.engine_recovery_s
+        return [f"{s.model}/{s.variant}: {s.batcher.hung}" for s in self.servables() if s.batcher.hung_for > limit]
+
+    # -- open one revision (off the event loop), start it, stop it, close it ------------------------
+    def build(self, name: str) -> Revision:
         """Read REPO/NAME's manifest and open, verify and warm up each servable variant (nothing started)."""
-        entry = ModelEntry(name, default_override=self.settings.default_variant)
+        entry = Revision(name, default_override=self.settings.default_variant)
         model_dir = self.root / name
         wanted = self.settings.default_variant
         try:
@@ -147,7 +94,7 @@ class Repository(ModelControl):
         entry.manifest = manifest
         for variant in manifest.servable():
             try:
-                entry.variants[variant] = self._open(manifest, variant)
+                entry.add(self._open(manifest, variant))
             except Exception as exc:  # noqa: BLE001
                 entry.failed[variant] = str(exc)
                 log.error("model %s variant %s not loaded: %s", name, variant, exc)
@@ -171,7 +118,7 @@ class Repository(ModelControl):
         )
         return servable
 
-    def start(self, entry: ModelEntry) -> None:
+    def start(self, entry: Revision) -> None:
         """Start the revision's batchers and shadows and point its metrics at it (on the event loop)."""
         unfused = entry.variants.get(UNFUSED)
         for name, servable in entry.variants.items():
@@ -184,7 +131,7 @@ class Repository(ModelControl):
             files = entry.manifest.variants[name].files
             info = {k: str(v) for k, v in servable.engine.describe().items()}
             info["onnx_sha256"] = files["onnx"].sha256 if "onnx" in files else ""
-            info["revision"] = entry.revision
+            info["revision"] = entry.label
             info["exact"] = str(entry.manifest.variants[name].exact).lower()  # "false": a gated lossy variant (int8)
             self.metrics.engine.labels(**servable.labels).info(info)
 
@@ -197,7 +144,7 @@ class Repository(ModelControl):
             except KeyError:
                 pass
 
-    async def stop(self, entry: ModelEntry, timeout_s: float) -> None:
+    async def stop(self, entry: Revision, timeout_s: float) -> None:
         """Answer what the revision accepted, stop its shadows and batchers within `timeout_s`. An engine still
         running a call then is left open, never waited for (its thread is a daemon) and never closed under the
         call."""
@@ -210,10 +157,14 @@ class Repository(ModelControl):
                 log.error("%s/%s: an engine call is still running after the drain deadline; not closing it",
                           servable.model, servable.variant)
 
-    def close_engines(self, entry: ModelEntry) -> None:
+    def close_engines(self, entry: Revision) -> None:
         for servable in entry.variants.values():
             if id(servable) not in self._abandoned:
                 servable.engine.close()
+
+    def close(self) -> None:
+        for entry in self.models.values():
+            self.close_engines(entry)
 
     # -- observers -------------------------------------------------------------------------------
     def _observe(self, servable: Servable, batch: Batch) -> None:
@@ -231,24 +182,6 @@ class Repository(ModelControl):
         if agreement is not None:
             self.metrics.shadow_agreement.labels(**labels).observe(agreement)
         self.compare.add_pair(labels["model"], labels["variant"], ratio, abs_error, agreement)
-
-    def servables(self) -> list[Servable]:
-        return [s for entry in self.models.values() for s in entry.variants.values()]
-
-    def hung(self) -> list[str]:
-        """Variants whose engine call has not come back `engine_recovery_s` after its timeout: the process is
-        beyond saving (/v2/health/live turns false)."""
-        limit = self.settings.engine_recovery_s
-        return [f"{s.model}/{s.variant}: {s.batcher.hung}" for s in self.servables() if s.batcher.hung_for > limit]
-
-    # -- shutdown --------------------------------------------------------------------------------
-    async def drain(self, timeout_s: float) -> None:
-        """Stop every serving revision within `timeout_s`, and wait for replaced ones still draining."""
-        await asyncio.gather(*(self.stop(entry, timeout_s) for entry in self.models.values()), self.retired())
-
-    def close(self) -> None:
-        for entry in self.models.values():
-            self.close_engines(entry)
 
 
 def backend_options(s: Settings) -> dict:

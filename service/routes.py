@@ -1,13 +1,10 @@
-"""OIP v2 REST routes, thin: parse, submit, encode. Errors become HTTP in service.errors."""
+"""OIP v2 REST routes, thin: each translates HTTP into a call of service.info, service.control or the one
+inference call (service.inference), and its answer back; errors become HTTP in service.errors."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -15,36 +12,27 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
-from service.errors import (
-    CLIENT_GONE,
-    ERROR_RESPONSES,
-    BodyTooLarge,
-    ClientGone,
-    ModelNotReady,
-    NotLive,
-    status_of,
-)
+from service import info
+from service.body import json_object as _json_object
+from service.body import read_body
+from service.control import ModelControl
+from service.errors import CLIENT_GONE, ERROR_RESPONSES, ClientGone, ModelNotReady
+from service.inference import Answer
 from service.protocol import (
     HEADER_LENGTH,
+    InferenceRequest,
     InferenceResponse,
     ModelMetadata,
-    ProtocolError,
     ServerMetadata,
-    TensorMetadata,
-    binary_choices,
-    decode_request,
-    decompress,
     encode_body,
     flag,
-    priority_of,
-    timeout_of,
+    read_request,
+    request_arrays,
 )
 from service.repository import Repository
-from service.triton import EXTENSIONS, model_config, platform, repository_index, statistics
 
 log = logging.getLogger(__name__)
 router = APIRouter(responses=ERROR_RESPONSES)
-JSON_PER_BYTE = 4  # about how many bytes of JSON text one byte of a float32 array becomes (~16 chars per value)
 
 
 async def get_repo(request: Request) -> Repository:
@@ -52,111 +40,78 @@ async def get_repo(request: Request) -> Repository:
     return request.app.state.repo
 
 
+async def get_control(request: Request) -> ModelControl:
+    return request.app.state.control
+
+
 Repo = Annotated[Repository, Depends(get_repo)]
+Control = Annotated[ModelControl, Depends(get_control)]
 
 
 # -- health and metadata -------------------------------------------------------------------------
 @router.get("/v2/health/live")
 async def live(repo: Repo) -> dict[str, bool]:
-    hung = repo.hung()
-    if hung:
-        raise NotLive("an engine call has not come back; restart the server: " + "; ".join(hung))
+    info.check_live(repo)
     return {"live": True}
 
 
 @router.get("/v2/health/ready")
 async def ready(request: Request, repo: Repo) -> dict[str, bool]:
-    check_ready(request.app.state.ready, repo)
+    info.check_ready(request.app.state.ready, repo)
     return {"ready": True}
-
-
-def check_ready(serving: bool, repo: Repository) -> None:
-    """ModelNotReady (with the reason) unless the server is serving and some model is ready (REST and gRPC);
-    in explicit mode a server with no model loaded is ready (models come by load requests)."""
-    if not serving:
-        raise ModelNotReady("the server is starting or shutting down")
-    explicit_and_empty = repo.settings.model_control_mode == "explicit" and not repo.models
-    if not explicit_and_empty and not any(entry.ready for entry in repo.models.values()):
-        raise ModelNotReady("no model is ready: " + "; ".join(f"{n}: {e.reason}" for n, e in repo.models.items()))
 
 
 @router.get("/v2", response_model=ServerMetadata)
 async def server_metadata() -> ServerMetadata:
-    try:
-        release = package_version("normfuse")
-    except PackageNotFoundError:
-        release = "unknown"
-    return ServerMetadata(name="normfuse", version=release, extensions=EXTENSIONS)
+    return info.server_metadata()
 
 
 @router.get("/v2/models/stats")
 @router.get("/v2/models/{model}/stats")
 @router.get("/v2/models/{model}/versions/{version}/stats")
 async def stats(repo: Repo, model: str | None = None, version: str | None = None) -> dict[str, Any]:
-    return statistics(repo, model, version)
+    return info.statistics(repo, model, version)
 
 
 @router.get("/v2/models/{model}", response_model=ModelMetadata)
 @router.get("/v2/models/{model}/versions/{version}", response_model=ModelMetadata)
 async def model_metadata(model: str, repo: Repo, version: str | None = None) -> ModelMetadata:
-    servable = repo.get(model, version)
-    manifest = repo.entry(model).manifest
-    return ModelMetadata(
-        name=model,
-        versions=manifest.servable(),
-        platform=platform(servable.labels["backend"]),
-        inputs=[TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in servable.engine.inputs],
-        outputs=[TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in servable.engine.outputs],
-        parameters={"variant": servable.variant, "exact": manifest.variants[servable.variant].exact},
-    )
+    return info.model_metadata(repo, model, version)
 
 
 @router.get("/v2/models/{model}/ready")
 @router.get("/v2/models/{model}/versions/{version}/ready")
 async def model_ready(model: str, repo: Repo, version: str | None = None) -> dict[str, Any]:
-    entry = repo.entry(model)
-    if version is None and not entry.ready:
-        raise ModelNotReady(f"model {model!r} is not ready: {entry.reason}")
-    repo.get(model, version)  # 404 for an unknown version, 503 with the reason for a failed one
+    info.check_model_ready(repo, model, version)
     return {"name": model, "ready": True}
 
 
 @router.get("/v2/models/{model}/config")
 @router.get("/v2/models/{model}/versions/{version}/config")
 async def config(model: str, repo: Repo, version: str | None = None) -> dict[str, Any]:
-    return model_config(repo, repo.entry(model), version)
+    return info.config(repo, model, version)
 
 
 @router.post("/v2/repository/index")
-async def index(request: Request, repo: Repo) -> list[dict[str, Any]]:
-    return repository_index(repo, flag(await json_object(request), "ready", False, "ready"))
+async def index(request: Request, control: Control) -> list[dict[str, Any]]:
+    body = await json_object(request)
+    return info.repository_index(control, flag(body, "ready", False, "ready"))
 
 
 @router.post("/v2/repository/models/{model}/load")
-async def load_model(model: str, request: Request, repo: Repo) -> dict:
+async def load_model(model: str, request: Request, control: Control) -> dict:
     """Load `model`, or reload it (a zero-downtime swap): explicit mode (service.control)."""
-    await repo.load(model, (await json_object(request)).get("parameters"))
+    body = await json_object(request)
+    await control.load(model, body.get("parameters"))
     return {}
 
 
 @router.post("/v2/repository/models/{model}/unload")
-async def unload_model(model: str, request: Request, repo: Repo) -> dict:
+async def unload_model(model: str, request: Request, control: Control) -> dict:
     """Stop serving `model` once the requests it accepted are answered: explicit mode (service.control)."""
-    await json_object(request)  # parameters.unload_dependents: normfuse models have no dependents
-    await repo.unload(model)
+    await json_object(request)  # unload_dependents: there are none
+    await control.unload(model)
     return {}
-
-
-async def json_object(request: Request) -> dict[str, Any]:
-    """A repository request's small JSON body, whatever its Content-Type (tritonclient sends none); empty = {}."""
-    raw = await read_body(request, request.app.state.settings.max_body_bytes)
-    try:
-        body = json.loads(raw) if raw.strip() else {}
-    except ValueError as exc:
-        raise ProtocolError(f"the request body is not JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ProtocolError(f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
 
 
 @router.get("/v2/models/{model}/compare")
@@ -169,13 +124,13 @@ async def compare(model: str, repo: Repo) -> dict[str, Any]:
     summaries = await repo.compare.summaries(model, names)  # the bootstrap runs off the event loop
     variants = {}
     for name in names:
-        info = entry.manifest.variants[name]
+        record = entry.manifest.variants[name]
         variants[name] = {
             "ready": name in entry.variants,
-            "exact": info.exact,
+            "exact": record.exact,
             **summaries[name],
-            "parity": [p.model_dump() for p in info.parity],
-            "accuracy": info.accuracy.model_dump() if info.accuracy else None,  # lossy variants: the gate's record
+            "parity": [p.model_dump() for p in record.parity],
+            "accuracy": record.accuracy.model_dump() if record.accuracy else None,  # lossy variants: the gate's record
         }
     return {"model": model, "baseline": "unfused", "default_variant": entry.default,
             "variants": variants}
@@ -191,6 +146,12 @@ INFER_DOC = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}}}}
 
 
+async def json_object(request: Request) -> dict[str, Any]:
+    """A control route's small JSON body (at most max_control_body_bytes, read at the inference bodies' pace)."""
+    state = request.app.state
+    return await _json_object(request, state.settings.max_control_body_bytes, state.inference.pace)
+
+
 class InferRoute(APIRoute):
     """The inference route reads the raw request itself and returns a ready Response, so it skips FastAPI's
     per-request dependency solving and response handling; its signature still documents it in the schema."""
@@ -198,62 +159,56 @@ class InferRoute(APIRoute):
     def get_route_handler(self):
         async def handler(request: Request) -> Response:
             params = request.path_params
-            return await infer(params["model"], request, request.app.state.repo, params.get("version"))
+            return await infer(params["model"], request, params.get("version"))
 
         return handler
 
 
-async def infer(model: str, request: Request, repo: Repo, version: str | None = None) -> Response:
-    # the code recorded in metrics; stays 499 if this handler is cancelled (the client went away)
-    started, code, queue_s, rows, servable = time.perf_counter(), CLIENT_GONE, None, 0, None
+class RestMessage:
+    """An inference request body (JSON, or JSON + binary tensors) for service.inference."""
+
+    protocol, binary_only = "http", False
+
+    def __init__(self, request: Request) -> None:
+        self.request, self.header_length = request, request.headers.get(HEADER_LENGTH)
+        self.body, self.size, self._blob = b"", 0, memoryview(b"")
+
+    async def receive(self) -> None:
+        state = self.request.app.state
+        self.body = await read_body(self.request, state.settings.max_body_bytes, state.inference.pace, state.admission)
+        self.size = len(self.body)
+
+    def header(self) -> InferenceRequest:
+        request, self._blob = read_request(self.body, self.header_length)
+        return request
+
+    def tensors(self, request: InferenceRequest):
+        return request_arrays(request, self._blob)
+
+    def encode(self, answer: Answer) -> tuple[bytes, dict[str, str]]:
+        """The response body and headers: InferenceResponse(...).model_dump(exclude_none=True), built directly
+        (same keys, same order), skipping the pydantic model on the hot path."""
+        result, datatypes = answer.result, answer.datatypes
+        response = {"model_name": answer.model, "model_version": answer.servable.variant}
+        if answer.request_id is not None:
+            response["id"] = answer.request_id
+        response["outputs"] = [{"name": n, "shape": list(result.outputs[n].shape), "datatype": datatypes[n]}
+                               for n in answer.outputs]
+        content, headers = encode_body(response, result.outputs, answer.outputs)
+        headers["x-queue-time"] = f"{result.queue_s * 1e3:.3f}"
+        headers["x-compute-time"] = f"{result.compute_s * 1e3:.3f}"
+        return content, headers
+
+
+async def infer(model: str, request: Request, version: str | None = None) -> Response:
+    state = request.app.state
     try:
-        servable = repo.get(model, version)
-        servable.users += 1  # a replaced revision drains only once no request holds it (service.control)
-        servable.children.of(request.app.state.metrics.inflight).inc()
-        settings = request.app.state.settings
-        body = await read_body(request, settings.max_body_bytes)
-        req, arrays = await off_loop(len(body) >= settings.offload_bytes, decode_request, body,
-                                     request.headers.get(HEADER_LENGTH))
-        rows = servable.check(arrays)
-        binary = binary_choices(req, [spec.name for spec in servable.engine.outputs])
-        work = servable.batcher.submit(arrays, timeout_of(req.parameters), priority_of(req.parameters))
-        result = await until_disconnect(request, work)
-        queue_s = result.queue_s
-        out_bytes = sum(result.outputs[name].nbytes * (1 if binary[name] else JSON_PER_BYTE) for name in binary)
-        content, headers = await off_loop(out_bytes >= settings.offload_bytes, encode, model, servable, req.id,
-                                          result, binary)
-        code = 200
+        wait = lambda work: until_disconnect(request, work)  # noqa: E731
+        content, headers = await state.inference(model, version, RestMessage(request), wait)
         return Response(content, headers=headers)
     except (ClientGone, ClientDisconnect) as exc:
         log.debug("client went away (%s): %s", type(exc).__name__, request.url.path)
         return Response(status_code=CLIENT_GONE)
-    except Exception as exc:
-        code = status_of(exc)[0]
-        raise
-    finally:
-        if servable is not None:
-            servable.users -= 1
-            record(request.app.state.metrics, servable, "http", code, time.perf_counter() - started, queue_s, rows)
-
-
-async def off_loop(offload: bool, fn, *args):
-    """fn(*args) on a worker thread when `offload` (a large body), else right here on the event loop."""
-    return await asyncio.to_thread(fn, *args) if offload else fn(*args)
-
-
-def encode(model: str, servable, request_id: str | None, result, binary: dict[str, bool]) -> tuple[bytes, dict]:
-    """The response body and headers: InferenceResponse(...).model_dump(exclude_none=True), built directly (same
-    keys, same order), skipping the pydantic model on the hot path."""
-    datatypes = {spec.name: spec.datatype for spec in servable.engine.outputs}
-    response = {"model_name": model, "model_version": servable.variant}
-    if request_id is not None:
-        response["id"] = request_id
-    response["outputs"] = [{"name": n, "shape": list(result.outputs[n].shape), "datatype": datatypes[n]}
-                           for n in binary]
-    content, headers = encode_body(response, result.outputs, binary)
-    headers["x-queue-time"] = f"{result.queue_s * 1e3:.3f}"
-    headers["x-compute-time"] = f"{result.compute_s * 1e3:.3f}"
-    return content, headers
 
 
 for _path in ("/v2/models/{model}/versions/{version}/infer", "/v2/models/{model}/infer"):  # as the decorators did
@@ -263,33 +218,6 @@ for _path in ("/v2/models/{model}/versions/{version}/infer", "/v2/models/{model}
 # (no other route's path can match /v2/models/{model}[/versions/{version}]/infer; app._openapi keeps the
 # schema's path order)
 router.routes.sort(key=lambda route: not isinstance(route, InferRoute))
-
-
-def record(m, servable, protocol: str, code: int, seconds: float, queue_s: float | None, rows: int) -> None:
-    """One answered (or abandoned) inference request, over `protocol` ("http" or "grpc"), in metrics and stats."""
-    children = servable.children
-    children.of(m.inflight).dec()
-    children.of(m.requests, protocol, str(code)).inc()
-    children.of(m.request, protocol).observe(seconds)
-    if queue_s is not None:
-        children.of(m.queue).observe(queue_s)
-    servable.stats.record_request(code == 200, seconds, queue_s, rows)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"request body is {declared} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    try:
-        return decompress(b"".join(chunks), request.headers.get("content-encoding", "").strip().lower(), limit)
-    except OverflowError as exc:
-        raise BodyTooLarge(str(exc)) from None
 
 
 async def until_disconnect(request: Request, work):

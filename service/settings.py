@@ -33,9 +33,27 @@ class Settings(BaseSettings):
     default_variant: str | None = Field(None, description="the variant a request without a version gets, for every "
                                         "model (instead of the manifest's default); a model without it is not ready")
     shadow_rate: float = Field(0.0, ge=0.0, le=1.0, description="fraction of served batches re-run on unfused")
-    max_body_bytes: int = Field(64 << 20, ge=1024, description="larger request bodies -> 413")
-    max_inflight: int = Field(64, ge=1, description="inference requests in the server at once, decoding included; "
-                              "more -> 503 before the body is read")
+    # -- limits: enforced before work, the same for REST and gRPC (service.inference, service.body) -------------
+    max_body_bytes: int = Field(64 << 20, ge=1024, description="larger request bodies (and gRPC messages) -> 413")
+    max_inflight: int = Field(64, ge=1, description="inference requests in the server at once once their body is "
+                              "in, decoding included; more -> 503 (refused from the headers while all are taken)")
+    body_timeout_s: float = Field(60.0, gt=0, description="a request body must be in within this many seconds of "
+                                  "its headers -> else 408, connection closed")
+    min_upload_bytes_per_s: int = Field(8192, ge=0, description="after its first second a body must keep coming at "
+                                        "this average rate at least -> else 408, connection closed; 0 = no rate")
+    max_receiving_bytes: int = Field(256 << 20, ge=1024, description="bytes of request bodies being received at "
+                                     "once, all requests together; a body that would pass it -> 503")
+    max_connections: int = Field(1024, ge=1, description="HTTP connections and requests at once (uvicorn's "
+                                 "limit_concurrency); more -> 503 from uvicorn")
+    max_grpc_rpcs: int = Field(256, ge=1, description="gRPC calls at once (grpcio's maximum_concurrent_rpcs); "
+                               "more -> RESOURCE_EXHAUSTED")
+    max_control_body_bytes: int = Field(64 << 10, ge=1024, description="larger bodies on the repository routes "
+                                        "(index, load, unload) -> 413")
+    max_response_bytes: int = Field(256 << 20, ge=1024, description="an answer larger than this (computed from the "
+                                    "output specs and the request's shapes, before compute) -> 413; sized for a "
+                                    "2 GiB pod, where a JSON answer costs ~10x its size while it is built")
+    max_json_response_bytes: int = Field(16 << 20, ge=1024, description="a JSON answer larger than this -> 413 "
+                                         "with a hint to ask for binary outputs (binary_data_output)")
     offload_bytes: int = Field(256 << 10, ge=0, description="bodies at least this large are decoded and encoded "
                                "on a worker thread, not on the event loop")
     engine_timeout_s: float = Field(60.0, gt=0, description="an engine call running longer fails its batch (503) "

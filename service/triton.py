@@ -1,5 +1,5 @@
-"""Triton's extensions in Triton's JSON shapes: model configuration, statistics, repository index (built by
-service.control).
+"""Triton's extensions in Triton's JSON shapes: model configuration and statistics (the repository index is
+service.control's).
 
 They let Triton's own clients and tools (tritonclient, perf_analyzer) talk to this server unmodified.
 """
@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.repository import ModelEntry, Repository, Servable
+from service.repository import Repository
+from service.revision import Revision, Servable
 
 # our backend -> Triton's (platform, backend) names for the same kind of model file
 PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "onnxruntime"), "tensorrt": ("tensorrt_plan", "tensorrt"),
              "torch": ("pytorch_libtorch", "pytorch")}
+# the server's limits a client meets (service.settings), reported in each model's configuration parameters
+REPORTED_LIMITS = ("max_body_bytes", "max_inflight", "max_response_bytes", "max_json_response_bytes",
+                   "body_timeout_s", "min_upload_bytes_per_s")
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "schedule_policy", "parameters",
               "model_repository"]
 
@@ -37,7 +41,7 @@ def model_file(servable: Servable) -> Path | None:
     return Path(path) if isinstance(path, str | Path) else None
 
 
-def model_config(repo: Repository, entry: ModelEntry, version: str | None) -> dict:
+def model_config(repo: Repository, entry: Revision, version: str | None) -> dict:
     """Triton's model configuration (JSON form of config.pbtxt); dims exclude the batch axis."""
     manifest = entry.manifest
     servable = repo.get(entry.name, version)
@@ -63,8 +67,9 @@ def model_config(repo: Repository, entry: ModelEntry, version: str | None) -> di
         },
         "instance_group": [{"name": f"{entry.name}_{servable.variant}", "kind": instance_kind(servable), "count": 1}],
         "parameters": {"variant": {"string_value": servable.variant},
-                       "revision": {"string_value": entry.revision},  # which conversion serves
-                       "exact": {"string_value": str(manifest.variants[servable.variant].exact).lower()}},
+                       "revision": {"string_value": entry.label},  # which conversion serves
+                       "exact": {"string_value": str(manifest.variants[servable.variant].exact).lower()},
+                       **{name: {"string_value": str(getattr(repo.settings, name))} for name in REPORTED_LIMITS}},
         "model_transaction_policy": {"decoupled": False},
     }
     if file is not None:
@@ -85,8 +90,3 @@ def statistics(repo: Repository, model: str | None, version: str | None) -> dict
     else:
         servables = [repo.get(model, version)]
     return {"model_stats": [s.stats.dump(s.model, s.variant) for s in servables]}
-
-
-def repository_index(repo: Repository, ready_only: bool) -> list[dict]:
-    """Triton's repository index (service.control builds it: every model of the repository, loaded or not)."""
-    return repo.index(ready_only)

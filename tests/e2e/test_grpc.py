@@ -23,9 +23,9 @@ triton = pytest.importorskip("tritonclient.grpc")
 class GrpcServer(Server):
     """`normfuse serve` with gRPC on a free port (the tests' environment turns it off otherwise)."""
 
-    def __init__(self, repo, *flags: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, repo, *flags: str, env: dict[str, str] | None = None, **options) -> None:
         self.grpc_port = free_port()
-        super().__init__(repo, "--grpc-port", str(self.grpc_port), *flags, env=env)
+        super().__init__(repo, "--grpc-port", str(self.grpc_port), *flags, env=env, **options)
         self.grpc = f"127.0.0.1:{self.grpc_port}"
 
 
@@ -289,11 +289,12 @@ def test_model_control_over_grpc_is_refused_in_none_mode_with_rest_message(serve
 
 
 def test_explicit_load_swap_and_unload_over_grpc(repo):
-    srv = GrpcServer(repo, "--model-control-mode", "explicit")  # no --load-model: ready with no model loaded
+    # no --load-model: explicit mode with no model loaded is live but not ready (issue 22)
+    srv = GrpcServer(repo, "--model-control-mode", "explicit", ready_path="/v2/health/live")
     try:
         with triton.InferenceServerClient(srv.grpc) as c:
             rest = httpx.Client(base_url=srv.url, timeout=10)
-            assert c.is_server_ready() and not c.is_model_ready(MODEL)
+            assert not c.is_server_ready() and not c.is_model_ready(MODEL)
             index = grpc_index(c)
             assert index == rest.post("/v2/repository/index").json()
             assert {"name": MODEL, "version": "", "state": "UNAVAILABLE",
@@ -313,7 +314,7 @@ def test_explicit_load_swap_and_unload_over_grpc(repo):
             assert srv.output().count(closed) == 3
 
             c.unload_model(MODEL)
-            assert not c.is_model_ready(MODEL) and c.is_server_ready()  # explicit mode, no model: still ready
+            assert not c.is_model_ready(MODEL) and not c.is_server_ready()  # explicit mode, no model: not ready
             assert {"name": MODEL, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"} in grpc_index(c)
             status, message = control_error(c.unload_model, MODEL)
             assert status == "FAILED_PRECONDITION" and "not loaded" in message

@@ -22,16 +22,17 @@ __all__ = ["ROOT", "Server", "free_port"]
 
 
 class Server:
-    """`normfuse serve` in a subprocess; waits for /v2/health/ready (tests.process.start)."""
+    """`normfuse serve` in a subprocess; waits until `ready_path` answers 200 (tests.process.start)."""
 
-    def __init__(self, repo: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, repo: Path, *flags: str, env: dict[str, str] | None = None,
+                 ready_path: str = "/v2/health/ready") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [str(ROOT / ".venv/bin/normfuse"), "serve", "--repo", str(repo), "--port", str(self.port), *flags]
         if not Path(cmd[0]).exists():
             cmd[:1] = [sys.executable, "-m", "normfuse.cli"]
         self.log_path = repo.parent / f"server-{self.port}.log"
-        self.proc = start(cmd, ready_url=f"{self.url}/v2/health/ready", log_path=self.log_path,
+        self.proc = start(cmd, ready_url=f"{self.url}{ready_path}", log_path=self.log_path,
                           env={**os.environ, **(env or {})})
 
     def output(self) -> str:

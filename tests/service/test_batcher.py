@@ -247,3 +247,22 @@ def test_a_request_larger_than_the_whole_queue_is_rejected_up_front_not_retried(
     engine, fits = asyncio.run(main())
     np.testing.assert_array_equal(fits.outputs["y"], 2 * rows(0, 6) + 1)
     assert sum(engine.batches) == 6  # the rejected request never ran any chunk
+
+
+def test_a_request_expiring_before_the_idle_worker_wakes_is_dropped_not_a_batch_failure(caplog):
+    """Found by tests/service/test_fuzz.py: the item that woke the idle worker expired (and left the queue) before
+    the worker ran; the queue handed back None, and the batch 'failed outside the engine'."""
+
+    async def main():
+        engine = AffineEngine().load()
+        b = await started(make(engine, max_queue_delay_s=0.0))
+        expired = asyncio.ensure_future(b.submit({"x": rows(1, 1)}, timeout_s=1e-9))
+        with pytest.raises(QueueTimeout):
+            await expired
+        after = await b.submit({"x": rows(2, 1)})
+        await b.drain(5)
+        return engine, after
+
+    engine, after = asyncio.run(main())
+    np.testing.assert_array_equal(after.outputs["y"], 2 * rows(2, 1) + 1)
+    assert engine.seen == [2.0] and "failed outside the engine" not in caplog.text
