@@ -1,4 +1,4 @@
-"""Engines: one small runner interface (load / infer / close) over ONNX Runtime, TensorRT and PyTorch.
+"""Engines: one small runner interface (load / infer / close) over ONNX Runtime, OpenVINO, TensorRT and PyTorch.
 
 Heavy backends are imported lazily: `import engines` needs neither TensorRT nor CUDA.
 
@@ -25,6 +25,7 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "engines:_open_onnxruntime",
     "torch": "engines:_open_torch",
     "tensorrt": "engines.tensorrt:open_variant",
+    "openvino": "engines.openvino:open_variant",
 }
 
 
