@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engines.cpu import CpuInfo
 
@@ -86,6 +86,13 @@ class PlanSet(BaseModel):
     default: str = Field(description="the fastest plan that is exact or reduced precision within its gate")
     timing: dict[str, float | int | str] = Field(default_factory=dict, description="batch, rounds, threads")
     skipped: dict[str, str] = Field(default_factory=dict, description="plans not built here, with the reason")
+
+    @model_validator(mode="after")
+    def _default_is_servable(self) -> PlanSet:
+        plan = self.plans.get(self.default)
+        if plan is None or not plan.servable:
+            raise ValueError(f"plans.default {self.default!r} must name a servable plan")
+        return self
 
     def servable(self) -> list[str]:
         return [name for name, plan in self.plans.items() if plan.servable]
