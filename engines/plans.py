@@ -76,6 +76,14 @@ class Plan(BaseModel):
     latency_ms: dict[str, float] = Field(default_factory=dict, description="median, ratio to unfused, upper 95%")
 
 
+class Choice(BaseModel):
+    """The plan a server serves by default on its CPU, and why."""
+
+    plan: str
+    reason: str
+    refused: dict[str, str] = Field(default_factory=dict, description="plans this CPU cannot run natively")
+
+
 class PlanSet(BaseModel):
     """Every plan built for a model, the default, and the CPU they were timed on."""
 
@@ -86,6 +94,7 @@ class PlanSet(BaseModel):
     default: str = Field(description="the fastest plan that is exact or reduced precision within its gate")
     timing: dict[str, float | int | str] = Field(default_factory=dict, description="batch, rounds, threads")
     skipped: dict[str, str] = Field(default_factory=dict, description="plans not built here, with the reason")
+    served: Choice | None = Field(None, description="set by a server for its own CPU (service.plans); never written")
 
     @model_validator(mode="after")
     def _default_is_servable(self) -> PlanSet:
@@ -96,14 +105,6 @@ class PlanSet(BaseModel):
 
     def servable(self) -> list[str]:
         return [name for name, plan in self.plans.items() if plan.servable]
-
-
-class Choice(BaseModel):
-    """The plan a server serves by default on its CPU, and why."""
-
-    plan: str
-    reason: str
-    refused: dict[str, str] = Field(default_factory=dict, description="plans this CPU cannot run natively")
 
 
 def runnable(plan: Plan, cpu: CpuInfo) -> tuple[bool, str]:
@@ -140,3 +141,11 @@ def choose_servable(manifest, cpu: CpuInfo) -> Choice:
 
 def _median(plan: Plan) -> float:
     return next((v for k, v in plan.latency_ms.items() if k.endswith("_median")), float("inf"))
+
+
+def find_plan(manifest, version: str | None) -> Plan | None:
+    """The OpenVINO plan a version names ('affine-ov-bf16'); None for a variant (ONNX Runtime plans are the
+    variants themselves) or a manifest without plans."""
+    plans: PlanSet | None = getattr(manifest, "plans", None)
+    plan = plans.plans.get(version) if plans is not None and version else None
+    return plan if plan is not None and plan.engine != "onnxruntime" else None

@@ -23,6 +23,7 @@ from service.batcher import Batch, Batcher
 from service.control import ModelControl
 from service.errors import ModelNotFound, ModelNotReady
 from service.metrics import LABELS, Children, Metrics, ServableStats
+from service.plans import engine_and_options, served_manifest
 from service.settings import Settings
 from service.shadow import UNFUSED, CompareStats, Shadow
 from service.validation import check_request
@@ -137,6 +138,7 @@ class Repository(ModelControl):
         wanted = self.settings.default_variant
         try:
             manifest, entry.sha256 = read_revision(model_dir)
+            manifest = served_manifest(manifest)  # its OpenVINO plans as versions, the default chosen for this CPU
             if wanted and wanted not in manifest.servable():
                 raise ValueError(f"NORMFUSE_DEFAULT_VARIANT / --default-variant {wanted!r}: model {name!r} has no such "
                                  f"servable variant; it has {manifest.servable()}")
@@ -155,12 +157,13 @@ class Repository(ModelControl):
 
     def _open(self, manifest: Manifest, variant: str) -> Servable:
         s = self.settings
-        engine = self.loader(s.repo, manifest.name, variant, s.backend, **backend_options(s))
+        backend, options = engine_and_options(manifest, variant, s, backend_options(s))  # a plan: OpenVINO
+        engine = self.loader(s.repo, manifest.name, variant, backend, **options)
         limit = min(s.max_batch_size, manifest.max_batch_size, engine.max_batch_size or s.max_batch_size)
         for size in sorted({*s.warmup_batch_sizes, *s.preferred_batch_sizes, limit}):
             if size <= limit:
                 engine.infer(warmup_inputs(engine, size))
-        labels = {"model": manifest.name, "variant": variant, "backend": engine.backend or s.backend}
+        labels = {"model": manifest.name, "variant": variant, "backend": engine.backend or backend}
         servable = Servable(manifest.name, variant, engine, labels, constraints=manifest.constraints)
         servable.batcher = Batcher(
             engine, max_batch_size=limit, max_queue_delay_s=s.max_queue_delay_ms / 1e3,

@@ -39,6 +39,7 @@ from service.protocol import (
     priority_of,
     timeout_of,
 )
+from service.plans import parameters as plan_parameters
 from service.repository import Repository
 from service.triton import EXTENSIONS, model_config, platform, repository_index, statistics
 
@@ -107,7 +108,8 @@ async def model_metadata(model: str, repo: Repo, version: str | None = None) -> 
         platform=platform(servable.labels["backend"]),
         inputs=[TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in servable.engine.inputs],
         outputs=[TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in servable.engine.outputs],
-        parameters={"variant": servable.variant, "exact": manifest.variants[servable.variant].exact},
+        parameters={"variant": servable.variant, "exact": manifest.variants[servable.variant].exact,
+                    **plan_parameters(manifest, servable.variant)},
     )
 
 
