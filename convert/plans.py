@@ -16,7 +16,7 @@ import argparse
 import importlib.util
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,9 @@ class PlanOptions:
     rounds: int = 8                  # paired rounds per plan (fewer for slow models: convert.plan_timing)
     threads: int | None = None       # engine threads for gating and timing (None: all cores)
     allow_lossy_default: bool = False  # an int8 plan may become the default
+    int8: bool = False               # also the NNCF int8 OpenVINO plan (convert.ov_int8; asked by --variants ...,int8)
+    int8_min_agreement: float = 0.99  # the int8 plan's gate: the lossy variants' (--int8-min-*)
+    int8_min_cosine: float = 0.999
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISION_CHOICES:
@@ -67,6 +70,11 @@ class PlanOptions:
     def gate(self) -> dict[str, float]:
         return {"min_top1_agreement": self.min_agreement, "min_cosine": self.min_cosine}
 
+    @property
+    def int8_options(self) -> PlanOptions:
+        """These options with the int8 gate (what gate_plan judges an int8 plan with)."""
+        return replace(self, min_agreement=self.int8_min_agreement, min_cosine=self.int8_min_cosine)
+
 
 def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
@@ -77,22 +85,25 @@ def attach_plans(model_dir: Path, manifest: Manifest, source, options: PlanOptio
     from convert.pipeline import parity_samples
 
     held_out = source.sample_inputs(parity_samples(source, options.eval_samples))
-    plans = build_plans(model_dir, manifest, held_out, options, evaluate=source.evaluate)
+    plans = build_plans(model_dir, manifest, held_out, options, source=source)
     return manifest.model_copy(update={"plans": plans})
 
 
 def build_plans(model_dir: Path, manifest: Manifest, held_out: dict[str, np.ndarray], options: PlanOptions,
-                *, evaluate=None, cpu: CpuInfo | None = None) -> PlanSet:
-    """Build, gate and time every plan of a converted model; return the PlanSet (the manifest is not written)."""
+                *, source=None, cpu: CpuInfo | None = None) -> PlanSet:
+    """Build, gate and time every plan of a converted model; return the PlanSet (the manifest is not written).
+    `source` (convert.models.Source): the task metric where it has labels, and the int8 plan's calibration."""
     from convert.plan_timing import pick_default, time_plans
 
-    cpu = cpu or detect()
+    cpu, evaluate = cpu or detect(), getattr(source, "evaluate", None)
     plans, skipped = ort_plans(manifest), {}
     if "openvino" in options.engines:
         if openvino_available():
             reference = run_plan(model_dir, manifest, plans["unfused"], held_out, options.threads)
             for plan in openvino_plans(manifest, cpu, options, skipped):
                 plans[plan.name] = gate_plan(model_dir, manifest, plan, held_out, reference, options, evaluate)
+            if options.int8 and source is not None:
+                add_int8_plan(model_dir, manifest, source, options, held_out, reference, plans, skipped)
         else:
             skipped["openvino"] = "OpenVINO is not installed here (pip install openvino): ONNX Runtime plans only"
             log.warning("%s", skipped["openvino"])
@@ -101,6 +112,17 @@ def build_plans(model_dir: Path, manifest: Manifest, held_out: dict[str, np.ndar
     log.info("default plan %s: %s", default, why)
     return PlanSet(cpu=cpu, plans=plans, default=default, skipped=skipped,
                    timing={"batch": options.batch, "threads": options.threads or 0, "default_reason": why})
+
+
+def add_int8_plan(model_dir, manifest, source, options, held_out, reference, plans, skipped) -> None:
+    from convert.ov_int8 import int8_plan
+
+    plan, why = int8_plan(model_dir, manifest, source, options, held_out, reference, getattr(source, "evaluate", None))
+    if plan is None:
+        skipped["*-ov-int8"] = why
+        log.warning("int8 OpenVINO plan not built: %s", why)
+    else:
+        plans[plan.name] = plan
 
 
 def ort_plans(manifest: Manifest) -> dict[str, Plan]:
@@ -129,7 +151,8 @@ def openvino_plans(manifest: Manifest, cpu: CpuInfo, options: PlanOptions, skipp
 
 def open_plan(model_dir: Path, manifest: Manifest, plan: Plan, threads: int | None):
     """The plan's engine, loaded (not through engines.load: convert reads the staging directory)."""
-    onnx = Path(model_dir) / manifest.variants[plan.variant].files["onnx"].path
+    onnx = Path(model_dir) / (plan.files["openvino"] if "openvino" in plan.files
+                              else manifest.variants[plan.variant].files["onnx"]).path
     if plan.engine == "openvino":
         from engines.openvino import OpenVinoEngine
 
@@ -224,7 +247,8 @@ def options_from(args) -> PlanOptions | None:
         return None
     return PlanOptions(precision=args.cpu_precision, engines=tuple(args.engines), min_agreement=args.plan_min_agreement,
                        min_cosine=args.plan_min_cosine, threads=args.threads,
-                       allow_lossy_default=args.allow_lossy_default)
+                       allow_lossy_default=args.allow_lossy_default, int8=bool(args.variants and "int8" in args.variants),
+                       int8_min_agreement=args.int8_min_agreement, int8_min_cosine=args.int8_min_cosine)
 
 
 def summary(manifest: Manifest) -> str:
@@ -236,7 +260,9 @@ def summary(manifest: Manifest) -> str:
     for name, plan in plans.plans.items():
         ratio = next((v for k, v in plan.latency_ms.items() if k.endswith("_vs_unfused")), None)
         state = "exact" if plan.exact else ("gated" if plan.servable else "REFUSED")
-        gate = (f"  cosine {plan.gate.cosine:.6f}, agreement {plan.gate.top1_agreement}" if plan.gate else "")
+        agreement = plan.gate.top1_agreement if plan.gate else None
+        gate = (f"  cosine {plan.gate.cosine:.6f}" + (f", agreement {agreement:.4f}" if agreement is not None else "")
+                if plan.gate else "")
         lines.append(f"  {name:<22} {plan.engine:<11} {plan.precision:<5} {state:<8}"
                      + (f" {ratio:.2f}x unfused time" if ratio else "") + gate
                      + (f"  ({plan.reason})" if plan.reason else ""))

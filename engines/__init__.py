@@ -13,7 +13,7 @@ from pathlib import Path
 
 from engines.base import DATATYPES, Engine, EngineError, InputError, TensorSpec, check_inputs
 from engines.manifest import Manifest, ManifestError, VariantInfo, read_manifest, verify_files
-from engines.plans import find_plan
+from engines.plans import find_plan, plan_file
 
 __all__ = [
     "BACKENDS", "DATATYPES", "Engine", "EngineError", "InputError", "ManifestError", "TensorSpec",
@@ -89,7 +89,7 @@ def load(
         raise EngineError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     manifest, model_dir, info, paths = open_variant(repo, model, variant, benchmark=benchmark)
     if (plan := find_plan(manifest, variant)) is not None:  # a plan names its engine and precision itself
-        backend, options = plan.engine, {"precision": plan.precision, **options}
+        backend, options = plan.engine, {"precision": plan.precision, "model_file": plan_file(model_dir, plan), **options}
     module_name, function_name = BACKENDS[backend].split(":")
     try:
         opener = getattr(importlib.import_module(module_name), function_name)

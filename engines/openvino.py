@@ -37,7 +37,8 @@ _OV_TYPES = {
     "i16": "INT16", "i32": "INT32", "i64": "INT64", "f16": "FP16", "f32": "FP32", "f64": "FP64",
 }
 # our precision names -> INFERENCE_PRECISION_HINT values
-PRECISION_HINTS = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16"}
+# int8: an NNCF IR's quantized layers run in int8, its other ops in f32 (the precision its gate measured)
+PRECISION_HINTS = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16", "int8": "f32"}
 HINTS = ("LATENCY", "THROUGHPUT")
 
 
@@ -160,7 +161,7 @@ class OpenVinoEngine(Engine):
         except ImportError:
             version = "missing"
         described = {"runtime": self.backend, "version": version, "device": "cpu",
-                     "precision": PRECISION_HINTS[self.precision].replace("f32", "fp32"), "hint": self.hint}
+                     "precision": {"f32": "fp32", "fp16": "f16"}.get(self.precision, self.precision), "hint": self.hint}
         if self._compiled is not None:
             described["streams"] = str(self._compiled.get_property("NUM_STREAMS"))
             described["threads"] = str(self._compiled.get_property("INFERENCE_NUM_THREADS"))
@@ -169,10 +170,10 @@ class OpenVinoEngine(Engine):
 
 def open_variant(model_dir: Path, manifest, info, paths: dict[str, Path], *, precision: str = "fp32",
                  intra_op_threads: int | None = None, streams: int | None = None, hint: str = "LATENCY",
-                 cache_dir: str | Path | None = None) -> OpenVinoEngine:
-    """engines.load(..., backend="openvino"): the variant's ONNX file at `precision` (intra_op_threads: OpenVINO's
-    INFERENCE_NUM_THREADS, as the other CPU backends take it)."""
-    if "onnx" not in paths:
+                 cache_dir: str | Path | None = None, model_file: Path | None = None) -> OpenVinoEngine:
+    """engines.load(..., backend="openvino"): the variant's ONNX file (or a plan's own IR, `model_file`) at
+    `precision` (intra_op_threads: OpenVINO's INFERENCE_NUM_THREADS, as the other CPU backends take it)."""
+    if model_file is None and "onnx" not in paths:
         raise EngineError(f"variant {info.name!r} has no ONNX file in its manifest entry")
-    return OpenVinoEngine(paths["onnx"], precision=precision, threads=intra_op_threads or None, streams=streams,
+    return OpenVinoEngine(model_file or paths["onnx"], precision=precision, threads=intra_op_threads or None, streams=streams,
                           hint=hint, cache_dir=cache_dir)

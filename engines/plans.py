@@ -15,7 +15,8 @@ it natively, and otherwise falls back to the fastest plan this CPU can run, sayi
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -74,6 +75,7 @@ class Plan(BaseModel):
     files: dict[str, PlanFile] = Field(default_factory=dict, description="beyond the variant's ONNX (int8 IR)")
     gate: PlanGate | None = Field(None, description="reduced precision: the record its gate judged")
     latency_ms: dict[str, float] = Field(default_factory=dict, description="median, ratio to unfused, upper 95%")
+    quantization: dict[str, Any] = Field(default_factory=dict, description="int8: tool, candidates compared, kept")
 
 
 class Choice(BaseModel):
@@ -149,3 +151,16 @@ def find_plan(manifest, version: str | None) -> Plan | None:
     plans: PlanSet | None = getattr(manifest, "plans", None)
     plan = plans.plans.get(version) if plans is not None and version else None
     return plan if plan is not None and plan.engine != "onnxruntime" else None
+
+
+def plan_file(model_dir: Path, plan: Plan) -> Path | None:
+    """The plan's own model file (an OpenVINO IR), sha256-checked with its weights; None when it runs its variant's
+    ONNX. ManifestError names a missing or modified file."""
+    from engines.manifest import ManifestError, sha256_file
+
+    for ref in plan.files.values():
+        path = Path(model_dir) / ref.path
+        if not path.is_file() or sha256_file(path) != ref.sha256:
+            state = "is missing" if not path.is_file() else "was modified after conversion"
+            raise ManifestError(f"plan {plan.name!r}: {path} {state}; re-run `normfuse convert`")
+    return Path(model_dir) / plan.files["openvino"].path if "openvino" in plan.files else None

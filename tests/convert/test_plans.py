@@ -151,3 +151,28 @@ def test_plan_options_refuse_nonsense_naming_the_flag():
         PlanOptions(min_cosine=2.0)
     with pytest.raises(ValueError, match="--cpu-precision must be one of auto, fp32, bf16, f16"):
         PlanOptions(precision="int4")
+
+
+def test_the_int8_openvino_plan_keeps_the_better_quantization_and_is_never_default_without_the_flag(tmp_path):
+    pytest.importorskip("nncf")
+    import engines
+    from convert.ov_int8 import CANDIDATES
+
+    options = ConvertOptions(variants=["unfused"], samples=8, torch_artifacts=False, progress=False,
+                             plans=PlanOptions(precision="fp32", rounds=5, threads=1, int8=True))
+    manifest = convert(source(Benign(), "q"), "q", tmp_path, options)
+    (name,) = [n for n in manifest.plans.plans if n.endswith("-ov-int8")]
+    plan = manifest.plans.plans[name]
+    assert name in CANDIDATES and plan.precision == "int8" and not plan.exact and plan.gate is not None
+    assert plan.gate.gate == {"min_top1_agreement": 0.99, "min_cosine": 0.999}  # the int8 gate, as for `int8`
+    assert set(plan.quantization["candidates"]) == set(CANDIDATES) and plan.quantization["kept"] == name
+    kept = plan.quantization["candidates"]
+    assert all(kept[name]["cosine"] >= kept[other]["cosine"] for other in CANDIDATES if kept[other].get("passed"))
+    assert (tmp_path / "q" / plan.files["openvino"].path).is_file()
+    assert not any((tmp_path / "q" / other).exists() for other in CANDIDATES if other != name)  # the loser is gone
+    assert manifest.plans.default != name  # lossy: never the default without --allow-lossy-default
+    if plan.servable:
+        with engines.load(tmp_path, "q", name) as engine:
+            assert engine.backend == "openvino" and engine.describe()["precision"] == "int8"
+            x = source(Benign(), "q").sample_inputs(4)
+            assert engine.infer(x)["y"].shape == (4, CLASSES)
