@@ -42,7 +42,10 @@ def quantize_ir(onnx: Path, out_dir: Path, calibration: list[dict[str, np.ndarra
     """NNCF int8 of `onnx` saved as out_dir/model.xml + .bin; return the plan's file records."""
     import nncf
     import openvino as ov
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        AdvancedSmoothQuantParameters,
+    )
 
     from engines.manifest import sha256_file
 

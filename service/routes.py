@@ -24,6 +24,7 @@ from service.errors import (
     NotLive,
     status_of,
 )
+from service.plans import parameters as plan_parameters
 from service.protocol import (
     HEADER_LENGTH,
     InferenceResponse,
@@ -39,7 +40,6 @@ from service.protocol import (
     priority_of,
     timeout_of,
 )
-from service.plans import parameters as plan_parameters
 from service.repository import Repository
 from service.triton import EXTENSIONS, model_config, platform, repository_index, statistics
 
