@@ -15,7 +15,9 @@ Needs `nncf` (the int8-openvino extra); without it the plan is skipped with the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 import shutil
 import tempfile
@@ -53,9 +55,12 @@ def quantize_ir(onnx: Path, out_dir: Path, calibration: list[dict[str, np.ndarra
         smooth_quant_alphas=AdvancedSmoothQuantParameters() if nncf_smoothquant
         else AdvancedSmoothQuantParameters(convolution=-1, matmul=-1))  # a negative α disables SmoothQuant
     nncf.set_log_level(logging.ERROR)  # its INFO lines and progress bars would interleave with convert's output
-    quantized = nncf.quantize(ov.convert_model(str(onnx)), nncf.Dataset(calibration),
-                              model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration),
-                              advanced_parameters=advanced)
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):  # rich progress bars
+        quantized = nncf.quantize(ov.convert_model(str(onnx)), nncf.Dataset(calibration),
+                                  model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration),
+                                  advanced_parameters=advanced)
+    log.debug("nncf.quantize(%s): %s", onnx.name, chatter.getvalue())
     out_dir.mkdir(parents=True, exist_ok=True)
     xml = out_dir / "model.xml"
     ov.save_model(quantized, str(xml), compress_to_fp16=False)
