@@ -141,7 +141,7 @@ class OpenVinoEngine(Engine):
             raise EngineError("OpenVinoEngine is closed")
         request = requests.get()
         try:
-            request.infer(inputs, share_inputs=False)
+            request.infer(inputs, share_inputs=True)  # read only, and the request is ours until it returns
             # copies: the request's output tensors are overwritten by its next run
             return {name: np.array(request.get_tensor(name).data, copy=True) for name in self._names}
         except Exception as exc:

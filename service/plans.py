@@ -17,7 +17,7 @@ import importlib.util
 import logging
 
 from engines.cpu import CpuInfo, detect
-from engines.manifest import Accuracy, Manifest, VariantInfo
+from engines.manifest import Accuracy, FileRef, Manifest, VariantInfo
 from engines.plans import Plan, choose_servable, find_plan
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,9 @@ def as_variant(manifest: Manifest, plan: Plan) -> VariantInfo:
     """A plan as the service sees a version: its variant's files and parity, the plan's exactness and gate."""
     base = manifest.variants[plan.variant]
     accuracy = Accuracy(**plan.gate.model_dump()) if plan.gate is not None else None
+    files = {role: FileRef(**ref.model_dump()) for role, ref in plan.files.items()} or base.files  # int8: its IR
     return base.model_copy(update={
-        "name": plan.name, "exact": plan.exact, "accuracy": accuracy, "latency_ms": plan.latency_ms,
+        "name": plan.name, "exact": plan.exact, "accuracy": accuracy, "latency_ms": plan.latency_ms, "files": files,
         "description": f"{plan.variant} on {plan.engine} {plan.precision}"
                        + ("" if plan.exact else " (reduced precision, gated)"),
     })
