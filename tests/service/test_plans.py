@@ -29,10 +29,9 @@ def plan(name, engine, precision, median) -> Plan:
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    from tests.engines._tiny_artifact import build_repo
-
     from engines.manifest import read_manifest
     from engines.plans import PlanSet
+    from tests.engines._tiny_artifact import build_repo
 
     model_dir = build_repo(tmp_path_factory.mktemp("repo"), include_bound=False)
     plans = {p.name: p for p in (plan("unfused", "onnxruntime", "fp32", 10.0),
