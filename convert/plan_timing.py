@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import numpy as np
 from convert.pipeline import BUDGET_S, MIN_ROUNDS, NOISE, REPEATS, median_upper_bound
 from engines.cpu import detect
 from engines.manifest import Manifest, read_manifest, write_manifest
-from engines.plans import Plan, runnable
+from engines.plans import Plan, admissible, runnable
 
 log = logging.getLogger(__name__)
 
@@ -75,20 +76,6 @@ def time_plans(model_dir: Path, manifest: Manifest, plans: dict[str, Plan], held
     return pairs
 
 
-def admissible(plan: Plan, manifest: Manifest, allow_lossy: bool) -> bool:
-    """Exact (and no lost fusion on ORT), reduced precision within its gate, or int8 when lossy defaults are
-    allowed; always servable."""
-    if not plan.servable:
-        return False
-    if plan.engine == "onnxruntime" and any(f.startswith("lost-fusion") for f in manifest.variants[plan.variant].flags):
-        return False
-    if plan.exact:
-        return True
-    if plan.precision == "int8":
-        return allow_lossy
-    return plan.gate is not None and plan.gate.passed
-
-
 def pick_default(plans: dict[str, Plan], pairs: dict[str, list[float]], manifest: Manifest,
                  options) -> tuple[str, str]:
     """(the default plan, why): the fastest admissible plan faster than unfused beyond noise; else the manifest's
@@ -107,7 +94,8 @@ def pick_default(plans: dict[str, Plan], pairs: dict[str, list[float]], manifest
 
 def retime(model_dir: Path, options) -> Manifest:
     """`normfuse tune`: re-time a converted model's plans on this CPU (plans it cannot run natively are not
-    timed and cannot be the default), update the default and the CPU, rewrite the manifest; return it."""
+    timed and cannot be the default), update the default and the CPU, rewrite the manifest; return it. An int8
+    plan may become the default only if the model was converted with --allow-lossy-default."""
     from convert.trt_parity import parity_inputs
 
     manifest = read_manifest(model_dir)
@@ -123,6 +111,7 @@ def retime(model_dir: Path, options) -> Manifest:
             log.warning("plan %s is not timed on this CPU: %s", plan.name, why)
     timed_here = {n: p for n, p in plans.items() if not p.servable or runnable(p, cpu)[0]}
     pairs = time_plans(model_dir, manifest, timed_here, parity_inputs(model_dir, manifest.inputs), options)
+    options = replace(options, allow_lossy_default=manifest.allow_lossy_default)  # the conversion decided that
     default, why = pick_default(plans, pairs, manifest, options)
     updated = manifest.plans.model_copy(update={"cpu": cpu, "plans": plans, "default": default,
                                                 "timing": {**manifest.plans.timing, "default_reason": why,

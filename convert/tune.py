@@ -26,8 +26,6 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=positive, default=None, help="engine threads (default: all cores)")
     parser.add_argument("--batch", type=positive, default=8, help="the timed batch (default 8)")
     parser.add_argument("--rounds", type=positive, default=8, help="paired rounds per plan (default 8)")
-    parser.add_argument("--allow-lossy-default", action="store_true",
-                        help="an int8 plan within its gate may become the default")
     parser.set_defaults(handler=run)
 
 
@@ -37,8 +35,7 @@ def run(args) -> int:
     from engines.manifest import ManifestError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    options = PlanOptions(batch=args.batch, rounds=args.rounds, threads=args.threads,
-                          allow_lossy_default=args.allow_lossy_default)
+    options = PlanOptions(batch=args.batch, rounds=args.rounds, threads=args.threads)  # lossy: as converted
     try:
         manifest = retime(args.model, options)
     except (ManifestError, ValueError) as exc:

@@ -118,8 +118,8 @@ def runnable(plan: Plan, cpu: CpuInfo) -> tuple[bool, str]:
 
 
 def choose_servable(manifest, cpu: CpuInfo) -> Choice:
-    """The default plan if this CPU runs it natively; otherwise the fastest servable plan it runs (by the
-    convert-time median; a plan without timings ranks last), falling back to the manifest's default variant.
+    """The default plan if this CPU runs it natively; otherwise the fastest plan it runs that may be a default
+    (`admissible`; by the convert-time median, a plan without timings last), else the manifest's default variant.
     A manifest without plans serves its default variant, as before."""
     plans: PlanSet | None = getattr(manifest, "plans", None)
     if plans is None:
@@ -133,12 +133,28 @@ def choose_servable(manifest, cpu: CpuInfo) -> Choice:
         same = cpu.flags == plans.cpu.flags
         where = "the CPU it was timed on" if same else f"this CPU ({cpu.summary()}) runs it natively"
         return Choice(plan=plans.default, reason=f"the convert-time default ({where})", refused=refused)
-    usable = [n for n in plans.servable() if n not in refused]
+    usable = [n for n in plans.servable()
+              if n not in refused and admissible(plans.plans[n], manifest, manifest.allow_lossy_default)]
     usable.sort(key=lambda n: _median(plans.plans[n]))
     fallback = usable[0] if usable else manifest.default_variant
     return Choice(plan=fallback, refused=refused,
                   reason=f"the default plan {plans.default!r} is not native here ({refused[plans.default]}); "
                          f"serving {fallback!r}, the fastest plan this CPU runs natively")
+
+
+def admissible(plan: Plan, manifest, allow_lossy: bool) -> bool:
+    """May this plan be a default? Servable, and exact (an ONNX Runtime one without a lost fusion), reduced
+    precision within its gate, or int8 only when lossy defaults are allowed (--allow-lossy-default)."""
+    if not plan.servable:
+        return False
+    variant = manifest.variants.get(plan.variant)
+    if plan.engine == "onnxruntime" and variant is not None and any(f.startswith("lost-fusion") for f in variant.flags):
+        return False
+    if plan.exact:
+        return True
+    if plan.precision == "int8":
+        return allow_lossy
+    return plan.gate is not None and plan.gate.passed
 
 
 def _median(plan: Plan) -> float:

@@ -81,6 +81,15 @@ def test_without_bf16_units_the_fastest_native_plan_is_served_with_the_reason(pl
     assert "'unfused-ov-bf16' is not native here" in choice.reason and "'unfused-ov-fp32'" in choice.reason
 
 
+def test_the_fallback_never_picks_a_lossy_int8_plan_without_allow_lossy_default(planned):
+    int8 = plan("smoothed-ov-int8", "openvino", "int8", 1.0)  # the fastest of all, and VNNI runs it natively
+    plans = planned.plans.model_copy(update={"plans": {**planned.plans.plans, int8.name: int8}})
+    vnni = cpu("xeon-cascade-lake-vnni")
+    assert choose_servable(planned.model_copy(update={"plans": plans}), vnni).plan == "unfused-ov-fp32"
+    lossy_ok = planned.model_copy(update={"plans": plans, "allow_lossy_default": True})
+    assert choose_servable(lossy_ok, vnni).plan == "smoothed-ov-int8"
+
+
 def test_a_manifest_without_plans_serves_its_default_variant(old):
     assert old.plans is None
     choice = choose_servable(old, cpu("xeon-haswell-avx2"))
