@@ -6,8 +6,8 @@ against the fp32 `unfused` ONNX Runtime reference, timed against it, the fastest
       -> fp32 plans: parity with unfused at the fp32 tolerance (exact) | bf16/f16: the reduced-precision gate
       -> timed, interleaved and paired with unfused (convert.plan_timing) -> PlanSet in manifest.plans
 
-The plans are run through the same engines the server uses (engines.onnxruntime / engines.openvino), so the
-gate judges exactly what will be served. OpenVINO missing here -> ONNX Runtime plans only, said once.
+The plans are compiled with the properties the serving engine uses (engines.plans.openvino_config, run by
+convert.plan_runner), so the gate judges what will be served. OpenVINO missing here -> ONNX Runtime plans only, said once.
 """
 
 from __future__ import annotations
@@ -150,16 +150,12 @@ def openvino_plans(manifest: Manifest, cpu: CpuInfo, options: PlanOptions, skipp
 
 
 def open_plan(model_dir: Path, manifest: Manifest, plan: Plan, threads: int | None):
-    """The plan's engine, loaded (not through engines.load: convert reads the staging directory)."""
-    onnx = Path(model_dir) / (plan.files["openvino"] if "openvino" in plan.files
+    """The plan's runner (convert.plan_runner) over its own file (an int8 IR) or its variant's ONNX."""
+    from convert.plan_runner import open_runner
+
+    path = Path(model_dir) / (plan.files["openvino"] if "openvino" in plan.files
                               else manifest.variants[plan.variant].files["onnx"]).path
-    if plan.engine == "openvino":
-        from engines.openvino import OpenVinoEngine
-
-        return OpenVinoEngine(onnx, precision=plan.precision, threads=threads).load()
-    from engines.onnxruntime import OnnxRuntimeEngine
-
-    return OnnxRuntimeEngine(onnx, intra_op_threads=threads).load()
+    return open_runner(path, plan.engine, plan.precision, threads)
 
 
 def run_plan(model_dir: Path, manifest: Manifest, plan: Plan, inputs: dict[str, np.ndarray],

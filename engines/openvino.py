@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.base import Engine, EngineError, TensorSpec
+from engines.plans import OPENVINO_HINTS, OPENVINO_PRECISIONS, openvino_config
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,7 @@ _OV_TYPES = {
     "boolean": "BOOL", "u8": "UINT8", "u16": "UINT16", "u32": "UINT32", "u64": "UINT64", "i8": "INT8",
     "i16": "INT16", "i32": "INT32", "i64": "INT64", "f16": "FP16", "f32": "FP32", "f64": "FP64",
 }
-# our precision names -> INFERENCE_PRECISION_HINT values
-# int8: an NNCF IR's quantized layers run in int8, its other ops in f32 (the precision its gate measured)
-PRECISION_HINTS = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16", "int8": "f32"}
-HINTS = ("LATENCY", "THROUGHPUT")
+PRECISION_HINTS, HINTS = OPENVINO_PRECISIONS, OPENVINO_HINTS  # our precision names -> INFERENCE_PRECISION_HINT
 
 
 def spec_of(port) -> TensorSpec:
@@ -96,13 +94,8 @@ class OpenVinoEngine(Engine):
         self._names: list[str] = []
 
     def config(self) -> dict[str, str]:
-        """The compile_model properties (strings, as OpenVINO documents them)."""
-        config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[self.precision], "PERFORMANCE_HINT": self.hint}
-        if self.threads is not None:
-            config["INFERENCE_NUM_THREADS"] = str(self.threads)
-        if self.streams is not None:
-            config["NUM_STREAMS"] = str(self.streams)
-        return config
+        """The compile_model properties (engines.plans.openvino_config: the same as convert gated the plan with)."""
+        return openvino_config(self.precision, self.threads, self.streams, self.hint)
 
     def load(self) -> OpenVinoEngine:
         try:

@@ -27,6 +27,29 @@ Precision = Literal["fp32", "bf16", "f16", "int8"]
 OPENVINO_TAG = "ov"
 
 
+# a plan's precision -> OpenVINO's INFERENCE_PRECISION_HINT. Always set: OpenVINO's own default on a CPU with
+# bf16 units is bf16, which would silently make an fp32 plan lossy. int8: an NNCF IR's quantized layers run in
+# int8, its other ops in f32 (what its gate measured).
+OPENVINO_PRECISIONS = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16", "int8": "f32"}
+OPENVINO_HINTS = ("LATENCY", "THROUGHPUT")
+
+
+def openvino_config(precision: str, threads: int | None = None, streams: int | None = None,
+                    hint: str = "LATENCY") -> dict[str, str]:
+    """The compile_model properties of an OpenVINO plan (strings, as OpenVINO documents them): one definition for
+    the engine that serves the plan and for convert, which gates and times it."""
+    if precision not in OPENVINO_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(OPENVINO_PRECISIONS)}, got {precision!r}")
+    if hint not in OPENVINO_HINTS:
+        raise ValueError(f"performance hint must be one of {', '.join(OPENVINO_HINTS)}, got {hint!r}")
+    config = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision], "PERFORMANCE_HINT": hint}
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = str(threads)
+    if streams is not None:
+        config["NUM_STREAMS"] = str(streams)
+    return config
+
+
 def plan_name(variant: str, engine: str, precision: str) -> str:
     """The served version of a plan: 'affine' (ORT fp32), 'affine-ov-bf16' (OpenVINO bf16)."""
     if engine == "onnxruntime" and precision == "fp32":
