@@ -35,9 +35,9 @@ def refused(manifest: Manifest, cpu: CpuInfo | None = None) -> dict[str, str]:
     return reasons
 
 
-def served_manifest(manifest: Manifest, cpu: CpuInfo | None = None) -> Manifest:
-    """The manifest with its runnable OpenVINO plans as versions and the default chosen for this CPU (logged);
-    a manifest without plans is returned as it is."""
+def served_manifest(manifest: Manifest, cpu: CpuInfo | None = None, *, only_default: bool = False) -> Manifest:
+    """The manifest with its runnable OpenVINO plans as versions (`only_default`: just the default plan, when it
+    is one) and the default chosen for this CPU (logged); a manifest without plans is returned as it is."""
     if manifest.plans is None:
         return manifest
     cpu = cpu or detect()
@@ -52,7 +52,7 @@ def served_manifest(manifest: Manifest, cpu: CpuInfo | None = None) -> Manifest:
     variants = dict(manifest.variants)
     for name in manifest.plans.servable():
         plan = manifest.plans.plans[name]
-        if plan.engine != "onnxruntime" and name not in skip:
+        if plan.engine != "onnxruntime" and name not in skip and (name == choice.plan or not only_default):
             variants[name] = as_variant(manifest, plan)
     plans = manifest.plans.model_copy(update={"served": choice.model_copy(update={"refused": skip})})
     return manifest.model_copy(update={"variants": variants, "default_variant": choice.plan, "plans": plans})

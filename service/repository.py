@@ -138,7 +138,7 @@ class Repository(ModelControl):
         wanted = self.settings.default_variant
         try:
             manifest, entry.sha256 = read_revision(model_dir)
-            manifest = served_manifest(manifest)  # its OpenVINO plans as versions, the default chosen for this CPU
+            manifest = served_manifest(manifest, only_default=self.settings.openvino_plans == "default")  # plans
             if wanted and wanted not in manifest.servable():
                 raise ValueError(f"NORMFUSE_DEFAULT_VARIANT / --default-variant {wanted!r}: model {name!r} has no such "
                                  f"servable variant; it has {manifest.servable()}")

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     openvino_streams: int = Field(0, ge=0, description="OpenVINO plans: NUM_STREAMS; 0 = OpenVINO's choice for "
                                   "the hint")
     openvino_hint: Literal["LATENCY", "THROUGHPUT"] = Field("LATENCY", description="OpenVINO plans: PERFORMANCE_HINT")
+    openvino_plans: Literal["all", "default"] = Field("all", description="OpenVINO plans served as versions: all "
+                                                      "this CPU runs natively, or only the default plan (each plan "
+                                                      "holds its own compiled weights)")
     openvino_cache_dir: Path | None = Field(None, description="OpenVINO plans: compiled-model cache directory (keyed "
                                             "by file sha256, OpenVINO version and CPU); none = compile at each load")
     drain_timeout_s: float = Field(30.0, gt=0, description="on shutdown, how long queued work may take to finish")

@@ -52,6 +52,11 @@ def test_on_an_amx_cpu_every_plan_is_a_version_and_bf16_the_default(manifest):
     assert refused_rows("tiny", served) == []
 
 
+def test_only_the_default_plan_when_asked(manifest):
+    served = served_manifest(manifest, cpu("xeon-sapphire-rapids-amx"), only_default=True)
+    assert set(served.servable()) == {"unfused", "unfused-ov-bf16"} and served.default_variant == "unfused-ov-bf16"
+
+
 def test_on_an_avx2_cpu_bf16_is_not_loaded_and_listed_with_the_reason(manifest, caplog):
     with caplog.at_level("WARNING", logger="service.plans"):
         served = served_manifest(manifest, cpu("xeon-haswell-avx2"))
