@@ -8,9 +8,10 @@ A plan's name is its served version: `<variant>` for the ONNX Runtime fp32 plan 
 path segment, and dots read as file extensions to proxies and to the OIP clients' URL builders).
 
 fp32 plans of exact variants are exact; bf16/f16 plans are *reduced precision*: servable only with a passed gate
-(`PlanGate`: agreement and cosine with the fp32 `unfused` ONNX Runtime reference on held-out data). Each plan
-records the CPU flags it needs; `choose_servable(manifest, cpu)` keeps the convert-time default where this CPU runs
-it natively, and otherwise falls back to the fastest plan this CPU can run, saying why.
+(`PlanGate`: agreement and cosine with the fp32 `unfused` ONNX Runtime reference on held-out data). The set
+records the CPU the plans were timed on; `choose_servable(manifest, cpu)` keeps the convert-time default where
+this CPU runs its precision natively (engines.cpu), and otherwise falls back to the fastest plan this CPU runs
+that may be a default, saying why.
 """
 
 from __future__ import annotations
