@@ -19,6 +19,8 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+from convert import plans as plans_cli
+
 log = logging.getLogger(__name__)
 
 # backend -> module providing add_arguments(parser) / build(model_dir, manifest, args); None: nothing to add
@@ -55,6 +57,7 @@ def register(subparsers) -> None:
     parser.add_argument("--verbose", action="store_true",
                         help="print the conversion log (every decision, tracebacks of failed variants) on stderr; "
                              "it is always written to DIR/NAME/convert.log")
+    plans_cli.add_arguments(parser)  # --cpu-precision, --engines, --plan-min-* (convert.plans)
     for module_name in filter(None, BACKENDS.values()):
         module = _backend_module(module_name)
         if module is not None and hasattr(module, "add_arguments"):
@@ -122,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         int8=Int8Options(alpha=args.int8_alpha, method=args.int8_method, min_agreement=args.int8_min_agreement,
                          min_cosine=args.int8_min_cosine, calibration_samples=args.int8_calibration,
                          post_ln_scale=args.int8_post_ln == "scale"),
+        plans=plans_cli.options_from(args),
     )
     backend = _backend_module(BACKENDS[args.backend]) if BACKENDS[args.backend] else None
     if BACKENDS[args.backend] and (backend is None or not hasattr(backend, "build")):
@@ -149,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
                     f"(the traceback is in {log_file})")
     with contextlib.suppress(OSError):  # the log travels with the model (a missing directory keeps it in /tmp)
         shutil.copyfile(log_file, args.repo / args.name / "convert.log")
-    sys.stdout.write(summary(manifest, args.repo / args.name))
+    sys.stdout.write(summary(manifest, args.repo / args.name) + plans_cli.summary(manifest))
     if backend is not None:
         try:
             backend.build(args.repo / args.name, manifest, args)

@@ -30,6 +30,7 @@ from convert.default_pick import benchmark
 from convert.lossy import LOSSY_VARIANTS
 from convert.memory import release_memory
 from convert.models import Source, load_source
+from convert.plans import PlanOptions, attach_plans
 from convert.quantize import Int8Options
 from convert.rewrites import BENCHMARK_ONLY, EXACT_VARIANTS
 from convert.staging import make_staging, move_into_place
@@ -59,6 +60,7 @@ class ConvertOptions:
     tools: dict[str, str] = field(default_factory=dict)
     int8: Int8Options | None = None     # calibration + accuracy gate of the lossy variants (None: defaults)
     allow_lossy_default: bool = False   # a gated lossy variant (int8) may become default_variant
+    plans: PlanOptions | None = None    # CPU plans (OpenVINO fp32/bf16/f16, gated and timed; None: variants only)
 
 
 def convert(source: str | Source, name: str, repo: str | Path, options: ConvertOptions | None = None) -> Manifest:
@@ -82,6 +84,8 @@ def convert(source: str | Source, name: str, repo: str | Path, options: ConvertO
             default_variant=default, constraints=input_constraints(src),
             allow_lossy_default=options.allow_lossy_default,
         )
+        if options.plans is not None:  # variant x engine x precision, gated and timed on this CPU (convert.plans)
+            manifest = attach_plans(staging, manifest, src, options.plans)
         save_parity_inputs(staging, context.held_out)  # the batch later backends' parity gates run on
         write_manifest(staging, manifest)
         move_into_place(staging, repo / name)

@@ -1,4 +1,4 @@
-"""Engines: one small runner interface (load / infer / close) over ONNX Runtime, TensorRT and PyTorch.
+"""Engines: one small runner interface (load / infer / close) over ONNX Runtime, OpenVINO, TensorRT and PyTorch.
 
 Heavy backends are imported lazily: `import engines` needs neither TensorRT nor CUDA.
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from engines.base import DATATYPES, Engine, EngineError, InputError, TensorSpec, check_inputs
 from engines.manifest import Manifest, ManifestError, VariantInfo, read_manifest, verify_files
+from engines.plans import find_plan, plan_file
 
 __all__ = [
     "BACKENDS", "DATATYPES", "Engine", "EngineError", "InputError", "ManifestError", "TensorSpec",
@@ -25,6 +26,7 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "engines:_open_onnxruntime",
     "torch": "engines:_open_torch",
     "tensorrt": "engines.tensorrt:open_variant",
+    "openvino": "engines.openvino:open_variant",
 }
 
 
@@ -53,7 +55,10 @@ def open_variant(
     """Pick a variant (None: the default), refuse a non-servable one unless `benchmark`, verify its sha256s."""
     manifest, model_dir = open_model(repo, name)
     variant = variant or manifest.default_variant
-    info = manifest.variants.get(variant)
+    plan = find_plan(manifest, variant)  # an OpenVINO plan runs its variant's files
+    if plan is not None and not plan.servable and not benchmark:
+        raise ManifestError(f"plan {variant!r} of {name!r} is not servable: {plan.reason}")
+    info = manifest.variants.get(plan.variant if plan is not None else variant)
     if info is None:
         why = manifest.not_applicable.get(variant)
         raise ManifestError(
@@ -83,6 +88,8 @@ def load(
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     manifest, model_dir, info, paths = open_variant(repo, model, variant, benchmark=benchmark)
+    if (plan := find_plan(manifest, variant)) is not None:  # a plan names its engine and precision itself
+        backend, options = plan.engine, {"precision": plan.precision, "model_file": plan_file(model_dir, plan), **options}
     module_name, function_name = BACKENDS[backend].split(":")
     try:
         opener = getattr(importlib.import_module(module_name), function_name)

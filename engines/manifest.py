@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engines.plans import PlanSet
+
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 
@@ -194,6 +196,8 @@ class Manifest(BaseModel):
     constraints: list[InputConstraint] = Field(default_factory=list, description="value and size limits per input")
     allow_lossy_default: bool = Field(False, description="converted with --allow-lossy-default: a gated lossy "
                                                          "variant may be the default")
+    plans: PlanSet | None = Field(None, description="variant x engine x precision plans, the CPU they were timed "
+                                                    "on and the default plan (engines.plans); absent: variants only")
 
     @model_validator(mode="after")
     def _default_is_servable(self) -> Manifest:

@@ -1,7 +1,7 @@
 """The TensorRT engine cache schema: which plan file belongs to which (ONNX, TensorRT, GPU, precision, profile).
 
 An on-disk artifact schema like manifest.json, and with engines/manifest.py the only engines module that
-`convert` imports: the builder (convert/build_tensorrt.py) writes plans and sidecars, the runtime
+`convert` imports: the builder (convert/tensorrt/build.py) writes plans and sidecars, the runtime
 (engines/tensorrt.py) finds and reads them. So it stays pure Python with no runtime logic: keys, file names,
 sidecar read/write and lookup, plus `capturing_logger`, the one TensorRT log sink both sides hand to
 TensorRT, which takes the `trt` module as an argument and imports nothing.

@@ -14,6 +14,7 @@ import sys
 # command -> (module whose register(subparsers) adds it, its one-line help for `normfuse --help`)
 COMMANDS = {
     "convert": ("convert.cli", "rewrite a model's normalization layers, export and verify every variant"),
+    "tune": ("convert.tune", "re-time a converted model's plans on this machine and update its default plan"),
     "serve": ("service.cli", "serve a model repository over the Open Inference Protocol v2"),
     "bench": ("benchmarks.cli", "benchmark engines and servers; write BENCHMARKS.md"),
     "loadgen": ("benchmarks.cli", "closed-loop sweep and open-loop Poisson load on an OIP v2 server"),

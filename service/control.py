@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from engines.manifest import manifest_sha256
 from service.errors import ModelControlError, ModelNotFound
+from service.plans import refused_rows
 from service.protocol import ProtocolError
 
 if TYPE_CHECKING:
@@ -261,7 +262,7 @@ class ModelControl:
             reason = "; ".join(part for part in (why, model_wide) if part)
             rows.append({"name": name, "version": version, "state": READY if ready else UNAVAILABLE,
                          **({"reason": reason} if reason else {})})
-        return rows
+        return rows + refused_rows(name, entry.manifest)  # plans this CPU does not run natively (service.plans)
 
 
 def fingerprint(model_dir: Path) -> str | None:

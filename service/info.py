@@ -9,6 +9,7 @@ from typing import Any
 
 from service.control import ModelControl
 from service.errors import ModelNotReady, NotLive
+from service.plans import parameters as plan_parameters
 from service.protocol import ModelMetadata, ServerMetadata, TensorMetadata
 from service.repository import Repository
 from service.triton import EXTENSIONS, model_config, platform, statistics  # noqa: F401 - statistics re-exported
@@ -48,7 +49,8 @@ def model_metadata(repo: Repository, model: str, version: str | None) -> ModelMe
         platform=platform(servable.labels["backend"]),
         inputs=[TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in servable.engine.inputs],
         outputs=[TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in servable.engine.outputs],
-        parameters={"variant": servable.variant, "exact": manifest.variants[servable.variant].exact},
+        parameters={"variant": servable.variant, "exact": manifest.variants[servable.variant].exact,
+                    **plan_parameters(manifest, servable.variant)},
     )
 
 

@@ -21,6 +21,7 @@ from engines.manifest import Manifest, list_models, manifest_sha256, read_revisi
 from service.batcher import Batch, Batcher
 from service.errors import ModelNotFound, ModelNotReady
 from service.metrics import LABELS, Metrics
+from service.plans import engine_and_options, served_manifest
 from service.revision import Revision, Servable
 from service.settings import Settings
 from service.shadow import UNFUSED, CompareStats, Shadow
@@ -84,6 +85,7 @@ class Repository:
         wanted = self.settings.default_variant
         try:
             manifest, entry.sha256 = read_revision(model_dir)
+            manifest = served_manifest(manifest, only_default=self.settings.openvino_plans == "default")  # plans
             if wanted and wanted not in manifest.servable():
                 raise ValueError(f"NORMFUSE_DEFAULT_VARIANT / --default-variant {wanted!r}: model {name!r} has no such "
                                  f"servable variant; it has {manifest.servable()}")
@@ -102,12 +104,13 @@ class Repository:
 
     def _open(self, manifest: Manifest, variant: str) -> Servable:
         s = self.settings
-        engine = self.loader(s.repo, manifest.name, variant, s.backend, **backend_options(s))
+        backend, options = engine_and_options(manifest, variant, s, backend_options(s))  # a plan: OpenVINO
+        engine = self.loader(s.repo, manifest.name, variant, backend, **options)
         limit = min(s.max_batch_size, manifest.max_batch_size, engine.max_batch_size or s.max_batch_size)
         for size in sorted({*s.warmup_batch_sizes, *s.preferred_batch_sizes, limit}):
             if size <= limit:
                 engine.infer(warmup_inputs(engine, size))
-        labels = {"model": manifest.name, "variant": variant, "backend": engine.backend or s.backend}
+        labels = {"model": manifest.name, "variant": variant, "backend": engine.backend or backend}
         servable = Servable(manifest.name, variant, engine, labels, constraints=manifest.constraints)
         servable.batcher = Batcher(
             engine, max_batch_size=limit, max_queue_delay_s=s.max_queue_delay_ms / 1e3,

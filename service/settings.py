@@ -67,6 +67,14 @@ class Settings(BaseSettings):
     ort_providers: Names = Field(default_factory=list, description="onnxruntime backend: execution providers in "
                                  "order, e.g. cuda,tensorrt (CPU is always appended); empty = CPU")
     ort_allow_spinning: bool = Field(False, description="onnxruntime backend: let pool threads busy-wait")
+    openvino_streams: int = Field(0, ge=0, description="OpenVINO plans: NUM_STREAMS; 0 = OpenVINO's choice for "
+                                  "the hint")
+    openvino_hint: Literal["LATENCY", "THROUGHPUT"] = Field("LATENCY", description="OpenVINO plans: PERFORMANCE_HINT")
+    openvino_plans: Literal["all", "default"] = Field("all", description="OpenVINO plans served as versions: all "
+                                                      "this CPU runs natively, or only the default plan (each plan "
+                                                      "holds its own compiled weights)")
+    openvino_cache_dir: Path | None = Field(None, description="OpenVINO plans: compiled-model cache directory (keyed "
+                                            "by file sha256, OpenVINO version and CPU); none = compile at each load")
     drain_timeout_s: float = Field(30.0, gt=0, description="on shutdown, how long queued work may take to finish")
     compare_window: int = Field(512, ge=8, description="recent samples kept per variant and batch size for /compare")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug | info | warning | error")

@@ -7,6 +7,8 @@ otherwise; TensorRT is covered by tests/engines/test_gpu.py.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ import engines
 from engines.base import EngineError, InputError
 
 CUDA = torch.cuda.is_available()
+OPENVINO = importlib.util.find_spec("openvino") is not None
 
 
 def _ort_providers() -> list[str]:
@@ -40,7 +43,15 @@ def _factory(kind: str, model_dir):
         "torch-compile": lambda: TorchEngine(Tiny(), mode="compile", **specs),
         "torch-cuda": lambda: TorchEngine(saved, device="cuda", **specs),
         "torch-cuda-compile": lambda: TorchEngine(Tiny(), device="cuda", mode="compile", **specs),
+        "openvino-fp32": lambda: _openvino(onnx, threads=1),
+        "openvino-fp32-cached": lambda: _openvino(onnx, cache_dir=model_dir.parent / "ov-cache"),
     }[kind]
+
+
+def _openvino(path, **options):
+    from engines.openvino import OpenVinoEngine
+
+    return OpenVinoEngine(path, precision="fp32", **options)
 
 
 KINDS = [
@@ -53,6 +64,8 @@ KINDS = [
     "torch-compile",
     pytest.param("torch-cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no CUDA")]),
     pytest.param("torch-cuda-compile", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no CUDA")]),
+    pytest.param("openvino-fp32", marks=pytest.mark.skipif(not OPENVINO, reason="openvino is not installed")),
+    pytest.param("openvino-fp32-cached", marks=pytest.mark.skipif(not OPENVINO, reason="openvino is not installed")),
 ]
 
 
@@ -137,7 +150,8 @@ def test_max_batch_size_is_enforced(make):
             engine.infer({"x": x(5)})
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch", pytest.param("openvino", marks=pytest.mark.skipif(
+    not OPENVINO, reason="openvino is not installed"))])
 def test_engines_load_opens_the_default_variant(model_dir, backend):
     with engines.load(model_dir.parent, "tiny", backend=backend) as engine:
         assert engine.backend == backend
@@ -170,7 +184,8 @@ def test_ort_threads_do_not_spin_unless_asked(model_dir):
         spinning.close()
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch", pytest.param("openvino", marks=pytest.mark.skipif(
+    not OPENVINO, reason="openvino is not installed"))])
 def test_every_cpu_backend_takes_intra_op_threads(model_dir, backend):
     """The server passes intra_op_threads to whichever backend it runs (torch used to refuse it: TypeError)."""
     with engines.load(model_dir.parent, "tiny", backend=backend, intra_op_threads=1) as engine:
