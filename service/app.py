@@ -18,6 +18,7 @@ from service.admission import Admission, InflightLimit
 from service.metrics import Metrics
 from service.protocol import InferenceRequest
 from service.repository import Loader, Repository
+from service.restricted import RestrictedApi
 from service.routes import router
 from service.settings import Settings
 
@@ -74,6 +75,8 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
     app.state.grpc = None  # service.grpc_server.GrpcServer while serving gRPC
     app.state.admission = Admission(settings.max_inflight, on_reject=app.state.metrics.refused.inc)
     app.add_middleware(InflightLimit, admission=app.state.admission)
+    if settings.restricted_api:  # outermost: a refused request takes no in-flight place and is not read
+        app.add_middleware(RestrictedApi, restrictions=settings.restricted_api)
     errors.install(app)
     app.include_router(router)
     app.openapi = lambda: _openapi(app)

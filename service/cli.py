@@ -9,8 +9,10 @@ import sys
 
 log = logging.getLogger(__name__)
 
-REPEATABLE = {"load_model"}  # list settings whose flag may be given several times (each may still be "a,b")
+REPEATABLE = {"load_model", "restricted_api"}  # list settings whose flag may be given several times (each may still be "a,b")
 
+
+SECRET = {"restricted_api"}  # settings whose values carry keys: an error names the setting, never shows the value
 
 # NORMFUSE_* variables read by other parts of normfuse, which the server must not call typos
 NOT_SERVER_SETTINGS = {
@@ -99,6 +101,8 @@ def setting_errors(exc) -> list[str]:
             lines.append(f"  {where}: required, not given")
         elif error["type"] == "extra_forbidden":
             lines.append(f"  {name}: not a setting")
+        elif name in SECRET:
+            lines.append(f"  {where}: {message}")
         else:
             lines.append(f"  {where} = {error.get('input')!r}: {message}")
     return lines

@@ -35,6 +35,10 @@ class BodyTooLarge(ValueError):
     """The request body exceeds `max_body_bytes`."""
 
 
+class Forbidden(PermissionError):
+    """A restricted API called without its header and key (service.restricted)."""
+
+
 class ClientGone(Exception):
     """The client disconnected while its request was queued or running."""
 
@@ -48,6 +52,7 @@ STATUS: list[tuple[type[BaseException], int, dict[str, str]]] = [
     (ProtocolError, 400, {}),
     (InputError, 400, {}),
     (SchemaError, 422, {}),
+    (Forbidden, 403, {}),
     (ModelNotFound, 404, {}),
     (ModelControlError, 400, {}),
     (BodyTooLarge, 413, {}),
@@ -68,14 +73,14 @@ EXPECTED = (ClientDisconnect, ClientGone, QueueTimeout, Overloaded, QueueFull, D
 
 # HTTP status -> the gRPC status code (grpc.StatusCode's name) of the same error, for service.grpc_server;
 # any other status is INTERNAL.
-GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT",
+GRPC_CODES = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT",
               499: "CANCELLED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 # ... except these, whose gRPC code says more than their HTTP status: a well-formed repository request that the
 # server's state refuses (model control off, the model not loaded, its load failed) is FAILED_PRECONDITION
 GRPC_CODE_OF_KIND: list[tuple[type[BaseException], str]] = [(ModelControlError, "FAILED_PRECONDITION")]
 
 # what each route declares in the OpenAPI schema
-ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 404, 413, 422, 503, 504)}
+ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 403, 404, 413, 422, 503, 504)}
 
 
 def status_of(exc: BaseException) -> tuple[int, dict[str, str]]:

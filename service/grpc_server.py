@@ -26,6 +26,7 @@ from service import routes
 from service.errors import CLIENT_GONE, ModelNotFound, ModelNotReady, NotLive, grpc_status_of, message_of
 from service.grpc_codec import decode, encode, message, parameters
 from service.protocol import binary_choices, priority_of, timeout_of
+from service.restricted import grpc_interceptor
 from service.triton import repository_index, statistics
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,8 @@ class GrpcServer:
     def __init__(self, state) -> None:
         settings = state.settings
         self.host, self.port, self.grace_s = settings.host, settings.grpc_port, settings.drain_timeout_s
-        self._server = grpc.aio.server(options=[
+        interceptors = [grpc_interceptor(settings.restricted_api)] if settings.restricted_api else []
+        self._server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", settings.max_body_bytes),  # the REST body limit
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it
