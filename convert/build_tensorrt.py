@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convert.trt_parity import gate_plans, tensorrt_runner
-from engines.manifest import Manifest, PlanRef, TensorInfo, file_ref, sha256_file, verify_files, write_manifest
+from engines.manifest import (
+    Manifest,
+    PlanRef,
+    TensorInfo,
+    file_ref,
+    sha256_file,
+    verify_files,
+    write_manifest,
+)
 from engines.trt_cache import (
     EngineKey,
     ShapeProfile,

@@ -26,7 +26,7 @@ from engines.manifest import (
 
 __all__ = [
     "BACKENDS", "DATATYPES", "Engine", "EngineError", "InputError", "ManifestError", "TensorSpec",
-    "check_inputs", "load", "open_model", "open_variant", "pick_variant", "specs",
+    "check_inputs", "load", "open_model", "open_variant", "pick_variant", "read_manifest", "specs",
 ]
 
 # backend -> "module:function"; the function is (model_dir, manifest, variant, files, **options) -> Engine

@@ -270,8 +270,8 @@ def read_manifest(model_dir: Path) -> Manifest:
 def manifest_sha256(model_dir: Path) -> str | None:
     """The sha256 of REPO/NAME/manifest.json's bytes, None if it cannot be read (e.g. mid-rename)."""
     try:
-        return hashlib.sha256((Path(model_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
-    except OSError:
+        return hashlib.sha256(_inside(Path(model_dir), MANIFEST_NAME, "the manifest").read_bytes()).hexdigest()
+    except (OSError, ManifestError):  # a manifest.json outside its directory (a link) is never read
         return None
 
 
