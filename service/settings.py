@@ -93,6 +93,15 @@ class Settings(BaseSettings):
             return [part for item in value for part in str(item).replace(" ", "").split(",") if part]
         return value
 
+    @field_validator("load_model")
+    @classmethod
+    def _model_names(cls, value: list[str]) -> list[str]:
+        bad = [name for name in value if name != "*" and ("/" in name or "\\" in name or name.startswith("."))]
+        if bad:
+            raise ValueError(f"{bad} are not model names (one directory of the repository: no '/', '\\' or "
+                             "leading '.')")
+        return value
+
     @field_validator("restricted_api", mode="before")
     @classmethod
     def _parse_restrictions(cls, value: object) -> list[Restriction]:
