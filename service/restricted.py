@@ -109,8 +109,9 @@ def parse_spec(spec: str) -> Restriction:
         raise ValueError(f"a spec without ':' or '=' ({expected})")
     groups = tuple(part.strip() for part in apis.split(","))
     unknown = [group for group in groups if group not in GROUPS]
-    if unknown:
-        raise ValueError(f"unknown API group(s) {unknown} ({expected})")
+    if unknown:  # a name that could be a key (a reversed spec, HEADER=VALUE:API) is not echoed
+        shown = [group if re.fullmatch(r"[A-Za-z_-]{1,32}", group) else "(not shown)" for group in unknown]
+        raise ValueError(f"unknown API group(s) {shown} ({expected})")
     header = header.strip().lower()
     if not _HEADER.fullmatch(header) or header.startswith("grpc-") or header.endswith("-bin"):
         raise ValueError(f"header {header!r} is not a valid header name (lowercase letters, digits, "
