@@ -324,6 +324,7 @@ class Artifact:
     path: Path  # resolved, inside the model's directory
     ref: FileRef
     what: str  # e.g. "variant 'affine': onnx file affine/model.onnx", for messages
+    root: Path | None = None  # the model's resolved directory: what the opened file must still lie in
     verified: bool = False  # read (or checked) once against the manifest
 
     def check(self) -> None:
@@ -340,6 +341,7 @@ class Artifact:
         with os.fdopen(fd, "rb") as fh:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise ManifestError(f"{self.what} is not a regular file")
+            self._still_inside(fd)
             data = fh.read()
         actual = hashlib.sha256(data).hexdigest()
         if actual != self.ref.sha256 or len(data) != self.ref.bytes:
@@ -351,10 +353,18 @@ class Artifact:
         return data
 
 
+    def _still_inside(self, fd: int) -> None:
+        """What was opened, by its descriptor (Linux): a directory swapped for a link after the path was
+        resolved cannot lead the read out of the model's directory."""
+        opened = Path(f"/proc/self/fd/{fd}")
+        if self.root is not None and opened.is_symlink() and not Path(os.readlink(opened)).is_relative_to(self.root):
+            raise ManifestError(f"{self.what}: opened {os.readlink(opened)}, outside the model's directory")
+
+
 def artifact(model_dir: Path, variant: str, role: str, ref: FileRef) -> Artifact:
     what = f"variant {variant!r}: {role} file {ref.path}"
     try:
-        return Artifact(_inside(Path(model_dir), ref.path, what), ref, what)
+        return Artifact(_inside(Path(model_dir), ref.path, what), ref, what, root=Path(model_dir).resolve())
     except FileNotFoundError:
         raise ManifestError(f"{what} is missing from {model_dir}") from None
 

@@ -203,3 +203,17 @@ def test_an_older_manifest_still_loads(repo):
     assert "plans" not in (repo / MODEL / "manifest.json").read_text()
     np.testing.assert_array_equal(answers(repo, MODEL), expected(X))
     np.testing.assert_array_equal(answers(repo, MODEL, backend="torch"), expected(X))
+
+
+def test_a_directory_swapped_for_a_link_after_the_check_is_caught_at_the_read(repo, tmp_path):
+    """The path is resolved and checked, then (a race) its directory is replaced by a link out: what was opened
+    is checked again by its descriptor, so the read still refuses."""
+    from engines.manifest import ManifestError, artifacts
+
+    model = copy_model(repo, "racy")
+    files = artifacts(model, read_manifest(model).variants["unfused"])
+    outside = Path(shutil.copytree(model / "unfused", tmp_path / "elsewhere"))
+    (model / "unfused").rename(model / "unfused.real")
+    (model / "unfused").symlink_to(outside)
+    with pytest.raises(ManifestError, match="opened .*elsewhere/model.onnx, outside the model's directory"):
+        files["onnx"].read()
