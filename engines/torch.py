@@ -6,7 +6,8 @@ saved variant artifact:
 * `model.pt` (what `normfuse convert` writes): the pickled eval-mode module (`torch.save(module)`), loaded
   with `torch.load(weights_only=True)`, never a general unpickler: only the classes a module is made of may be
   named in it (`module_classes`: nn.Module subclasses, dataclasses, enums, transformers' and convert's
-  classes, torch.nn.functional's functions), and nothing else is ever called or built; anything else is refused, naming it. It needs the model's classes
+  classes, torch.nn.functional's functions, numpy's array rebuilders, the `kernels` hub's layer rebuilder for
+  transformers' own layers only), and nothing else is ever called or built; anything else is refused, naming it. It needs the model's classes
   importable (normfuse, transformers).
 * `*.pt2`: a `torch.export` program (`torch.export.save`), called positionally in input-spec order.
 
@@ -56,22 +57,56 @@ def first_tensor(output, names: list[str]) -> list:
 
 _MODULE_PACKAGES = ("transformers.", "convert.")  # classes of these may be named in model.pt (configs, ...)
 _TENSOR_FUNCTIONS = ("torch.nn.functional.", "torch._C._nn.")  # activations held as attributes (no I/O there)
+# numpy arrays held by a module or its config: numpy's own array and scalar rebuilders (torch's documented set)
+_NUMPY = {f"numpy.{core}.multiarray.{name}" for core in ("core", "_core") for name in ("_reconstruct", "scalar")}
+_NUMPY |= {"numpy.ndarray", "numpy.dtype"}
 
 
-def module_classes(names: list[str]) -> list[type]:
+def _kernel_func_of_a_model(built: list):
+    """The `kernels` hub's pickle rebuilder for a model layer's forward (transformers' Llama-family norms and
+    MLPs pickle through it), let through only for functions of transformers' or convert's own modules (it
+    imports the module it is given and instantiates a type found there). The layer class it builds is local,
+    so it is allowed for the rest of this load (appended to `built`, the load's own allowlist)."""
+
+    def rebuild(module_name: str, func_name: str):
+        import torch
+
+        if not module_name.startswith(_MODULE_PACKAGES):
+            raise EngineError(f"model.pt asks to rebuild {module_name}.{func_name}, not a model's layer: refused")
+        from kernels._internals.layer.layer import _rebuild_kernel_func
+
+        layer = _rebuild_kernel_func(module_name, func_name)
+        if not isinstance(layer, torch.nn.Module):
+            raise EngineError(f"model.pt rebuilt {module_name}.{func_name} as {type(layer).__name__}: refused")
+        built.append(type(layer))
+        torch.serialization.add_safe_globals([type(layer)])  # removed with `built` when the load ends
+        return layer
+
+    return rebuild
+
+
+# globals a model.pt may name that are let through as a guarded substitute (name -> its factory)
+_GUARDED = {"kernels._internals.layer.layer._rebuild_kernel_func": _kernel_func_of_a_model}
+
+
+def module_classes(names: list[str]) -> list:
     """The globals a pickled module names, resolved, if each is a class a module is made of (or a tensor function
     such as an activation held as an attribute); EngineError naming the first that is not (any other function,
     a builtin, a class from elsewhere: unpickling it could run code)."""
     import torch
 
-    allowed = []
+    allowed: list = []
     for name in names:
+        if name in _GUARDED:
+            allowed.append((_GUARDED[name](allowed), name))
+            continue
         module_name, _, attribute = name.rpartition(".")
         try:
             found = getattr(importlib.import_module(module_name), attribute)
         except (ImportError, AttributeError, ValueError) as exc:
             raise EngineError(f"model.pt names {name!r}, which cannot be imported here ({exc})") from None
-        if name.startswith(_TENSOR_FUNCTIONS) and callable(found):
+        if (name.startswith(_TENSOR_FUNCTIONS) and callable(found)) or name in _NUMPY or (
+                name.startswith("numpy.dtypes.") and isinstance(found, type)):
             allowed.append(found)
             continue
         if not isinstance(found, type) or not (
@@ -80,6 +115,10 @@ def module_classes(names: list[str]) -> list[type]:
             raise EngineError(f"model.pt names {name!r}, which is not a module, config or enum class: refused "
                               "(unpickling it could run code); re-convert, or export a .pt2")
         allowed.append(found)
+    if "numpy.dtype" in names:  # a dtype is rebuilt as its DType class (numpy.dtypes.Float32DType, ...)
+        import numpy.dtypes
+
+        allowed += [getattr(numpy.dtypes, name) for name in numpy.dtypes.__all__]
     return allowed
 
 

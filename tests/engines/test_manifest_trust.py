@@ -217,3 +217,50 @@ def test_a_directory_swapped_for_a_link_after_the_check_is_caught_at_the_read(re
     (model / "unfused").symlink_to(outside)
     with pytest.raises(ManifestError, match="opened .*elsewhere/model.onnx, outside the model's directory"):
         files["onnx"].read()
+
+
+def tiny_hf(family: str):
+    import transformers as tf
+
+    small = {"vocab_size": 64}
+    if family == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32, **small))
+    if family == "bert":
+        return tf.BertModel(tf.BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                                          intermediate_size=32, **small))
+    return tf.LlamaForCausalLM(tf.LlamaConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                                              num_key_value_heads=2, intermediate_size=32, **small))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama"])
+def test_transformers_modules_load_without_a_general_unpickler(family):
+    """What `normfuse convert` pickles for Hugging Face sources loads with weights_only=True and answers alike
+    (numpy arrays in configs, activations held as functions, the kernels hub's layer rebuilder)."""
+    import torch
+
+    from engines.torch import load_module
+
+    model = tiny_hf(family).eval()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = load_module(buffer.getvalue(), Path("model.pt"), "cpu")
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        expected_out, got = model(input_ids=ids)[0], loaded(input_ids=ids)[0]
+    assert type(loaded) is type(model) and torch.equal(expected_out, got)
+
+
+def test_the_kernels_rebuilder_is_refused_outside_model_code(tmp_path):
+    import torch
+
+    kernels = pytest.importorskip("kernels._internals.layer.layer")
+    from engines.torch import load_module
+
+    class Forged:
+        def __reduce__(self):
+            return (kernels._rebuild_kernel_func, ("subprocess", "Popen"))
+
+    buffer = io.BytesIO()
+    torch.save({"x": Forged()}, buffer)
+    with pytest.raises(engines.EngineError, match="asks to rebuild subprocess.Popen, not a model's layer"):
+        load_module(buffer.getvalue(), Path("model.pt"), "cpu")
