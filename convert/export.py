@@ -310,8 +310,8 @@ def export_torch(model: torch.nn.Module, path: Path) -> Path:
 
     A pickled module rather than a `torch.export` program: it saves in a second where torch.export of
     GPT-2-small takes ~15 s, keeps the keyword-argument calling convention, and moves to CUDA or through
-    `torch.compile` like any module. Loading it imports the model's classes (normfuse, transformers) and
-    unpickles code, so engines.load checks its sha256 against the manifest first.
+    `torch.compile` like any module. engines.torch loads it with `torch.load(weights_only=True)`, allowing
+    only the module's own classes (engines.torch.module_classes), from the bytes the manifest's sha256 vouches for.
     """
     try:
         torch.save(model.eval(), str(path))

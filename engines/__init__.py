@@ -12,16 +12,26 @@ import importlib
 from pathlib import Path
 
 from engines.base import DATATYPES, Engine, EngineError, InputError, TensorSpec, check_inputs
-from engines.manifest import Manifest, ManifestError, VariantInfo, read_manifest, verify_files
-from engines.plans import find_plan, plan_file
+from engines.manifest import (
+    Artifact,
+    Manifest,
+    ManifestError,
+    VariantInfo,
+    artifacts,
+    check_model_name,
+    read_manifest,
+    read_revision,
+    verify_files,
+)
+from engines.plans import find_plan, plan_artifacts
 
 __all__ = [
     "BACKENDS", "DATATYPES", "Engine", "EngineError", "InputError", "ManifestError", "TensorSpec",
-    "check_inputs", "load", "open_model", "open_variant", "specs",
+    "check_inputs", "load", "open_model", "open_variant", "pick_variant", "read_manifest", "specs",
 ]
 
-# backend -> "module:function"; the function is (model_dir, manifest, variant, paths, **options) -> Engine
-# (not yet loaded). A backend module adds itself here by name; it is imported only when asked for.
+# backend -> "module:function"; the function is (model_dir, manifest, variant, files, **options) -> Engine
+# (not yet loaded); `files` is role -> engines.manifest.Artifact, whose read() gives the verified bytes. A backend module adds itself here by name; it is imported only when asked for.
 BACKENDS: dict[str, str] = {
     "onnxruntime": "engines:_open_onnxruntime",
     "torch": "engines:_open_torch",
@@ -31,8 +41,9 @@ BACKENDS: dict[str, str] = {
 
 
 def open_model(repo: str | Path, name: str) -> tuple[Manifest, Path]:
-    """Read REPO/NAME/manifest.json; return it with the model's directory."""
-    model_dir = Path(repo) / name
+    """Read REPO/NAME/manifest.json (held to its directory: engines.manifest.read_revision); return it with the
+    model's directory."""
+    model_dir = Path(repo) / check_model_name(name)
     if not model_dir.is_dir():
         from engines.manifest import list_models
 
@@ -41,7 +52,7 @@ def open_model(repo: str | Path, name: str) -> tuple[Manifest, Path]:
             f"no model {name!r} in repository {repo} (models there: {', '.join(known) or 'none'}); "
             f"run `normfuse convert SOURCE --name {name} --repo {repo}` first"
         )
-    return read_manifest(model_dir), model_dir
+    return read_revision(model_dir)[0], model_dir
 
 
 def specs(infos) -> list[TensorSpec]:
@@ -52,7 +63,14 @@ def specs(infos) -> list[TensorSpec]:
 def open_variant(
     repo: str | Path, name: str, variant: str | None = None, *, benchmark: bool = False
 ) -> tuple[Manifest, Path, VariantInfo, dict[str, Path]]:
-    """Pick a variant (None: the default), refuse a non-servable one unless `benchmark`, verify its sha256s."""
+    """Pick a variant (None: the default), refuse a non-servable one unless `benchmark`, verify its sha256s;
+    role -> path, for tools that hand paths on (engines.load reads each file once instead: `pick_variant`)."""
+    manifest, model_dir, info = pick_variant(repo, name, variant, benchmark=benchmark)
+    return manifest, model_dir, info, verify_files(model_dir, info)
+
+
+def pick_variant(repo: str | Path, name: str, variant: str | None = None, *, benchmark: bool = False
+                 ) -> tuple[Manifest, Path, VariantInfo]:
     manifest, model_dir = open_model(repo, name)
     variant = variant or manifest.default_variant
     plan = find_plan(manifest, variant)  # an OpenVINO plan runs its variant's files
@@ -72,7 +90,7 @@ def open_variant(
             f"variant {variant!r} of {name!r} is not servable ({reason}); servable: "
             f"{', '.join(manifest.servable())}. Pass benchmark=True to open it for measurement only."
         )
-    return manifest, model_dir, info, verify_files(model_dir, info)
+    return manifest, model_dir, info
 
 
 def load(
@@ -84,38 +102,49 @@ def load(
     benchmark: bool = False,
     **options,
 ) -> Engine:
-    """Open one variant of `model` from the repository on `backend`, sha256-verified, and load it."""
+    """Open one variant of `model` from the repository on `backend` and load it from the bytes its manifest's
+    sha256 vouches for (each file read once, inside the model's directory)."""
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    manifest, model_dir, info, paths = open_variant(repo, model, variant, benchmark=benchmark)
+    manifest, model_dir, info = pick_variant(repo, model, variant, benchmark=benchmark)
+    files = artifacts(model_dir, info)
     if (plan := find_plan(manifest, variant)) is not None:  # a plan names its engine and precision itself
-        backend, options = plan.engine, {"precision": plan.precision, "model_file": plan_file(model_dir, plan), **options}
+        backend, options = plan.engine, {"precision": plan.precision, **options}
+        files |= plan_artifacts(model_dir, plan)  # its own IR (int8), read like the variant's files
     module_name, function_name = BACKENDS[backend].split(":")
     try:
         opener = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as exc:
         raise EngineError(f"backend {backend!r} is not available here: {exc}") from exc
     try:
-        engine = opener(model_dir, manifest, info, paths, **options)
+        engine = opener(model_dir, manifest, info, files, **options)
     except TypeError as exc:  # an option this backend does not take: say which backend, not just the signature
         raise EngineError(f"backend {backend!r} does not accept the options {sorted(options)}: {exc}") from exc
     engine.max_batch_size = engine.max_batch_size or manifest.max_batch_size
-    return engine.load()
+    engine.load()
+    try:
+        for artifact in files.values():  # the files this backend did not read are the manifest's too
+            artifact.check()
+    except ManifestError:
+        engine.close()
+        raise
+    return engine
 
 
-def _open_onnxruntime(model_dir: Path, manifest: Manifest, info: VariantInfo, paths: dict[str, Path], **options):
+def _open_onnxruntime(model_dir: Path, manifest: Manifest, info: VariantInfo, files: dict[str, Artifact],
+                      **options):
     from engines.onnxruntime import OnnxRuntimeEngine
 
-    if "onnx" not in paths:
+    if "onnx" not in files:
         raise EngineError(f"variant {info.name!r} has no ONNX file in its manifest entry")
-    return OnnxRuntimeEngine(paths["onnx"], **options)
+    return OnnxRuntimeEngine(files["onnx"], external_data=files.get("onnx_data"), **options)
 
 
-def _open_torch(model_dir: Path, manifest: Manifest, info: VariantInfo, paths: dict[str, Path], **options):
+def _open_torch(model_dir: Path, manifest: Manifest, info: VariantInfo, files: dict[str, Artifact], **options):
     from engines.torch import TorchEngine
 
-    if "torch" not in paths:
+    if "torch" not in files:
         raise EngineError(
             f"variant {info.name!r} has no torch artifact (model.pt); re-run `normfuse convert` without --no-torch"
         )
-    return TorchEngine(paths["torch"], inputs=specs(manifest.inputs), outputs=specs(manifest.outputs), **options)
+    return TorchEngine(files["torch"], inputs=specs(manifest.inputs), outputs=specs(manifest.outputs), **options)

@@ -8,17 +8,27 @@ Layout of a repository::
 
 Every file a variant uses is listed with its sha256; `read_manifest` + `verify_files` refuse a mismatch.
 The only modules convert shares with engines are manifest.py and trt_cache.py, the artifact schemas.
+
+A manifest is trusted for nothing (what the server opens, `read_revision` and `artifacts`): its `name` must be
+its directory's; every file path is relative, without `..`, and resolves (symlinks followed) to a regular file
+inside the model's directory; and what an engine deserializes is the bytes that were hashed (`Artifact.read`:
+open once, read, hash, hand over those bytes), never a second read by path. TensorRT plans are listed in the
+manifest too (`VariantInfo.plans`), with the build key they were made for and whether their host code may run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engines.fileref import FileRef
 from engines.plans import PlanSet
 
 MANIFEST_NAME = "manifest.json"
@@ -52,12 +62,13 @@ class InputConstraint(BaseModel):
     source: str = Field("", description="where the limits come from, e.g. 'config.vocab_size = 50257'")
 
 
-class FileRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PlanRef(FileRef):
+    """A TensorRT plan of a variant, recorded by `normfuse convert --backend tensorrt` after it passed its gate."""
 
-    path: str = Field(description="relative to the model's directory")
-    sha256: str
-    bytes: int
+    key: dict[str, Any] = Field(description="the engines.trt_cache.EngineKey it was built for (what its sidecar "
+                                            "says; the server trusts this copy, never the sidecar)")
+    host_code_allowed: bool = Field(False, description="a version-compatible plan: its embedded lean runtime "
+                                                       "(host code) may run")
 
 
 class Parity(BaseModel):
@@ -163,6 +174,8 @@ class VariantInfo(BaseModel):
     servable: bool = Field(description="passed every parity gate; only servable variants are served")
     benchmark_only: bool = Field(False, description="e.g. the no-norm bound: built to measure, never served")
     files: dict[str, FileRef] = Field(description="role -> file, e.g. 'onnx', 'onnx_data'")
+    plans: list[PlanRef] = Field(default_factory=list, description="TensorRT plans built for it (older "
+                                 "manifests have none: the tensorrt backend then asks for a rebuild)")
     parity: list[Parity] = Field(default_factory=list)
     op_census: dict[str, int] = Field(default_factory=dict, description="ops after ORT graph optimization")
     flags: list[str] = Field(default_factory=list, description="warnings, e.g. 'lost-fusion:SkipLayerNormalization'")
@@ -236,37 +249,124 @@ def write_manifest(model_dir: Path, manifest: Manifest) -> Path:
 
 
 def read_manifest(model_dir: Path) -> Manifest:
-    return read_revision(model_dir)[0]
+    """The manifest in `model_dir`, wherever it is (convert's staging copies included); what is served goes
+    through `read_revision`, which also holds it to its directory."""
+    return read_revision(model_dir, served=False)[0]
 
 
 def manifest_sha256(model_dir: Path) -> str | None:
     """The sha256 of REPO/NAME/manifest.json's bytes, None if it cannot be read (e.g. mid-rename)."""
     try:
-        return hashlib.sha256((Path(model_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
-    except OSError:
+        return hashlib.sha256(_inside(Path(model_dir), MANIFEST_NAME, "the manifest").read_bytes()).hexdigest()
+    except (OSError, ManifestError):  # a manifest.json outside its directory (a link) is never read
         return None
 
 
-def read_revision(model_dir: Path) -> tuple[Manifest, str]:
-    """The manifest and the sha256 of its bytes (read once): what identifies one conversion of a model."""
+def read_revision(model_dir: Path, *, served: bool = True) -> tuple[Manifest, str]:
+    """The manifest and the sha256 of its bytes (read once): what identifies one conversion of a model.
+    `served` (what the server and engines.load read): the manifest is a regular file inside the directory and
+    its `name` is the directory's; `read_manifest` (convert's staging copies, `.NAME.partial-*`) skips that."""
     path = Path(model_dir) / MANIFEST_NAME
     try:
-        data = path.read_bytes()
+        data = _inside(Path(model_dir), MANIFEST_NAME, "the manifest").read_bytes() if served else path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(f"no {MANIFEST_NAME} in {model_dir}: run `normfuse convert` first") from None
     try:
-        return Manifest.model_validate_json(data), hashlib.sha256(data).hexdigest()
+        manifest = Manifest.model_validate_json(data)
     except ValueError as exc:
         raise ManifestError(f"{path} is not a valid normfuse manifest: {exc}") from exc
+    if served and manifest.name != Path(model_dir).name:
+        raise ManifestError(f"{path} names the model {manifest.name!r}, but its directory is "
+                            f"{Path(model_dir).name!r}: a manifest serves only its own directory (re-run "
+                            f"`normfuse convert ... --name {Path(model_dir).name}`)")
+    return manifest, hashlib.sha256(data).hexdigest()
+
+
+def check_model_name(name: str) -> str:
+    """A model name is one visible directory of the repository: no separators, not '.', '..' or hidden."""
+    if not name or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
+        raise ManifestError(f"{name!r} is not a model name: one directory of the repository, without '/', "
+                            "'\\' or a leading '.'")
+    return name
+
+
+def _inside(model_dir: Path, relative: str, what: str) -> Path:
+    """`model_dir/relative` resolved (symlinks followed): ManifestError unless it is a regular file inside the
+    model's (resolved) directory. FileNotFoundError when it does not exist."""
+    base = Path(model_dir).resolve(strict=True)
+    target = (base / relative).resolve(strict=True)
+    if not target.is_relative_to(base):
+        raise ManifestError(f"{what} {relative!r} resolves to {target}, outside the model's directory {base}; "
+                            "a manifest may only name files inside its own directory")
+    if not target.is_file():
+        raise ManifestError(f"{what} {relative!r} is not a regular file")
+    return target
+
+
+@dataclass
+class Artifact:
+    """One file a variant's manifest lists, checked to lie inside the model's directory; `read()` gives the
+    bytes whose sha256 and size are the manifest's (what an engine deserializes: it never reopens the path)."""
+
+    path: Path  # resolved, inside the model's directory
+    ref: FileRef
+    what: str  # e.g. "variant 'affine': onnx file affine/model.onnx", for messages
+    root: Path | None = None  # the model's resolved directory: what the opened file must still lie in
+    verified: bool = False  # read (or checked) once against the manifest
+
+    def check(self) -> None:
+        """Verify a file no engine read (e.g. model.pt beside the ONNX), so a tampered directory is refused."""
+        if not self.verified:
+            self.read()
+
+    def read(self) -> bytes:
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)  # the resolved path: a link swapped in since is refused
+        try:
+            fd = os.open(self.path, flags)
+        except OSError as exc:
+            raise ManifestError(f"{self.what}: cannot open {self.path} ({exc.strerror})") from exc
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ManifestError(f"{self.what} is not a regular file")
+            self._still_inside(fd)
+            data = fh.read()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != self.ref.sha256 or len(data) != self.ref.bytes:
+            raise ManifestError(
+                f"{self.what} has sha256 {actual[:12]}… ({len(data)} bytes), the manifest expects "
+                f"{self.ref.sha256[:12]}… ({self.ref.bytes} bytes) — the file was modified after conversion; "
+                "re-run `normfuse convert`")
+        self.verified = True
+        return data
+
+
+    def _still_inside(self, fd: int) -> None:
+        """What was opened, by its descriptor (Linux): a directory swapped for a link after the path was
+        resolved cannot lead the read out of the model's directory."""
+        opened = Path(f"/proc/self/fd/{fd}")
+        if self.root is not None and opened.is_symlink() and not Path(os.readlink(opened)).is_relative_to(self.root):
+            raise ManifestError(f"{self.what}: opened {os.readlink(opened)}, outside the model's directory")
+
+
+def artifact(model_dir: Path, variant: str, role: str, ref: FileRef) -> Artifact:
+    what = f"variant {variant!r}: {role} file {ref.path}"
+    try:
+        return Artifact(_inside(Path(model_dir), ref.path, what), ref, what, root=Path(model_dir).resolve())
+    except FileNotFoundError:
+        raise ManifestError(f"{what} is missing from {model_dir}") from None
+
+
+def artifacts(model_dir: Path, variant: VariantInfo) -> dict[str, Artifact]:
+    """role -> Artifact for every file of `variant`, each inside the model's directory (contents not read)."""
+    return {role: artifact(model_dir, variant.name, role, ref) for role, ref in variant.files.items()}
 
 
 def verify_files(model_dir: Path, variant: VariantInfo) -> dict[str, Path]:
-    """Check every file of `variant` against its sha256; return role -> absolute path."""
+    """Check every file of `variant` against its sha256 (and inside the model's directory); return role ->
+    resolved path. For tools that hand paths on (convert, benchmarks); engines load through `artifacts`."""
     paths = {}
     for role, ref in variant.files.items():
-        path = Path(model_dir) / ref.path
-        if not path.is_file():
-            raise ManifestError(f"variant {variant.name!r}: {role} file {path} is missing")
+        path = artifact(model_dir, variant.name, role, ref).path
         actual = sha256_file(path)
         if actual != ref.sha256:
             raise ManifestError(

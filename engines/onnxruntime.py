@@ -1,5 +1,10 @@
 """ONNX Runtime engine: one InferenceSession per variant, CPU by default.
 
+Given an engines.manifest.Artifact (what engines.load passes), the session is built from the bytes that were
+hashed, never from a second read by path; external data comes only from the manifest's `onnx_data` artifact
+(handed over in memory), and any other external reference fails instead of reading a file beside the model or
+in the working directory.
+
 CUDA and TensorRT execution providers are used only when asked for (`providers=[...]`) and present in the
 installed onnxruntime build; asking for one that is absent is an EngineError rather than a silent CPU
 fallback, so a benchmark never mislabels what it measured.
@@ -8,11 +13,13 @@ fallback, so a benchmark never mislabels what it measured.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from engines.base import Engine, EngineError, InputError, TensorSpec
+from engines.manifest import Artifact, ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +83,9 @@ class OnnxRuntimeEngine(Engine):
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | Artifact,
         *,
+        external_data: Artifact | None = None,
         providers: list | None = None,
         intra_op_threads: int | None = None,
         inter_op_threads: int | None = None,
@@ -88,7 +96,9 @@ class OnnxRuntimeEngine(Engine):
         super().__init__()
         if optimization not in _LEVELS:
             raise ValueError(f"optimization must be one of {', '.join(_LEVELS)}, got {optimization!r}")
-        self.path = Path(path)
+        self.artifact = None if isinstance(path, str | Path) else path  # an Artifact: load its verified bytes
+        self.path = Path(path) if self.artifact is None else self.artifact.path
+        self.external_data = external_data
         self.providers = providers
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
@@ -103,7 +113,7 @@ class OnnxRuntimeEngine(Engine):
     def load(self) -> OnnxRuntimeEngine:
         import onnxruntime as ort
 
-        if not self.path.is_file():
+        if self.artifact is None and not self.path.is_file():
             raise EngineError(f"ONNX file {self.path} does not exist")
         options = ort.SessionOptions()
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[self.optimization])
@@ -119,10 +129,8 @@ class OnnxRuntimeEngine(Engine):
         options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         self.session_options = options
         try:
-            self._session = ort.InferenceSession(
-                str(self.path), sess_options=options, providers=resolve_providers(self.providers)
-            )
-        except EngineError:
+            self._session = self._new_session(ort, options)
+        except (EngineError, ManifestError):  # a sha256 mismatch says so itself
             raise
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise EngineError(f"ONNX Runtime could not load {self.path}: {exc}") from exc
@@ -130,6 +138,20 @@ class OnnxRuntimeEngine(Engine):
         self._outputs = [spec_of(arg) for arg in self._session.get_outputs()]
         log.info("loaded %s with %s", self.path, self._session.get_providers())
         return self
+
+    def _new_session(self, ort, options):
+        providers = resolve_providers(self.providers)
+        if self.artifact is None:
+            return ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        model = self.artifact.read()
+        if self.external_data is not None:  # under the name the graph's initializers reference, relative to it
+            name = self.external_data.path.relative_to(self.path.parent).as_posix()
+            data = self.external_data.read()
+            options.add_external_initializers_from_files_in_memory([name], [data], [len(data)])
+        # any other external reference resolves in an empty directory (ORT would look in the working directory)
+        with tempfile.TemporaryDirectory(prefix="normfuse-no-external-") as empty:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
+            return ort.InferenceSession(model, sess_options=options, providers=providers)
 
     def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:

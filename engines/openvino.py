@@ -52,12 +52,13 @@ def spec_of(port) -> TensorSpec:
     return TensorSpec(name, datatype, shape)
 
 
-def cache_key(path: Path, version: str, cpu: str) -> str:
-    """`<file sha256[:16]>-<OpenVINO version>-<CPU digest[:8]>`: what a cached compiled blob is valid for."""
+def cache_key(path: Path, version: str, cpu: str, sha256: str | None = None) -> str:
+    """`<file sha256[:16]>-<OpenVINO version>-<CPU digest[:8]>`: what a cached compiled blob is valid for
+    (`sha256`: the file's, when its bytes were already read and hashed)."""
     from engines.manifest import sha256_file
 
     version = version.split("-")[0]
-    return f"{sha256_file(path)[:16]}-{version}-{hashlib.sha256(cpu.encode()).hexdigest()[:8]}"
+    return f"{(sha256 or sha256_file(path))[:16]}-{version}-{hashlib.sha256(cpu.encode()).hexdigest()[:8]}"
 
 
 class OpenVinoEngine(Engine):
@@ -69,6 +70,8 @@ class OpenVinoEngine(Engine):
         self,
         path: str | Path,
         *,
+        model_bytes: bytes | None = None,
+        weights_bytes: bytes | None = None,
         precision: str = "fp32",
         threads: int | None = None,
         streams: int | None = None,
@@ -84,7 +87,8 @@ class OpenVinoEngine(Engine):
         for name, value in (("threads", threads), ("streams", streams)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
-        self.path = Path(path)
+        self.path = Path(path)  # what the model is called in messages; read from here unless its bytes are given
+        self.model_bytes, self.weights_bytes = model_bytes, weights_bytes  # verified bytes (engines.load)
         self.precision = precision
         self.threads, self.streams, self.hint = threads, streams, hint
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -102,13 +106,20 @@ class OpenVinoEngine(Engine):
             import openvino as ov
         except ImportError as exc:
             raise EngineError(f"OpenVINO is not installed here (pip install openvino): {exc}") from exc
-        if not self.path.is_file():
+        if self.model_bytes is None and not self.path.is_file():
             raise EngineError(f"model file {self.path} does not exist")
         config = self.config()
         if self.cache_dir is not None:
-            config["CACHE_DIR"] = str(self.cache_dir / cache_key(self.path, ov.__version__, self._cpu()))
+            digest = hashlib.sha256(self.model_bytes).hexdigest() if self.model_bytes is not None else None
+            config["CACHE_DIR"] = str(self.cache_dir / cache_key(self.path, ov.__version__, self._cpu(), digest))
         try:
-            self._compiled = ov.Core().compile_model(str(self.path), "CPU", config)
+            core = ov.Core()
+            if self.model_bytes is None:
+                self._compiled = core.compile_model(str(self.path), "CPU", config)
+            else:  # the bytes whose sha256 the manifest vouches for: the path is never reopened
+                weights = ov.Tensor(np.frombuffer(self.weights_bytes, np.uint8)) if self.weights_bytes else None
+                model = core.read_model(self.model_bytes, weights) if weights is not None else core.read_model(self.model_bytes)
+                self._compiled = core.compile_model(model, "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError with the plugin's message
             raise EngineError(f"OpenVINO could not compile {self.path}: {exc}") from exc
         self._inputs = [spec_of(port) for port in self._compiled.inputs]
@@ -161,12 +172,16 @@ class OpenVinoEngine(Engine):
         return described
 
 
-def open_variant(model_dir: Path, manifest, info, paths: dict[str, Path], *, precision: str = "fp32",
+def open_variant(model_dir: Path, manifest, info, files: dict, *, precision: str = "fp32",
                  intra_op_threads: int | None = None, streams: int | None = None, hint: str = "LATENCY",
-                 cache_dir: str | Path | None = None, model_file: Path | None = None) -> OpenVinoEngine:
-    """engines.load(..., backend="openvino"): the variant's ONNX file (or a plan's own IR, `model_file`) at
-    `precision` (intra_op_threads: OpenVINO's INFERENCE_NUM_THREADS, as the other CPU backends take it)."""
-    if model_file is None and "onnx" not in paths:
+                 cache_dir: str | Path | None = None) -> OpenVinoEngine:
+    """engines.load(..., backend="openvino"): the variant's ONNX file (or a plan's own IR, role `openvino` +
+    `openvino_weights`) at `precision`, compiled from the bytes the manifest's sha256 vouches for
+    (intra_op_threads: OpenVINO's INFERENCE_NUM_THREADS, as the other CPU backends take it)."""
+    model = files.get("openvino") or files.get("onnx")
+    if model is None:
         raise EngineError(f"variant {info.name!r} has no ONNX file in its manifest entry")
-    return OpenVinoEngine(model_file or paths["onnx"], precision=precision, threads=intra_op_threads or None, streams=streams,
-                          hint=hint, cache_dir=cache_dir)
+    weights = files.get("openvino_weights")
+    return OpenVinoEngine(model.path, model_bytes=model.read(), weights_bytes=weights.read() if weights else None,
+                          precision=precision, threads=intra_op_threads or None, streams=streams, hint=hint,
+                          cache_dir=cache_dir)

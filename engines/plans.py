@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engines.cpu import CpuInfo
+from engines.fileref import FileRef
 
 Engine = Literal["onnxruntime", "openvino"]
 Precision = Literal["fp32", "bf16", "f16", "int8"]
@@ -60,14 +61,7 @@ def plan_name(variant: str, engine: str, precision: str) -> str:
     raise ValueError(f"no plan name for {engine} {precision}")
 
 
-class PlanFile(BaseModel):
-    """A file a plan adds to its variant's (an OpenVINO int8 IR); the same fields as manifest.FileRef."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(description="relative to the model's directory")
-    sha256: str
-    bytes: int
+PlanFile = FileRef  # a file a plan adds to its variant's (an OpenVINO int8 IR): path inside the model's directory, sha256, size
 
 
 class PlanGate(BaseModel):
@@ -193,14 +187,9 @@ def find_plan(manifest, version: str | None) -> Plan | None:
     return plan if plan is not None and plan.engine != "onnxruntime" else None
 
 
-def plan_file(model_dir: Path, plan: Plan) -> Path | None:
-    """The plan's own model file (an OpenVINO IR), sha256-checked with its weights; None when it runs its variant's
-    ONNX. ManifestError names a missing or modified file."""
-    from engines.manifest import ManifestError, sha256_file
+def plan_artifacts(model_dir: Path, plan: Plan) -> dict:
+    """role -> engines.manifest.Artifact for the files a plan adds to its variant's (an OpenVINO int8 IR:
+    `openvino`, `openvino_weights`): each inside the model's directory, read once and checked like every file."""
+    from engines.manifest import artifact
 
-    for ref in plan.files.values():
-        path = Path(model_dir) / ref.path
-        if not path.is_file() or sha256_file(path) != ref.sha256:
-            state = "is missing" if not path.is_file() else "was modified after conversion"
-            raise ManifestError(f"plan {plan.name!r}: {path} {state}; re-run `normfuse convert`")
-    return Path(model_dir) / plan.files["openvino"].path if "openvino" in plan.files else None
+    return {role: artifact(model_dir, plan.name, role, ref) for role, ref in plan.files.items()}

@@ -11,10 +11,15 @@ fallback and runs version-compatible plans. The flow per batch follows tensorrt.
 The CUDA side (stream, uploads, allocations, the one synchronize) sits behind `CudaDevice`, the only place
 that touches torch.cuda; unit tests replace it and the TensorRT module with recording fakes.
 A batch larger than the profile's maximum is an InputError (the batcher splits batches, never this engine).
+
+What the server opens (`open_variant`) is a plan the manifest records (`VariantInfo.plans`), read once and
+deserialized from the bytes whose sha256 the manifest holds; its host code (a version-compatible plan's lean
+runtime) runs only when that record says so. Sidecars choose nothing and allow nothing at serving time.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 from pathlib import Path
@@ -106,9 +111,15 @@ class TensorRTEngine(Engine):
 
     backend = "tensorrt"
 
-    def __init__(self, plan_path: str | Path, *, device: int = 0, gate: tuple[Path | None, object] | None = None) -> None:
+    def __init__(self, plan_path, *, device: int = 0, gate: tuple[object, object] | None = None,
+                 key=None, host_code_allowed: bool = False) -> None:
+        """`plan_path`: a path, or an engines.manifest.Artifact (its verified bytes are deserialized); `key`: the
+        EngineKey the manifest records (else the sidecar's, for describe() only); `host_code_allowed`: the
+        manifest's word that the plan's embedded runtime may run (never a sidecar's)."""
         super().__init__()
-        self.plan_path = Path(plan_path)
+        self.artifact = None if isinstance(plan_path, str | Path) else plan_path
+        self.plan_path = Path(plan_path) if self.artifact is None else self.artifact.path
+        self.key, self.host_code_allowed = key, host_code_allowed
         self.gate = gate  # a lossy variant's (reference.npz, manifest Accuracy): judged at load, before serving
         self.device_index = device
         self._trt = None
@@ -126,10 +137,10 @@ class TensorRTEngine(Engine):
     # -- lifecycle -------------------------------------------------------------------------------
     def load(self) -> TensorRTEngine:
         trt = import_tensorrt()
-        if not self.plan_path.is_file():
+        if self.artifact is None and not self.plan_path.is_file():
             raise EngineError(f"TensorRT plan {self.plan_path} does not exist")
         cuda = CudaDevice(self.device_index)
-        key = self._read_key()
+        key = self.key or self._read_key()
         self._precision = key.precision if key else "unknown"
         logger = capturing_logger(trt)
         with cuda.active():
@@ -154,7 +165,7 @@ class TensorRTEngine(Engine):
         if reference is None:
             self.close()
             raise EngineError(f"{self.plan_path.name}: a lossy variant needs its reference file to be gated; reconvert it")
-        inputs, expected = load_reference(reference)
+        inputs, expected = load_reference(io.BytesIO(reference.read()) if hasattr(reference, "read") else reference)
         rows = len(next(iter(inputs.values())))
         step = self.max_batch_size or rows
         parts = [self.infer({k: v[i:i + step] for k, v in inputs.items()}) for i in range(0, rows, step)]
@@ -171,10 +182,10 @@ class TensorRTEngine(Engine):
         runtime = trt.Runtime(logger)
         if runtime is None:
             raise EngineError(f"trt.Runtime() failed:\n{logger.tail()}")
-        if key and key.builder_flags.get("version_compatible") == "true":
-            # a version-compatible plan embeds the lean runtime as host code; only our own builds get here
+        if self.host_code_allowed:  # a version-compatible plan embeds the lean runtime as host code
             runtime.engine_host_code_allowed = True
-        engine = runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+        plan = self.artifact.read() if self.artifact is not None else self.plan_path.read_bytes()
+        engine = runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise EngineError(
                 f"deserialize_cuda_engine returned None for {self.plan_path} (TensorRT {trt.__version__}, "
@@ -287,12 +298,30 @@ def find_plan(model_dir: str | Path, variant, *, precision: str | None = None, d
     )
 
 
-def open_variant(model_dir: Path, manifest, info, paths: dict[str, Path], *, precision: str | None = None,
+def recorded_plan(model_dir: str | Path, variant, *, precision: str | None = None, device: int = 0):
+    """(Artifact, PlanRef) of the plan the manifest records for this variant's ONNX, at `precision` (None: any,
+    the last recorded wins), for the installed TensorRT and this GPU; EngineCacheError listing each record and
+    why it was refused (or that there are none: a manifest from before plans were recorded)."""
+    from engines.manifest import artifact
+    from engines.trt_cache import select_recorded, variant_source_sha256
+
+    trt, cuda = import_tensorrt(), CudaDevice(device)
+    record = select_recorded(variant.plans, variant.name, source_sha256=variant_source_sha256(variant.files),
+                             precision=precision, trt_version=str(trt.__version__), gpu_name=cuda.name(),
+                             compute_capability=cuda.compute_capability())
+    return artifact(Path(model_dir), variant.name, "tensorrt plan", record), record
+
+
+def open_variant(model_dir: Path, manifest, info, files: dict, *, precision: str | None = None,
                  device: int = 0, intra_op_threads: int = 0) -> TensorRTEngine:
-    """The `engines.load(..., backend="tensorrt")` opener: the plan for this variant, GPU and TensorRT
-    (see `find_plan`), as a TensorRTEngine that is not loaded yet. `paths` were sha256-verified by the caller.
+    """The `engines.load(..., backend="tensorrt")` opener: the plan the manifest records for this variant, GPU
+    and TensorRT (`recorded_plan`), as a TensorRTEngine that is not loaded yet. `files`: role -> Artifact.
     `intra_op_threads` is accepted for the service's common options and ignored (no CPU threads to size)."""
+    from engines.trt_cache import EngineKey
+
     gate = None
     if info.accuracy is not None:  # a lossy variant: one plan precision (its QDQ ONNX's explicit int8), gated
-        precision, gate = "int8", (paths.get("reference"), info.accuracy)
-    return TensorRTEngine(find_plan(model_dir, info, precision=precision, device=device), device=device, gate=gate)
+        precision, gate = "int8", (files.get("reference"), info.accuracy)
+    plan, record = recorded_plan(model_dir, info, precision=precision, device=device)
+    return TensorRTEngine(plan, device=device, gate=gate, key=EngineKey.from_json(record.key),
+                          host_code_allowed=record.host_code_allowed)

@@ -246,19 +246,55 @@ def select_plan(
         except EngineCacheError as exc:
             refused.append(f"{plan.name}: {exc}")
             continue
-        got = {name: getattr(key, name) for name in wanted}
-        diffs = [f"{n} {got[n]!r} != {wanted[n]!r}" for n in wanted if got[n] != wanted[n]]
-        if cached_variant != variant:
-            diffs.insert(0, f"variant {cached_variant!r} != {variant!r}")
+        diffs = _mismatches(cached_variant, key, variant, wanted)
         if not diffs:
             matches.append(plan)
         else:
             refused.append(f"{plan.name}: {', '.join(diffs)}")
     if matches:
         return max(matches, key=lambda plan: (plan.stat().st_mtime_ns, plan.name))
+    raise _no_plan(cache_dir, variant, precision, gpu_name, compute_capability, trt_version, refused)
+
+
+def select_recorded(records: list, variant: str, *, source_sha256: str, precision: str | None, trt_version: str,
+                    gpu_name: str, compute_capability: str):
+    """`select_plan` over the plans a manifest records (`engines.manifest.PlanRef`: path + key), which is what
+    the server opens: a plan the manifest does not list, or a sidecar, chooses nothing. The last match wins
+    (the most recently recorded build)."""
+    wanted = {"source_sha256": source_sha256, "precision": precision, "trt_version": trt_version,
+              "gpu_name": gpu_name, "compute_capability": compute_capability}
+    if precision is None:
+        del wanted["precision"]
+    refused, matches = [], []
+    for record in records:
+        try:
+            key = EngineKey.from_json(record.key)
+        except (ValueError, KeyError, TypeError) as exc:
+            refused.append(f"{record.path}: its recorded key is not valid ({exc})")
+            continue
+        diffs = _mismatches(variant, key, variant, wanted)
+        if diffs:
+            refused.append(f"{record.path}: {', '.join(diffs)}")
+        else:
+            matches.append(record)
+    if matches:
+        return matches[-1]
+    if not records:
+        refused.append("the manifest records none (plans are recorded by `normfuse convert --backend tensorrt` "
+                       "since plans are hashed; a plan only on disk is not opened)")
+    raise _no_plan("the manifest", variant, precision, gpu_name, compute_capability, trt_version, refused)
+
+
+def _mismatches(cached_variant: str, key: EngineKey, variant: str, wanted: dict) -> list[str]:
+    got = {name: getattr(key, name) for name in wanted}
+    diffs = [f"{n} {got[n]!r} != {wanted[n]!r}" for n in wanted if got[n] != wanted[n]]
+    return ([f"variant {cached_variant!r} != {variant!r}"] if cached_variant != variant else []) + diffs
+
+
+def _no_plan(where, variant, precision, gpu_name, compute_capability, trt_version, refused) -> EngineCacheError:
     detail = "; ".join(refused) if refused else "no plans at all"
-    raise EngineCacheError(
-        f"no TensorRT plan in {cache_dir} for variant {variant!r} at {precision or 'any precision'} on {gpu_name} "
+    return EngineCacheError(
+        f"no TensorRT plan in {where} for variant {variant!r} at {precision or 'any precision'} on {gpu_name} "
         f"(sm {compute_capability}) with TensorRT {trt_version} [{detail}]. Plans are built per GPU and "
         "TensorRT version: run `normfuse convert ... --backend tensorrt` on this host."
     )

@@ -20,6 +20,7 @@ from service.inference import Inference
 from service.metrics import Metrics
 from service.protocol import InferenceRequest
 from service.repository import Loader, Repository
+from service.restricted import RestrictedApi
 from service.routes import router
 from service.settings import Settings
 
@@ -79,6 +80,8 @@ def create_app(settings: Settings, loader: Loader | None = None) -> FastAPI:
                                     max_receiving=settings.max_receiving_bytes)
     app.state.inference = Inference(settings, app.state.repo, app.state.admission, app.state.metrics)
     app.add_middleware(InflightLimit, admission=app.state.admission)
+    if settings.restricted_api:  # outermost: a refused request takes no in-flight place and is not read
+        app.add_middleware(RestrictedApi, restrictions=settings.restricted_api)
     errors.install(app)
     app.include_router(router)
     app.openapi = lambda: _openapi(app)

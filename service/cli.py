@@ -9,6 +9,10 @@ import sys
 
 log = logging.getLogger(__name__)
 
+
+
+SECRET = {"restricted_api"}  # settings whose values carry keys: an error names the setting, never shows the value
+
 # NORMFUSE_* variables read by other parts of normfuse, which the server must not call typos
 NOT_SERVER_SETTINGS = {
     "NORMFUSE_CACHE_DIR",  # convert/models/vit_digits.py: where built-in model weights are cached
@@ -111,6 +115,8 @@ def setting_errors(exc) -> list[str]:
             lines.append(f"  {where}: required, not given")
         elif error["type"] == "extra_forbidden":
             lines.append(f"  {name}: not a setting")
+        elif name in SECRET:
+            lines.append(f"  {where}: {message}")
         else:
             lines.append(f"  {where} = {error.get('input')!r}: {message}")
     return lines

@@ -45,6 +45,10 @@ class BodyTimeout(TimeoutError):
     """The body did not arrive within `body_timeout_s`, or came slower than `min_upload_bytes_per_s` (408)."""
 
 
+class Forbidden(PermissionError):
+    """A restricted API called without its header and key (service.restricted)."""
+
+
 class ClientGone(Exception):
     """The client disconnected while its request was queued or running."""
 
@@ -67,6 +71,7 @@ STATUS: list[tuple[type[BaseException], Status]] = [
     (InputError, Status(400, "INVALID_ARGUMENT")),
     (RecursionError, Status(400, "INVALID_ARGUMENT")),  # a body nested past what any decoder follows
     (SchemaError, Status(422, "INVALID_ARGUMENT")),
+    (Forbidden, Status(403, "PERMISSION_DENIED")),
     (ModelNotFound, Status(404, "NOT_FOUND")),
     # a well-formed repository request that the server's state refuses (model control off, not loaded, load failed)
     (ModelControlError, Status(400, "FAILED_PRECONDITION")),
@@ -88,7 +93,7 @@ STATUS: list[tuple[type[BaseException], Status]] = [
 INTERNAL = Status(500, "INTERNAL", expected=False)
 
 # what each route declares in the OpenAPI schema
-ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 404, 408, 413, 422, 503, 504)}
+ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 403, 404, 408, 413, 422, 503, 504)}
 
 
 def status(exc: BaseException) -> Status:

@@ -26,6 +26,7 @@ from service.errors import ModelNotFound, ModelNotReady, NotLive, message_of, st
 from service.grpc_codec import encode, message, parameters, read
 from service.inference import Answer
 from service.protocol import request_arrays
+from service.restricted import grpc_interceptor
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,8 @@ class GrpcServer:
     def __init__(self, state) -> None:
         settings = state.settings
         self.host, self.port, self.grace_s = settings.host, settings.grpc_port, settings.drain_timeout_s
-        self._server = grpc.aio.server(maximum_concurrent_rpcs=settings.max_grpc_rpcs, options=[
+        interceptors = [grpc_interceptor(settings.restricted_api)] if settings.restricted_api else []
+        self._server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=settings.max_grpc_rpcs, options=[
             ("grpc.max_receive_message_length", settings.max_body_bytes),  # the REST body limit
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it

@@ -11,8 +11,11 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.restricted import Restriction, parse_specs
+
 Sizes = Annotated[list[int], NoDecode]  # "1,4,8" in the environment, not JSON
 Names = Annotated[list[str], NoDecode]  # "cuda,tensorrt"
+Restrictions = Annotated[list[Restriction], NoDecode]  # "API[,API]:HEADER=VALUE[;...]"
 
 
 class Settings(BaseSettings):
@@ -84,6 +87,11 @@ class Settings(BaseSettings):
         "through POST /v2/repository/models/NAME/load|unload")
     load_model: Names = Field(default_factory=list, description="explicit mode: the models loaded at start "
                               "('*' = all); repeatable flag, comma-separated in the environment")
+    restricted_api: Restrictions = Field(
+        default_factory=list, description="API[,API...]:HEADER=VALUE: these API groups (health, metadata, "
+        "inference, model-config, model-repository, statistics) answer only requests whose header (gRPC: metadata) "
+        "HEADER carries VALUE, others get 403 / PERMISSION_DENIED; repeatable flag, ';'-separated in the "
+        "environment; the value is never logged")
     repository_poll_secs: float = Field(15.0, gt=0, description="poll mode: seconds between repository scans")
 
     @field_validator("repo")
@@ -110,6 +118,20 @@ class Settings(BaseSettings):
         if isinstance(value, list | tuple):  # a repeated flag's values may each be a list: "a,b"
             return [part for item in value for part in str(item).replace(" ", "").split(",") if part]
         return value
+
+    @field_validator("load_model")
+    @classmethod
+    def _model_names(cls, value: list[str]) -> list[str]:
+        bad = [name for name in value if name != "*" and ("/" in name or "\\" in name or name.startswith("."))]
+        if bad:
+            raise ValueError(f"{bad} are not model names (one directory of the repository: no '/', '\\' or "
+                             "leading '.')")
+        return value
+
+    @field_validator("restricted_api", mode="before")
+    @classmethod
+    def _parse_restrictions(cls, value: object) -> list[Restriction]:
+        return parse_specs(value)
 
     @field_validator("preferred_batch_sizes", "warmup_batch_sizes")
     @classmethod

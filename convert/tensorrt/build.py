@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convert.tensorrt.parity import gate_plans, tensorrt_runner
-from engines.manifest import Manifest, TensorInfo, sha256_file, verify_files
+from engines.manifest import (
+    Manifest,
+    PlanRef,
+    TensorInfo,
+    file_ref,
+    sha256_file,
+    verify_files,
+    write_manifest,
+)
 from engines.trt_cache import (
     EngineKey,
     ShapeProfile,
@@ -290,6 +298,7 @@ def build_engines(
     model_dir = Path(model_dir)
     profiles = profiles_for(manifest.inputs, options)
     plans: dict[str, Path] = {}
+    keys: dict[str, EngineKey] = {}
     for name, variant in manifest.variants.items():
         if not trt_int8.should_build(variant):
             log.info("variant %s: no plan (it failed its accuracy gate at conversion)", name)
@@ -318,7 +327,7 @@ def build_engines(
             plan, lines = build_plan(trt, onnx_path, profiles, options, timing)
             found.plan.write_bytes(plan)
             write_sidecar(found.plan, name, key, build_log=lines)
-        plans[name] = found.plan
+        plans[name], keys[name] = found.plan, key
     run_plan = tensorrt_runner(trt)
     exact = {n: p for n, p in plans.items() if not trt_int8.is_lossy(manifest.variants[n])}
     passed = gate_plans(model_dir, manifest, exact, precision=options.precision, tf32=options.tf32, run_plan=run_plan)
@@ -327,7 +336,28 @@ def build_engines(
     if failed:
         log.warning("TensorRT plans of %s failed their parity/accuracy gate and were removed (see manifest.json)",
                     ", ".join(failed))
-    return [plan for name, plan in plans.items() if passed[name]]
+    kept = {name: plan for name, plan in plans.items() if passed[name]}
+    for name in plans.keys() - kept.keys():  # a removed plan: nothing may point at it
+        removed = Path(plans[name]).name
+        manifest.variants[name].plans = [p for p in manifest.variants[name].plans if Path(p.path).name != removed]
+    record_plans(model_dir, manifest, kept, keys)
+    return list(kept.values())
+
+
+def record_plans(model_dir: Path, manifest: Manifest, plans: dict[str, Path], keys: dict[str, EngineKey]) -> None:
+    """List each gated plan in its variant's manifest entry (sha256, size, build key, whether its host code may
+    run): the server opens only plans recorded there (engines.tensorrt.recorded_plan). A rebuild of the same
+    path replaces its record; plans outside the model's directory (a separate cache_dir) are not recorded."""
+    for name, plan in plans.items():
+        if not Path(plan).resolve().is_relative_to(Path(model_dir).resolve()):
+            log.warning("plan %s is outside %s: not recorded in the manifest, so not served", plan, model_dir)
+            continue
+        ref = file_ref(model_dir, plan)
+        record = PlanRef(**ref.model_dump(), key=keys[name].to_json(),
+                         host_code_allowed=keys[name].builder_flags.get("version_compatible") == "true")
+        info = manifest.variants[name]
+        info.plans = [p for p in info.plans if p.path != record.path] + [record]
+    write_manifest(Path(model_dir), manifest)
 
 
 def _fp16_onnx(fp32_onnx: Path, out_dir: Path) -> Path:

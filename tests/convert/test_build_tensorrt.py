@@ -471,3 +471,23 @@ def test_real_tensorrt_plans_pass_the_gate(tmp_path):
     model_dir, manifest = make_repo(tmp_path)
     assert len(build.build_engines(model_dir, manifest, batch_sizes=(1, 4))) == 2
     assert all(p.passed for info in read_manifest(model_dir).variants.values() for p in info.parity)
+
+
+def test_each_gated_plan_is_recorded_in_the_manifest_with_its_hash_and_key(tmp_path, use_fake):
+    """What the server opens (engines.tensorrt.recorded_plan): only plans the manifest lists, hashed, with
+    their build key; a plan removed by its gate leaves no record; no host code unless version-compatible."""
+    from engines.manifest import sha256_file
+    from engines.trt_cache import read_sidecar
+
+    use_fake(make_fake_trt(), runner=onnxruntime_runner({"rmsnorm": 0.05}))
+    model_dir, manifest = make_repo(tmp_path)
+    [plan] = build.build_engines(model_dir, manifest)
+    recorded = read_manifest(model_dir)
+    [record] = recorded.variants["unfused"].plans
+    assert record.path == plan.relative_to(model_dir).as_posix() and record.sha256 == sha256_file(plan)
+    assert record.key == read_sidecar(plan)[1].to_json() and record.host_code_allowed is False
+    assert recorded.variants["rmsnorm"].plans == []  # failed its gate: removed, not recorded
+    use_fake(make_fake_trt())
+    build.build_engines(model_dir, manifest)  # a rebuild of the same paths replaces their records
+    again = read_manifest(model_dir)
+    assert [len(again.variants[name].plans) for name in ("unfused", "rmsnorm")] == [1, 1]

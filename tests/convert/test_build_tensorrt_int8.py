@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import types
 
 import pytest
 
@@ -17,7 +18,7 @@ import convert.tensorrt.build as build
 from convert.pipeline import ConvertOptions, convert
 from convert.quantize import Int8Options
 from engines.manifest import read_manifest
-from engines.trt_cache import read_sidecar
+from engines.trt_cache import EngineKey, read_sidecar
 from tests.convert.test_build_tensorrt import make_fake_trt, onnxruntime_runner, use_fake  # noqa: F401 - fixture
 from tests.convert.test_quantize import source
 
@@ -83,7 +84,10 @@ def test_the_serving_side_asks_for_the_gated_int8_plan_of_a_lossy_variant(conver
 
     model_dir, manifest = converted
     asked = {}
-    monkeypatch.setattr(runtime, "find_plan", lambda d, info, precision=None, device=0: asked.setdefault(info.name, precision))
+    key = EngineKey("s" * 64, "o" * 64, "11.4.0.106", "GPU", "9.0", "int8", {}).to_json()
+    record = types.SimpleNamespace(key=key, host_code_allowed=False)  # what the manifest records for the plan
+    monkeypatch.setattr(runtime, "recorded_plan", lambda d, info, precision=None, device=0:
+                        (asked.setdefault(info.name, precision), record))
     int8 = runtime.open_variant(model_dir, manifest, manifest.variants["int8"], {"reference": "r.npz"}, precision="fp16")
     unfused = runtime.open_variant(model_dir, manifest, manifest.variants["unfused"], {}, precision="fp16")
     assert asked == {"int8": "int8", "unfused": "fp16"}

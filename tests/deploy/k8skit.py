@@ -96,8 +96,14 @@ def config_map(objects: list[dict], name: str) -> dict[str, str]:
     return found[0]["data"]
 
 
+def secret_value(name: str, key: str) -> str:
+    """What container_env puts for a value taken from Secret `name`'s `key` (Secrets are never rendered)."""
+    return f"secret.{name}.{key}"
+
+
 def container_env(objects: list[dict], spec: dict) -> dict[str, str]:
-    """The environment a container starts with: its envFrom ConfigMaps, then its literal env values."""
+    """The environment a container starts with: its envFrom ConfigMaps, then its env values in order, literal
+    ($(VAR) of an earlier one expanded, as Kubernetes does) or from a Secret (`secret_value`)."""
     env: dict[str, str] = {}
     by_name = {o["metadata"]["name"]: o.get("data", {}) for o in find(objects, "ConfigMap")}
     for source in spec.get("envFrom", []):
@@ -105,8 +111,12 @@ def container_env(objects: list[dict], spec: dict) -> dict[str, str]:
         assert ref in by_name, f"container {spec['name']}: envFrom names ConfigMap {ref}, which is not rendered"
         env.update(by_name[ref])
     for item in spec.get("env", []):
-        assert "value" in item, f"container {spec['name']}: env {item['name']} is not a literal value"
-        env[item["name"]] = item["value"]
+        secret = item.get("valueFrom", {}).get("secretKeyRef")
+        if secret is not None:
+            env[item["name"]] = secret_value(secret["name"], secret["key"])
+            continue
+        assert "value" in item, f"container {spec['name']}: env {item['name']} is neither a value nor a Secret's"
+        env[item["name"]] = expand([item["value"]], env)[0]
     return env
 
 

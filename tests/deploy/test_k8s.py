@@ -47,6 +47,7 @@ from tests.deploy.k8skit import (
     render_metrics_query,
     render_with_components,
     scrape_config,
+    secret_value,
     series_name,
 )
 from tests.deploy.promkit import instant_query, running_prometheus
@@ -218,6 +219,27 @@ def test_server_environment_is_settings_normfuse_serve_accepts(overlay, tmp_path
         assert settings.intra_op_threads == quantity(requests["cpu"]) == quantity(serve["resources"]["limits"]["cpu"])
     else:
         assert settings.backend == "tensorrt"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("mode", ["none", "poll", "explicit"])
+def test_the_repository_api_needs_the_key_from_a_secret_in_every_mode(overlay, mode, tmp_path, monkeypatch):
+    """The server's environment restricts model-repository with a key that only a Secret holds, whatever model
+    control mode the ConfigMap sets (an overlay turning it on cannot leave the API open)."""
+    from service.settings import Settings
+
+    objects = render(overlay)
+    assert not find(objects, "Secret"), "the key is never committed: the Secret is created in the cluster"
+    env = container_env(objects, container(server(objects), "server")) | {"NORMFUSE_MODEL_CONTROL_MODE": mode}
+    for key in [k for k in os.environ if k.startswith("NORMFUSE_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("NORMFUSE_"):
+            monkeypatch.setenv(key, value)
+    settings = Settings(repo=tmp_path)
+    [restriction] = settings.restricted_api
+    assert restriction.groups == ("model-repository",) and settings.model_control_mode == mode
+    assert restriction.key == secret_value("normfuse-repository-api", "key").encode()
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

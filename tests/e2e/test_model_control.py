@@ -100,7 +100,7 @@ def test_explicit_load_and_unload_with_tritonclient(tmp_path):
         assert unknown.value.status() == "404" and str(repo) in unknown.value.message()
         with pytest.raises(triton.InferenceServerException, match="failed to load") as broken:
             client.load_model(BROKEN)
-        assert broken.value.status() == "400" and "Protobuf parsing failed" in broken.value.message()
+        assert broken.value.status() == "400" and "protobuf parsing failed" in broken.value.message().lower()
         assert metric(srv.url, f'normfuse_model_load_failures_total{{model="{BROKEN}"}}') == 1
         client.close()
     finally:

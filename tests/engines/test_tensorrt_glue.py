@@ -364,8 +364,11 @@ def read_key(plan):
     return key.precision, key.gpu_name
 
 
-def test_engines_load_opens_the_tensorrt_backend(fakes, tmp_path):
-    import engines
+def _tiny_trt_repo(tmp_path, *, record: bool = True, version_compatible: bool = False):
+    """REPO/tiny with one variant, its plan (and sidecar) built for the fake GPU, recorded in the manifest as
+    `normfuse convert --backend tensorrt` records it (unless `record`: a manifest from before plans were)."""
+    from convert.build_tensorrt import record_plans
+
     from engines.manifest import Manifest, TensorInfo, VariantInfo, file_ref, write_manifest
     from engines.trt_cache import plan_path, variant_source_sha256
 
@@ -380,15 +383,68 @@ def test_engines_load_opens_the_tensorrt_backend(fakes, tmp_path):
     )
     write_manifest(model_dir, manifest)
     key = EngineKey(variant_source_sha256(files), "o" * 64, "11.4.0.106", "Fake GPU", "9.0", "fp32",
-                    {"x": ShapeProfile(*FakeEngine.profile)})
+                    {"x": ShapeProfile(*FakeEngine.profile)},
+                    builder_flags={"version_compatible": "true" if version_compatible else "false"})
     plan = plan_path(model_dir / "unfused" / "tensorrt", "unfused", key)
     plan.parent.mkdir()
     plan.write_bytes(b"plan")
     write_sidecar(plan, "unfused", key)
+    if record:
+        record_plans(model_dir, manifest, {"unfused": plan}, {"unfused": key})
+    return model_dir, plan, key
+
+
+def test_engines_load_opens_the_tensorrt_backend(fakes, tmp_path):
+    import engines
+
+    _, plan, _ = _tiny_trt_repo(tmp_path)
     with engines.load(tmp_path / "repo", "tiny", backend="tensorrt", intra_op_threads=2) as engine:
         assert engine.describe()["plan"] == plan.name
         assert engine.max_batch_size == 8  # the profile's maximum, not the manifest's 32
         np.testing.assert_array_equal(engine.infer(batch(2))["y"], batch(2)["x"].astype(np.float32) * 2 + 1)
+    assert fakes.trt.runtime.engine_host_code_allowed is False
+
+
+def test_a_plan_the_manifest_does_not_record_is_not_opened(fakes, tmp_path):
+    """A manifest from before plans were recorded (otherwise valid) asks for a rebuild; the plan on disk, its
+    sidecar matching, is never deserialized."""
+    import engines
+    from engines.trt_cache import EngineCacheError
+
+    _tiny_trt_repo(tmp_path, record=False)
+    with pytest.raises(EngineCacheError, match="the manifest records none"):
+        engines.load(tmp_path / "repo", "tiny", backend="tensorrt")
+    assert not hasattr(fakes.trt, "runtime")  # no Runtime was even made
+
+
+def test_a_plan_whose_bytes_differ_from_the_record_is_refused(fakes, tmp_path):
+    import engines
+    from engines.manifest import ManifestError
+
+    _, plan, _ = _tiny_trt_repo(tmp_path)
+    plan.write_bytes(b"pla!")  # same size, other bytes
+    with pytest.raises(ManifestError, match="tensorrt plan .* has sha256 .* modified after conversion"):
+        engines.load(tmp_path / "repo", "tiny", backend="tensorrt")
+
+
+def test_host_code_runs_only_when_the_manifest_says_so_not_a_sidecar(fakes, tmp_path):
+    import json
+
+    import engines
+    from engines.trt_cache import sidecar_path
+
+    _, plan, _ = _tiny_trt_repo(tmp_path)  # recorded as not version-compatible
+    sidecar = json.loads(sidecar_path(plan).read_text())
+    sidecar["key"]["builder_flags"]["version_compatible"] = "true"  # a sidecar claiming host code
+    sidecar_path(plan).write_text(json.dumps(sidecar))
+    with engines.load(tmp_path / "repo", "tiny", backend="tensorrt"):
+        assert fakes.trt.runtime.engine_host_code_allowed is False
+    with trt_engine.TensorRTEngine(plan):  # a plan opened by path (tools, tests) never trusts its sidecar either
+        assert fakes.trt.runtime.engine_host_code_allowed is False
+
+    _tiny_trt_repo(tmp_path / "compatible", version_compatible=True)
+    with engines.load(tmp_path / "compatible" / "repo", "tiny", backend="tensorrt"):
+        assert fakes.trt.runtime.engine_host_code_allowed is True  # the manifest's record, hash matching
 
 
 def test_without_a_gpu_loading_fails_fast_saying_so(tmp_path):

@@ -46,7 +46,7 @@ def test_health_metadata_and_readiness(test_repo):
             assert model["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
             assert (await c.get(f"/v2/models/{MODEL}/versions/unfused/ready")).status_code == 200
             broken = await c.get(f"/v2/models/{BROKEN}/ready")
-            assert broken.status_code == 503 and "Protobuf parsing failed" in broken.json()["error"]
+            assert broken.status_code == 503 and "protobuf parsing failed" in broken.json()["error"].lower()
             index = (await c.post("/v2/repository/index", json={})).json()
             states = {(r["name"], r["version"]): r["state"] for r in index}
             assert states == {(BROKEN, "unfused"): "UNAVAILABLE", (MODEL, "unfused"): "READY",
