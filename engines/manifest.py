@@ -13,7 +13,7 @@ A manifest is trusted for nothing (what the server opens, `read_revision` and `a
 its directory's; every file path is relative, without `..`, and resolves (symlinks followed) to a regular file
 inside the model's directory; and what an engine deserializes is the bytes that were hashed (`Artifact.read`:
 open once, read, hash, hand over those bytes), never a second read by path. TensorRT plans are listed in the
-manifest too (`VariantInfo.plans`), with the build key they were made for and whether their host code may run.
+manifest too (`VariantInfo.tensorrt_plans`), with the build key they were made for and whether their host code may run.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ class VariantInfo(BaseModel):
     servable: bool = Field(description="passed every parity gate; only servable variants are served")
     benchmark_only: bool = Field(False, description="e.g. the no-norm bound: built to measure, never served")
     files: dict[str, FileRef] = Field(description="role -> file, e.g. 'onnx', 'onnx_data'")
-    plans: list[PlanRef] = Field(default_factory=list, description="TensorRT plans built for it (older "
+    tensorrt_plans: list[PlanRef] = Field(default_factory=list, description="TensorRT plans built for it (older "
                                  "manifests have none: the tensorrt backend then asks for a rebuild)")
     parity: list[Parity] = Field(default_factory=list)
     op_census: dict[str, int] = Field(default_factory=dict, description="ops after ORT graph optimization")

@@ -12,7 +12,7 @@ The CUDA side (stream, uploads, allocations, the one synchronize) sits behind `C
 that touches torch.cuda; unit tests replace it and the TensorRT module with recording fakes.
 A batch larger than the profile's maximum is an InputError (the batcher splits batches, never this engine).
 
-What the server opens (`open_variant`) is a plan the manifest records (`VariantInfo.plans`), read once and
+What the server opens (`open_variant`) is a plan the manifest records (`VariantInfo.tensorrt_plans`), read once and
 deserialized from the bytes whose sha256 the manifest holds; its host code (a version-compatible plan's lean
 runtime) runs only when that record says so. Sidecars choose nothing and allow nothing at serving time.
 """
@@ -306,7 +306,7 @@ def recorded_plan(model_dir: str | Path, variant, *, precision: str | None = Non
     from engines.trt_cache import select_recorded, variant_source_sha256
 
     trt, cuda = import_tensorrt(), CudaDevice(device)
-    record = select_recorded(variant.plans, variant.name, source_sha256=variant_source_sha256(variant.files),
+    record = select_recorded(variant.tensorrt_plans, variant.name, source_sha256=variant_source_sha256(variant.files),
                              precision=precision, trt_version=str(trt.__version__), gpu_name=cuda.name(),
                              compute_capability=cuda.compute_capability())
     return artifact(Path(model_dir), variant.name, "tensorrt plan", record), record

@@ -339,7 +339,7 @@ def build_engines(
     kept = {name: plan for name, plan in plans.items() if passed[name]}
     for name in plans.keys() - kept.keys():  # a removed plan: nothing may point at it
         removed = Path(plans[name]).name
-        manifest.variants[name].plans = [p for p in manifest.variants[name].plans if Path(p.path).name != removed]
+        manifest.variants[name].tensorrt_plans = [p for p in manifest.variants[name].tensorrt_plans if Path(p.path).name != removed]
     record_plans(model_dir, manifest, kept, keys)
     return list(kept.values())
 
@@ -356,7 +356,7 @@ def record_plans(model_dir: Path, manifest: Manifest, plans: dict[str, Path], ke
         record = PlanRef(**ref.model_dump(), key=keys[name].to_json(),
                          host_code_allowed=keys[name].builder_flags.get("version_compatible") == "true")
         info = manifest.variants[name]
-        info.plans = [p for p in info.plans if p.path != record.path] + [record]
+        info.tensorrt_plans = [p for p in info.tensorrt_plans if p.path != record.path] + [record]
     write_manifest(Path(model_dir), manifest)
 
 

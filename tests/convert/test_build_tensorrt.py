@@ -483,11 +483,11 @@ def test_each_gated_plan_is_recorded_in_the_manifest_with_its_hash_and_key(tmp_p
     model_dir, manifest = make_repo(tmp_path)
     [plan] = build.build_engines(model_dir, manifest)
     recorded = read_manifest(model_dir)
-    [record] = recorded.variants["unfused"].plans
+    [record] = recorded.variants["unfused"].tensorrt_plans
     assert record.path == plan.relative_to(model_dir).as_posix() and record.sha256 == sha256_file(plan)
     assert record.key == read_sidecar(plan)[1].to_json() and record.host_code_allowed is False
-    assert recorded.variants["rmsnorm"].plans == []  # failed its gate: removed, not recorded
+    assert recorded.variants["rmsnorm"].tensorrt_plans == []  # failed its gate: removed, not recorded
     use_fake(make_fake_trt())
     build.build_engines(model_dir, manifest)  # a rebuild of the same paths replaces their records
     again = read_manifest(model_dir)
-    assert [len(again.variants[name].plans) for name in ("unfused", "rmsnorm")] == [1, 1]
+    assert [len(again.variants[name].tensorrt_plans) for name in ("unfused", "rmsnorm")] == [1, 1]

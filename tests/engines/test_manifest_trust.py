@@ -199,8 +199,8 @@ def test_the_torch_module_loads_without_a_general_unpickler(repo):
 
 def test_an_older_manifest_still_loads(repo):
     """A manifest written before `plans` existed (the key absent) is otherwise valid: it loads and answers."""
-    rewrite_manifest(repo / MODEL, lambda data: [v.pop("plans", None) for v in data["variants"].values()])
-    assert "plans" not in (repo / MODEL / "manifest.json").read_text()
+    rewrite_manifest(repo / MODEL, lambda data: [v.pop("tensorrt_plans", None) for v in data["variants"].values()])
+    assert "tensorrt_plans" not in (repo / MODEL / "manifest.json").read_text()
     np.testing.assert_array_equal(answers(repo, MODEL), expected(X))
     np.testing.assert_array_equal(answers(repo, MODEL, backend="torch"), expected(X))
 
