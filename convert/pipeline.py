@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from convert.constraints import input_constraints
 from convert.export import (
+    OPSET,
     ExportError,
     census,
     check_onnx,
@@ -43,6 +44,7 @@ from convert.export import (
     lost_fusions,
     ort_session,
 )
+from convert.exportable import describe_export
 from convert.lossy import LOSSY_VARIANTS
 from convert.models import Source, load_source
 from convert.quantize import Int8Options
@@ -423,6 +425,7 @@ def _build(ctx: Context, variant: str) -> VariantInfo:
         torch_check = compare(ctx.reference, run(model, ctx.held_out, torch.float32), dtype="float32")
         parity.append(torch_check.to_parity(reference, f"torch {variant} fp32"))
     directory = ctx.staging / variant
+    exporter = describe_export(model, OPSET)  # e.g. a fused MoE's experts are exported as batched_mm
     onnx_path = export_onnx(model, ctx.example, directory / "model.onnx", inputs=src.inputs, outputs=src.outputs,
                             check=False)
     files = {"onnx": file_ref(ctx.staging, onnx_path)}
@@ -443,7 +446,7 @@ def _build(ctx: Context, variant: str) -> VariantInfo:
     return VariantInfo(
         name=variant, description=DESCRIPTIONS.get(variant, ""), exact=not bound, benchmark_only=bound,
         servable=not bound and all(p.passed for p in parity), files=files, parity=parity,
-        op_census=op_census, flags=flags,
+        op_census=op_census, flags=flags, exporter=exporter,
     )
 
 

@@ -161,6 +161,8 @@ class VariantInfo(BaseModel):
     servable: bool = Field(description="passed every parity gate; only servable variants are served")
     benchmark_only: bool = Field(False, description="e.g. the no-norm bound: built to measure, never served")
     files: dict[str, FileRef] = Field(description="role -> file, e.g. 'onnx', 'onnx_data'")
+    exporter: str = Field("", description="how model.onnx was exported, e.g. 'torchscript exporter, opset 17' "
+                                          "(+ the experts implementation used for a fused MoE)")
     parity: list[Parity] = Field(default_factory=list)
     op_census: dict[str, int] = Field(default_factory=dict, description="ops after ORT graph optimization")
     flags: list[str] = Field(default_factory=list, description="warnings, e.g. 'lost-fusion:SkipLayerNormalization'")

@@ -84,8 +84,9 @@ def _compare(model: nn.Module, variant: str, apply, original: nn.Module, inputs:
     return comparison
 
 
-def ensure_runs(model: nn.Module, inputs: dict | None) -> None:
-    """ModelDoesNotRun unless `model` runs on `inputs` (default: its example inputs, when it has any)."""
+def ensure_runs(model: nn.Module, inputs: dict | None, hint: str = "pass the keyword inputs you call it with") -> None:
+    """ModelDoesNotRun (ending with `hint`) unless `model` runs on `inputs` (default: its example inputs, when it
+    has any)."""
     from convert.rewrites import ModelDoesNotRun
     from convert.rewrites.analysis import call_inputs, example_inputs
 
@@ -103,7 +104,7 @@ def ensure_runs(model: nn.Module, inputs: dict | None) -> None:
         given = ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" if isinstance(v, torch.Tensor)
                           else f"{k}={v!r}" for k, v in inputs.items())
         raise ModelDoesNotRun(f"{type(model).__name__} does not run on its example inputs ({given}): "
-                              f"{first_line(error)}; pass the keyword inputs you call it with") from error
+                              f"{first_line(error)}{'; ' + hint if hint else ''}") from error
     finally:
         model.train(training)
 
