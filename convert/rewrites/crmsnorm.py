@@ -103,6 +103,8 @@ def _sync_shape_attributes(module: nn.Module) -> None:
         module.out_channels, module.in_channels = weight.shape[0], weight.shape[1] * module.groups
     elif hasattr(module, "nf") and weight.dim() == 2:  # Hugging Face Conv1D: weight [nx, nf]
         module.nx, module.nf = weight.shape
+    elif isinstance(getattr(module, "hidden_dim", None), int) and weight.dim() == 2:  # an MoE router [experts, in]
+        module.hidden_dim = weight.shape[1]  # transformers' routers reshape their input to (-1, hidden_dim)
 
 
 def _check_runs(model: nn.Module, inputs: dict[str, torch.Tensor], width: int) -> None:

@@ -96,6 +96,21 @@ def mixtral():
     return _seeded("MixtralConfig", "MixtralForCausalLM", **_MOE, num_local_experts=4), text()
 
 
+def mixtral_layernorm():
+    """Mixtral with LayerNorms (no β: the fused experts have no bias to take one) in place of its RMSNorms: a
+    Pre-LN MoE, whose residual stream every expert's down projection writes."""
+    model, inputs = mixtral()
+    generator = torch.Generator().manual_seed(2)
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ == "MixtralRMSNorm":
+            norm = torch.nn.LayerNorm(module.weight.shape[0], eps=module.variance_epsilon, bias=False)
+            with torch.no_grad():
+                norm.weight.copy_(torch.rand(norm.weight.shape, generator=generator) + 0.5)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, norm)
+    return model.eval(), inputs
+
+
 def qwen2_moe():  # routed experts plus a shared expert behind a sigmoid gate
     return _seeded("Qwen2MoeConfig", "Qwen2MoeForCausalLM", **_MOE, num_experts=4, moe_intermediate_size=16,
                    shared_expert_intermediate_size=32), text()
@@ -144,5 +159,5 @@ def mobilenet_v2():
 
 
 FAMILIES = {f.__name__: f for f in (llama, qwen2, mistral, phi3, gemma, t5_encoder, bloom, falcon, gpt_bigcode,
-                                    mixtral, qwen2_moe, olmoe, olmo, deit, beit, swin, convnext, resnet,
+                                    mixtral, mixtral_layernorm, qwen2_moe, olmoe, olmo, deit, beit, swin, convnext, resnet,
                                     mobilenet_v2)}

@@ -29,6 +29,8 @@ TABLE = {
     "falcon": {"affine": "exact", "rmsnorm": "exact", "crmsnorm": "exact"},  # parallel block, shared LN, add_
     "gpt_bigcode": {"affine": "exact", "rmsnorm": "exact", "crmsnorm": "exact"},
     "mixtral": {"affine": "exact", "rmsnorm": RMS_REFUSAL},  # γ into the router and every expert's gate_up_proj
+    # Pre-LN: every expert's down_proj re-centred; at width d−1 the grouped-matmul kernel needs 16-byte strides
+    "mixtral_layernorm": {"rmsnorm": "exact", "crmsnorm": "does not run with its residual stream compressed"},
     "qwen2_moe": {"affine": "exact", "crmsnorm": RMS_REFUSAL},  # + the shared expert and its gate
     "olmoe": {"affine": "exact", "rmsnorm": RMS_REFUSAL},
     "olmo": {"affine": "no norm has a γ/β to fold", "rmsnorm": "exact", "crmsnorm": "exact"},  # ε found numerically
@@ -39,7 +41,7 @@ TABLE = {
     "resnet": {"folded": "exact", "affine": "has no layer computing a LayerNorm or RMSNorm"},
     "mobilenet_v2": {"folded": "exact"},  # TF-style padding: every BatchNorm follows its conv
 }
-MOE = ("mixtral", "qwen2_moe", "olmoe")  # fused experts: grouped matmuls have no float64 kernel
+MOE = ("mixtral", "mixtral_layernorm", "qwen2_moe", "olmoe")  # fused experts: grouped matmuls have no float64 kernel
 CASES = [(family, variant, expected) for family, row in TABLE.items() for variant, expected in row.items()]
 
 
@@ -90,7 +92,17 @@ def test_gemma_weight_becomes_zero_and_t5_weight_one(built):
     assert torch.equal(t5.encoder.final_layer_norm.weight, built("t5_encoder")[0].encoder.final_layer_norm.weight)
 
 
-@pytest.mark.parametrize("family", MOE)
+def test_every_expert_of_a_pre_ln_moe_writes_a_zero_mean_stream(built):
+    model, inputs = built("mixtral_layernorm")
+    rewritten = rewrite(model, "rmsnorm", inputs=inputs)
+    for before, after in zip(model.model.layers, rewritten.model.layers, strict=True):
+        down = after.mlp.experts.down_proj.double()  # [experts, hidden (out), intermediate (in)]
+        assert down.mean(1).abs().max() < 1e-6  # every expert's every input column centred over the outputs
+        assert not torch.equal(down, before.mlp.experts.down_proj.double())
+        assert after.self_attn.o_proj.weight.double().mean(0).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("family", ("mixtral", "qwen2_moe", "olmoe"))
 def test_a_norm_before_the_experts_folds_into_the_router_and_every_expert(built, family):
     model, inputs = built(family)
     rewritten = rewrite(model, "affine", inputs=inputs)
