@@ -51,10 +51,8 @@ def exportable(model: torch.nn.Module, opset: int):
     try:
         for module, _ in switched:
             module.set_experts_implementation(EXPORT_EXPERTS)
-        path = TORCHSCRIPT.format(opset=opset)
+        path = _path(opset, [old for _, old in switched])
         if switched:
-            was = ", ".join(sorted({old for _, old in switched}))
-            path += f"; transformers experts_implementation={EXPORT_EXPERTS} while exporting (was {was})"
             log.info("export: %s", path)
         yield path
     finally:
@@ -64,10 +62,15 @@ def exportable(model: torch.nn.Module, opset: int):
 
 def describe_export(model: torch.nn.Module, opset: int) -> str:
     """How `export_onnx` exports `model` (what `exportable` yields), without changing it."""
-    switched = sorted({m.config._experts_implementation for m in fused_experts(model)})
+    return _path(opset, [m.config._experts_implementation for m in fused_experts(model)])
+
+
+def _path(opset: int, switched_from: list[str]) -> str:
     path = TORCHSCRIPT.format(opset=opset)
-    return path + (f"; transformers experts_implementation={EXPORT_EXPERTS} while exporting (was "
-                   f"{', '.join(switched)})" if switched else "")
+    if switched_from:
+        path += (f"; transformers experts_implementation={EXPORT_EXPERTS} while exporting "
+                 f"(was {', '.join(sorted(set(switched_from)))})")
+    return path
 
 
 @contextlib.contextmanager

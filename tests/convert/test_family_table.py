@@ -7,6 +7,8 @@ in float64: transformers' fused MoE experts) or refused with a NotApplicable who
 README's supported-families list is this table.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -119,3 +121,20 @@ def test_a_norm_before_the_experts_folds_into_the_router_and_every_expert(built,
         torch.testing.assert_close(folded[name].double(), value.float().double(), rtol=0, atol=0, msg=name)
     # the down projections write the residual stream: an affine fold leaves them as they were
     assert torch.equal(after.mlp.experts.down_proj, before.mlp.experts.down_proj)
+
+
+def test_a_shift_before_fused_experts_is_left_with_the_reason(built):
+    """The experts have no per-expert bias to receive β: that norm keeps its affine, the others fold."""
+    from convert.rewrites.analysis import analyse
+
+    model, inputs = built("mixtral_layernorm")
+    model = copy.deepcopy(model)
+    for layer in model.model.layers:
+        norm = layer.post_attention_layernorm
+        norm.bias = torch.nn.Parameter(torch.linspace(-0.5, 0.5, norm.weight.shape[0]))
+    blockers = analyse(model, inputs).norms["model.layers.0.post_attention_layernorm"].blockers
+    assert any("model.layers.0.mlp.experts has no bias" in b and "β" in b for b in blockers), blockers
+    rewritten = rewrite(model, "affine", inputs=inputs)  # checked by rewrite() itself (float32 gate)
+    kept = rewritten.model.layers[0].post_attention_layernorm
+    assert torch.equal(kept.bias, model.model.layers[0].post_attention_layernorm.bias)
+    assert torch.equal(rewritten.model.layers[0].input_layernorm.weight, torch.ones(32))  # q/k/v took it
