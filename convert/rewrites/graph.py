@@ -24,8 +24,10 @@ from convert.rewrites.graph_ops import (
     _ZEROS,
     _arg,
     _backward_axis,
+    _batched_weight,
     _broadcast_axis,
     _conv_form,
+    _feature_axis,
     _forward_axis,
     _grouped_weight,
     _is_conv,
@@ -133,7 +135,7 @@ class Graph:
         """The linear layer `user` when it reads `node` along its input axis (None when it is no linear op;
         a blocker when it is a conv that cannot take the fold)."""
         linear = self._linear(user)
-        if linear and linear[0] is node and axis == _ndim(node) - 1:
+        if linear and linear[0] is node and axis == _feature_axis(user, node):
             return linear[1]
         if _is_conv(user) and user.args[0] is node and axis == 1:
             transposed, groups, padded = _conv_form(user)
@@ -212,7 +214,7 @@ class Graph:
     def _writer(self, node: fx.Node, axis: int, blockers: list[str]) -> Writer | None:
         if node in self.member:  # a Post-LN (or embedding) norm's output: centred where it leaves the norm
             return Writer("norm", self.member[node], "", axis)
-        elif (linear := self._linear(node)) and axis == _ndim(node) - 1:
+        elif (linear := self._linear(node)) and axis == _feature_axis(node, node):
             return Writer("linear", linear[1].module, linear[1].weight, axis, linear[1])
         elif scaled := self._scaled_linear(node, axis):
             return scaled
@@ -300,6 +302,9 @@ class Graph:
             x, weight, bias, layout = node.args[0], _transposed_weight(node), None, OUT_IN
         elif _grouped_weight(node) is not None:  # fused experts: x @ W[e].T (or x @ W[e]) per expert's rows
             (weight, transposed), x, bias = _grouped_weight(node), node.args[0], None
+            layout = EXPERTS_IN_OUT if transposed else EXPERTS_OUT_IN
+        elif _batched_weight(node) is not None:  # fused experts: W[ids] gathered per row, one batched matmul
+            (weight, x, transposed), bias = _batched_weight(node), None
             layout = EXPERTS_IN_OUT if transposed else EXPERTS_OUT_IN
         else:
             return None

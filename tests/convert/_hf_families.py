@@ -111,6 +111,18 @@ def mixtral_layernorm():
     return model.eval(), inputs
 
 
+def mixtral_batched():  # transformers' other traceable experts form: W[ids] gathered per token, one bmm
+    model, inputs = mixtral()
+    model.set_experts_implementation("batched_mm")  # runs in float64, unlike grouped_mm
+    return model, inputs
+
+
+def mixtral_layernorm_batched():
+    model, inputs = mixtral_layernorm()
+    model.set_experts_implementation("batched_mm")
+    return model, inputs
+
+
 def qwen2_moe():  # routed experts plus a shared expert behind a sigmoid gate
     return _seeded("Qwen2MoeConfig", "Qwen2MoeForCausalLM", **_MOE, num_experts=4, moe_intermediate_size=16,
                    shared_expert_intermediate_size=32), text()
@@ -159,5 +171,6 @@ def mobilenet_v2():
 
 
 FAMILIES = {f.__name__: f for f in (llama, qwen2, mistral, phi3, gemma, t5_encoder, bloom, falcon, gpt_bigcode,
-                                    mixtral, mixtral_layernorm, qwen2_moe, olmoe, olmo, deit, beit, swin, convnext, resnet,
+                                    mixtral, mixtral_layernorm, mixtral_batched, mixtral_layernorm_batched,
+                                    qwen2_moe, olmoe, olmo, deit, beit, swin, convnext, resnet,
                                     mobilenet_v2)}

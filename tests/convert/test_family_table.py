@@ -33,6 +33,9 @@ TABLE = {
     "mixtral": {"affine": "exact", "rmsnorm": RMS_REFUSAL},  # γ into the router and every expert's gate_up_proj
     # Pre-LN: every expert's down_proj re-centred; at width d−1 the grouped-matmul kernel needs 16-byte strides
     "mixtral_layernorm": {"rmsnorm": "exact", "crmsnorm": "does not run with its residual stream compressed"},
+    # experts_implementation="batched_mm": checked in float64; at width d−1 the batched matmuls run
+    "mixtral_batched": {"affine": "exact"},
+    "mixtral_layernorm_batched": {"rmsnorm": "exact", "crmsnorm": "exact"},
     "qwen2_moe": {"affine": "exact", "crmsnorm": RMS_REFUSAL},  # + the shared expert and its gate
     "olmoe": {"affine": "exact", "rmsnorm": RMS_REFUSAL},
     "olmo": {"affine": "no norm has a γ/β to fold", "rmsnorm": "exact", "crmsnorm": "exact"},  # ε found numerically
@@ -43,7 +46,8 @@ TABLE = {
     "resnet": {"folded": "exact", "affine": "has no layer computing a LayerNorm or RMSNorm"},
     "mobilenet_v2": {"folded": "exact"},  # TF-style padding: every BatchNorm follows its conv
 }
-MOE = ("mixtral", "mixtral_layernorm", "qwen2_moe", "olmoe")  # fused experts: grouped matmuls have no float64 kernel
+# transformers' default fused experts (grouped_mm): no float64 kernel, so these are checked in float32
+NO_FLOAT64 = ("mixtral", "mixtral_layernorm", "qwen2_moe", "olmoe")
 CASES = [(family, variant, expected) for family, row in TABLE.items() for variant, expected in row.items()]
 
 
@@ -67,7 +71,7 @@ def test_family_table(built, family, variant, expected):
             rewrite(model, variant, inputs=inputs)
         return
     original, no_float64 = checked_copy(model, inputs)  # float64, or float32 with the reason
-    assert (no_float64 is not None) == (family in MOE), no_float64
+    assert (no_float64 is not None) == (family in NO_FLOAT64), no_float64
     rewritten = rewrite(original, variant, inputs=inputs)  # rewrite() checks itself; this test checks again
     low = no_float64 or any(spec.precision != "float64" for spec in find_norms(original).values())
     dtype = "float32" if no_float64 else "float64"
@@ -94,8 +98,9 @@ def test_gemma_weight_becomes_zero_and_t5_weight_one(built):
     assert torch.equal(t5.encoder.final_layer_norm.weight, built("t5_encoder")[0].encoder.final_layer_norm.weight)
 
 
-def test_every_expert_of_a_pre_ln_moe_writes_a_zero_mean_stream(built):
-    model, inputs = built("mixtral_layernorm")
+@pytest.mark.parametrize("family", ("mixtral_layernorm", "mixtral_layernorm_batched"))
+def test_every_expert_of_a_pre_ln_moe_writes_a_zero_mean_stream(built, family):
+    model, inputs = built(family)
     rewritten = rewrite(model, "rmsnorm", inputs=inputs)
     for before, after in zip(model.model.layers, rewritten.model.layers, strict=True):
         down = after.mlp.experts.down_proj.double()  # [experts, hidden (out), intermediate (in)]
@@ -104,7 +109,7 @@ def test_every_expert_of_a_pre_ln_moe_writes_a_zero_mean_stream(built):
         assert after.self_attn.o_proj.weight.double().mean(0).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("family", ("mixtral", "qwen2_moe", "olmoe"))
+@pytest.mark.parametrize("family", ("mixtral", "mixtral_batched", "qwen2_moe", "olmoe"))
 def test_a_norm_before_the_experts_folds_into_the_router_and_every_expert(built, family):
     model, inputs = built(family)
     rewritten = rewrite(model, "affine", inputs=inputs)
