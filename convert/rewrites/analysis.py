@@ -5,7 +5,7 @@ op helpers `graph_ops`), lifted back to modules through each node's `nn_module_s
 by what they compute (`convert.rewrites.probe`), and a layer's bias is the one its op reads in the graph.
 
 - A norm's *readers* are the linear layers (nn.Linear, HF Conv1D, nn.MultiheadAttention's in_proj, any
-  `linear`/`addmm` on a parameter, fused MoE experts' grouped matmuls on a 3-D parameter; an ungrouped,
+  `linear`/`addmm` on a parameter, fused MoE experts' grouped or batched matmuls on a 3-D parameter; an ungrouped,
   unpadded conv for a channels-first norm) that its output reaches through ops that do not mix the hidden
   axis (reshapes, casts, row gathers such as an MoE's token dispatch).
 - The *residual stream* is every tensor that flows into a norm's input through `add`, `cat` on another
