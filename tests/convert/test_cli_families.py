@@ -21,6 +21,7 @@ EXPECTED = {
     # fused mixture-of-experts: exported through transformers' batched_mm experts (grouped_mm is not exportable)
     "qwen2_moe": ("causal-lm", "Qwen2MoeForCausalLM", {"unfused", "affine"}),
     "olmoe": ("causal-lm", "OlmoeForCausalLM", {"unfused", "affine"}),
+    "olmo": ("causal-lm", "OlmoForCausalLM", {"rmsnorm", "crmsnorm"}),  # weightless LayerNorm, ε found numerically
 }
 MOE = ("mixtral", "qwen2_moe", "olmoe")
 
