@@ -199,7 +199,8 @@ def check_onnx(path: Path) -> Path:
         skeleton.write_bytes(_without_weights(path, path.name))
         onnx.checker.check_model(str(skeleton), full_check=True)
     except Exception as exc:
-        raise ExportError(f"onnx.checker rejected {path}: {exc}") from exc
+        log.debug("onnx.checker rejected %s", path, exc_info=True)
+        raise ExportError(f"onnx.checker rejected {path}: {last_error(exc)}") from exc
     finally:
         skeleton.unlink(missing_ok=True)
     return path
