@@ -77,9 +77,14 @@ def _path(opset: int, switched_from: list[str]) -> str:
 def captured_output(what: str):
     """Route this process's stdout and stderr (file descriptors 1 and 2, so C++ prints too) to a temporary
     file while the block runs; log what was written at DEBUG, under `what`."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
+    with contextlib.suppress(ValueError, OSError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no descriptors 1 and 2 to redirect (a detached process): nothing reaches a terminal anyway
+        yield
+        return
     with tempfile.TemporaryFile(mode="w+b") as sink:
         try:
             os.dup2(sink.fileno(), 1)
