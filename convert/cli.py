@@ -141,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"cannot use SOURCE {args.source!r}: {exc}")
     except PermissionError as exc:
         return fail(f"{exc}. Choose a --repo directory you can write to.")
-    except (ConversionError, ExportError) as exc:
-        return fail(f"could not convert {args.source!r}: {exc}")
+    except (ConversionError, ExportError) as exc:  # one line; the exporter's own output is in the log
+        return fail(f"could not convert {args.source!r}: {exc} (log: {log_file})")
     except ValueError as exc:
         return fail(str(exc))
     except KeyboardInterrupt:  # conversions are written to a temp dir and moved into place only at the end

@@ -12,6 +12,8 @@ Exporter and opset, chosen deliberately (notes: tensorrt.md §5, norm-fusion.md 
   opset 23 emits `RMSNormalization`, which ORT runs without any Skip fusion and TensorRT < 10.15 cannot parse.
   The TorchScript exporter cannot export `nn.RMSNorm`/`F.rms_norm`; sources using them are refused by the
   pipeline with the exporter's message.
+* Fused MoE experts (transformers' `grouped_mm`, not exportable) are exported through transformers' own
+  `batched_mm` form, and the exporter's C-level prints go to the conversion log (`convert.exportable`).
 * Weights stay inside `model.onnx` (one file; protobuf caps it at 2 GB, larger models are refused).
 * Written in pieces (`_export_streaming`): the exporter writes the graph without weights and each weight is
   appended from its torch tensor, instead of the exporter's three in-memory copies of the weights
@@ -37,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from convert.exportable import captured_output, exportable, last_error
 from engines.manifest import TensorInfo
 
 log = logging.getLogger(__name__)
@@ -95,13 +98,16 @@ def export_onnx(model: torch.nn.Module, example: dict[str, np.ndarray], path: Pa
     settings = dict(dynamo=False, opset_version=OPSET, input_names=names, output_names=[t.name for t in outputs],
                     dynamic_axes=dynamic_axes(inputs) | dynamic_axes(outputs),
                     do_constant_folding=False)  # ORT and TensorRT fold constants themselves; see the module doc
-    try:
-        with warnings.catch_warnings(), torch.no_grad(), _no_onnxscript_pass():
+    try:  # fused MoE experts switched to an exportable form; the exporter's prints go to the log, not the terminal
+        with warnings.catch_warnings(), torch.no_grad(), _no_onnxscript_pass(), exportable(model, OPSET), \
+                captured_output("torch.onnx.export"):
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation/tracer warnings
             if not _export_streaming(wrapped, as_tensors(example, inputs), path, settings):
                 torch.onnx.export(wrapped, as_tensors(example, inputs), str(path), **settings)
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export (TorchScript exporter, opset {OPSET}) failed: {exc}") from exc
+        log.debug("torch.onnx.export failed", exc_info=True)  # the whole message (it may hold the graph): the log
+        raise ExportError(f"torch.onnx.export (TorchScript exporter, opset {OPSET}) failed: {last_error(exc)} "
+                          "(the exporter's full output is in the conversion log)") from exc
     if path.stat().st_size >= ONNX_LIMIT:
         raise ExportError(f"{path} is {path.stat().st_size} bytes; models over 2 GB are not supported yet")
     return check_onnx(path) if check else path
@@ -193,7 +199,8 @@ def check_onnx(path: Path) -> Path:
         skeleton.write_bytes(_without_weights(path, path.name))
         onnx.checker.check_model(str(skeleton), full_check=True)
     except Exception as exc:
-        raise ExportError(f"onnx.checker rejected {path}: {exc}") from exc
+        log.debug("onnx.checker rejected %s", path, exc_info=True)
+        raise ExportError(f"onnx.checker rejected {path}: {last_error(exc)}") from exc
     finally:
         skeleton.unlink(missing_ok=True)
     return path

@@ -9,7 +9,8 @@ import copy
 import logging
 
 from convert.context import Context
-from convert.export import ExportError, census, check_onnx, export_onnx, export_torch, lost_fusions
+from convert.export import OPSET, ExportError, census, check_onnx, export_onnx, export_torch, lost_fusions
+from convert.exportable import describe_export
 from convert.lossy import LOSSY_VARIANTS, build_lossy
 from convert.memory import release_memory
 from convert.rewrites import BENCHMARK_ONLY
@@ -78,6 +79,7 @@ def build_exact(ctx: Context, variant: str) -> VariantInfo:
         torch_check = compare(ctx.reference, run(model, ctx.held_out, torch.float32), dtype="float32")
         parity.append(torch_check.to_parity(reference, f"torch {variant} fp32"))
     directory = ctx.staging / variant
+    exporter = describe_export(model, OPSET)  # e.g. a fused MoE's experts are exported as batched_mm
     onnx_path = export_onnx(model, ctx.example, directory / "model.onnx", inputs=src.inputs, outputs=src.outputs,
                             check=False)
     files = {"onnx": file_ref(ctx.staging, onnx_path)}
@@ -98,7 +100,7 @@ def build_exact(ctx: Context, variant: str) -> VariantInfo:
     return VariantInfo(
         name=variant, description=DESCRIPTIONS.get(variant, ""), exact=not bound, benchmark_only=bound,
         servable=not bound and all(p.passed for p in parity), files=files, parity=parity,
-        op_census=op_census, flags=flags,
+        op_census=op_census, flags=flags, exporter=exporter,
     )
 
 

@@ -176,6 +176,8 @@ class VariantInfo(BaseModel):
     files: dict[str, FileRef] = Field(description="role -> file, e.g. 'onnx', 'onnx_data'")
     tensorrt_plans: list[PlanRef] = Field(default_factory=list, description="TensorRT plans built for it (older "
                                  "manifests have none: the tensorrt backend then asks for a rebuild)")
+    exporter: str = Field("", description="how model.onnx was exported, e.g. 'torchscript exporter, opset 17' "
+                                          "(+ the experts implementation used for a fused MoE)")
     parity: list[Parity] = Field(default_factory=list)
     op_census: dict[str, int] = Field(default_factory=dict, description="ops after ORT graph optimization")
     flags: list[str] = Field(default_factory=list, description="warnings, e.g. 'lost-fusion:SkipLayerNormalization'")

@@ -9,9 +9,8 @@ import sys
 
 log = logging.getLogger(__name__)
 
-
-
 SECRET = {"restricted_api"}  # settings whose values carry keys: an error names the setting, never shows the value
+SEMICOLON_JOINED = {"restricted_api"}  # repeatable settings whose values contain ',' themselves
 
 # NORMFUSE_* variables read by other parts of normfuse, which the server must not call typos
 NOT_SERVER_SETTINGS = {
@@ -85,6 +84,8 @@ def build_settings(args: argparse.Namespace):
     from service.settings import Settings
 
     given = {name: value for name, value in vars(args).items() if name in Settings.model_fields and value is not None}
+    for name in SEMICOLON_JOINED.intersection(given):  # the CLI source joins a repeated flag with ',', which these
+        given[name] = ";".join(given[name])  # values use themselves (API[,API]:HEADER=VALUE): ';' as in the env
     return Settings(_cli_settings_source=args.settings_source(parsed_args=given))
 
 

@@ -64,10 +64,22 @@ def load_hf_directory(path: str | Path) -> Source:
                           "neither token ids nor pixels")
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     wrapped = KeywordModel(model, extra, sample(2)).eval()
+    check_runs(wrapped, path)
     return Source(
         name=path.name, description=f"Hugging Face {type(model).__name__} from {path}", model=wrapped,
         inputs=inputs, outputs=[_output_info(model, config, task, inputs)], task=task, sample_inputs=sample,
     )
+
+
+def check_runs(model: KeywordModel, path: Path) -> None:
+    """SourceError unless the model runs on its own example inputs (before any rewrite or export)."""
+    from convert.rewrites import ModelDoesNotRun
+    from convert.rewrites.check import ensure_runs
+
+    try:
+        ensure_runs(model, model.example_inputs(), hint="does its config.json describe a model that runs?")
+    except ModelDoesNotRun as exc:
+        raise SourceError(user_names(str(exc), model)) from exc
 
 
 def check_directory(path: Path) -> None:

@@ -28,6 +28,10 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {line[:200]}{'…' if len(line) > 200 else ''}"
 
 
+class ModelDoesNotRun(ValueError):
+    """A usage error: the model does not run on the inputs it was given (checked before any rewrite)."""
+
+
 # variant -> "module:function". `exact` variants compute the same function; `nonorm` is the
 # benchmark-only no-norm bound (norms removed) and is never served.
 REWRITES: dict[str, str] = {
@@ -63,10 +67,15 @@ def rewrite(model: torch.nn.Module, variant: str, *, inputs: dict[str, torch.Ten
 
     The input model is left untouched. Raises NotApplicable (a ValueError) when the rewrite cannot be
     applied exactly, whatever the cause (an unexpected error inside a rewrite becomes a NotApplicable
-    naming it; the traceback goes to the debug log), and ValueError for an unknown variant name.
+    naming it; the traceback goes to the debug log), ModelDoesNotRun (a ValueError) when the model does not
+    run on `inputs` (or its example inputs), before any rewrite, and ValueError for an unknown variant name.
     """
     if variant not in REWRITES:
         raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(REWRITES)}")
+    from convert.rewrites.check import ensure_runs
+
+    ensure_runs(model, inputs)
+
     module_name, function_name = REWRITES[variant].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
     from convert.rewrites.check import check_exact

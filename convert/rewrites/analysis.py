@@ -6,11 +6,13 @@ by what they compute (`convert.rewrites.probe`), and a layer's bias is the one i
 records handed out (`Analysis`, `NormUse`, `Stream`, `Writer`, `LinearSite`) live in `convert.rewrites.records`.
 
 - A norm's *readers* are the linear layers (nn.Linear, HF Conv1D, nn.MultiheadAttention's in_proj, any
-  `linear`/`addmm` on a parameter; an ungrouped, unpadded conv for a channels-first norm) that its output
-  reaches through ops that do not mix the hidden axis.
+  `linear`/`addmm` on a parameter, fused MoE experts' grouped or batched matmuls on a 3-D parameter; an ungrouped,
+  unpadded conv for a channels-first norm) that its output reaches through ops that do not mix the hidden
+  axis (reshapes, casts, row gathers such as an MoE's token dispatch).
 - The *residual stream* is every tensor that flows into a norm's input through `add`, `cat` on another
-  axis and such pass-through ops; its *writers* are where those paths start (linear/conv outputs,
-  embedding lookups, parameters, model inputs). Anything else that writes or reads it is a *blocker*.
+  axis, sums over other axes (an MoE's top-k combine) and such pass-through ops; its *writers* are where
+  those paths start (linear/conv/grouped-expert outputs, embedding lookups, parameters, model inputs).
+  Anything else that writes or reads it is a *blocker*.
 """
 
 from __future__ import annotations

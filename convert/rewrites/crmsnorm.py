@@ -15,7 +15,7 @@ from convert.modules import CRMSNorm
 from convert.rewrites import NotApplicable
 from convert.rewrites.affine import replace_module, write_tensor
 from convert.rewrites.analysis import call_inputs, example_inputs
-from convert.rewrites.math import compress_readers, compress_writer, drop_along, spans
+from convert.rewrites.math import compress_readers, compress_writer, drop_along, in_axis, spans
 from convert.rewrites.pre_rmsnorm import centre_residual_stream
 from convert.rewrites.records import Analysis, LinearSite
 
@@ -73,7 +73,9 @@ def channel_to_drop(model: nn.Module, analysis: Analysis, inputs: dict[str, torc
     columns = torch.zeros(width, dtype=torch.float64)
     for site in (site for use in analysis.norms.values() for site in use.readers):
         weight = getattr(model.get_submodule(site.module), site.weight).detach()
-        along = 0 if site.layout == "out_in" else 1  # the output axis, summed over
+        if weight.dim() == 3:  # fused experts [E, out, in] / [E, in, out]: every expert's columns
+            weight = weight.movedim(in_axis(site.layout), -1).reshape(-1, weight.shape[in_axis(site.layout)])
+        along = 1 if site.layout == "in_out" else 0  # the output axis, summed over
         for start, length in spans(weight, along):  # a block of outputs at a time: no float64 copy of the head
             block = weight.narrow(along, start, length).to("cpu", torch.float64, copy=True)
             columns += block.pow_(2).sum(along)
@@ -102,6 +104,8 @@ def _sync_shape_attributes(module: nn.Module) -> None:
         module.out_channels, module.in_channels = weight.shape[0], weight.shape[1] * module.groups
     elif hasattr(module, "nf") and weight.dim() == 2:  # Hugging Face Conv1D: weight [nx, nf]
         module.nx, module.nf = weight.shape
+    elif isinstance(getattr(module, "hidden_dim", None), int) and weight.dim() == 2:  # an MoE router [experts, in]
+        module.hidden_dim = weight.shape[1]  # transformers' routers reshape their input to (-1, hidden_dim)
 
 
 def _check_runs(model: nn.Module, inputs: dict[str, torch.Tensor], width: int) -> None:

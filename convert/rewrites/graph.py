@@ -16,9 +16,12 @@ from convert.rewrites.graph_ops import (
     _ZEROS,
     _arg,
     _backward_axis,
+    _batched_weight,
     _broadcast_axis,
     _conv_form,
+    _feature_axis,
     _forward_axis,
+    _grouped_weight,
     _is_conv,
     _is_writer_op,
     _last_of_sum,
@@ -31,7 +34,7 @@ from convert.rewrites.graph_ops import (
     _transposed_weight,
     _weight_arg,
 )
-from convert.rewrites.math import IN_OUT, OUT_IN
+from convert.rewrites.math import EXPERTS_IN_OUT, EXPERTS_OUT_IN, IN_OUT, OUT_IN
 from convert.rewrites.probe import NormSpec, find_norms
 from convert.rewrites.records import Analysis, LinearSite, NormUse, Stream, Writer
 
@@ -125,7 +128,7 @@ class Graph:
         """The linear layer `user` when it reads `node` along its input axis (None when it is no linear op;
         a blocker when it is a conv that cannot take the fold)."""
         linear = self._linear(user)
-        if linear and linear[0] is node and axis == _ndim(node) - 1:
+        if linear and linear[0] is node and axis == _feature_axis(user, node):
             return linear[1]
         if _is_conv(user) and user.args[0] is node and axis == 1:
             transposed, groups, padded = _conv_form(user)
@@ -153,8 +156,8 @@ class Graph:
             starts.append(node)  # a start of the stream; classified by _writer
         elif node.target in _ZEROS:
             return  # a zero tensor (e.g. the accumulator of an MoE combine) is zero-mean already
-        elif node.target in (*_ADDS, aten.cat.default, aten.mul.Tensor, aten.index_add.default) or \
-                _passes_through(node):
+        elif node.target in (*_ADDS, aten.cat.default, aten.mul.Tensor, aten.index_add.default, aten.sum.dim_IntList) \
+                or _passes_through(node):
             for source, source_axis in self._sources(node, axis, blockers):
                 self._walk_back(source, source_axis, stream, starts, blockers)
         else:
@@ -171,6 +174,8 @@ class Graph:
             if len(carriers) != 1:
                 blockers.append(f"{self._where(node)} multiplies the residual stream elementwise along its hidden axis")
             return carriers[:1]
+        if node.target == aten.sum.dim_IntList:  # MoE combine: each token's top-k expert outputs summed
+            return self._summed(node, axis, blockers)
         if node.target == aten.index_add.default:  # MoE combine: rows added along another axis
             if node.args[1] % _ndim(node) == axis or len(node.args) > 4 or node.kwargs:
                 blockers.append(f"{self._where(node)} index_adds along the hidden axis of the residual stream")
@@ -189,10 +194,20 @@ class Graph:
             return []
         return found
 
+    def _summed(self, node: fx.Node, axis: int, blockers: list[str]):
+        """The source of a sum over other axes (a sum of zero-mean vectors is zero-mean)."""
+        source = node.args[0]
+        dims = {d % _ndim(source) for d in (node.args[1] or range(_ndim(source)))}
+        kept = list(range(_ndim(source))) if _arg(node, 2) else [a for a in range(_ndim(source)) if a not in dims]
+        if node.kwargs or axis >= len(kept) or kept[axis] in dims:
+            blockers.append(f"{self._where(node)} sums the residual stream along its hidden axis")
+            return []
+        return [(source, kept[axis])]
+
     def _writer(self, node: fx.Node, axis: int, blockers: list[str]) -> Writer | None:
         if node in self.member:  # a Post-LN (or embedding) norm's output: centred where it leaves the norm
             return Writer("norm", self.member[node], "", axis)
-        elif (linear := self._linear(node)) and axis == _ndim(node) - 1:
+        elif (linear := self._linear(node)) and axis == _feature_axis(node, node):
             return Writer("linear", linear[1].module, linear[1].weight, axis, linear[1])
         elif scaled := self._scaled_linear(node, axis):
             return scaled
@@ -278,6 +293,12 @@ class Graph:
             bias, x, weight, layout = *node.args[:3], IN_OUT
         elif _transposed_weight(node) is not None:  # x @ W.T (Falcon's FalconLinear)
             x, weight, bias, layout = node.args[0], _transposed_weight(node), None, OUT_IN
+        elif _grouped_weight(node) is not None:  # fused experts: x @ W[e].T (or x @ W[e]) per expert's rows
+            (weight, transposed), x, bias = _grouped_weight(node), node.args[0], None
+            layout = EXPERTS_IN_OUT if transposed else EXPERTS_OUT_IN
+        elif _batched_weight(node) is not None:  # fused experts: W[ids] gathered per row, one batched matmul
+            (weight, x, transposed), bias = _batched_weight(node), None
+            layout = EXPERTS_IN_OUT if transposed else EXPERTS_OUT_IN
         else:
             return None
         if not self._is_weight(weight) or (bias is not None and not self._is_weight(bias)):

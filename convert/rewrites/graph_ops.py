@@ -20,6 +20,47 @@ _ADDS = (aten.add.Tensor, aten.add_.Tensor)
 _IGNORED = {aten._assert_tensor_metadata.default, aten.sym_size.int, aten.sym_numel.default}
 
 
+def _grouped_mm_ops() -> tuple:
+    """Grouped (per-expert) matmuls: torch's `_grouped_mm`, and transformers' CPU fallback when registered."""
+    ops = [aten._grouped_mm.default] if hasattr(aten, "_grouped_mm") else []
+    fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    return (*ops, fallback.default) if fallback is not None else tuple(ops)
+
+
+def _grouped_weight(node: fx.Node) -> tuple[fx.Node, bool] | None:
+    """(W, transposed) when `node` is a grouped matmul x @ W[e] of fused experts: W [E, in, out] read as it
+    is (transposed True), or x @ W[e].T with W [E, out, in] (the transpose of its last two axes read by
+    nothing else). None for any other node."""
+    if node.target not in _grouped_mm_ops() or not isinstance(_arg(node, 1), fx.Node):
+        return None
+    w = node.args[1]
+    swapped = w.target == aten.transpose.int and {a % 3 for a in w.args[1:3]} == {1, 2} and _ndim(w) == 3
+    if swapped and len(w.users) == 1 and isinstance(w.args[0], fx.Node):
+        return w.args[0], False
+    return (w, True) if _ndim(w) == 3 else None
+
+
+def _batched_weight(node: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
+    """(W, x, transposed) when `node` is a batched matmul of per-row expert weights W[ids] (gathered along the
+    experts axis, read by nothing else) and x: bmm(W[ids], x) with W [E, out, in] and x [S, in, 1], or
+    bmm(x, W[ids]) with x [S, 1, in] and W [E, in, out] (transposed True). None for any other node."""
+    if node.target != aten.bmm.default:
+        return None
+    for gathered, x, transposed in ((node.args[0], node.args[1], False), (node.args[1], node.args[0], True)):
+        if isinstance(gathered, fx.Node) and gathered.target == aten.index.Tensor and len(gathered.users) == 1 \
+                and _gathered_axis(gathered) == 0 and isinstance(gathered.args[0], fx.Node) \
+                and _ndim(gathered.args[0]) == 3:
+            return gathered.args[0], x, transposed
+    return None
+
+
+def _feature_axis(node: fx.Node, tensor: fx.Node) -> int:
+    """The axis of `tensor` (a linear op `node`'s input or output) holding the features: the last one, except
+    for a bmm(W[ids], x) of gathered expert weights, whose x [S, in, 1] and output [S, out, 1] hold them on 1."""
+    batched = _batched_weight(node)
+    return 1 if batched is not None and not batched[2] else _ndim(tensor) - 1
+
+
 def _last_of_sum(node: fx.Node) -> fx.Node:
     while (node.target in _ADDS or _passes_through(node)) and len(node.users) == 1:
         node = next(iter(node.users))
@@ -41,6 +82,10 @@ def _transposed_weight(node: fx.Node) -> fx.Node | None:
 def _weight_arg(node: fx.Node) -> fx.Node:
     if _transposed_weight(node) is not None:
         return _transposed_weight(node)
+    if _grouped_weight(node) is not None:
+        return _grouped_weight(node)[0]
+    if _batched_weight(node) is not None:
+        return _batched_weight(node)[0]
     return node.args[{aten.embedding.default: 0, aten.addmm.default: 2}.get(node.target, 1)]
 
 
@@ -94,9 +139,22 @@ def _is_writer_op(node: fx.Node) -> bool:
 def _passes_through(node: fx.Node) -> bool:
     if node.target == aten.dropout.default:
         return not node.args[2]  # dropout in eval mode
+    if node.target == aten.index.Tensor:  # rows gathered along one other axis (MoE dispatch, token order)
+        return _gathered_axis(node) is not None
+    if node.target == aten.repeat_interleave.self_int:  # rows repeated along one axis (a token per top-k slot)
+        return _arg(node, 2) is not None
     return node.target in _RESHAPES | _IDENTITY or node.target in (
         aten.transpose.int, aten.permute.default, aten.t.default, aten.select.int, aten.slice.Tensor,
         aten.expand.default)
+
+
+def _gathered_axis(node: fx.Node) -> int | None:
+    """The one axis an `index.Tensor` node gathers along with a 1-D index (x[idx], x[:, idx]), else None."""
+    indices = list(node.args[1]) if len(node.args) > 1 else []
+    given = [i for i, index in enumerate(indices) if index is not None]
+    if len(given) != 1 or not isinstance(indices[given[0]], fx.Node) or _ndim(indices[given[0]]) != 1:
+        return None
+    return given[0]
 
 
 def _forward_axis(node: fx.Node, source: fx.Node, axis: int) -> int | None:
@@ -119,6 +177,10 @@ def _forward_axis(node: fx.Node, source: fx.Node, axis: int) -> int | None:
         if dim == axis:
             return None
         return axis - 1 if node.target == aten.select.int and dim < axis else axis
+    if node.target == aten.index.Tensor:  # a 1-D gather keeps every other axis where it was
+        return None if _gathered_axis(node) == axis else axis
+    if node.target == aten.repeat_interleave.self_int:
+        return None if node.args[2] % len(ins) == axis else axis
     if node.target == aten.expand.default:
         out_axis = axis + len(outs) - len(ins)
         return out_axis if outs[out_axis] == ins[axis] else None

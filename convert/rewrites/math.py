@@ -3,6 +3,9 @@
 Every function computes in float64 and casts back once to the dtype of the tensor it replaces. Weight
 layouts: "out_in" is nn.Linear's [out, in] (also Conv2d's [out, in, kh, kw]: axis 0 is the output);
 "in_out" is Hugging Face Conv1D's [in, out] (GPT-2), where every "output" operation moves to axis 1.
+Fused mixture-of-experts weights hold one matrix per expert on axis 0: "experts_out_in" [E, out, in]
+(transformers' Mixtral/Qwen2-MoE/OLMoE experts) and "experts_in_out" [E, in, out]; every operation applies
+to each expert's matrix alike.
 """
 
 from __future__ import annotations
@@ -11,6 +14,10 @@ import torch
 
 OUT_IN = "out_in"
 IN_OUT = "in_out"
+EXPERTS_OUT_IN = "experts_out_in"
+EXPERTS_IN_OUT = "experts_in_out"
+_OUT_AXIS = {OUT_IN: 0, IN_OUT: 1, EXPERTS_OUT_IN: 1, EXPERTS_IN_OUT: 2}
+_IN_AXIS = {OUT_IN: 1, IN_OUT: 0, EXPERTS_OUT_IN: 2, EXPERTS_IN_OUT: 1}
 
 
 def _float64_copy(t: torch.Tensor) -> torch.Tensor:
@@ -37,9 +44,15 @@ def spans(t: torch.Tensor, axis: int) -> list[tuple[int, int]]:
 
 
 def _out_axis(layout: str) -> int:
-    if layout not in (OUT_IN, IN_OUT):
-        raise ValueError(f"unknown weight layout {layout!r}; expected {OUT_IN!r} or {IN_OUT!r}")
-    return 0 if layout == OUT_IN else 1
+    if layout not in _OUT_AXIS:
+        raise ValueError(f"unknown weight layout {layout!r}; expected one of {', '.join(_OUT_AXIS)}")
+    return _OUT_AXIS[layout]
+
+
+def in_axis(layout: str) -> int:
+    """The input axis of a weight in `layout` (1 for nn.Linear's [out, in], 2 for experts [E, out, in])."""
+    _out_axis(layout)  # the same check
+    return _IN_AXIS[layout]
 
 
 def fold_affine_into_linear(
@@ -58,6 +71,8 @@ def fold_affine_into_linear(
     is None and β is given, and stays None when both are None.
     """
     out_axis = _out_axis(layout)
+    if beta is not None and layout in (EXPERTS_OUT_IN, EXPERTS_IN_OUT):
+        raise ValueError("fused experts have no per-expert bias here to receive β")  # the analysis refuses first
     new_w = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     shift = None if beta is None else torch.empty(w.shape[out_axis], dtype=torch.float64, device=w.device)
     others = [a for a in range(w.dim()) if a != out_axis]
@@ -78,6 +93,8 @@ def fold_affine_into_linear(
 def _per_input(v: torch.Tensor, w: torch.Tensor, layout: str, groups: int, start: int, length: int) -> torch.Tensor:
     """A per-input-channel vector shaped to broadcast against output rows [start, start+length) of `w`."""
     v64 = v.detach().to(w.device, torch.float64)
+    if layout in (EXPERTS_OUT_IN, EXPERTS_IN_OUT):  # every expert's input axis
+        return v64.reshape([-1 if a == in_axis(layout) else 1 for a in range(3)])
     if layout == IN_OUT:
         return v64.reshape(-1, 1)  # [in, 1] against [in, out-block]
     out_channels, in_per_group = w.shape[0], w.shape[1]
@@ -147,10 +164,10 @@ def compress_writer(
 
 def compress_readers(w: torch.Tensor, layout: str = OUT_IN, index: int = -1) -> torch.Tensor:
     """A reader of a zero-mean x̂ given x̂ without entry k: W̃ = W[:, ≠k] − W[:, k]·1ᵀ (input axis)."""
-    in_axis = 1 - _out_axis(layout)
-    along = 1 - in_axis if w.dim() == 2 else 0  # the output axis: every entry is computed independently
-    kept = drop_along(w.detach(), in_axis, index)  # a new tensor: the result is written into it in place
-    dropped = w.detach().narrow(in_axis, index % w.shape[in_axis], 1)
+    axis = in_axis(layout)
+    along = 1 - axis if w.dim() == 2 else 0  # the output (or experts) axis: every entry is computed independently
+    kept = drop_along(w.detach(), axis, index)  # a new tensor: the result is written into it in place
+    dropped = w.detach().narrow(axis, index % w.shape[axis], 1)
     for start, length in spans(kept, along):  # one float64 block at a time (the same values as whole)
         block = kept.narrow(along, start, length)
         block.copy_(block.to(torch.float64).sub_(dropped.narrow(along, start, length).double()))

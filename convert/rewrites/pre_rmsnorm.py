@@ -72,7 +72,8 @@ def _convertible(model: nn.Module, analysis: Analysis, boundaries: bool, complet
     if not analysis.norms:
         raise NotApplicable(f"{type(model).__name__} has no LayerNorm to convert")
     chosen, reasons = [], []
-    for stream in analysis.streams:
+    # the widest-read stream first: its reason is the residual stream's, not a QK-norm's (OLMoE, Qwen3)
+    for stream in sorted(analysis.streams, key=lambda stream: -len(stream.norms)):
         reason = _why_not(analysis, stream, boundaries)
         if reason:
             reasons.append(reason)

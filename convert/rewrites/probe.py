@@ -8,6 +8,8 @@ the rewrites know, channel by channel:
 
 over the channel axis, last (channels-last) or 1 (channels-first: ConvNeXt's LayerNorm, timm's
 LayerNorm2d). g must be the module's weight (γ⊙x̂) or one plus it (Gemma's x̂·(1+w)), b its bias or 0.
+ε is read from the module's attribute, or, where it exposes none (OLMo's weightless LayerNorm), found from
+what the module computes (`find_eps`) and then held to the same fit.
 What fits becomes a `NormSpec`; a module that looks like a norm but fits no form (ε outside the root,
 several normalized axes, group statistics) gets a spec with `problem` set, so a rewrite can refuse with
 that reason instead of not seeing the norm at all.
@@ -65,9 +67,13 @@ def probe_norm(module: nn.Module) -> NormSpec | None:
     if shape is not None and len(tuple(shape)) != 1:
         return _problem(name, f"normalizes over {len(tuple(shape))} axes {tuple(shape)}, not one channel axis")
     width = _width(module)
+    if width is None:
+        return None
     eps = _eps(module)
-    if width is None or eps is None:
-        return None if width is None else _problem(name, "has no ε attribute to read", width)
+    if eps is None:
+        eps = find_eps(module, width)
+        if eps is None:
+            return _problem(name, "has no ε attribute, and no ε explains what it computes", width)
     reasons = []
     for axis in (-1, 1):
         for kind in ("layernorm", "rmsnorm"):
@@ -110,6 +116,46 @@ def normalize(x: torch.Tensor, kind: str, eps: float, axis: int = -1) -> torch.T
     if kind == "layernorm":
         x = x - x.mean(axis, keepdim=True)
     return x / torch.sqrt(x.pow(2).mean(axis, keepdim=True) + eps)
+
+
+def find_eps(module: nn.Module, width: int) -> float | None:
+    """ε of a norm that does not expose it, from its outputs; None when no ε inside the root fits.
+
+    On a zero-mean row x (where LayerNorm and RMSNorm agree), f(x) − f(−x) = 2g⊙x/√(m + ε) with m = mean(x²),
+    whatever g and b are; at scale s, r = [f(sx) − f(−sx)] / [f(x) − f(−x)] = s√(m + ε)/√(s²m + ε), so
+    ε = s²m(1 − r²)/(r² − s²). That is well conditioned where s²m is near ε, so the scales sweep 1 … 1e-16 and
+    the estimate taken is the one whose s²m is closest to it. `_fit` then checks it like any read ε.
+    """
+    for axis in (-1, 1):
+        estimate = _eps_along(module, width, axis)
+        if estimate is not None:
+            return estimate
+    return None
+
+
+def _eps_along(module: nn.Module, width: int, axis: int) -> float | None:
+    shape = (4, 3, width) if axis == -1 else (2, width, 3, 2)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x = x - x.mean(axis, keepdim=True)
+    x = x / x.pow(2).mean(axis, keepdim=True).sqrt()  # m = 1 on every row
+    probe = copy.deepcopy(module).cpu().double()
+    try:
+        with torch.no_grad():
+            base = (probe(x) - probe(-x)).double()
+            candidates = []
+            for k in range(0, 17):
+                s = 10.0 ** -k
+                r = ((probe(s * x) - probe(-s * x)).double() / base).median().item()
+                if r * r > s * s and r * r < 1:
+                    estimate = s * s * (1 - r * r) / (r * r - s * s)
+                    candidates.append((abs(torch.log10(torch.tensor(s * s / estimate)).item()), estimate))
+    except Exception:  # noqa: BLE001 - this layout is not what the module takes
+        return None
+    if not candidates or base.shape != x.shape:
+        return None
+    estimate = min(candidates)[1]
+    nice = float(f"{estimate:.1g}")  # 1e-05, not 1.0000003e-05 (a float32 norm rounds the estimate)
+    return nice if abs(nice - estimate) <= 1e-3 * estimate else estimate
 
 
 # --- the fit ---------------------------------------------------------------------------------------

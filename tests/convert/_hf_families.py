@@ -88,6 +88,54 @@ def gpt_bigcode():
                    n_positions=32, attn_implementation="eager"), text()
 
 
+# mixtures of experts: transformers' fused experts (3-D weights, grouped matmuls; they cannot run in float64)
+_MOE = dict(_DECODER, hidden_size=32, num_experts_per_tok=2)
+
+
+def mixtral():
+    return _seeded("MixtralConfig", "MixtralForCausalLM", **_MOE, num_local_experts=4), text()
+
+
+def mixtral_layernorm():
+    """Mixtral with LayerNorms (no β: the fused experts have no bias to take one) in place of its RMSNorms: a
+    Pre-LN MoE, whose residual stream every expert's down projection writes."""
+    model, inputs = mixtral()
+    generator = torch.Generator().manual_seed(2)
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ == "MixtralRMSNorm":
+            norm = torch.nn.LayerNorm(module.weight.shape[0], eps=module.variance_epsilon, bias=False)
+            with torch.no_grad():
+                norm.weight.copy_(torch.rand(norm.weight.shape, generator=generator) + 0.5)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, norm)
+    return model.eval(), inputs
+
+
+def mixtral_batched():  # transformers' other traceable experts form: W[ids] gathered per token, one bmm
+    model, inputs = mixtral()
+    model.set_experts_implementation("batched_mm")  # runs in float64, unlike grouped_mm
+    return model, inputs
+
+
+def mixtral_layernorm_batched():
+    model, inputs = mixtral_layernorm()
+    model.set_experts_implementation("batched_mm")
+    return model, inputs
+
+
+def qwen2_moe():  # routed experts plus a shared expert behind a sigmoid gate
+    return _seeded("Qwen2MoeConfig", "Qwen2MoeForCausalLM", **_MOE, num_experts=4, moe_intermediate_size=16,
+                   shared_expert_intermediate_size=32), text()
+
+
+def olmoe():  # QK-norm over the whole q/k projections
+    return _seeded("OlmoeConfig", "OlmoeForCausalLM", **_MOE, num_experts=4, pad_token_id=0, eos_token_id=1), text()
+
+
+def olmo():  # a LayerNorm without weights and without an ε attribute
+    return _seeded("OlmoConfig", "OlmoForCausalLM", **_DECODER, pad_token_id=0, eos_token_id=1), text()
+
+
 _VIT = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=16,
             patch_size=8, num_labels=3, attn_implementation="eager")
 
@@ -123,4 +171,6 @@ def mobilenet_v2():
 
 
 FAMILIES = {f.__name__: f for f in (llama, qwen2, mistral, phi3, gemma, t5_encoder, bloom, falcon, gpt_bigcode,
-                                    deit, beit, swin, convnext, resnet, mobilenet_v2)}
+                                    mixtral, mixtral_layernorm, mixtral_batched, mixtral_layernorm_batched,
+                                    qwen2_moe, olmoe, olmo, deit, beit, swin, convnext, resnet,
+                                    mobilenet_v2)}

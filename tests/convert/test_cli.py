@@ -17,12 +17,15 @@ from engines.manifest import read_manifest, sha256_file
 
 pytestmark = pytest.mark.e2e
 
-NORMFUSE = Path(sys.executable).with_name("normfuse")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def normfuse(*args: str | Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`normfuse ARGS` from this checkout (`-m` from the repository root: the installed console script would
+    import whichever checkout the virtual environment was installed from)."""
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run([str(NORMFUSE), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([sys.executable, "-m", "normfuse.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
 
 
 def check_manifest(model_dir: Path):

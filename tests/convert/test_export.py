@@ -187,3 +187,55 @@ def test_export_leaves_the_model_in_eval_mode(tmp_path):
     model = Block().eval()
     export_onnx(model, ids(2, 5), tmp_path / "m.onnx", inputs=INPUTS, outputs=OUTPUTS)
     assert not any(m.training for m in model.modules())  # the exporter restores the wrapper's mode onto it
+
+
+class Histogram(torch.nn.Module):
+    """An operator the TorchScript exporter cannot export at opset 17 (what MoE routing's histc hit)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.histc(x, bins=4, min=-1, max=1).sum()
+
+
+def test_an_unexportable_model_fails_in_one_line_and_the_exporter_output_goes_to_the_log(tmp_path, capfd, caplog):
+    import logging
+
+    from convert.export import ExportError, export_onnx
+
+    info = [TensorInfo(name="x", datatype="FP32", shape=[-1, 3])]
+    with caplog.at_level(logging.DEBUG), pytest.raises(ExportError) as failed:
+        export_onnx(Histogram(), {"x": np.ones((2, 3), np.float32)}, tmp_path / "m.onnx", inputs=info,
+                    outputs=[TensorInfo(name="y", datatype="FP32", shape=[-1, 3])])
+    message = str(failed.value)
+    assert "\n" not in message and "aten::histc" in message and "conversion log" in message, message
+    printed = capfd.readouterr()
+    assert "graph" not in printed.out + printed.err, printed  # nothing reached the terminal
+    assert "Torch IR graph" in caplog.text  # the exporter's C-level print, captured into the log
+
+
+def test_fused_experts_are_exported_through_batched_mm_and_switched_back(tmp_path):
+    from convert.export import OPSET, export_onnx, ort_session, run_onnx
+    from convert.exportable import describe_export
+    from tests.convert import _hf_families as hf
+
+    model, given = hf.olmoe()
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    wrapped = Logits().eval()
+    assert "experts_implementation=batched_mm" in describe_export(wrapped, OPSET)
+    info = [TensorInfo(name=name, datatype="INT64", shape=[-1, -1]) for name in ("input_ids", "attention_mask")]
+    example = {name: tensor.numpy()[:, :5] for name, tensor in given.items()}
+    path = export_onnx(wrapped, example, tmp_path / "m.onnx", inputs=info,
+                       outputs=[TensorInfo(name="logits", datatype="FP32", shape=[-1, -1, hf.VOCAB])])
+    assert model.config._experts_implementation == "grouped_mm"  # restored
+    ids = torch.randint(0, hf.VOCAB, (3, 9), generator=torch.Generator().manual_seed(8))  # other routing
+    (out,) = run_onnx(ort_session(path), {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())})
+    with torch.no_grad():
+        expected = wrapped(ids, torch.ones_like(ids)).numpy()
+    assert np.linalg.norm(out - expected) <= 1e-5 * np.linalg.norm(expected)

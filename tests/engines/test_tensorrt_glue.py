@@ -367,8 +367,7 @@ def read_key(plan):
 def _tiny_trt_repo(tmp_path, *, record: bool = True, version_compatible: bool = False):
     """REPO/tiny with one variant, its plan (and sidecar) built for the fake GPU, recorded in the manifest as
     `normfuse convert --backend tensorrt` records it (unless `record`: a manifest from before plans were)."""
-    from convert.build_tensorrt import record_plans
-
+    from convert.tensorrt.build import record_plans
     from engines.manifest import Manifest, TensorInfo, VariantInfo, file_ref, write_manifest
     from engines.trt_cache import plan_path, variant_source_sha256
 
