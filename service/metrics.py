@@ -80,10 +80,12 @@ class Metrics:
                                           LABELS, buckets=AGREEMENT_BUCKETS, registry=r)
 
 
-def engine_info(described: dict[str, str], manifest: Manifest, variant: str, revision: str) -> dict[str, str]:
+def engine_info(described: dict[str, str], manifest: Manifest, variant: str, revision: str, *,
+                default: bool) -> dict[str, str]:
     """`normfuse_engine_info`'s labels for one version: the engine's own description, plus the ONNX file's sha256,
-    the revision, and the plan's `precision` and `exact` as the manifest records them (an ONNX Runtime int8
-    variant's engine has fp32 inputs and outputs and would describe itself as fp32)."""
+    the revision, whether unversioned requests get it (`default`: on a mixed CPU pool pods may differ), and the
+    plan's `precision` and `exact` as the manifest records them (an ONNX Runtime int8 variant's engine has fp32
+    inputs and outputs and would describe itself as fp32)."""
     info = {k: str(v) for k, v in described.items()}
     record = manifest.variants[variant]
     plans = manifest.plans.plans if manifest.plans is not None else {}
@@ -93,6 +95,7 @@ def engine_info(described: dict[str, str], manifest: Manifest, variant: str, rev
         info["precision"] = "int8"
     info["onnx_sha256"] = record.files["onnx"].sha256 if "onnx" in record.files else ""
     info["revision"] = revision
+    info["default"] = str(default).lower()
     info["exact"] = str(record.exact).lower()  # "false": a gated lossy variant (int8) or a reduced-precision plan
     return info
 

@@ -131,7 +131,8 @@ class Repository:
                                          lambda ratio, err, agree, labels=labels: self._record_pair(labels, ratio, err, agree))
             servable.batcher.start()
             self.metrics.queue_depth.labels(**servable.labels).set_function(lambda s=servable: s.batcher.depth)
-            info = engine_info(servable.engine.describe(), entry.manifest, name, entry.label)
+            info = engine_info(servable.engine.describe(), entry.manifest, name, entry.label,
+                               default=name == entry.default)
             self.metrics.engine.labels(**servable.labels).info(info)
 
     def unpublish(self, servable: Servable) -> None:

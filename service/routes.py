@@ -127,7 +127,8 @@ async def compare(model: str, repo: Repo) -> dict[str, Any]:
     variants = {}
     for name in names:
         record, served = entry.manifest.variants[name], entry.variants.get(name)
-        described = engine_info(served.engine.describe(), entry.manifest, name, entry.label) if served else {}
+        described = (engine_info(served.engine.describe(), entry.manifest, name, entry.label,
+                                 default=name == entry.default) if served else {})
         variants[name] = {
             "ready": served is not None,
             "exact": record.exact,

@@ -139,6 +139,10 @@ def test_plan_rules_join_on_model_and_variant_and_keep_cardinality_bounded():
     every other plan rule joins it on (model, variant), adding the engine and precision."""
     rules = {rule["record"]: " ".join(rule["expr"].split()) for rule in load_rules()}
     assert rules["normfuse:plan:info"] == "max by (model, variant, runtime, precision, exact) (normfuse_engine_info)"
+    # pods per default version: counted by the same labels (a mixed pool's pods may differ in it, so `default`
+    # is never a label of plan:info, which must stay one series per version)
+    assert rules.pop("normfuse:plan_default:pods") == \
+        'count by (model, variant, runtime, precision, exact) (normfuse_engine_info{default="true"})'
     joined = [name for name in rules if name.startswith("normfuse:plan_")]
     assert len(joined) >= 5, joined
     for name in joined:

@@ -217,6 +217,8 @@ def test_rules_and_dashboard_queries_return_data(tmp_path):
         assert info == {"unfused": ("onnxruntime", "fp32", "true"), "affine": ("onnxruntime", "fp32", "true"),
                         "int8": ("onnxruntime", "int8", "false"),
                         **{p: ("openvino", p.rsplit("-", 1)[1], str(p.endswith("fp32")).lower()) for p in plans}}, info
+        defaults = instant_query(prometheus, "normfuse:plan_default:pods")
+        assert [(s["metric"]["variant"], finite_values([s])) for s in defaults] == [("affine", [1.0])], defaults
         paired = instant_query(prometheus, "normfuse:plan_shadow_latency_ratio:p50_1m")
         assert {s["metric"]["variant"]: (s["metric"]["runtime"], s["metric"]["precision"]) for s in paired} == \
             {v: info[v][:2] for v in compared}, paired

@@ -37,14 +37,15 @@ def with_plans(manifest):
 
 
 def test_an_exact_variant_keeps_its_engines_precision(manifest):
-    info = engine_info(ORT_FP32, manifest, "affine", "rev1")
+    info = engine_info(ORT_FP32, manifest, "affine", "rev1", default=True)
     assert info["precision"] == "fp32" and info["exact"] == "true" and info["revision"] == "rev1"
+    assert info["default"] == "true"
     assert info["onnx_sha256"] == manifest.variants["affine"].files["onnx"].sha256
 
 
 def test_an_int8_variant_on_onnx_runtime_says_int8_not_its_fp32_io(manifest):
     assert manifest.variants["int8"].servable, "the test's int8 variant failed its gate"
-    info = engine_info(ORT_FP32, manifest, "int8", "rev1")
+    info = engine_info(ORT_FP32, manifest, "int8", "rev1", default=False)
     assert (info["precision"], info["exact"], info["runtime"]) == ("int8", "false", "onnxruntime")
 
 
@@ -54,9 +55,9 @@ def test_a_plan_says_the_precision_its_record_names(manifest):
     planned = with_plans(manifest)
     planned.variants["affine-ov-bf16"] = as_variant(planned, planned.plans.plans["affine-ov-bf16"])
     described = {"runtime": "openvino", "precision": "bf16", "hint": "LATENCY"}
-    info = engine_info(described, planned, "affine-ov-bf16", "rev2")
+    info = engine_info(described, planned, "affine-ov-bf16", "rev2", default=True)
     assert (info["runtime"], info["precision"], info["exact"]) == ("openvino", "bf16", "false")
-    assert engine_info(ORT_FP32, planned, "unfused", "rev2")["precision"] == "fp32"
+    assert engine_info(ORT_FP32, planned, "unfused", "rev2", default=False)["precision"] == "fp32"
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.3, 0.97, 1.02, 2.5, 33.0])
