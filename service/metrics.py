@@ -89,10 +89,11 @@ def engine_info(described: dict[str, str], manifest: Manifest, variant: str, rev
     info = {k: str(v) for k, v in described.items()}
     record = manifest.variants[variant]
     plans = manifest.plans.plans if manifest.plans is not None else {}
-    if variant in plans:
-        info["precision"] = plans[variant].precision
-    elif not record.exact and info.get("precision") == "fp32":  # a lossy variant without a plan record: int8
-        info["precision"] = "int8"
+    plan = plans.get(variant)
+    if plan is not None and plan.engine == info.get("runtime"):  # not when e.g. TensorRT serves the variant
+        info["precision"] = plan.precision
+    elif plan is None and not record.exact and info.get("runtime") == "onnxruntime" and info.get("precision") == "fp32":
+        info["precision"] = "int8"  # ONNX Runtime's lossy variant in a manifest without plans: int8
     info["onnx_sha256"] = record.files["onnx"].sha256 if "onnx" in record.files else ""
     info["revision"] = revision
     info["default"] = str(default).lower()

@@ -58,6 +58,9 @@ def test_a_plan_says_the_precision_its_record_names(manifest):
     info = engine_info(described, planned, "affine-ov-bf16", "rev2", default=True)
     assert (info["runtime"], info["precision"], info["exact"]) == ("openvino", "bf16", "false")
     assert engine_info(ORT_FP32, planned, "unfused", "rev2", default=False)["precision"] == "fp32"
+    # another engine serving a variant (TensorRT fp16) keeps its own description: the record is ONNX Runtime's
+    tensorrt = {"runtime": "tensorrt", "precision": "fp16"}
+    assert engine_info(tensorrt, planned, "unfused", "rev2", default=False)["precision"] == "fp16"
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.3, 0.97, 1.02, 2.5, 33.0])
