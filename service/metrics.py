@@ -3,6 +3,10 @@
 Latency histograms are labelled `model`, `variant`, `backend`; the end-to-end request histogram and the request
 counter also `protocol` (`http` or `grpc`). Buckets are geometric for time (50 µs … ~13 s)
 and powers of two for batch size. `ServableStats` keeps Triton's statistics-extension counters per variant.
+
+A version's engine and precision are not labels of every series (that would multiply them): one
+`normfuse_engine_info` series per version carries `runtime`, `precision` and `exact` (`engine_info`), and the
+dashboard joins on (model, variant) (deploy/prometheus/rules.yml, `normfuse:plan:info`).
 """
 
 from __future__ import annotations
@@ -20,11 +24,16 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from engines.manifest import Manifest
+
 LABELS = ("model", "variant", "backend")
 PROTOCOLS = ("http", "grpc")  # the `protocol` label: which front end answered the request
 TIME_BUCKETS = tuple(round(50e-6 * 2 ** (i / 2), 7) for i in range(37))  # 50 µs · √2^i, up to ~13 s
 BATCH_BUCKETS = tuple(2.0**i for i in range(11))  # 1 … 1024
-RATIO_BUCKETS = tuple(round(0.5 * 1.05**i, 4) for i in range(30))  # 0.5 … ~2.06, 5 % steps
+# Paired shadow ratios: 5 % steps over 0.5 … ~2.06 (norm rewrites move latency by a few %), coarse beyond it for
+# plans (OpenVINO bf16/int8 on AMX: 0.2-0.3; a bf16 plan emulated on a CPU without bf16 units: ~33)
+RATIO_BUCKETS = (0.0625, 0.125, 0.25, 0.375, *(round(0.5 * 1.05**i, 4) for i in range(30)), 3.0, 4.0, 8.0, 16.0,
+                 32.0, 64.0)
 ERROR_BUCKETS = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 AGREEMENT_BUCKETS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)  # top-1 agreement per shadowed batch
 
@@ -69,6 +78,27 @@ class Metrics:
         self.shadow_agreement = Histogram("normfuse_shadow_agreement",
                                           "Top-1 (argmax) agreement of variant and unfused on the same batch, 0-1",
                                           LABELS, buckets=AGREEMENT_BUCKETS, registry=r)
+
+
+def engine_info(described: dict[str, str], manifest: Manifest, variant: str, revision: str, *,
+                default: bool) -> dict[str, str]:
+    """`normfuse_engine_info`'s labels for one version: the engine's own description, plus the ONNX file's sha256,
+    the revision, whether unversioned requests get it (`default`: on a mixed CPU pool pods may differ), and the
+    plan's `precision` and `exact` as the manifest records them (an ONNX Runtime int8 variant's engine has fp32
+    inputs and outputs and would describe itself as fp32)."""
+    info = {k: str(v) for k, v in described.items()}
+    record = manifest.variants[variant]
+    plans = manifest.plans.plans if manifest.plans is not None else {}
+    plan = plans.get(variant)
+    if plan is not None and plan.engine == info.get("runtime"):  # not when e.g. TensorRT serves the variant
+        info["precision"] = plan.precision
+    elif plan is None and not record.exact and info.get("runtime") == "onnxruntime" and info.get("precision") == "fp32":
+        info["precision"] = "int8"  # ONNX Runtime's lossy variant in a manifest without plans: int8
+    info["onnx_sha256"] = record.files["onnx"].sha256 if "onnx" in record.files else ""
+    info["revision"] = revision
+    info["default"] = str(default).lower()
+    info["exact"] = str(record.exact).lower()  # "false": a gated lossy variant (int8) or a reduced-precision plan
+    return info
 
 
 class Children:

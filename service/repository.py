@@ -20,7 +20,7 @@ from engines.base import Engine
 from engines.manifest import Manifest, list_models, manifest_sha256, read_revision
 from service.batcher import Batch, Batcher
 from service.errors import ModelNotFound, ModelNotReady
-from service.metrics import LABELS, Metrics
+from service.metrics import LABELS, Metrics, engine_info
 from service.plans import engine_and_options, served_manifest
 from service.revision import Revision, Servable
 from service.settings import Settings
@@ -131,11 +131,8 @@ class Repository:
                                          lambda ratio, err, agree, labels=labels: self._record_pair(labels, ratio, err, agree))
             servable.batcher.start()
             self.metrics.queue_depth.labels(**servable.labels).set_function(lambda s=servable: s.batcher.depth)
-            files = entry.manifest.variants[name].files
-            info = {k: str(v) for k, v in servable.engine.describe().items()}
-            info["onnx_sha256"] = files["onnx"].sha256 if "onnx" in files else ""
-            info["revision"] = entry.label
-            info["exact"] = str(entry.manifest.variants[name].exact).lower()  # "false": a gated lossy variant (int8)
+            info = engine_info(servable.engine.describe(), entry.manifest, name, entry.label,
+                               default=name == entry.default)
             self.metrics.engine.labels(**servable.labels).info(info)
 
     def unpublish(self, servable: Servable) -> None:

@@ -18,6 +18,7 @@ from service.body import read_body
 from service.control import ModelControl
 from service.errors import CLIENT_GONE, ERROR_RESPONSES, ClientGone, ModelNotReady
 from service.inference import Answer
+from service.metrics import engine_info
 from service.protocol import (
     HEADER_LENGTH,
     InferenceRequest,
@@ -116,7 +117,8 @@ async def unload_model(model: str, request: Request, control: Control) -> dict:
 
 @router.get("/v2/models/{model}/compare")
 async def compare(model: str, repo: Repo) -> dict[str, Any]:
-    """Per variant: p50/p95/p99 compute latency (all and per batch size), paired shadow ratio, parity."""
+    """Per variant: its engine and precision, p50/p95/p99 compute latency (all and per batch size), paired shadow
+    ratio, error and top-1 agreement against unfused, parity."""
     entry = repo.entry(model)
     if entry.manifest is None:
         raise ModelNotReady(f"model {model!r} is not ready: {entry.reason}")
@@ -124,10 +126,13 @@ async def compare(model: str, repo: Repo) -> dict[str, Any]:
     summaries = await repo.compare.summaries(model, names)  # the bootstrap runs off the event loop
     variants = {}
     for name in names:
-        record = entry.manifest.variants[name]
+        record, served = entry.manifest.variants[name], entry.variants.get(name)
+        described = (engine_info(served.engine.describe(), entry.manifest, name, entry.label,
+                                 default=name == entry.default) if served else {})
         variants[name] = {
-            "ready": name in entry.variants,
+            "ready": served is not None,
             "exact": record.exact,
+            "engine": described.get("runtime"), "precision": described.get("precision"),  # None: not loaded
             **summaries[name],
             "parity": [p.model_dump() for p in record.parity],
             "accuracy": record.accuracy.model_dump() if record.accuracy else None,  # lossy variants: the gate's record

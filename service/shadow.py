@@ -14,6 +14,12 @@ otherwise is skipped (counted). What that does and does not promise:
 Each shadow run records the paired ratio (variant compute time / unfused compute time on the same batch),
 the max |Δ| of the outputs and the top-1 agreement (share of rows, or positions, whose last-axis argmax of the
 first output equals unfused's): for a lossy variant (int8) the production error monitor.
+
+A plan (service.plans: e.g. `affine-ov-bf16`, a variant on OpenVINO at a reduced precision, or an int8 OpenVINO
+IR) is a version like any other and is shadowed the same way, against the fp32 ONNX Runtime `unfused`: its
+ratio is then the engine-and-precision speed-up on live traffic, its agreement the live counterpart of the
+gate it passed at conversion (the gate's record is in /compare's `accuracy`, the plan's engine and precision
+beside it and in `normfuse_engine_info`).
 """
 
 from __future__ import annotations

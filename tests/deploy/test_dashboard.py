@@ -16,6 +16,7 @@ from tests.deploy.promkit import (
     ROOT,
     dashboard_targets,
     load_dashboard,
+    load_rules,
 )
 
 
@@ -111,3 +112,38 @@ def test_dashboard_provider_reads_the_directory_compose_mounts():
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == provider["options"]["path"] + "/normfuse.json"
     assert (ROOT / mounts["/etc/grafana/provisioning"] / "datasources" / DATASOURCES.name).is_file()
+
+
+def test_plans_are_shown_side_by_side_with_their_engine_and_precision():
+    """A plan is variant × engine × precision: the panels that compare versions with unfused carry the engine and
+    precision by joining normfuse_engine_info (normfuse:plan_* rules), and say them in the legend; the table lists
+    every version with both beside its figures."""
+    panels = load_dashboard()["panels"]
+    plan_panels = [p for p in panels if any("normfuse:plan" in t["expr"] for t in p["targets"])]
+    (table,) = [p for p in plan_panels if p["type"] == "table"]
+    exprs = [t["expr"] for t in table["targets"]]
+    assert exprs[0].startswith("normfuse:plan:info")  # every version's engine and precision, first
+    for needle in ("compute_duration_seconds", "shadow_latency_ratio", "shadow_abs_error", "shadow_agreement"):
+        assert any(needle in e for e in exprs), needle
+    assert all(t.get("format") == "table" and t.get("instant") for t in table["targets"])
+    assert [step["id"] for step in table["transformations"]][0] == "merge"  # one row per version
+    series = [p for p in plan_panels if p["type"] == "timeseries"]
+    assert len(series) >= 4, [p["title"] for p in series]
+    for panel in series:
+        for target in panel["targets"]:
+            assert "{{precision}}" in target["legendFormat"] and "{{runtime}}" in target["legendFormat"], panel["title"]
+
+
+def test_plan_rules_join_on_model_and_variant_and_keep_cardinality_bounded():
+    """normfuse:plan:info keeps only (model, variant, runtime, precision, exact) — one series per version — and
+    every other plan rule joins it on (model, variant), adding the engine and precision."""
+    rules = {rule["record"]: " ".join(rule["expr"].split()) for rule in load_rules()}
+    assert rules["normfuse:plan:info"] == "max by (model, variant, runtime, precision, exact) (normfuse_engine_info)"
+    # pods per default version: counted by the same labels (a mixed pool's pods may differ in it, so `default`
+    # is never a label of plan:info, which must stay one series per version)
+    assert rules.pop("normfuse:plan_default:pods") == \
+        'count by (model, variant, runtime, precision, exact) (normfuse_engine_info{default="true"})'
+    joined = [name for name in rules if name.startswith("normfuse:plan_")]
+    assert len(joined) >= 5, joined
+    for name in joined:
+        assert "* on (model, variant) group_left (runtime, precision, exact) normfuse:plan:info" in rules[name], name

@@ -85,6 +85,18 @@ def test_image_runs_as_uid_10001_and_the_cli_works(stack):
         assert command in help_text
 
 
+def test_image_serves_openvino_plans(stack):
+    """openvino is a core dependency (CPU plans: bf16/f16/int8, engines/openvino.py): the image has it, its CPU
+    plugin loads (its native libraries need nothing beyond glibc and libstdc++, which the base has), and the
+    server's plan check sees it. NNCF is not in the image: int8 OpenVINO plans are built by a conversion with the
+    int8-openvino extra, and served by this image without it."""
+    out = run_in_image("python3", "-c", "import importlib.util, openvino as ov; "
+                       "print(ov.__version__, 'CPU' in ov.Core().available_devices, importlib.util.find_spec('nncf'))")
+    version, cpu, nncf = out.split()
+    assert cpu == "True" and nncf == "None", out
+    assert int(version.split(".")[0]) >= 2025, out
+
+
 def test_image_has_no_compiler_build_cache_or_wheels(stack):
     found = run_in_image("sh", "-c", "for c in gcc cc g++ c++ clang make; do command -v $c; done; "
                          "ls -d /root/.cache /home/normfuse/.cache /app/build /app/*.egg-info 2>/dev/null; "

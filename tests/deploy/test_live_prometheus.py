@@ -3,11 +3,16 @@ project's scrape config and recording rules; every rule and every dashboard quer
 
 Only the scrape target, the intervals (1 s) and the rules path differ from deploy/prometheus/prometheus.yml;
 dashboard queries are evaluated with Grafana's variables substituted (promkit.TEST_VARIABLES).
+
+The model serves exact variants, a lossy int8 variant and, where OpenVINO is installed, OpenVINO plans of the
+same function (fp32, and bf16 where this CPU runs it natively), so the plan panels (engine and precision
+joined from normfuse_engine_info) show ONNX Runtime and OpenVINO versions side by side.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -22,6 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from engines.cpu import detect
 from tests.deploy.promkit import (
     ROOT,
     compose,
@@ -103,6 +109,29 @@ class Traffic:
                 time.sleep(0.01)
 
 
+def add_plans(model_dir: Path) -> list[str]:
+    """Record the model's variants as plans and add OpenVINO plans of `affine` (the same x @ W file): fp32, and bf16
+    (gated, reduced precision) where this CPU runs bf16 natively, as `normfuse convert` writes them; the served
+    OpenVINO plans' names (none without OpenVINO)."""
+    from engines.manifest import Manifest, read_manifest, write_manifest
+    from engines.plans import Plan, PlanGate, PlanSet
+
+    manifest = read_manifest(model_dir)
+    plans = {name: Plan(name=name, variant=name, engine="onnxruntime", precision="fp32" if v.exact else "int8",
+                        exact=v.exact, servable=v.servable) for name, v in manifest.variants.items()}
+    if importlib.util.find_spec("openvino") is not None:
+        plans["affine-ov-fp32"] = Plan(name="affine-ov-fp32", variant="affine", engine="openvino", precision="fp32",
+                                       exact=True, servable=True)
+        if detect().can_run_natively("bf16")[0]:  # integer inputs and weights: bf16 computes x @ W exactly here
+            gate = PlanGate(passed=True, samples=64, rel_l2=0.0, cosine=1.0, top1_agreement=1.0,
+                            gate={"min_top1_agreement": 0.995, "min_cosine": 0.9999})
+            plans["affine-ov-bf16"] = Plan(name="affine-ov-bf16", variant="affine", engine="openvino",
+                                           precision="bf16", exact=False, servable=True, gate=gate)
+    manifest.plans = PlanSet(cpu=detect(), plans=plans, default=manifest.default_variant)
+    write_manifest(model_dir, Manifest.model_validate(manifest.model_dump()))
+    return [name for name, plan in plans.items() if plan.engine == "openvino"]
+
+
 def queries() -> dict[str, str]:
     """label -> PromQL: every rule's expression, every recorded series, every dashboard query."""
     found = {}
@@ -139,8 +168,11 @@ def run_compose_loadgen(server: str, model: str) -> subprocess.CompletedProcess:
 def test_rules_and_dashboard_queries_return_data(tmp_path):
     repo = repo_builder.build_test_repo(tmp_path / "repo")
     shutil.rmtree(repo / repo_builder.BROKEN)  # the deliberately unloadable model has no metrics to show
-    repo_builder.add_int8_variant(repo / repo_builder.MODEL)  # a real lossy variant for the "int8 vs exact" row
-    model, variants = repo_builder.MODEL, ["unfused", "affine", "int8"]
+    repo_builder.add_int8_variant(repo / repo_builder.MODEL)  # a real lossy variant for the "lossy vs exact" row
+    plans = add_plans(repo / repo_builder.MODEL)  # OpenVINO plans for the "plans side by side" panels
+    model, variants = repo_builder.MODEL, ["unfused", "affine", "int8", *plans]
+    compared = sorted(set(variants) - {"unfused"})  # every version but the baseline is compared with it
+    not_exact = sorted({"int8", "affine-ov-bf16"} & set(variants))  # lossy int8 and the reduced-precision plan
 
     server_port, prom_port = free_port(), free_port()
     config = render_test_config(tmp_path / "prometheus.yml", target=f"127.0.0.1:{server_port}",
@@ -166,16 +198,30 @@ def test_rules_and_dashboard_queries_return_data(tmp_path):
 
         # fused ÷ unfused joins one series per fused variant, never the baseline against itself.
         ratio = instant_query(prometheus, "normfuse:compute_duration_seconds:p50_ratio_to_unfused_1m")
-        assert sorted(s["metric"]["variant"] for s in ratio) == ["affine", "int8"]
+        assert sorted(s["metric"]["variant"] for s in ratio) == compared
         assert all(v > 0 for v in finite_values(ratio))
         # affine and unfused compute x @ W from the same ONNX file: the shadow parity error is exactly 0.
         error = {s["metric"]["variant"]: finite_values([s]) for s in instant_query(prometheus, "normfuse:shadow_abs_error:p99_1m")}
-        assert sorted(error) == ["affine", "int8"] and error["affine"] == [0.0]
-        # The "int8 vs exact" row shows the lossy variant only, with an agreement in (0, 1].
-        for rule in ("lossy_shadow_agreement:mean_1m", "lossy_compute_duration_seconds:p50_ratio_to_unfused_1m"):
+        assert sorted(error) == compared and error["affine"] == [0.0]
+        # The "lossy and reduced precision vs exact" row shows the versions that are not exact (int8 and a bf16
+        # plan) only, with an agreement in (0, 1].
+        for rule in ("lossy_shadow_agreement:mean_1m", "lossy_compute_duration_seconds:p50_ratio_to_unfused_1m",
+                     "plan_shadow_agreement:mean_1m"):
             lossy = instant_query(prometheus, f"normfuse:{rule}")
-            assert [s["metric"]["variant"] for s in lossy] == ["int8"], (rule, lossy)
+            assert sorted(s["metric"]["variant"] for s in lossy) == not_exact, (rule, lossy)
         assert all(0 < v <= 1 for v in finite_values(instant_query(prometheus, "normfuse:lossy_shadow_agreement:mean_1m")))
+        # The plan panels: one plan:info series per version with its engine and precision, joined onto the
+        # shadow ratios of every compared version.
+        info = {s["metric"]["variant"]: (s["metric"]["runtime"], s["metric"]["precision"], s["metric"]["exact"])
+                for s in instant_query(prometheus, "normfuse:plan:info")}
+        assert info == {"unfused": ("onnxruntime", "fp32", "true"), "affine": ("onnxruntime", "fp32", "true"),
+                        "int8": ("onnxruntime", "int8", "false"),
+                        **{p: ("openvino", p.rsplit("-", 1)[1], str(p.endswith("fp32")).lower()) for p in plans}}, info
+        defaults = instant_query(prometheus, "normfuse:plan_default:pods")
+        assert [(s["metric"]["variant"], finite_values([s])) for s in defaults] == [("affine", [1.0])], defaults
+        paired = instant_query(prometheus, "normfuse:plan_shadow_latency_ratio:p50_1m")
+        assert {s["metric"]["variant"]: (s["metric"]["runtime"], s["metric"]["precision"]) for s in paired} == \
+            {v: info[v][:2] for v in compared}, paired
         # Bad requests count as errors by code; expired ones (504: their own queue timeout) as shed, per variant.
         codes = {s["metric"]["code"] for s in instant_query(prometheus, "normfuse:requests:rate1m")}
         assert codes >= {"200", "400", "504"}, codes
