@@ -92,9 +92,10 @@ def register(subparsers) -> None:
     reload_p.set_defaults(handler=run_reload)
 
     _register_int8(modes)
-    from benchmarks import gpu_check  # light at import: torch and the models load in its handler
+    from benchmarks import gpu_check, plans_bench  # light at import: their heavy imports happen in their handlers
 
     gpu_check.register(modes)
+    plans_bench.register(modes)
 
     loadgen_p = subparsers.add_parser("loadgen", help="closed-loop sweep and open-loop Poisson load on an OIP v2 server")
     loadgen_p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")

@@ -264,7 +264,7 @@ def run(config: GpuCheckConfig) -> dict:
     for model in config.models:
         spec = ModelSpec(model, tiny=config.dry_run, seq_len=config.seq_len)
         begin = time.perf_counter()
-        variants, references = build_variants(spec.build())
+        variants, references = build_variants(spec.build(), notes)
         variants = {k: v.to(device) for k, v in variants.items()}
         references = {k: v.to(device) for k, v in references.items()}
         built[model] = (spec, variants, references_for(spec, variants, references, config, device))
