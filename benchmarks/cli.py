@@ -92,7 +92,7 @@ def register(subparsers) -> None:
     reload_p.set_defaults(handler=run_reload)
 
     _register_int8(modes)
-    from benchmarks import gpu_check, plans_bench  # light at import: their heavy imports happen in their handlers
+    from benchmarks import gpu_check, plans_bench  # light: heavy imports happen in their handlers
 
     gpu_check.register(modes)
     plans_bench.register(modes)
