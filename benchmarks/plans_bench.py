@@ -98,18 +98,32 @@ def rel_l2(output, reference) -> float:
     return float(np.linalg.norm(output.astype(np.float64) - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+def batch_flops(path: Path, specs: list[dict], batch: int):
+    """FLOPs at `batch`, counted at batch ≥ 2 and scaled: every matrix product here is linear in the batch, and
+    shape inference leaves some of an HF export's shapes symbolic at batch 1 (a squeezable axis)."""
+    from benchmarks.onnx_flops import FlopCount, count_flops
+
+    counted = max(batch, 2)
+    found = count_flops(path, {s["name"]: [counted] + s["shape"][1:] for s in specs})
+    return FlopCount(found.flops * batch // counted, found.counted, found.unresolved)
+
+
 def bench_model(model_dir: Path, config: PlansConfig, cpu, notes: list[str]) -> list[dict]:
     from benchmarks.inputs import random_inputs
-    from benchmarks.onnx_flops import count_flops
     from benchmarks.plans import BASELINE, DEFAULT_PLANS, load_plan
-    from benchmarks.plans_models import input_specs, onnx_files
+    from benchmarks.plans_models import input_specs, onnx_files, unservable
 
     name, files = model_dir.name, onnx_files(model_dir)
+    notes += [f"{name}: `{variant}` failed its accuracy gate at conversion ({why}): timed for speed, not served"
+              for variant, why in unservable(model_dir).items()]
     plans = [p for p in (config.plans or DEFAULT_PLANS) if p.variant in files]
     notes += [f"{name}: plan {p.name} not run: the conversion built no `{p.variant}` variant"
               for p in (config.plans or DEFAULT_PLANS) if p.variant not in files]
     specs = input_specs(model_dir, config.seq_len)
     calibration = [random_inputs(specs, 1, seed=1000 + i) for i in range(config.calibration)]
+    flops = {batch: batch_flops(files[BASELINE.variant], specs, batch) for batch in config.batch_sizes}
+    notes += [f"{name} b{batch}: {f.unresolved} matrix products without static shapes; no GFLOP/s"
+              for batch, f in flops.items() if not f.complete]
     quantized, rows = {}, []
     for threads in config.threads:
         loaded = {}
@@ -125,13 +139,8 @@ def bench_model(model_dir: Path, config: PlansConfig, cpu, notes: list[str]) -> 
             inputs = random_inputs(specs, batch, seed=batch)
             reference = loaded[BASELINE.name].infer(inputs)[0]
             errors = {n: rel_l2(p.infer(inputs)[0], reference) for n, p in loaded.items()}
-            shapes = {s["name"]: [batch] + s["shape"][1:] for s in specs}
-            flops = count_flops(files[BASELINE.variant], shapes)
-            if not flops.complete:
-                notes.append(f"{name} b{batch}: {flops.unresolved} matrix products without static shapes; "
-                             "no GFLOP/s")
             times = measure_group(loaded, inputs, config)
-            rows += rows_for(name, threads, batch, times, loaded, errors, flops, cpu)
+            rows += rows_for(name, threads, batch, times, loaded, errors, flops[batch], cpu)
             log.info("%s t%d b%d: %s", name, threads, batch,
                      ", ".join(f"{n} {sorted(t)[len(t) // 2] * 1e3:.1f} ms" for n, t in times.items()))
         del loaded

@@ -64,6 +64,17 @@ def onnx_files(model_dir: Path) -> dict[str, Path]:
             if "onnx" in info.files}
 
 
+def unservable(model_dir: Path) -> dict[str, str]:
+    """variant -> why the conversion does not serve it (a lossy variant that failed its gate): timed, not served."""
+    from engines.manifest import read_manifest
+
+    out = {}
+    for name, info in read_manifest(model_dir).variants.items():
+        if not info.servable and not info.benchmark_only:
+            out[name] = "; ".join(info.accuracy.failed if info.accuracy else []) or "not servable"
+    return out
+
+
 def input_specs(model_dir: Path, seq_len: int) -> list[dict]:
     """The manifest's inputs with every dynamic axis but the batch fixed to `seq_len`."""
     from engines.manifest import read_manifest
