@@ -201,6 +201,10 @@ def register(modes) -> None:
     p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
     p.add_argument("--render", action="store_true", help="measure nothing: render the section from --json")
+    p.add_argument("--served", default="vit-s16", help="model whose served figures (normfuse serve defaults, c=1 "
+                   "and c=32, REST binary and gRPC) go beside the raw engine ('' = none; default vit-s16)")
+    p.add_argument("--served-only", action="store_true", help="measure only the served figures and add them to "
+                   "--json's results")
     p.set_defaults(handler=main)
 
 
@@ -228,7 +232,7 @@ def main(args) -> int:
     from benchmarks import plans_report
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if not args.render:
+    if not args.render and not args.served_only:
         try:
             config = config_from(args)
         except ValueError as exc:
@@ -236,6 +240,12 @@ def main(args) -> int:
             return 2
         result = run(args.repo, args.work, config)
         args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    if args.served and not args.render:
+        from benchmarks import plans_served
+
+        result = json.loads(args.json.read_text())
+        result["served"] = plans_served.measure(args.repo, args.served, Path(args.work) / "logs")
         args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
     plans_report.write(args.out, json.loads(args.json.read_text()), plot_dir=args.plots)
     sys.stdout.write(f"wrote the CPU plans section of {args.out}\n")
