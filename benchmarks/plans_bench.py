@@ -245,7 +245,8 @@ def main(args) -> int:
         from benchmarks import plans_served
 
         result = json.loads(args.json.read_text())
-        result["served"] = plans_served.measure(args.repo, args.served, Path(args.work) / "logs")
+        steps = {"rounds": 1, "step_seconds": 1.0} if args.quick else {}
+        result["served"] = plans_served.measure(args.repo, args.served, Path(args.work) / "logs", **steps)
         args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
     plans_report.write(args.out, json.loads(args.json.read_text()), plot_dir=args.plots)
     sys.stdout.write(f"wrote the CPU plans section of {args.out}\n")

@@ -24,7 +24,7 @@ def quick_run(bench_repo, tmp_path_factory):
     out.write_text("# Benchmarks\n\nIntro.\n\n## Machine\n\nkept\n")
     done = normfuse("bench", "plans", "--repo", str(bench_repo), "--models", "tiny", "--plans", PLANS, "--quick",
                     "--batch-sizes", "1,8", "--threads", "1,0", "--json", str(results), "--out", str(out),
-                    "--plots", str(tmp / "plots"), timeout=240)
+                    "--plots", str(tmp / "plots"), "--served", "tiny", "--work", str(tmp), timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, results, json.loads(results.read_text())
 
@@ -56,6 +56,12 @@ def test_the_section_is_the_first_table_and_rerenders_unchanged(quick_run, tmp_p
     section = text.split(PLANS_BEGIN, 1)[1].split(PLANS_END, 1)[0]
     assert result["cpu"]["model"] in section and "Peak per core on this CPU" in section
     assert "| tiny | 8 | 1 | unfused/openvino/int8 |" in section
+    served = result["served"]  # the real `normfuse serve` at its defaults, REST binary and gRPC, c=1 and c=32
+    assert set(served["summary"]) == {"1", "32"} and {r["batch"] for r in served["engine"]} == {1, 16}
+    for level in served["summary"].values():
+        assert {"normfuse REST binary", "normfuse gRPC"} <= set(level["medians"])
+        assert all(m["throughput_rps"] > 0 for m in level["medians"].values())
+    assert "| normfuse gRPC | 32 |" in section and "| raw engine, batch 16 |" in section
     assert (out.parent / "plots" / "plans.png").stat().st_size > 0
     done = normfuse("bench", "plans", "--render", "--json", str(results), "--out", str(out), "--plots",
                     str(out.parent / "plots"))
