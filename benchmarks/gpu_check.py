@@ -256,6 +256,8 @@ def run(config: GpuCheckConfig) -> dict:
     started, clock = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
     deadline = clock + config.budget_s
     device = torch.device(config.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny models: a second OpenMP thread only spins against the machine's other work
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(torch._dynamo.config, name):  # several variants of one class: the default 8 falls back to eager
             setattr(torch._dynamo.config, name, 256)
