@@ -156,6 +156,15 @@ def splice_first(out: Path, block: str) -> Path:
     return out
 
 
+def keep(out: Path, *, plot_dir: Path, results: Path = Path("benchmarks/results/plans.json")) -> Path | None:
+    """`bench all` rewrites BENCHMARKS.md: put the plans table back first, from `bench plans`' committed results."""
+    import json
+
+    if not Path(results).is_file():
+        return None
+    return write(out, json.loads(Path(results).read_text()), plot_dir=plot_dir)
+
+
 def write(out: Path, result: dict, *, plot_dir: Path) -> Path:
     out = Path(out)
     picture = plot(result, Path(plot_dir) / "plans.png")

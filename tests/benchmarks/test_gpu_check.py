@@ -75,3 +75,17 @@ def test_the_gpu_path_imports_no_server_stack():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_bench_all_keeps_the_section(dry_run, tmp_path):
+    """`bench all` rewrites BENCHMARKS.md whole; keep() puts the GPU section back from the results, else says why."""
+    from benchmarks.gpu_check_report import NOT_MEASURED, keep
+
+    _, results, _ = dry_run
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\n## Plots\n")
+    keep(out, plot_dir=tmp_path, results=tmp_path / "missing.json")
+    assert NOT_MEASURED in out.read_text() and out.read_text().index(GPU_END) < out.read_text().index("## Plots")
+    keep(out, plot_dir=tmp_path, results=results)
+    text = out.read_text()
+    assert NOT_MEASURED not in text and "**Dry run**" in text and text.count(GPU_BEGIN) == 1
