@@ -89,3 +89,19 @@ def test_bench_all_keeps_the_section(dry_run, tmp_path):
     keep(out, plot_dir=tmp_path, results=results)
     text = out.read_text()
     assert NOT_MEASURED not in text and "**Dry run**" in text and text.count(GPU_BEGIN) == 1
+
+
+def test_a_spent_budget_skips_stages_and_says_so(tmp_path):
+    """The wall budget is what keeps the device run within its 8 minutes: past it nothing starts, and the
+    section lists what was skipped instead of failing."""
+    from dataclasses import replace
+
+    from benchmarks.gpu_check import dry_run_config, run
+    from benchmarks.gpu_check_report import write
+
+    result = run(replace(dry_run_config("cpu"), budget_s=0.0, models=("vit-s16",)))
+    assert result["rows"] == []
+    assert [n.split(":")[0] for n in result["notes"]] == [f"vit-s16 {s}" for s in
+                                                          ("eager-fp32", "eager-bf16", "compile-bf16", "compile-fp32")]
+    text = write(tmp_path / "B.md", result, plot_dir=tmp_path).read_text()
+    assert "vit-s16 compile-fp32: skipped" in text
