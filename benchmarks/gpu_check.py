@@ -144,40 +144,49 @@ def stage_modules(variants: dict, stage: str, config: GpuCheckConfig) -> dict:
     return out
 
 
-def run_stage(spec, stage: str, variants: dict, references: dict, config: GpuCheckConfig, device,
-              notes: list[str], deadline: float) -> list[dict]:
-    """Every batch size of one stage of one model; a variant that fails to compile is dropped with a note, and
-    past the deadline no further batch size starts and no further variant compiles."""
+def first_call(label: str, module, inputs: dict, reference, compiled: bool, config: GpuCheckConfig, device,
+               notes: list[str]):
+    """(runner, row extras) after the first call (where a compiled stage compiles) and the warm-up; None, with a
+    note, when the variant fails (one variant that does not compile must not sink the run)."""
     import torch
 
-    modules, rows = stage_modules(variants, stage, config), []
+    start = time.perf_counter()
+    try:
+        output = module(**inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - reported in the section, the other variants still run
+        notes.append(f"{label}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        log.exception("%s failed", label)
+        return None
+    extra = {"rel_l2": rel_l2(output, reference), **({"compile_s": time.perf_counter() - start} if compiled else {})}
+    runner = lambda m=module, x=inputs: m(**x)  # noqa: E731 - bound per variant
+    for _ in range(config.warmup):
+        runner()
+    return runner, extra
+
+
+def run_stage(spec, stage: str, variants: dict, references: dict, config: GpuCheckConfig, device,
+              notes: list[str], deadline: float) -> list[dict]:
+    """Every batch size of one stage of one model, all variants interleaved; past the deadline no further batch
+    size starts and no further variant compiles."""
+    import torch
+
+    modules, rows, compiled = stage_modules(variants, stage, config), [], stage.startswith("compile")
     dtype = torch.bfloat16 if stage.endswith("bf16") else torch.float32
     for batch in config.batch_sizes:
         if time.perf_counter() > deadline:
             notes.append(f"{spec.name} {stage} b{batch}: skipped, the {config.budget_s:.0f} s budget ran out")
             continue
-        inputs = spec.inputs(batch, device, dtype)
-        extra, runners = {}, {}
+        inputs, extra, runners = spec.inputs(batch, device, dtype), {}, {}
         for name, module in modules.items():
-            if name != "unfused" and stage.startswith("compile") and time.perf_counter() > deadline:
-                notes.append(f"{spec.name} {stage} b{batch} {name}: not compiled, the budget ran out")
+            label = f"{spec.name} {stage} b{batch} {name}"
+            if name != "unfused" and compiled and time.perf_counter() > deadline:
+                notes.append(f"{label}: not compiled, the budget ran out")
                 continue
-            start = time.perf_counter()
-            try:
-                output = module(**inputs)  # a compiled stage compiles here
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-            except Exception as exc:  # noqa: BLE001 - one variant that does not compile must not sink the run
-                notes.append(f"{spec.name} {stage} b{batch} {name}: failed: {type(exc).__name__}: "
-                                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
-                log.exception("%s %s %s failed", spec.name, stage, name)
-                continue
-            first_s = time.perf_counter() - start
-            extra[name] = {"rel_l2": rel_l2(output, references[(name, batch)]),
-                           **({"compile_s": first_s} if stage.startswith("compile") else {})}
-            runners[name] = (lambda m=module, x=inputs: m(**x))
-            for _ in range(config.warmup):
-                runners[name]()
+            done = first_call(label, module, inputs, references[(name, batch)], compiled, config, device, notes)
+            if done is not None:
+                runners[name], extra[name] = done
         if "unfused" not in runners:
             notes.append(f"{spec.name} {stage} b{batch}: skipped, `unfused` did not run")
             continue
