@@ -7,7 +7,7 @@ MODEL  ?= vit-digits
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: setup run convert serve test docker-test lint bench clean
+.PHONY: setup run convert serve test docker-test lint bench gpu-check clean
 
 # One venv with the package, its test and benchmark extras. The stamp re-runs pip when pyproject changes.
 # kserve's SDK comes without its dependencies (its server stack: pandas, grpcio-tools, ...): the KServe manifest
@@ -53,6 +53,13 @@ lint: setup
 
 bench: setup
 	$(BIN)/normfuse bench all --repo .bench/repo --out BENCHMARKS.md
+
+# Fused vs unfused vs UN-folded ViT-S and GPT-2-small in torch eager, torch.compile and bf16 (issue 21): on a CUDA
+# machine ≤ 8 min and BENCHMARKS.md's GPU section; without one, a tiny CPU dry run into .bench/. It needs only torch
+# and transformers, so it runs with the interpreter that holds CUDA torch (the GPU image's python3) where no venv is.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(REPO) .bench .pytest_cache

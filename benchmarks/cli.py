@@ -54,6 +54,10 @@ def register(subparsers) -> None:
     _register_grpc(modes)
     _register_overload(modes)
     _register_int8(modes)
+    from benchmarks import gpu_check, plans_bench  # light: heavy imports happen in their handlers
+
+    gpu_check.register(modes)
+    plans_bench.register(modes)
     _register_loadgen(subparsers)
     _register_capacity(subparsers)
 

@@ -282,6 +282,10 @@ def run_all(args) -> int:
         from benchmarks import int8_report
 
         int8_report.write_int8(args.out, json.loads(int8_results.read_text()), plot_dir=args.plots)
+    from benchmarks import gpu_check_report, plans_report  # kept from their results, not re-measured
+
+    plans_report.keep(args.out, plot_dir=args.plots)
+    gpu_check_report.keep(args.out, plot_dir=args.plots)
     log.info("wrote %s", args.out)
     return 0
 

@@ -11,11 +11,13 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from engines.manifest import TensorInfo
+if TYPE_CHECKING:  # only an annotation here: importing engines would pull pydantic into torch-only scripts
+    from engines.manifest import TensorInfo
 
 
 class SourceError(ValueError):
