@@ -95,10 +95,10 @@ def ensure_runs(model: nn.Module, inputs: dict | None, hint: str = "pass the key
             inputs = example_inputs(model)
         except Exception:  # noqa: BLE001 - nothing to run it on: the rewrite says so itself
             return
-    training = model.training
-    try:
+    modes = {module: module.training for module in model.modules()}  # per module: a norm left in training mode
+    try:  # is the rewrite's to refuse, so it must still be in training mode afterwards
         with torch.no_grad():
-            model.eval()(**call_inputs(model, inputs))
+            model.eval()(**call_inputs(model, inputs))  # eval: running statistics are not updated
     except Exception as error:  # noqa: BLE001 - any failure: the inputs (or the model) are unusable
         log.debug("%s does not run on its inputs", type(model).__name__, exc_info=True)
         given = ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" if isinstance(v, torch.Tensor)
@@ -106,5 +106,6 @@ def ensure_runs(model: nn.Module, inputs: dict | None, hint: str = "pass the key
         raise ModelDoesNotRun(f"{type(model).__name__} does not run on its example inputs ({given}): "
                               f"{first_line(error)}{'; ' + hint if hint else ''}") from error
     finally:
-        model.train(training)
+        for module, training in modes.items():
+            module.training = training
 

@@ -82,3 +82,14 @@ def test_shared_weights_leave_the_input_untouched(variant):
     new, old = shared.blocks[0].proj.weight, model.blocks[0].proj.weight
     assert new is not old
     assert (new.data_ptr() == old.data_ptr()) == (variant in ("affine", "nonorm"))
+
+
+@pytest.mark.parametrize("variant", ["affine", "rmsnorm"])
+def test_running_the_model_first_leaves_each_modules_mode_as_it_was(variant):
+    """rewrite() runs the model once before rewriting (ModelDoesNotRun); it must not turn a submodule left in
+    training mode to eval (that submodule is the rewrite's to refuse) nor the model's own mode."""
+    model = TinyViT().train()
+    model.blocks[0].eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    rewrite(model, variant, inputs=batch(model, 2, seed=0))  # LayerNorm has no training-mode behaviour
+    assert {name: m.training for name, m in model.named_modules()} == before
