@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks import commands
+from benchmarks import before_after_cli, commands
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -54,6 +54,7 @@ def register(subparsers) -> None:
     _register_grpc(modes)
     _register_overload(modes)
     _register_int8(modes)
+    before_after_cli.register(modes, shared)
     _register_loadgen(subparsers)
     _register_capacity(subparsers)
 
