@@ -89,7 +89,10 @@ def section(result: dict) -> str:
         f"turn: `bench grpc`'s REST binary and gRPC steps ({c['grpc_step_s']:g} s each, batch 1), then `bench "
         f"overload`'s overload part (capacity {c['capacity_s']:g} s, {c['unloaded_requests']} unloaded requests, "
         f"{c['clients']} clients for {c['flood_s']:g} s with 1 in 16 sending {c['big_rows']}-row JSON bodies and "
-        "1 in 16 malformed ones, unloaded requests again) — shorter steps than those benchmarks' own.",
+        "1 in 16 malformed ones, unloaded requests again) — shorter steps than those benchmarks' own. Re-run: "
+        "`git worktree add OLD_TREE OLD_COMMIT`, convert the model with the older tree (`normfuse convert` run "
+        "from OLD_TREE, so both can read its manifest), then `normfuse bench before-after --old OLD_TREE --repo "
+        "DIR`; `--report-only` re-renders this section from benchmarks/results/before_after.json.",
         f"Machine: {u.get('model name', m.get('cpu'))} (cpu family {u.get('cpu family', '?')}, model "
         f"{u.get('model', '?')}), {m.get('logical cores')} logical cores; vector flags "
         f"{' '.join(u.get('flags', [])) or '?'}; load average {load} at start, {end} at end. **The machine "
