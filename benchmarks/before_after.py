@@ -160,16 +160,17 @@ def grpc_vs_rest(server: launch.Server, config: BeforeAfterConfig, specs: list[d
     rest = loadgen.make_target(server.base_url, config.model, specs, binary=True, label=grpc_bench.REST)
     request = grpc_bench.grpc_request(config.model, random_inputs(specs, 1, seed=1))
     bounds = {"max_requests": config.grpc_step_requests, "max_seconds": config.grpc_step_s}
-    out = {}
-    for concurrency in (1, 32):
-        by_rest = asyncio.run(loadgen.closed_loop(rest, concurrency, **bounds)).to_dict()
-        by_grpc = asyncio.run(grpc_bench.closed_loop_grpc(server.grpc_address, request, concurrency,
-                                                          label=grpc_bench.GRPC, **bounds)).to_dict()
-        key = "p50_ms" if concurrency == 1 else "throughput_rps"
-        out[f"rest_c{concurrency}_{key.replace('throughput_', '')}"] = by_rest[key]
-        out[f"grpc_c{concurrency}_{key.replace('throughput_', '')}"] = by_grpc[key]
-        out[f"codes_c{concurrency}"] = {"rest": by_rest["codes"], "grpc": by_grpc["codes"]}
-    return out
+
+    def both(concurrency: int) -> tuple[dict, dict]:
+        return (asyncio.run(loadgen.closed_loop(rest, concurrency, **bounds)).to_dict(),
+                asyncio.run(grpc_bench.closed_loop_grpc(server.grpc_address, request, concurrency,
+                                                        label=grpc_bench.GRPC, **bounds)).to_dict())
+
+    (rest_1, grpc_1), (rest_32, grpc_32) = both(1), both(32)
+    return {"rest_c1_p50_ms": rest_1["p50_ms"], "grpc_c1_p50_ms": grpc_1["p50_ms"],
+            "rest_c32_rps": rest_32["throughput_rps"], "grpc_c32_rps": grpc_32["throughput_rps"],
+            "step_codes": {"rest c1": rest_1["codes"], "grpc c1": grpc_1["codes"], "rest c32": rest_32["codes"],
+                           "grpc c32": grpc_32["codes"]}}
 
 
 def turn(server: launch.Server, config: BeforeAfterConfig, specs: list[dict]) -> dict:

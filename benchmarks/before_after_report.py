@@ -77,6 +77,7 @@ def target_verdict(result: dict) -> str:
 
 def section(result: dict) -> str:
     c, m, u, d = result["config"], result["machine"], result.get("cpu", {}), result["decode"]
+    serving = sum(1 for _, scenario, _, _ in METRICS if scenario != "JSON decode")
     load = " ".join(f"{x:.2f}" for x in result["load_at_start"])
     end = " ".join(f"{x:.2f}" for x in result["load_at_end"])
     parts = [
@@ -98,7 +99,10 @@ def section(result: dict) -> str:
         f"{' '.join(u.get('flags', [])) or '?'}; load average {load} at start, {end} at end. **The machine "
         "was shared with other jobs**: the ratios, paired within rounds, are what to read, not absolute figures.",
         "New ÷ old of the medians over the rounds, with a paired bootstrap 95% interval (`oip.stats.ratio_ci`, "
-        "rounds resampled jointly); *within noise* = the interval contains 1.",
+        f"rounds resampled jointly); *within noise* = the interval contains 1. With {serving} serving measures "
+        f"each at 95%, a run where nothing changed flags some measure by chance with probability up to "
+        f"{1 - 0.95 ** serving:.0%} (1 − 0.95^{serving}): a flag that a second run does not repeat is noise, not a "
+        "regression.",
         ratio_table(result),
         f"JSON decode: `oip.codec.decode_request` of one {d['rows']}-row JSON body ({d['bytes'] / 2**20:.1f} MiB, "
         f"the flood's large body), each tree's codec in its own child process, median of {c['decode_repeats']} "

@@ -27,6 +27,7 @@ def test_quick_before_after_against_two_copies_of_this_tree(tmp_path):
         assert set(result["trees"][name]["imports_from"].values()) == {str(ROOT)}
         assert [t["round"] for t in result["turns"][name]] == [0, 1]
         assert all(t["flood_codes"]["small"].get("200", 0) > 0 for t in result["turns"][name])
+        assert all(set(codes) == {"200"} for t in result["turns"][name] for codes in t["step_codes"].values())
     assert set(result["ratios"]) == {key for key, *_ in before_after.METRICS}
     for key, r in result["ratios"].items():
         assert math.isfinite(r["ratio"]) and r["low"] <= r["ratio"] <= r["high"], (key, r)
