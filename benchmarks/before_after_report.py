@@ -75,13 +75,10 @@ def target_verdict(result: dict) -> str:
     return "**met**: every serving measure within noise."
 
 
-def section(result: dict) -> str:
-    c, m, u, d = result["config"], result["machine"], result.get("cpu", {}), result["decode"]
-    serving = sum(1 for _, scenario, _, _ in METRICS if scenario != "JSON decode")
-    load = " ".join(f"{x:.2f}" for x in result["load_at_start"])
-    end = " ".join(f"{x:.2f}" for x in result["load_at_end"])
-    parts = [
-        TITLE,
+def _how(result: dict) -> str:
+    """What ran against what, and how to run it again."""
+    c = result["config"]
+    return (
         f"Measured by `normfuse bench before-after` at {result['started']} ({result['wall_s']:.0f} s). "
         f"**old** = {_tree(result, OLD)}, **new** = {_tree(result, NEW)}; each server was checked to import "
         "`normfuse`, `oip` and `service` from its own tree. Model `" + result["model"] + "`, one `normfuse serve` "
@@ -93,11 +90,26 @@ def section(result: dict) -> str:
         "1 in 16 malformed ones, unloaded requests again) — shorter steps than those benchmarks' own. Re-run: "
         "`git worktree add OLD_TREE OLD_COMMIT`, convert the model with the older tree (`normfuse convert` run "
         "from OLD_TREE, so both can read its manifest), then `normfuse bench before-after --old OLD_TREE --repo "
-        "DIR`; `--report-only` re-renders this section from benchmarks/results/before_after.json.",
-        f"Machine: {u.get('model name', m.get('cpu'))} (cpu family {u.get('cpu family', '?')}, model "
-        f"{u.get('model', '?')}), {m.get('logical cores')} logical cores; vector flags "
-        f"{' '.join(u.get('flags', [])) or '?'}; load average {load} at start, {end} at end. **The machine "
-        "was shared with other jobs**: the ratios, paired within rounds, are what to read, not absolute figures.",
+        "DIR`; `--report-only` re-renders this section from benchmarks/results/before_after.json.")
+
+
+def _machine(result: dict) -> str:
+    m, u = result["machine"], result.get("cpu", {})
+    load = " ".join(f"{x:.2f}" for x in result["load_at_start"])
+    end = " ".join(f"{x:.2f}" for x in result["load_at_end"])
+    return (f"Machine: {u.get('model name', m.get('cpu'))} (cpu family {u.get('cpu family', '?')}, model "
+            f"{u.get('model', '?')}), {m.get('logical cores')} logical cores; vector flags "
+            f"{' '.join(u.get('flags', [])) or '?'}; load average {load} at start, {end} at end. **The machine "
+            "was shared with other jobs**: the ratios, paired within rounds, are what to read, not absolute figures.")
+
+
+def section(result: dict) -> str:
+    c, d = result["config"], result["decode"]
+    serving = sum(1 for _, scenario, _, _ in METRICS if scenario != "JSON decode")
+    return "\n\n".join([
+        TITLE,
+        _how(result),
+        _machine(result),
         "New ÷ old of the medians over the rounds, with a paired bootstrap 95% interval (`oip.stats.ratio_ci`, "
         f"rounds resampled jointly); *within noise* = the interval contains 1. With {serving} serving measures "
         f"each at 95%, a run where nothing changed flags some measure by chance with probability up to "
@@ -111,8 +123,7 @@ def section(result: dict) -> str:
         codes_table(result),
         "Target (issue 24: the serving benchmarks within noise of the old code, paired ratio interval containing "
         "1): " + target_verdict(result),
-    ]
-    return "\n\n".join(parts)
+    ])
 
 
 def write(out: Path, result: dict) -> Path:
