@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks import commands
+from benchmarks import before_after_cli, commands
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -58,6 +58,7 @@ def register(subparsers) -> None:
 
     gpu_check.register(modes)
     plans_bench.register(modes)
+    before_after_cli.register(modes, shared)
     _register_loadgen(subparsers)
     _register_capacity(subparsers)
 
