@@ -54,6 +54,9 @@ def register(subparsers) -> None:
     _register_grpc(modes)
     _register_overload(modes)
     _register_int8(modes)
+    from benchmarks import hostile_bench  # light: heavy imports happen in its handler
+
+    hostile_bench.register(modes)
     _register_loadgen(subparsers)
     _register_capacity(subparsers)
 

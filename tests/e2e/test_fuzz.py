@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
 import struct
 import time
@@ -219,6 +220,12 @@ def server(tmp_path_factory, request):
     return srv
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used: what the fuzz costs, whatever else shares the cores."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def fuzz_rest(url: str, cases: int, seen: collections.Counter, failures: list) -> int:
     """`cases` REST requests; each answer's status counted in `seen` ("closed" for a connection the server closed
     mid-upload), each server error appended to `failures`. Returns the number sent."""
@@ -274,14 +281,15 @@ def fuzz_grpc(target: str, cases: int, seen: collections.Counter, failures: list
 
 def test_ten_thousand_malformed_requests_get_no_server_error(server, record_property):
     rest, grpc_codes, failures = collections.Counter(), collections.Counter(), []
-    started = time.perf_counter()
+    started, client_cpu, server_cpu = time.perf_counter(), time.process_time(), cpu_s(server.proc.pid)
     sent = (fuzz_rest(server.url, REST_CASES, rest, failures)
             + fuzz_grpc(server.grpc, GRPC_CASES, grpc_codes, failures))
     seconds = time.perf_counter() - started
+    client_cpu, server_cpu = time.process_time() - client_cpu, cpu_s(server.proc.pid) - server_cpu
     record_property("fuzz_requests", sent)
     record_property("fuzz_seconds", round(seconds, 1))
-    print(f"fuzz: {sent} requests in {seconds:.1f} s, {len(failures)} server errors; REST {dict(rest)}, "  # noqa: T201
-          f"gRPC {dict(grpc_codes)}")
+    print(f"fuzz: {sent} requests in {seconds:.1f} s (CPU: {client_cpu:.0f} s here, {server_cpu:.0f} s in the "  # noqa: T201
+          f"server), {len(failures)} server errors; REST {dict(rest)}, gRPC {dict(grpc_codes)}")
     assert sent >= 10_000
     assert "200" in rest and "400" in rest and "INVALID_ARGUMENT" in grpc_codes  # the fuzz reached the checks
     x = np.arange(8, dtype=np.float32).reshape(2, 4).ravel().tolist()
