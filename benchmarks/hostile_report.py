@@ -83,8 +83,8 @@ def _fuzz(f: dict | None) -> str:
              _listed(f["grpc"]), str(by["gRPC"])]]
     kinds = "".join(f"\n- {' / '.join(map(str, e))[:200]}" for e in f["server_errors"][:10])
     return "### Bad inputs tried\n\n" + (
-        f"{sent} malformed, protocol-shaped requests from hypothesis (derandomized: the same ones every run), one "
-        f"at a time, to one server, in {f['seconds']:.0f} s (CPU: {f['cpu']['client_s']:.0f} s generating and "
+        f"{sent} malformed, protocol-shaped requests from hypothesis (derandomized: the same ones every time the "
+        f"benchmark runs), one at a time, to one server, in {f['seconds']:.0f} s (CPU: {f['cpu']['client_s']:.0f} s generating and "
         f"sending, {f['cpu']['server_s']:.0f} s in the server). `closed`: the server answered (e.g. 404) before "
         "the upload ended and closed the connection. A 504 is the request's own `timeout` parameter passing in "
         "the queue (the answer it asked for), the one 5xx not counted as a server error.\n\n"
