@@ -30,8 +30,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ("slow-uploads", "large-answer", "fuzz")
 
@@ -81,6 +79,9 @@ def run_command(args) -> int:
         result["quick"] = args.quick
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    if not args.json.is_file():
+        sys.stderr.write(f"normfuse bench hostile: no results at {args.json}; run it without --report-only\n")
+        return 2
     hostile_report.write(args.out, json.loads(args.json.read_text()))
     sys.stdout.write(f"wrote the hostile-clients section of {args.out}\n")
     return 0
@@ -167,6 +168,8 @@ def large_answer(work: Path, config: HostileConfig) -> dict:
 
 def fuzz(work: Path, config: HostileConfig) -> dict:
     """The fuzz test's requests, `rest_cases` + `grpc_cases`, to one server: statuses, server errors, CPU."""
+    import httpx
+
     from tests.e2e.test_fuzz import cpu_s, fuzz_grpc, fuzz_rest
     from tests.e2e.test_grpc import GrpcServer
     from tests.service.repo_builder import build_test_repo
@@ -189,6 +192,8 @@ def fuzz(work: Path, config: HostileConfig) -> dict:
 
 
 def _ready(url: str) -> bool:
+    import httpx
+
     return httpx.get(f"{url}/v2/health/ready", timeout=10).status_code == 200
 
 
