@@ -6,7 +6,8 @@ metadata, configuration, statistics and the index are service.info's functions, 
 (service.inference) over a `GrpcMessage` (service.grpc_codec reads it with the REST codec's checks). Errors become
 gRPC status codes through service.errors (the same table as HTTP), bytes that are no protobuf message too
 (INVALID_ARGUMENT: each method reads its own request, `method_handlers`). A client that cancels, or whose deadline
-passes, has its request dropped before compute. On SIGTERM new calls are refused at once and accepted ones are answered (`GrpcServer.stop_accepting`, `stop`).
+passes, has its request dropped before compute. On SIGTERM new calls are refused at once and accepted ones are
+answered (`GrpcServer.stop_accepting`, `stop`).
 
 The service and messages are the generated ones shipped in `tritonclient[grpc]`; no .proto is kept here.
 """
@@ -158,8 +159,9 @@ def parsed(method, kind):
         try:
             request = kind.FromString(raw)
         except DecodeError as exc:
-            error = ProtocolError(f"the request is not an {kind.DESCRIPTOR.full_name} protobuf message ({exc}); "
-                                  f"send one serialized {kind.DESCRIPTOR.full_name}")
+            name = kind.DESCRIPTOR.full_name
+            error = ProtocolError(f"the request ({len(raw)} bytes) is not an {name} protobuf message ({exc}); "
+                                  f"send a serialized {name}")
             await context.abort(grpc.StatusCode[status(error).grpc], message_of(error))
         return await method(request, context)
 
