@@ -54,10 +54,15 @@ def register(subparsers) -> None:
     _register_grpc(modes)
     _register_overload(modes)
     _register_int8(modes)
-    from benchmarks import gpu_check, plans_bench  # light: heavy imports happen in their handlers
+    from benchmarks import (  # light: heavy imports happen in their handlers
+        gpu_check,
+        hostile_bench,
+        plans_bench,
+    )
 
     gpu_check.register(modes)
     plans_bench.register(modes)
+    hostile_bench.register(modes)
     before_after_cli.register(modes, shared)
     _register_loadgen(subparsers)
     _register_capacity(subparsers)

@@ -282,10 +282,14 @@ def run_all(args) -> int:
         from benchmarks import int8_report
 
         int8_report.write_int8(args.out, json.loads(int8_results.read_text()), plot_dir=args.plots)
-    from benchmarks import gpu_check_report, plans_report  # kept from their results, not re-measured
+    from benchmarks import before_after_report, gpu_check_report, hostile_report, plans_report
 
-    plans_report.keep(args.out, plot_dir=args.plots)
+    plans_report.keep(args.out, plot_dir=args.plots)  # these sections are kept from their results, not re-measured
     gpu_check_report.keep(args.out, plot_dir=args.plots)
+    for results, write in ((Path("benchmarks/results/hostile.json"), hostile_report.write),
+                           (Path("benchmarks/results/before_after.json"), before_after_report.write)):
+        if results.is_file():
+            write(args.out, json.loads(results.read_text()))
     log.info("wrote %s", args.out)
     return 0
 

@@ -24,8 +24,21 @@ from oip.schema import InferenceRequest, InferenceResponse, RequestInput, Respon
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_DIM = 2**31 - 1  # one dimension of a tensor (Triton's dims are int32-sized too)
-MAX_DIMS = 64  # dimensions of a tensor: numpy's own limit
 MAX_TENSOR_BYTES = 2**62  # nonzero dimensions x item size: beyond this numpy cannot even describe an empty array
+
+
+def _numpy_max_dims() -> int:
+    """numpy's own limit on an array's dimensions, asked rather than assumed: 32 in numpy 1, 64 in numpy 2."""
+    for dims in (64, 32):
+        try:
+            np.empty((1,) * dims, np.uint8)
+        except ValueError:  # "maximum supported dimension for an ndarray is 32, found 64"
+            continue
+        return dims
+    return 32
+
+
+MAX_DIMS = _numpy_max_dims()  # dimensions of a tensor: more would be numpy's ValueError deep in a check
 
 
 class ProtocolError(ValueError):

@@ -4,8 +4,10 @@ grpcio's asyncio server runs on the app's event loop. Each method is an adapter 
 metadata, configuration, statistics and the index are service.info's functions, model control
 (RepositoryModelLoad/Unload, explicit mode) is service.control's, and ModelInfer is the one inference call
 (service.inference) over a `GrpcMessage` (service.grpc_codec reads it with the REST codec's checks). Errors become
-gRPC status codes through service.errors (the same table as HTTP). A client that cancels, or whose deadline passes, has its request dropped before compute. On
-SIGTERM new calls are refused at once and accepted ones are answered (`GrpcServer.stop_accepting`, `stop`).
+gRPC status codes through service.errors (the same table as HTTP), bytes that are no protobuf message too
+(INVALID_ARGUMENT: each method reads its own request, `method_handlers`). A client that cancels, or whose deadline
+passes, has its request dropped before compute. On SIGTERM new calls are refused at once and accepted ones are
+answered (`GrpcServer.stop_accepting`, `stop`).
 
 The service and messages are the generated ones shipped in `tritonclient[grpc]`; no .proto is kept here.
 """
@@ -17,6 +19,8 @@ import functools
 import logging
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.protobuf.message_factory import GetMessageClass
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
@@ -25,10 +29,11 @@ from service import info
 from service.errors import ModelNotFound, ModelNotReady, NotLive, message_of, status
 from service.grpc_codec import encode, message, parameters, read
 from service.inference import Answer
-from service.protocol import request_arrays
+from service.protocol import ProtocolError, request_arrays
 from service.restricted import grpc_interceptor
 
 log = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]  # inference.GRPCInferenceService
 
 
 def answers(method):
@@ -144,6 +149,38 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self.state.inference(request.model_name, request.model_version or None, GrpcMessage(request))
 
 
+def parsed(method, kind):
+    """`method` taking the request's raw bytes: grpcio answers a request that its deserializer cannot read with
+    UNKNOWN ("Unexpected DecodeError"), so each method reads its own, and bytes that are no `kind` message are a
+    ProtocolError answered through service.errors like any bad request (INVALID_ARGUMENT)."""
+
+    @functools.wraps(method)
+    async def handler(raw: bytes, context):
+        try:
+            request = kind.FromString(raw)
+        except DecodeError as exc:
+            name = kind.DESCRIPTOR.full_name
+            error = ProtocolError(f"the request ({len(raw)} bytes) is not an {name} protobuf message ({exc}); "
+                                  f"send a serialized {name}")
+            await context.abort(grpc.StatusCode[status(error).grpc], message_of(error))
+        return await method(request, context)
+
+    return handler
+
+
+def method_handlers(servicer: InferenceService) -> dict[str, grpc.RpcMethodHandler]:
+    """The unary methods `servicer` implements, from the service's descriptor, each reading its own request
+    (`parsed`); the others (ModelStreamInfer, shared memory, trace and log settings) are left to grpcio, which
+    answers UNIMPLEMENTED."""
+    handlers = {}
+    for method in SERVICE.methods:
+        if method.name in vars(type(servicer)) and not (method.client_streaming or method.server_streaming):
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                parsed(getattr(servicer, method.name), GetMessageClass(method.input_type)),
+                response_serializer=GetMessageClass(method.output_type).SerializeToString)
+    return handlers
+
+
 class GrpcServer:
     """The gRPC front end's lifecycle on the app's event loop: start after the models, stop before the drain."""
 
@@ -156,7 +193,9 @@ class GrpcServer:
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it
         ])
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), self._server)
+        handlers = method_handlers(InferenceService(state))  # in place of the generated add_..._to_server
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+        self._server.add_registered_method_handlers(SERVICE.full_name, handlers)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Future | None = None
 

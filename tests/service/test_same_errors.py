@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 
+from oip.codec import MAX_DIMS
 from service.app import create_app
 from service.errors import STATUS
 from service.settings import Settings
@@ -39,6 +40,11 @@ CASES = {
     "bad timeout": (case([("x", [1, 4], "FP32", X.tobytes())], parameters={"timeout": -5}), 400, "INVALID_ARGUMENT"),
     "unknown datatype": (case([("x", [1, 4], "FP99", X.tobytes())]), 400, "INVALID_ARGUMENT"),
     "65 dimensions": (case([("x", [1] * 65, "FP32", X.tobytes()[:4])]), 400, "INVALID_ARGUMENT"),
+    # the fuzz's REST 500 and gRPC INTERNAL: 33 dimensions (one past numpy 1's limit) once reached numpy
+    "one dimension past numpy's": (case([("x", [1] * (MAX_DIMS + 1), "FP32", X.tobytes()[:4])]), 400,
+                                   "INVALID_ARGUMENT"),
+    "as many dimensions as numpy takes": (case([("x", [1] * (MAX_DIMS - 1) + [4], "FP32", X.tobytes())]), 400,
+                                          "INVALID_ARGUMENT"),
     "more rows than the queue holds": (case([("x", [8 * 256 + 1, 4], "FP32", np.zeros((2049, 4), np.float32).tobytes())]),
                                        413, "INVALID_ARGUMENT"),
     "answer over max_response_bytes": (case([("x", [100, 4], "FP32", np.zeros((100, 4), np.float32).tobytes())],
@@ -107,6 +113,33 @@ def test_rest_and_grpc_give_the_same_status_and_message(test_repo):
         rest_status, rest_message, grpc_code, grpc_message = answers[name]
         assert (rest_status, grpc_code) == (status, code), (name, answers[name])
         assert rest_message == grpc_message and rest_message, (name, answers[name])
+
+
+@pytest.mark.parametrize("method", ["ModelInfer", "RepositoryIndex", "ModelMetadata", "ServerLive"])
+def test_bytes_that_are_no_protobuf_message_are_invalid_argument(test_repo, method):
+    """The fuzz's gRPC UNKNOWN ("Unexpected DecodeError", grpcio's own answer when a request does not deserialize):
+    INVALID_ARGUMENT naming the message expected, through the error table; a real message still works after."""
+    import grpc
+
+    settings = Settings(repo=test_repo, grpc_port=free_port(), warmup_batch_sizes=[])
+    app = create_app(settings, loader=lambda *a, **k: AffineEngine().load())
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel:
+                def call(name):
+                    return channel.unary_unary(f"/inference.GRPCInferenceService/{name}")
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call(method)(b"\x0a\x05ab")  # a field 1 of 5 bytes, 2 of them sent
+                with pytest.raises(grpc.aio.AioRpcError) as streaming:  # not served here: grpcio's own answer
+                    await call("ModelStreamInfer")(b"")
+                return refused.value, streaming.value, await call("ServerLive")(b"")
+
+    refused, streaming, live = asyncio.run(main())
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.details()
+    assert f"not an inference.{method}Request protobuf message" in refused.details()
+    assert streaming.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert live == b"\x08\x01"  # ServerLiveResponse(live=True)
 
 
 def test_every_http_status_in_the_table_has_one_grpc_code():
