@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from benchmarks.report import _num, table
+from benchmarks.report import _num, splice, table
 
 PLANS_BEGIN, PLANS_END = "<!-- plans:begin -->", "<!-- plans:end -->"
 TITLE = "## CPU plans: every plan ÷ ORT fp32 `unfused` and ÷ OpenVINO's default compile"
@@ -142,18 +142,7 @@ def plot(result: dict, path: Path) -> Path | None:
 
 def splice_first(out: Path, block: str) -> Path:
     """`block` in place of a previous plans section, else before the first `## ` section (the first table)."""
-    out = Path(out)
-    text = out.read_text() if out.is_file() else "# Benchmarks\n"
-    if PLANS_BEGIN in text and PLANS_END in text:
-        head, rest = text.split(PLANS_BEGIN, 1)
-        text = head + block + rest.split(PLANS_END, 1)[1]
-    elif "\n## " in text:
-        head, rest = text.split("\n## ", 1)
-        text = head + "\n" + block + "\n\n## " + rest
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    out.write_text(text)
-    return out
+    return splice(out, PLANS_BEGIN, PLANS_END, block, before="\n## ", gap="\n")
 
 
 def keep(out: Path, *, plot_dir: Path, results: Path = Path("benchmarks/results/plans.json")) -> Path | None:

@@ -241,17 +241,18 @@ def write_capacity(out: Path, result: dict, *, plot_dir: Path) -> Path:
     return splice(out, CAPACITY_BEGIN, CAPACITY_END, block)
 
 
-def splice(out: Path, begin: str, end: str, block: str) -> Path:
+def splice(out: Path, begin: str, end: str, block: str, *, before: str = "\n## Plots", gap: str = "") -> Path:
     """Put `block` (which starts with `begin` and ends with `end`) into `out` in place of a previous one, else
-    before `## Plots`, else at the end; the rest of the file is kept."""
+    before the first `before` (`## Plots`; `\n## ` for a section that goes first, after `gap`), else at the end;
+    the rest of the file is kept."""
     out = Path(out)
     text = out.read_text() if out.is_file() else "# Benchmarks\n"
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         text = head + block + rest.split(end, 1)[1]
-    elif "\n## Plots" in text:
-        head, rest = text.split("\n## Plots", 1)
-        text = head + block + "\n\n## Plots" + rest
+    elif before in text:
+        head, rest = text.split(before, 1)
+        text = head + gap + block + "\n" + before + rest
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     out.write_text(text)
