@@ -71,7 +71,7 @@ def served_part(served: dict) -> list[str]:
 
     parts = [describe(served), table(HEADER, rows(served))]
     for other in served.get("others", []):
-        parts += [describe(other), table(HEADER, rows(other))]
+        parts += [describe(other, again=True), table(HEADER, rows(other))]
     return parts
 
 

@@ -305,14 +305,17 @@ HEADER = ["target", "concurrency", "p50 ms", "throughput", "÷ raw engine, paire
           "CPU ms per item: server + load generator"]
 
 
-def describe(served: dict) -> str:
-    """The paragraph above the served table."""
+def describe(served: dict, *, again: bool = False) -> str:
+    """The paragraph above the served table (`again`: a further run, said in one line)."""
     s, e = served["server_settings"], served.get("engine_described", {})
     how = ", ".join(f"{k} {v}" for k, v in e.items() if k in ("runtime", "precision", "hint", "streams", "threads",
                                                               "parallelism"))
     changed = {k: v for k, v in s.items() if k.startswith("NORMFUSE_")}
     settings = "its defaults" + (f" except {changed}" if changed else "")
     what = "its default version on this CPU," if served.get("default", True) else "requests naming the version"
+    if again:
+        return (f"The same ({served['started']}, {served['rounds']} rounds of {served['step_seconds']:g} s) with "
+                f"{settings}, {what} `{served['variant']}` ({how}):")
     if not served.get("interleaved"):
         return (f"Served ({served['started']}): `normfuse serve` with its defaults serving {served['model']}'s "
                 f"`{served['variant']}`; the raw engine measured after the server, not interleaved.")
