@@ -67,11 +67,13 @@ def amx_note(cpu: dict) -> list[str]:
 
 
 def served_part(served: dict) -> list[str]:
-    from benchmarks.plans_served import HEADER, describe, rows
+    from benchmarks.plans_served_report import HEADER, describe, hint_lines, rows
 
     parts = [describe(served), table(HEADER, rows(served))]
     for other in served.get("others", []):
         parts += [describe(other, again=True), table(HEADER, rows(other))]
+    if served.get("hints"):
+        parts += hint_lines(served["hints"])
     return parts
 
 

@@ -263,72 +263,39 @@ def engine_rows(rows: list[dict], batch: int) -> list[dict]:
     return out
 
 
-def rows(served: dict) -> list[list]:
-    """[target, concurrency, p50 ms, throughput, ÷ engine [95%], mean batch] rows for the report."""
-    if not served.get("interleaved"):
-        return _rows_not_interleaved(served)
-    out = []
-    for level, summary in sorted(served["summary"].items(), key=lambda kv: int(kv[0])):
-        engine = next(r for r in served["engine"] if r["batch"] == (1 if level == "1" else
-                                                                      int(served["server_settings"]["max_batch_size"])))
-        cpu = summary["medians"][ENGINE].get("cpu_ms_per_item")
-        out.append([f"raw engine, batch {engine['batch']}", level,
-                    f"{engine['p50_ms']:.1f}", f"{engine['items_per_s']:.2f} items/s", "1.00", "–",
-                    f"{cpu['bench']:.0f} (engine)" if cpu else "–"])
-        for label, m in summary["medians"].items():
-            share = summary["vs_engine"].get(label)
-            if share is None:
-                continue
-            mean_batch, cpu = m.get("mean_batch"), m.get("cpu_ms_per_item")
-            out.append([label, level, f"{m['p50_ms']:.1f}", f"{m['throughput_rps']:.2f} req/s",
-                        f"{share['estimate']:.2f} [{share['low']:.2f}, {share['high']:.2f}]",
-                        f"{mean_batch:.1f}" if mean_batch else "–",
-                        f"{cpu['server']:.0f} + {cpu['bench']:.0f}" if cpu else "–"])
-    return out
+def compare_hints(repo: Path, model: str, version: str, *, rounds: int = 8, step_seconds: float = 3.0) -> dict:
+    """The OpenVINO plan `version` alone under each performance hint, in one process, interleaved per round: items/s
+    at the max batch driven with `parallelism` threads, and the p50 of one caller at batch 1. THROUGHPUT ÷ LATENCY
+    as ratios of medians with paired bootstrap 95% intervals (what the default hint is chosen from)."""
+    import engines
+    from benchmarks.engines_bench import input_specs
+    from benchmarks.inputs import random_inputs
+    from oip.stats import ratio_ci
 
-
-def _rows_not_interleaved(served: dict) -> list[list]:
-    """An older results file (engine measured after the server, no interval)."""
-    engine = {r["batch"]: r for r in served["engine"]}
-    batch = int(served["server_settings"]["max_batch_size"])
-    out = [[f"raw engine, batch {b}", "–", f"{engine[b]['p50_ms']:.1f}", f"{engine[b]['items_per_s']:.2f} items/s",
-            "1.00", "–", "–"] for b in (1, batch)]
-    for level, summary in sorted(served["summary"].items(), key=lambda kv: int(kv[0])):
-        ref = engine[1] if int(level) == 1 else engine[batch]
-        for label, m in summary["medians"].items():
-            out.append([label, level, f"{m['p50_ms']:.1f}", f"{m['throughput_rps']:.2f} req/s",
-                        f"{m['throughput_rps'] / ref['items_per_s']:.2f}", "–", "–"])
-    return out
-
-
-HEADER = ["target", "concurrency", "p50 ms", "throughput", "÷ raw engine, paired [95% CI]", "mean batch formed",
-          "CPU ms per item: server + load generator"]
-
-
-def describe(served: dict, *, again: bool = False) -> str:
-    """The paragraph above the served table (`again`: a further run, said in one line)."""
-    s, e = served["server_settings"], served.get("engine_described", {})
-    how = ", ".join(f"{k} {v}" for k, v in e.items() if k in ("runtime", "precision", "hint", "streams", "threads",
-                                                              "parallelism"))
-    changed = {k: v for k, v in s.items() if k.startswith("NORMFUSE_")}
-    settings = "its defaults" + (f" except {changed}" if changed else "")
-    what = "its default version on this CPU," if served.get("default", True) else "requests naming the version"
-    if again:
-        return (f"The same ({served['started']}, {served['rounds']} rounds of {served['step_seconds']:g} s) with "
-                f"{settings}, {what} `{served['variant']}` ({how}):")
-    if not served.get("interleaved"):
-        return (f"Served ({served['started']}): `normfuse serve` with its defaults serving {served['model']}'s "
-                f"`{served['variant']}`; the raw engine measured after the server, not interleaved.")
-    return (f"Served ({served['started']}, after the table, same machine): `normfuse serve` with {settings} (max batch "
-            f"{s['max_batch_size']}, queue delay {s['max_queue_delay_ms']} ms) serving {served['model']}: "
-            f"{what} `{served['variant']}` ({how}), batch-1 requests. The raw engine is the same version "
-            "opened in the benchmark's process with the server's options, at c=32 driven like the batcher drives it "
-            f"(parallelism threads, batches of {s['max_batch_size']}), at c=1 one call at batch 1. "
-            f"{served['rounds']} rounds of {served['step_seconds']:g} s per target and concurrency, engine and "
-            "server interleaved, the order rotated each round (`benchmarks/plans_served.py`); the share is served "
-            "req/s ÷ engine items/s, ratio of medians with a paired bootstrap 95% interval. The load generator "
-            "shares the 2 cores with the server (the raw engine has them to itself). Issue 21's target is c=32 ≥ "
-            "0.9 of the raw engine.")
+    manifest, _ = engines.open_model(Path(repo), model)
+    specs = input_specs(manifest, 128)
+    batch = min(16, manifest.max_batch_size)
+    big, one = random_inputs(specs, batch, seed=batch), random_inputs(specs, 1, seed=1)
+    hints = ("LATENCY", "THROUGHPUT")
+    opened = {h: engines.load(Path(repo), model, version, "openvino", benchmark=True, hint=h) for h in hints}
+    try:
+        for engine in opened.values():
+            engine.infer(big), engine.infer(one)  # warm-up
+        found = {h: {"items_per_s": [], "p50_ms_b1": []} for h in hints}
+        for r in range(rounds):
+            for h in hints if r % 2 == 0 else hints[::-1]:
+                e = opened[h]
+                found[h]["items_per_s"].append(engine_step(e, big, e.parallelism, step_seconds)["throughput_rps"])
+                found[h]["p50_ms_b1"].append(engine_step(e, one, 1, step_seconds / 2)["p50_ms"])
+        described = {h: e.describe() | {"parallelism": str(e.parallelism)} for h, e in opened.items()}
+    finally:
+        for engine in opened.values():
+            engine.close()
+    ratios = {k: ratio_ci(found["LATENCY"][k], found["THROUGHPUT"][k]) for k in ("items_per_s", "p50_ms_b1")}
+    return {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": model, "variant": version,
+            "batch": batch, "rounds": rounds, "step_seconds": step_seconds, "described": described, "found": found,
+            "throughput_over_latency": {k: {"estimate": v.estimate, "low": v.low, "high": v.high}
+                                        for k, v in ratios.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,15 +313,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--env", action="append", default=[], help="NORMFUSE_NAME=VALUE for the server and the engine")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--step-seconds", type=float, default=8.0)
+    p.add_argument("--hints", action="store_true", help="instead: --version alone under each hint (compare_hints)")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/plans.json"))
     p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     env = dict(item.split("=", 1) for item in args.env)
-    run = measure(args.repo, args.model, Path(".bench/logs"), rounds=args.rounds, step_seconds=args.step_seconds,
-                  env=env, version=args.version)
     result = json.loads(args.json.read_text())
-    result["served"].setdefault("others", []).append(run)
+    if args.hints:
+        result["served"]["hints"] = compare_hints(args.repo, args.model, args.version, rounds=args.rounds)
+    else:
+        result["served"].setdefault("others", []).append(measure(
+            args.repo, args.model, Path(".bench/logs"), rounds=args.rounds, step_seconds=args.step_seconds, env=env,
+            version=args.version))
     args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
     plans_report.write(args.out, result, plot_dir=Path("benchmarks/plots"))
     return 0

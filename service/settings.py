@@ -73,8 +73,8 @@ class Settings(BaseSettings):
     openvino_streams: int = Field(0, ge=0, description="OpenVINO plans: NUM_STREAMS; 0 = OpenVINO's choice for "
                                   "the hint")
     # THROUGHPUT: one infer request per stream, the batcher keeps that many batches in flight; measured (docs/plans.md,
-    # "Serving defaults") as fast as LATENCY at batch 16 on a quiet machine, far faster on a loaded one, and it lets the
-    # server deliver ~the raw engine's throughput; LATENCY is faster only for a lone request on an idle machine
+    # "Serving defaults"): 1.02x LATENCY's items/s at batch 16 on a quiet machine, up to 4-7x on a loaded one;
+    # LATENCY is ~1.5x faster only for a lone request on an idle machine
     openvino_hint: Literal["LATENCY", "THROUGHPUT"] = Field("THROUGHPUT", description="OpenVINO plans: "
                                                             "PERFORMANCE_HINT (THROUGHPUT: several batches at once)")
     openvino_plans: Literal["all", "default"] = Field("all", description="OpenVINO plans served as versions: all "
