@@ -67,19 +67,14 @@ def amx_note(cpu: dict) -> list[str]:
 
 
 def served_part(served: dict) -> list[str]:
-    from benchmarks.plans_served import rows
+    from benchmarks.plans_served_report import HEADER, describe, hint_lines, rows
 
-    settings = served["server_settings"]
-    return [f"Served ({served['started']}, after the table, same machine): `normfuse serve` with its defaults (max "
-            f"batch {settings['max_batch_size']}, queue delay {settings['max_queue_delay_ms']} ms) serving "
-            f"{served['model']}'s default plan (`{served['variant']}` on ONNX Runtime, all cores), batch-1 requests, "
-            f"{served['rounds']} interleaved rounds of {served['step_seconds']:g} s per protocol and concurrency "
-            "(`benchmarks/plans_served.py`); the raw engine is the same file in-process, measured right after the "
-            "server (10 calls per batch size, not interleaved with it), so a ratio above 1 at c=1 is this shared "
-            "machine's noise, not a server faster than its engine. The load generator shares the 2 cores with the "
-            "server. Issue 21's target is c=32 ≥ 0.9 of the raw engine.",
-            table(["target", "concurrency", "p50 ms", "throughput", "÷ raw engine (c=1: batch 1; c=32: max batch)"],
-                  rows(served))]
+    parts = [describe(served), table(HEADER, rows(served))]
+    for other in served.get("others", []):
+        parts += [describe(other, again=True), table(HEADER, rows(other))]
+    if served.get("hints"):
+        parts += hint_lines(served["hints"])
+    return parts
 
 
 def section(result: dict, plot: Path | None = None, out_dir: Path | None = None) -> str:

@@ -158,6 +158,11 @@ class Engine(abc.ABC):
     #: the largest batch one infer() call accepts (None: unbounded); the batcher splits larger ones
     max_batch_size: int | None = None
 
+    #: batches infer() runs at once from different threads (OpenVINO: its infer requests, one per stream); the
+    #: batcher keeps this many in flight. 1 for the others: one ONNX Runtime session shares one intra-op thread
+    #: pool between concurrent runs (they would contend, not overlap), and a TensorRT engine has one context.
+    parallelism: int = 1
+
     def describe(self) -> dict[str, str]:
         """Provenance for metrics/info labels: runtime, version, precision, device."""
         return {"runtime": self.backend}

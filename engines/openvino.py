@@ -12,10 +12,10 @@ Compiled models are cached (OpenVINO's CACHE_DIR) under `cache_dir/<file sha256>
 blob is never reused across a changed file, an upgraded OpenVINO or another CPU; a second load of the same file on
 the same machine imports the blob instead of compiling.
 
-Concurrency: `infer` is thread-safe. It takes an infer request from a pool (one per stream, at least one), so
-callers on several threads run in parallel on OpenVINO's streams (THROUGHPUT hint or streams > 1); the server's
-batcher runs one batch at a time per engine, so today one request is in use and `streams` > 1 pays off only where
-several batches run at once (see docs/plans.md).
+Concurrency: `infer` is thread-safe. It takes an infer request from a pool (OpenVINO's
+OPTIMAL_NUMBER_OF_INFER_REQUESTS: one per stream, at least one), so callers on several threads run in parallel on
+OpenVINO's streams (THROUGHPUT hint or streams > 1). `parallelism` reports the pool's size, and the server's
+batcher keeps that many batches in flight (service.batcher).
 """
 
 from __future__ import annotations
@@ -129,6 +129,7 @@ class OpenVinoEngine(Engine):
         self._requests = queue.Queue()
         for _ in range(pool):
             self._requests.put(self._compiled.create_infer_request())
+        self.parallelism = pool
         log.info("loaded %s on OpenVINO %s (%s, %d infer request(s))", self.path, ov.__version__, config, pool)
         return self
 
@@ -155,6 +156,7 @@ class OpenVinoEngine(Engine):
 
     def close(self) -> None:
         self._compiled = self._requests = None
+        self.parallelism = 1
         self._inputs = self._outputs = None
 
     def describe(self) -> dict[str, str]:

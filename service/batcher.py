@@ -7,6 +7,10 @@ the worker keeps collecting until `first_arrival + max_queue_delay` (or a full /
 only where a bigger batch costs little more than a small one (GPUs). Requests whose caller has gone, or whose
 own timeout passed, are dropped before compute. A failure fails every request of its batch and only those.
 
+Up to `parallelism` batches run at once (the engine's `parallelism`: OpenVINO's infer requests / streams; 1 for
+the others): the worker collects the next batch as soon as a slot is free, and each batch runs on its own engine
+thread, so streams overlap. With one slot the next batch forms while the current one runs, as before.
+
 An engine call that outlasts `engine_timeout_s` fails its batch (503) and the batcher stops taking work until
 the call returns (`hung` says why, `hung_for` how long); the server turns not-ready, then not-live.
 """
@@ -49,6 +53,7 @@ class Batcher:
         preferred_batch_sizes: list[int] = (),
         max_queue_size: int = 256,
         engine_timeout_s: float | None = None,
+        parallelism: int | None = None,
         on_batch: Callable[[Batch], None] | None = None,
         on_drop: Callable[[str], None] | None = None,
     ) -> None:
@@ -59,11 +64,15 @@ class Batcher:
         self.engine_timeout_s = engine_timeout_s
         self.on_batch = on_batch
         self.on_drop = on_drop
+        self.parallelism = max(1, parallelism or getattr(engine, "parallelism", 1))  # batches run at once
         self._queue: RequestQueue[Pending] = RequestQueue(max_queue_size)
-        self._executor = EngineThread(f"engine-{type(engine).__name__}")
+        self._executor = EngineThread(f"engine-{type(engine).__name__}", threads=self.parallelism)
+        self._slots = asyncio.Semaphore(self.parallelism)  # one per batch in flight; taken before collecting
         self._worker: asyncio.Task | None = None
-        self._batch: list[Slice] = []  # the batch being collected or run: answered even if the worker is cancelled
-        self._running = False
+        self._batch: list[Slice] = []  # the batch being collected: answered even if the worker is cancelled
+        self._inflight: dict[asyncio.Task, list[Slice]] = {}  # batches running, each on its own task
+        self._running = False  # a batch is being collected (from its first request until it is handed off)
+        self._hung_calls = 0  # engine calls past engine_timeout_s that have not come back
         self.dead: str | None = None  # why the worker stopped, if it ever stops other than by drain()
         self.hung: str | None = None  # why the engine is not taking work (a call past engine_timeout_s)
         self._hung_at: float | None = None
@@ -140,7 +149,7 @@ class Batcher:
     @property
     def busy(self) -> bool:
         """A batch is being collected or run, or requests are waiting."""
-        return self._running or self.depth > 0
+        return self._running or bool(self._inflight) or self.depth > 0
 
     async def run_aside(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
         """Run `inputs` on this batcher's engine thread, outside the queue (shadow runs): (outputs, seconds)."""
@@ -166,7 +175,8 @@ class Batcher:
             return  # stopped by drain()
         self.dead = "the worker was cancelled" if task.cancelled() else f"the worker died: {task.exception()!r}"
         log.error("batcher for %s stopped unexpectedly: %s", type(self.engine).__name__, self.dead)
-        _fail([*_owners(self._batch), *self._queue.take_all()],
+        running = [s for batch in self._inflight.values() for s in batch]
+        _fail([*_owners([*self._batch, *running]), *self._queue.take_all()],
               EngineError(f"this model's batcher has stopped: {self.dead}"))
 
     def _live(self, pending: Pending) -> bool:
@@ -182,7 +192,7 @@ class Batcher:
         first = await self._queue.get()
         while not self._live(first):
             first = await self._queue.get()
-        self._running = True  # from here until the batch is answered, drain must wait for us
+        self._running = True  # from here until the batch is handed off (then _inflight), drain waits for us
         batch.append(self._slice(first, self.max_batch_size))
         rows = batch[0].rows
         close_at = first.enqueued_at + self.max_queue_delay_s
@@ -210,15 +220,19 @@ class Batcher:
         return part
 
     async def _loop(self) -> None:
-        """One batch per turn. Cancelled (drain timed out): the batch in hand is answered with Draining.
-        Anything else going wrong fails that batch only, and the loop goes on."""
+        """One batch per free slot: take a slot, collect, hand the batch to its own task, repeat. Cancelled (drain
+        timed out): the batch in hand is answered with Draining. Anything else going wrong fails that batch only,
+        and the loop goes on."""
         while True:
+            await self._slots.acquire()
+            handed_off = False
             self._batch = []
             try:
                 await self._collect(self._batch)
                 batch = [s for s in self._batch if self._live(s.pending)]  # last look before compute
                 if batch:
-                    await self._run(batch)
+                    self._launch(batch)
+                    handed_off = True
             except asyncio.CancelledError:
                 _fail(_owners(self._batch), Draining("the server shut down before this request was answered"))
                 raise
@@ -226,8 +240,31 @@ class Batcher:
                 log.exception("batch of %d requests failed outside the engine", len(self._batch))
                 _fail(_owners(self._batch), EngineError(f"the batch failed: {type(exc).__name__}: {exc}"))
             finally:
+                if not handed_off:
+                    self._slots.release()
                 self._running = False
                 self._batch = []
+
+    def _launch(self, batch: list[Slice]) -> None:
+        """Run `batch` on its own task; its slot is given back when it is answered."""
+        task = asyncio.get_running_loop().create_task(self._answer(batch), name="batch")
+        self._inflight[task] = batch
+        task.add_done_callback(self._landed)
+
+    def _landed(self, task: asyncio.Task) -> None:
+        self._inflight.pop(task, None)
+        self._slots.release()
+
+    async def _answer(self, batch: list[Slice]) -> None:
+        """Run one batch; whatever goes wrong fails this batch's requests and only those."""
+        try:
+            await self._run(batch)
+        except asyncio.CancelledError:
+            _fail(_owners(batch), Draining("the server shut down before this request was answered"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug in batching must not stop the others
+            log.exception("batch of %d requests failed outside the engine", len(batch))
+            _fail(_owners(batch), EngineError(f"the batch failed: {type(exc).__name__}: {exc}"))
 
     async def _run(self, batch: list[Slice]) -> None:
         started = time.perf_counter()
@@ -263,22 +300,27 @@ class Batcher:
 
     async def _call(self, inputs: dict[str, np.ndarray], batch: list[Pending]) -> tuple[dict[str, np.ndarray], float]:
         """Run the engine; past `engine_timeout_s`, fail the batch and everything queued (503), refuse new work
-        until the call returns, and wait for it here (the engine thread is busy until then anyway)."""
+        until every such call returns, and wait for it here (its engine thread is busy until then anyway). Other
+        batches already running go on."""
         call = asyncio.get_running_loop().run_in_executor(self._executor, _timed, self.engine, inputs)
         done, _ = await asyncio.wait({call}, timeout=self.engine_timeout_s)
         if done:
             return call.result()
-        self._hung_at = time.perf_counter()
-        self.hung = f"an engine call has run for more than engine_timeout_s={self.engine_timeout_s:g} s"
-        log.error("%s: %s; not ready until it returns", type(self.engine).__name__, self.hung)
+        self._hung_calls += 1
+        if self.hung is None:
+            self._hung_at = time.perf_counter()
+            self.hung = f"an engine call has run for more than engine_timeout_s={self.engine_timeout_s:g} s"
+            log.error("%s: %s; not ready until it returns", type(self.engine).__name__, self.hung)
         error = EngineUnavailable(self.hung)
         _fail([*batch, *self._queue.take_all()], error)
         try:
             await asyncio.wait({call})
         finally:
             if call.done():
+                self._hung_calls -= 1
                 log.warning("the engine came back after %.1f s", self.hung_for + self.engine_timeout_s)
-                self.hung, self._hung_at = None, None
+                if not self._hung_calls:
+                    self.hung, self._hung_at = None, None
                 call.exception()  # retrieved, so asyncio does not log it: its batch was answered already
         raise error
 
@@ -289,14 +331,15 @@ class Batcher:
         deadline: that thread is abandoned (a daemon), never waited for."""
         self.accepting = False
         end = time.perf_counter() + timeout_s
-        while (self.depth or self._running) and time.perf_counter() < end and self.hung is None:
+        while self.busy and time.perf_counter() < end and self.hung is None:
             await asyncio.sleep(0.005)
-        if self.depth or self._running:
-            log.warning("drain stopped with %d requests still queued", self.depth)
-        if self._worker is not None:
-            self._worker.cancel()
+        if self.busy:
+            log.warning("drain stopped with %d requests still queued, %d batches running", self.depth,
+                        len(self._inflight))
+        for task in [*([self._worker] if self._worker is not None else []), *self._inflight]:
+            task.cancel()
             try:
-                await self._worker
+                await task
             except asyncio.CancelledError:
                 pass
         _fail(self._queue.take_all(), Draining("the server shut down before this request ran"))

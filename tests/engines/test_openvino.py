@@ -44,6 +44,15 @@ def test_concurrent_calls_share_the_request_pool(onnx):
         np.testing.assert_allclose(result, expected(batch), rtol=1e-5, atol=1e-5)
 
 
+def test_parallelism_is_the_number_of_infer_requests(onnx):
+    """What the batcher reads to keep that many batches in flight: one per stream, 1 under LATENCY."""
+    with OpenVinoEngine(onnx, precision="fp32", streams=2, hint="THROUGHPUT") as two, \
+            OpenVinoEngine(onnx, precision="fp32", streams=1, hint="LATENCY") as one:
+        assert two.parallelism == 2 and two._requests.qsize() == 2
+        assert one.parallelism == 1
+    assert two.parallelism == 1  # closed: no requests left
+
+
 def test_cache_is_keyed_by_file_version_and_cpu(onnx, tmp_path):
     key = cache_key(onnx, "2026.4.1-123-abc", "AMD EPYC [avx2]")
     assert key.split("-")[1] == "2026.4.1"
