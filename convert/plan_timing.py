@@ -39,6 +39,13 @@ def timed(engine, inputs: dict[str, np.ndarray]) -> float:
     return time.perf_counter() - start
 
 
+def promising(times: dict[str, list[float]], name: str) -> bool:
+    """The plan's median paired ratio so far clears NOISE: worth the MIN_ROUNDS rounds that can make it the
+    default (a slow model's time budget allows fewer; a plan that is not faster is not topped up)."""
+    ratios = [b / a for a, b in zip(times[REFERENCE], times[name], strict=True)]
+    return bool(ratios) and statistics.median(ratios) <= 1 - NOISE
+
+
 def time_plans(model_dir: Path, manifest: Manifest, plans: dict[str, Plan], held_out: dict[str, np.ndarray],
                options) -> dict[str, list[float]]:
     """Time every servable plan against unfused, paired; record latency_ms on each plan; return the paired ratios.
@@ -55,11 +62,14 @@ def time_plans(model_dir: Path, manifest: Manifest, plans: dict[str, Plan], held
             with open_plan(model_dir, manifest, plans[name], options.threads) as engine:
                 pair = {REFERENCE: reference, name: engine}
                 warm = max(timed(e, inputs) for e in (engine, reference))  # warm-up; round 0 starts with unfused
-                rounds = max(3, min(options.rounds, int(BUDGET_S / (2 * REPEATS * warm))))
+                repeats = REPEATS if 3 * 2 * REPEATS * warm <= BUDGET_S else 1  # slow models: single runs
+                rounds = max(3, min(options.rounds, int(BUDGET_S / (2 * repeats * warm))))
                 times = {REFERENCE: [], name: []}
-                for r in range(rounds):
-                    for which in ((REFERENCE, name) if r % 2 == 0 else (name, REFERENCE)):
-                        times[which].append(min(timed(pair[which], inputs) for _ in range(REPEATS)))
+                r = 0
+                while r < rounds or (r < MIN_ROUNDS and promising(times, name)):  # a likely winner gets the
+                    for which in ((REFERENCE, name) if r % 2 == 0 else (name, REFERENCE)):  # rounds its bound needs
+                        times[which].append(min(timed(pair[which], inputs) for _ in range(repeats)))
+                    r += 1
             baseline += times[REFERENCE]
             pairs[name] = [b / a for a, b in zip(times[REFERENCE], times[name], strict=True)]
             plans[name].latency_ms = {f"{key}_median": statistics.median(times[name]) * 1e3,
