@@ -11,7 +11,7 @@ import pytest
 
 from engines.cpu import detect
 from engines.manifest import read_manifest
-from tests.process import normfuse
+from tests.e2e._plans import convert_digits_with_plans
 from tests.service.server_process import Server
 
 pytest.importorskip("openvino")
@@ -23,9 +23,7 @@ BF16 = "affine-ov-bf16"
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
-    result = normfuse("convert", "vit-digits", "--name", "digits", "--repo", str(repo), "--variants",
-                      "unfused,affine", "--samples", "16", "--cpu-precision", "bf16", "--quiet", "--no-torch")
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = convert_digits_with_plans(repo, "unfused,affine")
     assert "plans on " in result.stdout and f"  {BF16} " in result.stdout and "default plan: " in result.stdout
     return repo
 

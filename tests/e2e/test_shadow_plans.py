@@ -15,7 +15,7 @@ import pytest
 
 from engines.cpu import detect
 from engines.manifest import read_manifest
-from tests.process import normfuse
+from tests.e2e._plans import convert_digits_with_plans
 from tests.service.server_process import Server
 
 pytest.importorskip("openvino")
@@ -30,9 +30,7 @@ PAIRS = 6  # shadow pairs wanted per watched plan
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
-    result = normfuse("convert", "vit-digits", "--name", "digits", "--repo", str(repo), "--variants",
-                      "unfused,affine,int8", "--samples", "16", "--cpu-precision", "bf16", "--quiet", "--no-torch")
-    assert result.returncode == 0, result.stderr[-3000:]
+    convert_digits_with_plans(repo, "unfused,affine,int8")
     return repo
 
 
