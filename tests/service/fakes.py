@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import numpy as np
@@ -42,3 +43,12 @@ class AffineEngine(Engine):
 
 def rows(start: int, n: int, features: int = 4) -> np.ndarray:
     return np.arange(start, start + n, dtype=np.float32)[:, None].repeat(features, 1)
+
+
+async def until(condition, timeout: float = 20.0, step: float = 0.005) -> None:
+    """Wait (polling, not timing anything) until `condition()` holds; AssertionError after `timeout` seconds."""
+    for _ in range(int(timeout / step)):
+        if condition():
+            return
+        await asyncio.sleep(step)
+    raise AssertionError("condition not reached")

@@ -10,7 +10,7 @@ import pytest
 
 from service.batcher import Batcher, EngineUnavailable
 from service.queue import QueueFull, RequestQueue
-from tests.service.fakes import AffineEngine, rows
+from tests.service.fakes import AffineEngine, rows, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -23,13 +23,6 @@ def gated(**options):
     batcher.start()
     return gate, engine, batcher
 
-
-async def until(condition, timeout=20.0):
-    for _ in range(int(timeout / 0.005)):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("condition not reached")
 
 
 def test_the_default_is_adaptive_a_lone_request_runs_at_once():

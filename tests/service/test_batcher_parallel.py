@@ -12,7 +12,7 @@ import pytest
 
 from service.batcher import Batcher, Draining, EngineUnavailable
 from service.queue import QueueFull
-from tests.service.fakes import POISON, AffineEngine, rows
+from tests.service.fakes import POISON, AffineEngine, rows, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,13 +52,6 @@ def gated(*values, **options):
     batcher.start()
     return engine, batcher
 
-
-async def until(condition, timeout=20.0):
-    for _ in range(int(timeout / 0.005)):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("condition not reached")
 
 
 def submit(b, value, n=1, **kw):

@@ -9,7 +9,7 @@ import pytest
 
 from service.app import create_app
 from service.settings import Settings
-from tests.service.fakes import POISON, AffineEngine
+from tests.service.fakes import POISON, AffineEngine, until
 from tests.service.repo_builder import MODEL
 
 pytestmark = pytest.mark.timeout(60)
@@ -18,13 +18,6 @@ pytestmark = pytest.mark.timeout(60)
 def body(value: float, **extra):
     return {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [value] * 4}], **extra}
 
-
-async def until(condition, timeout=20.0):
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
 
 
 def test_queue_full_timeout_and_engine_failure(test_repo):
