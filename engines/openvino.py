@@ -72,6 +72,7 @@ class OpenVinoEngine(Engine):
         *,
         model_bytes: bytes | None = None,
         weights_bytes: bytes | None = None,
+        sha256: str | None = None,
         precision: str = "fp32",
         threads: int | None = None,
         streams: int | None = None,
@@ -89,6 +90,7 @@ class OpenVinoEngine(Engine):
                 raise ValueError(f"{name} must be a positive integer, got {value}")
         self.path = Path(path)  # what the model is called in messages; read from here unless its bytes are given
         self.model_bytes, self.weights_bytes = model_bytes, weights_bytes  # verified bytes (engines.load)
+        self.sha256 = sha256  # of model_bytes, as the manifest records it (already checked): not hashed again
         self.precision = precision
         self.threads, self.streams, self.hint = threads, streams, hint
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -110,7 +112,8 @@ class OpenVinoEngine(Engine):
             raise EngineError(f"model file {self.path} does not exist")
         config = self.config()
         if self.cache_dir is not None:
-            digest = hashlib.sha256(self.model_bytes).hexdigest() if self.model_bytes is not None else None
+            digest = self.sha256 or (hashlib.sha256(self.model_bytes).hexdigest() if self.model_bytes is not None
+                                     else None)
             config["CACHE_DIR"] = str(self.cache_dir / cache_key(self.path, ov.__version__, self._cpu(), digest))
         try:
             core = ov.Core()
@@ -185,5 +188,6 @@ def open_variant(model_dir: Path, manifest, info, files: dict, *, precision: str
         raise EngineError(f"variant {info.name!r} has no ONNX file in its manifest entry")
     weights = files.get("openvino_weights")
     return OpenVinoEngine(model.path, model_bytes=model.read(), weights_bytes=weights.read() if weights else None,
+                          sha256=model.ref.sha256,
                           precision=precision, threads=intra_op_threads or None, streams=streams, hint=hint,
                           cache_dir=cache_dir)
