@@ -27,8 +27,9 @@ def refused(manifest: Manifest, cpu: CpuInfo | None = None) -> dict[str, str]:
     """Servable OpenVINO plans this machine does not load, with the reason."""
     if manifest.plans is None:
         return {}
-    choice = manifest.plans.served or choose_servable(manifest, cpu or detect())
-    reasons = dict(choice.refused)
+    if manifest.plans.served is not None:  # decided at load (served_manifest), the OpenVINO check included
+        return dict(manifest.plans.served.refused)
+    reasons = dict(choose_servable(manifest, cpu or detect()).refused)
     if importlib.util.find_spec("openvino") is None:
         reasons |= {n: "OpenVINO is not installed here (pip install openvino)" for n in manifest.plans.servable()
                     if manifest.plans.plans[n].engine == "openvino"}
