@@ -20,7 +20,8 @@ def register(modes, shared) -> None:
                                             "required to measure"},
            json={"default": Path("benchmarks/results/before_after.json"),
                  "help": "results file: written when measuring, read with --report-only"},
-           out={"default": Path("BENCHMARKS.md"), "help": "report to update"},
+           out={"default": Path("docs/before-after.md"), "help": "report to update (default docs/before-after.md: "
+                                                                  "a change's effect, not a section of the one run)"},
            quick={"help": "tiny steps and 2 rounds: a smoke run, not numbers"})
     p.add_argument("--rounds", type=int, default=6, help="turns per tree, alternating old new, new old (default 6)")
     p.add_argument("--flood-s", type=float, default=8.0, help="seconds of each flood (default 8)")

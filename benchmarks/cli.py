@@ -90,14 +90,12 @@ def _register_engines_serving_all(modes) -> None:
     shared(all_p, "out", "plots", out={"default": Path("BENCHMARKS.md"), "help": None}, plots={"help": None})
     all_p.add_argument("--no-prepare", action="store_true", help="benchmark what is in --repo; convert nothing")
     all_p.add_argument("--reconvert", action="store_true", help="convert every model again (new rewrites landed)")
-    all_p.add_argument("--skip-serving", action="store_true")
-    all_p.add_argument("--skip-capacity", action="store_true",
-                       help="no capacity measurement; its section is rendered from --capacity-results if that exists")
-    all_p.add_argument("--capacity-results", type=Path, default=Path("benchmarks/results/capacity.json"))
-    all_p.add_argument("--grpc-results", type=Path, default=Path("benchmarks/results/grpc.json"),
-                       help="`normfuse bench grpc`'s results: its section is rendered from them if they exist")
-    all_p.add_argument("--skip-norms", action="store_true",
-                       help="skip the LN / UN / PowerNorm vit-digits table (trains the UN and PN demo models once)")
+    all_p.add_argument("--skip", type=_names, default=(),
+                       help="comma list of sections not to measure (engines, serving, capacity, norms, plans, int8, "
+                       "grpc, reload, overload, hostile): each is rendered from its last results file, which names "
+                       "its date, if there is one (default: measure every section)")
+    all_p.add_argument("--capacity-results", type=Path, default=Path("benchmarks/results/capacity.json"),
+                       help="with --skip capacity: render the capacity section from these results")
     engines_p.set_defaults(handler=commands.run_engines)
     serving_p.set_defaults(handler=commands.run_serving)
     all_p.set_defaults(handler=commands.run_all)

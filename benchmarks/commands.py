@@ -236,60 +236,61 @@ def _stage(name: str, run, notes: list[str]):
 
 
 def run_all(args) -> int:
-    from benchmarks import engines_bench, prepare, report, serving_bench
+    """Every section of BENCHMARKS.md in one run on this machine: prepare the repository, measure the engines,
+    serving, capacity and trained-in-norms sections here, then each other section in its own process
+    (benchmarks/one_run.py); a section in --skip is rendered from its last results, which say their date."""
+    import time
+
+    from benchmarks import engines_bench, gpu_check_report, one_run, prepare, report, serving_bench
+    from benchmarks.cpu_peak import read_cpu
 
     _setup_logging()
-    started, load_at_start = datetime.now(timezone.utc), os.getloadavg()
-    notes = []
+    unknown = set(args.skip) - set(one_run.NAMES)
+    if unknown:
+        sys.stderr.write(f"normfuse bench all: --skip names unknown sections {sorted(unknown)}; "
+                         f"choose from {', '.join(one_run.NAMES)}\n")
+        return 2
+    started, load_at_start, clock = datetime.now(timezone.utc), os.getloadavg(), time.perf_counter()
+    notes, status = [], {}
     if not args.no_prepare:
         wanted = list(args.models) if args.models else list(prepare.MODELS)
         ready = prepare.prepare(args.repo, Path(args.repo).parent, wanted, threads=args.threads,
                                 reconvert=args.reconvert)
         notes += [f"model {m} could not be converted (see the log); not benchmarked" for m in wanted if m not in ready]
     results_path = args.json or Path(args.repo).parent / "results.json"
-    engine_result = engines_bench.run(args.repo, _engine_config(args))
+
+    def timed(name, measure):
+        if name in args.skip:
+            status[name] = "not measured (skipped)"
+            return None
+        began = time.perf_counter()
+        result = _stage(name, measure, notes)
+        status[name] = f"measured in {time.perf_counter() - began:.0f} s" if result is not None else "failed"
+        return result
+
+    engine_result = timed("engines", lambda: engines_bench.run(args.repo, _engine_config(args)))
     _dump({"engines": engine_result, "serving": None}, results_path)  # kept even if serving fails below
-    serving_result = None
-    if not args.skip_serving:
-        serving_result = _stage("serving", lambda: serving_bench.run(args.repo, _serving_config(args)), notes)
-    capacity = None
-    if not args.skip_capacity:
-        from benchmarks import capacity_bench
+    serving_result = timed("serving", lambda: serving_bench.run(args.repo, _serving_config(args)))
+    from benchmarks import capacity_bench, un_powernorm
 
-        capacity = _stage("capacity", lambda: capacity_bench.run(args.repo, _capacity_config(args)), notes)
-    elif args.capacity_results.is_file():
-        capacity = json.loads(args.capacity_results.read_text())
+    capacity = timed("capacity", lambda: capacity_bench.run(args.repo, _capacity_config(args)))
+    if capacity is None and "capacity" in args.skip and args.capacity_results.is_file():
+        capacity, status["capacity"] = json.loads(args.capacity_results.read_text()), "kept from its results file"
     _dump({"engines": engine_result, "serving": serving_result, "capacity": capacity}, results_path)
-    norms = None
-    if not args.skip_norms:  # issue 7: LN / LN→rmsnorm / UN-folded / PN and the no-norm bound, trained models
-        from benchmarks import un_powernorm
-
-        norms = un_powernorm.measure(rounds=10 if args.quick else 30, iters=20 if args.quick else 50)
+    # issue 7's table: LN / LN→rmsnorm / UN-folded / PN and the no-norm bound, trained models
+    norms = timed("norms", lambda: un_powernorm.measure(rounds=10 if args.quick else 30,
+                                                         iters=20 if args.quick else 50))
     command = "normfuse bench all " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "all"] else "make bench"
     report.write(args.out, engine_result, serving_result, plot_dir=args.plots, command=command, started=started,
                  notes=notes, load_at_start=load_at_start, norms=norms, capacity=capacity)
-    reload_results = Path("benchmarks/results/reload.json")  # `normfuse bench reload`: kept, not re-measured
-    if reload_results.is_file():
-        from benchmarks import reload_bench
-
-        reload_bench.write(args.out, json.loads(reload_results.read_text()), plot_dir=args.plots)
-    if args.grpc_results.is_file():  # measured by `normfuse bench grpc`; its section names its own run
-        from benchmarks import grpc_report
-
-        grpc_report.write_grpc(args.out, json.loads(args.grpc_results.read_text()), plot_dir=args.plots)
-    int8_results = Path("benchmarks/results/int8.json")  # `normfuse bench int8`: kept, not re-measured
-    if int8_results.is_file():
-        from benchmarks import int8_report
-
-        int8_report.write_int8(args.out, json.loads(int8_results.read_text()), plot_dir=args.plots)
-    from benchmarks import before_after_report, gpu_check_report, hostile_report, plans_report
-
-    plans_report.keep(args.out, plot_dir=args.plots)  # these sections are kept from their results, not re-measured
-    gpu_check_report.keep(args.out, plot_dir=args.plots)
-    for results, write in ((Path("benchmarks/results/hostile.json"), hostile_report.write),
-                           (Path("benchmarks/results/before_after.json"), before_after_report.write)):
-        if results.is_file():
-            write(args.out, json.loads(results.read_text()))
+    status |= one_run.run_sections(args, notes)
+    gpu_check_report.keep(args.out, plot_dir=args.plots)  # a GPU run's results, or the line saying there is none
+    status["gpu-check"] = ("kept from its results file (a GPU machine)" if Path(
+        "benchmarks/results/gpu_check.json").is_file() else "not measured: needs a CUDA GPU (`make gpu-check`)")
+    one_run.put_header(args.out, one_run.header(command, started.strftime("%Y-%m-%d %H:%M UTC"),
+                                                time.perf_counter() - clock, read_cpu().describe(), status))
+    if notes:
+        log.warning("notes: %s", "; ".join(notes))
     log.info("wrote %s", args.out)
     return 0
 

@@ -13,7 +13,7 @@ def test_bench_all_quick_writes_the_report(bench_repo, tmp_path):
     out, results = tmp_path / "BENCHMARKS.md", tmp_path / "results.json"
     done = normfuse("bench", "all", "--repo", str(bench_repo), "--quick", "--no-prepare", "--serving-model", "tiny",
                     "--servers", "normfuse,plain", "--out", str(out), "--plots", str(tmp_path / "plots"),
-                    "--json", str(results), "--threads", "1")
+                    "--json", str(results), "--threads", "1", "--skip", "plans,int8,grpc,reload,hostile")
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(results.read_text())
     variants = {r["variant"] for r in data["engines"]["rows"]}
@@ -27,6 +27,16 @@ def test_bench_all_quick_writes_the_report(bench_repo, tmp_path):
     assert "## Targets" in text and "| normfuse | binary | 4 | 1 |" in text
     # issue 7's table: the trained LN / UN / PN demo models, folded, with the no-norm bound
     assert "## Trained-in norms" in text and "| UN folded |" in text and "| no-norm bound" in text
+    # the other sections run in their own processes, in the same run; the header says where each came from
+    assert "<!-- overload:begin -->" in text and "| overload | measured in " in text
+    assert "| plans | not measured (no results file) |" in text and "| engines | measured in " in text
+    assert "cpu flags that pick plans" in text
+    assert json.loads((bench_repo.parent / "results" / "overload.json").read_text())
+
+
+def test_bench_all_refuses_an_unknown_section(tmp_path):
+    done = normfuse("bench", "all", "--repo", str(tmp_path / "repo"), "--no-prepare", "--skip", "plans,bogus")
+    assert done.returncode == 2 and "bogus" in done.stderr and "hostile" in done.stderr
 
 
 @pytest.mark.e2e
