@@ -216,14 +216,18 @@ def open_variant(model_dir: Path, manifest, info, files: dict, *, precision: str
                  cache_dir: str | Path | None = None) -> OpenVinoEngine:
     """engines.load(..., backend="openvino"): the variant's ONNX file (or a plan's own IR, role `openvino` +
     `openvino_weights`) at `precision`, compiled from the bytes the manifest's sha256 vouches for
-    (intra_op_threads: OpenVINO's INFERENCE_NUM_THREADS, as the other CPU backends take it)."""
+    (intra_op_threads: OpenVINO's INFERENCE_NUM_THREADS, as the other CPU backends take it). A variant whose ONNX
+    keeps its weights in external data is refused: OpenVINO reads those only by path."""
     model = files.get("openvino") or files.get("onnx")
     if model is None:
         raise EngineError(f"variant {info.name!r} has no ONNX file in its manifest entry")
+    if "openvino" not in files and "onnx_data" in files:
+        raise EngineError(
+            f"variant {info.name!r} keeps its ONNX weights in an external data file ({files['onnx_data'].ref.path}); "
+            "OpenVINO would read it by a path relative to the working directory, not from the verified bytes: "
+            "serve this variant on ONNX Runtime")
     weights = files.get("openvino_weights")
-    # the cache key covers every file the compiled model is built from: the IR's .bin, or the ONNX's external data
-    extra = weights if "openvino" in files else files.get("onnx_data")
     return OpenVinoEngine(model.path, model_bytes=model.read(), weights_bytes=weights.read() if weights else None,
-                          sha256s=[source.ref.sha256 for source in (model, extra) if source is not None],
+                          sha256s=[source.ref.sha256 for source in (model, weights) if source is not None],
                           precision=precision, threads=intra_op_threads or None, streams=streams, hint=hint,
                           cache_dir=cache_dir)

@@ -166,3 +166,21 @@ def test_source_files_name_an_onnx_files_external_data(onnx, tmp_path):
                         location="model.onnx.data", size_threshold=0)
     assert source_files(model) == [model, tmp_path / "model.onnx.data"]
     assert source_files(onnx) == [onnx]
+
+
+def test_an_onnx_with_external_data_is_refused_through_the_manifest(onnx, tmp_path):
+    """OpenVINO resolves an ONNX model's external data against the working directory when it reads the model from
+    bytes: through the manifest such a variant is refused with the reason, never compiled from a stray file."""
+    import onnx as onnx_lib
+
+    from engines.base import EngineError
+    from engines.manifest import artifact, file_ref
+    from engines.openvino import open_variant
+
+    (tmp_path / "big").mkdir()
+    onnx_lib.save_model(onnx_lib.load(str(onnx)), str(tmp_path / "big" / "model.onnx"), save_as_external_data=True,
+                        location="model.onnx.data", size_threshold=0)
+    files = {role: artifact(tmp_path, "big", role, file_ref(tmp_path, tmp_path / "big" / name))
+             for role, name in (("onnx", "model.onnx"), ("onnx_data", "model.onnx.data"))}
+    with pytest.raises(EngineError, match=r"'big' keeps its ONNX weights in an external data file \(big/model"):
+        open_variant(tmp_path, None, SimpleNamespace(name="big"), files)
