@@ -29,6 +29,7 @@ from benchmarks.peers import launch
 from benchmarks.report import machine
 from benchmarks.serving_bench import _serve_repo
 from engines.base import datatype_of
+from oip.stats import medians_by_label
 
 log = logging.getLogger(__name__)
 REST, GRPC, TRITON = "normfuse REST binary", "normfuse gRPC", "Triton gRPC (pytriton)"
@@ -116,9 +117,7 @@ def summarize_rounds(rows: list[dict], concurrencies: tuple[int, ...]) -> dict:
     out = {}
     for c in concurrencies:
         at = [r for r in rows if r["level"] == c]
-        labels = list(dict.fromkeys(r["label"] for r in at))
-        medians = {label: {k: statistics.median(r[k] for r in at if r["label"] == label)
-                           for k in ("p50_ms", "p99_ms", "throughput_rps")} for label in labels}
+        medians = medians_by_label(at)
         by_round: dict[int, dict[str, dict]] = {}
         for r in at:
             by_round.setdefault(r["round"], {})[r["label"]] = r

@@ -205,16 +205,13 @@ def _difference(after: dict, before: dict) -> dict:
 
 def summarize_rounds(rows: list[dict]) -> dict:
     """Per concurrency: medians per target, and served ÷ engine (ratio of medians, paired bootstrap 95%)."""
-    import statistics
-
-    from oip.stats import ratio_ci
+    from oip.stats import medians_by_label, ratio_ci
 
     out = {}
     for level in LEVELS:
         at = [r for r in rows if r["level"] == level]
-        labels = list(dict.fromkeys(r["label"] for r in at))
-        medians = {label: {k: statistics.median(r[k] for r in at if r["label"] == label)
-                           for k in ("p50_ms", "p99_ms", "throughput_rps")} for label in labels}
+        medians = medians_by_label(at)
+        labels = list(medians)
         engine = {r["round"]: r["throughput_rps"] for r in at if r["label"] == ENGINE}
         shares = {}
         for label in labels:

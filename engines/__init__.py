@@ -23,7 +23,7 @@ from engines.manifest import (
     read_revision,
     verify_files,
 )
-from engines.plans import find_plan, plan_artifacts
+from engines.plans import Plan, find_plan, plan_artifacts
 
 __all__ = [
     "BACKENDS", "DATATYPES", "Engine", "EngineError", "InputError", "ManifestError", "TensorSpec",
@@ -71,8 +71,16 @@ def open_variant(
 
 def pick_variant(repo: str | Path, name: str, variant: str | None = None, *, benchmark: bool = False
                  ) -> tuple[Manifest, Path, VariantInfo]:
+    manifest, model_dir, info, _ = pick_plan(repo, name, variant, benchmark=benchmark)
+    return manifest, model_dir, info
+
+
+def pick_plan(repo: str | Path, name: str, version: str | None = None, *, benchmark: bool = False
+              ) -> tuple[Manifest, Path, VariantInfo, Plan | None]:
+    """`pick_variant`, with the OpenVINO plan `version` names (None for a variant): its engine and precision, and
+    the variant whose files it runs."""
     manifest, model_dir = open_model(repo, name)
-    variant = variant or manifest.default_variant
+    variant = version or manifest.default_variant
     plan = find_plan(manifest, variant)  # an OpenVINO plan runs its variant's files
     if plan is not None and not plan.servable and not benchmark:
         raise ManifestError(f"plan {variant!r} of {name!r} is not servable: {plan.reason}")
@@ -90,7 +98,7 @@ def pick_variant(repo: str | Path, name: str, variant: str | None = None, *, ben
             f"variant {variant!r} of {name!r} is not servable ({reason}); servable: "
             f"{', '.join(manifest.servable())}. Pass benchmark=True to open it for measurement only."
         )
-    return manifest, model_dir, info
+    return manifest, model_dir, info, plan
 
 
 def load(
@@ -106,9 +114,9 @@ def load(
     sha256 vouches for (each file read once, inside the model's directory)."""
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    manifest, model_dir, info = pick_variant(repo, model, variant, benchmark=benchmark)
+    manifest, model_dir, info, plan = pick_plan(repo, model, variant, benchmark=benchmark)
     files = artifacts(model_dir, info)
-    if (plan := find_plan(manifest, variant)) is not None:  # a plan names its engine and precision itself
+    if plan is not None:  # a plan names its engine and precision itself
         backend, options = plan.engine, {"precision": plan.precision, **options}
         files |= plan_artifacts(model_dir, plan)  # its own IR (int8), read like the variant's files
     module_name, function_name = BACKENDS[backend].split(":")

@@ -8,9 +8,10 @@ always set explicitly: OpenVINO's own default is bf16 on a CPU with bf16 units, 
 make an "fp32" engine lossy. An int8 plan is an IR whose quantized layers NNCF wrote; its other ops run at
 `precision`.
 
-Compiled models are cached (OpenVINO's CACHE_DIR) under `cache_dir/<file sha256>-<OpenVINO version>-<CPU>`, so a
-blob is never reused across a changed file, an upgraded OpenVINO or another CPU; a second load of the same file on
-the same machine imports the blob instead of compiling.
+Compiled models are cached (OpenVINO's CACHE_DIR) under `cache_dir/<files>-<OpenVINO version>-<CPU + properties>`,
+where `<files>` digests the sha256 of every file the model is built from (an IR's .xml and .bin, an ONNX file and
+its external data): a blob is never reused across changed weights, an upgraded OpenVINO, another CPU or another
+precision/hint; a second load of the same files on the same machine imports the blob instead of compiling.
 
 Concurrency: `infer` is thread-safe. It takes an infer request from a pool (OpenVINO's
 OPTIMAL_NUMBER_OF_INFER_REQUESTS: one per stream, at least one), so callers on several threads run in parallel on
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,13 +54,34 @@ def spec_of(port) -> TensorSpec:
     return TensorSpec(name, datatype, shape)
 
 
-def cache_key(path: Path, version: str, cpu: str, sha256: str | None = None) -> str:
-    """`<file sha256[:16]>-<OpenVINO version>-<CPU digest[:8]>`: what a cached compiled blob is valid for
-    (`sha256`: the file's, when its bytes were already read and hashed)."""
-    from engines.manifest import sha256_file
+def cache_key(sha256s: Sequence[str], version: str, cpu: str, config: dict[str, str] | None = None) -> str:
+    """`<files digest[:16]>-<OpenVINO version>-<CPU and properties digest[:8]>`: what a cached compiled blob is valid
+    for. `sha256s`: of every file the model is built from, graph first (then .bin weights or ONNX external data);
+    `config`: the compile properties (precision and performance hints, threads, streams)."""
+    from engines.trt_cache import files_digest
 
+    if not sha256s:
+        raise ValueError("a cache key needs the sha256 of at least the model file")
     version = version.split("-")[0]
-    return f"{(sha256 or sha256_file(path))[:16]}-{version}-{hashlib.sha256(cpu.encode()).hexdigest()[:8]}"
+    machine = cpu + "\n" + "\n".join(f"{k}={v}" for k, v in sorted((config or {}).items()))
+    return f"{files_digest(list(sha256s))[:16]}-{version}-{hashlib.sha256(machine.encode()).hexdigest()[:8]}"
+
+
+def source_files(path: Path) -> list[Path]:
+    """The files OpenVINO builds a model at `path` from: an IR's .xml and its .bin, an ONNX file and the external
+    data files its initializers reference (relative to it)."""
+    path = Path(path)
+    if path.suffix == ".xml":
+        return [path] + ([path.with_suffix(".bin")] if path.with_suffix(".bin").is_file() else [])
+    if path.suffix != ".onnx":
+        return [path]
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    locations = dict.fromkeys(  # ordered, each once
+        entry.value for tensor in model.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data if entry.key == "location")
+    return [path] + [path.parent / location for location in locations]
 
 
 class OpenVinoEngine(Engine):
@@ -72,7 +95,7 @@ class OpenVinoEngine(Engine):
         *,
         model_bytes: bytes | None = None,
         weights_bytes: bytes | None = None,
-        sha256: str | None = None,
+        sha256s: Sequence[str] | None = None,
         precision: str = "fp32",
         threads: int | None = None,
         streams: int | None = None,
@@ -90,7 +113,9 @@ class OpenVinoEngine(Engine):
                 raise ValueError(f"{name} must be a positive integer, got {value}")
         self.path = Path(path)  # what the model is called in messages; read from here unless its bytes are given
         self.model_bytes, self.weights_bytes = model_bytes, weights_bytes  # verified bytes (engines.load)
-        self.sha256 = sha256  # of model_bytes, as the manifest records it (already checked): not hashed again
+        # of every file the model is built from (model, then weights / external data), as the manifest records
+        # them (already checked): not hashed again; when None, hashed from the bytes given or the files at `path`
+        self.sha256s = list(sha256s) if sha256s is not None else None
         self.precision = precision
         self.threads, self.streams, self.hint = threads, streams, hint
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -112,9 +137,8 @@ class OpenVinoEngine(Engine):
             raise EngineError(f"model file {self.path} does not exist")
         config = self.config()
         if self.cache_dir is not None:
-            digest = self.sha256 or (hashlib.sha256(self.model_bytes).hexdigest() if self.model_bytes is not None
-                                     else None)
-            config["CACHE_DIR"] = str(self.cache_dir / cache_key(self.path, ov.__version__, self._cpu(), digest))
+            key = cache_key(self._sha256s(), ov.__version__, self._cpu(), config)
+            config["CACHE_DIR"] = str(self.cache_dir / key)
         try:
             core = ov.Core()
             if self.model_bytes is None:
@@ -135,6 +159,16 @@ class OpenVinoEngine(Engine):
         self.parallelism = pool
         log.info("loaded %s on OpenVINO %s (%s, %d infer request(s))", self.path, ov.__version__, config, pool)
         return self
+
+    def _sha256s(self) -> list[str]:
+        """The sha256 of every file the compiled model is built from, for its cache key."""
+        if self.sha256s is not None:
+            return self.sha256s
+        if self.model_bytes is not None:
+            return [hashlib.sha256(data).hexdigest() for data in (self.model_bytes, self.weights_bytes) if data]
+        from engines.manifest import sha256_file
+
+        return [sha256_file(path) for path in source_files(self.path)]
 
     def _cpu(self) -> str:
         if self.cpu is None:
@@ -182,12 +216,18 @@ def open_variant(model_dir: Path, manifest, info, files: dict, *, precision: str
                  cache_dir: str | Path | None = None) -> OpenVinoEngine:
     """engines.load(..., backend="openvino"): the variant's ONNX file (or a plan's own IR, role `openvino` +
     `openvino_weights`) at `precision`, compiled from the bytes the manifest's sha256 vouches for
-    (intra_op_threads: OpenVINO's INFERENCE_NUM_THREADS, as the other CPU backends take it)."""
+    (intra_op_threads: OpenVINO's INFERENCE_NUM_THREADS, as the other CPU backends take it). A variant whose ONNX
+    keeps its weights in external data is refused: OpenVINO reads those only by path."""
     model = files.get("openvino") or files.get("onnx")
     if model is None:
         raise EngineError(f"variant {info.name!r} has no ONNX file in its manifest entry")
+    if "openvino" not in files and "onnx_data" in files:
+        raise EngineError(
+            f"variant {info.name!r} keeps its ONNX weights in an external data file ({files['onnx_data'].ref.path}); "
+            "OpenVINO would read it by a path relative to the working directory, not from the verified bytes: "
+            "serve this variant on ONNX Runtime")
     weights = files.get("openvino_weights")
     return OpenVinoEngine(model.path, model_bytes=model.read(), weights_bytes=weights.read() if weights else None,
-                          sha256=model.ref.sha256,
+                          sha256s=[source.ref.sha256 for source in (model, weights) if source is not None],
                           precision=precision, threads=intra_op_threads or None, streams=streams, hint=hint,
                           cache_dir=cache_dir)

@@ -9,8 +9,9 @@ moment of machine noise, so the bootstrap resamples whole rounds rather than eac
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +69,17 @@ def summarize(samples: Sequence[float]) -> Summary:
         return Summary(0, math.nan, math.nan, math.nan, math.nan, math.nan)
     p50, p90, p99 = np.percentile(a, [50, 90, 99])
     return Summary(int(a.size), float(p50), float(p90), float(p99), float(a.mean()), float(a.min()))
+
+
+STEP_FIGURES = ("p50_ms", "p99_ms", "throughput_rps")  # what a load-generator step row reports
+
+
+def medians_by_label(rows: Sequence[Mapping], keys: Sequence[str] = STEP_FIGURES) -> dict[str, dict[str, float]]:
+    """label -> {key: median over the rows of that label}, labels in the order they first appear: each target's
+    figures over a benchmark's rounds (rows are dicts with a "label" and each of `keys`)."""
+    labels = dict.fromkeys(row["label"] for row in rows)
+    return {label: {key: statistics.median(row[key] for row in rows if row["label"] == label) for key in keys}
+            for label in labels}
 
 
 @dataclass(frozen=True)

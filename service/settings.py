@@ -81,7 +81,8 @@ class Settings(BaseSettings):
                                                       "this CPU runs natively, or only the default plan (each plan "
                                                       "holds its own compiled weights)")
     openvino_cache_dir: Path | None = Field(None, description="OpenVINO plans: compiled-model cache directory (keyed "
-                                            "by file sha256, OpenVINO version and CPU); none = compile at each load")
+                                            "by the sha256 of every model file, OpenVINO version, CPU and "
+                                            "properties); none = compile at each load")
     drain_timeout_s: float = Field(30.0, gt=0, description="on shutdown, how long queued work may take to finish")
     compare_window: int = Field(512, ge=8, description="recent samples kept per variant and batch size for /compare")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug | info | warning | error")

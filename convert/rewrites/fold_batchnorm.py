@@ -132,10 +132,8 @@ def _post_blocker(model: nn.Module, graph: Graph, bn: _BatchNorm, node: fx.Node,
     if len(producer.users) > 1:
         readers = ", ".join(str(user) for user in producer.users)
         return f"its producer {name!r} has a second consumer ({readers})"
-    if name in shared:
-        return f"its producer {name!r} shares parameters with another layer"
-    if len(producer.args[1].users) > 1:
-        return f"its producer {name!r} is called more than once"
+    if why := _used_elsewhere("producer", name, producer, shared):
+        return why
     if _out_channels(layer) != bn.num_features or (isinstance(layer, nn.Linear) and _ndim(producer) != 2):
         channels = _out_channels(layer)
         return f"its producer {name!r} has {channels} channels on axis -1, the BatchNorm {bn.num_features} on axis 1"
@@ -156,13 +154,21 @@ def _pre_blocker(model: nn.Module, graph: Graph, bn: _BatchNorm, node: fx.Node, 
             f"its consumer {name!r} zero-pads its input (padding={layer.padding}), so folding "
             "would change the border outputs"
         )
-    if name in shared:
-        return f"its consumer {name!r} shares parameters with another layer"
-    if len(consumer.args[1].users) > 1:
-        return f"its consumer {name!r} is called more than once"
+    if why := _used_elsewhere("consumer", name, consumer, shared):
+        return why
     if _in_channels(layer) != bn.num_features or (isinstance(layer, nn.Linear) and _ndim(node) != 2):
         channels = _in_channels(layer)
         return f"its consumer {name!r} reads {channels} channels, the BatchNorm has {bn.num_features}"
+    return None
+
+
+def _used_elsewhere(role: str, name: str, call: fx.Node, shared: set[str]) -> str | None:
+    """Why the layer `call` runs cannot take the fold because its weights serve more than this call: another layer
+    shares them, or the layer runs twice (its weight is read by another call). None when this call is the only one."""
+    if name in shared:
+        return f"its {role} {name!r} shares parameters with another layer"
+    if len(call.args[1].users) > 1:
+        return f"its {role} {name!r} is called more than once"
     return None
 
 

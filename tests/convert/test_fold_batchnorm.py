@@ -236,6 +236,22 @@ class _TiedConv(nn.Module):
         return self.conv2(self.bn(self.conv1(x)))
 
 
+class _ConvTwice(nn.Module):
+    """`conv` runs twice (before the BatchNorm, or after it with `pre`), or `tied` shares its weight: folding
+    would change the other call."""
+
+    def __init__(self, pre: bool = False, tied: bool = False):
+        super().__init__()
+        self.pre, self.conv, self.bn = pre, nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+        self.tied = nn.Conv2d(3, 3, 1) if tied else None  # a second layer with conv's weight
+        if tied:
+            self.tied.weight = self.conv.weight
+
+    def forward(self, x):
+        other = self.tied(x) if self.tied is not None else self.conv(x)
+        return (self.conv(self.bn(x)) if self.pre else self.bn(self.conv(x))) + other
+
+
 REFUSALS = {
     "training": (lambda: TinyResNet().train(), r"'stem\.1' is in training mode"),
     "second-consumer": (SharedProducer, r"'bn'.*producer 'conv' has a second consumer"),
@@ -247,6 +263,10 @@ REFUSALS = {
     "untraceable": (_Untraceable, r"_Untraceable could not be traced with torch\.export"),
     "bn-called-twice": (_BnTwice, r"'bn' is called 2 times"),
     "tied-weights": (_TiedConv, r"'bn'.*producer 'conv1' shares parameters"),
+    "producer-called-twice": (_ConvTwice, r"'bn'.*producer 'conv' is called more than once"),
+    "consumer-called-twice": (lambda: _ConvTwice(pre=True), r"'bn'.*consumer 'conv' is called more than once"),
+    "consumer-tied-weights": (lambda: _ConvTwice(pre=True, tied=True),
+                              r"'bn'.*consumer 'conv' shares parameters with another layer"),
 }
 
 

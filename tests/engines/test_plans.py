@@ -121,3 +121,26 @@ def test_engines_load_runs_a_variant_on_openvino_at_a_precision(model_dir):
     with engines.load(model_dir.parent, "tiny", backend="openvino", precision="bf16") as engine:
         assert engine.backend == "openvino" and engine.describe()["precision"] == "bf16"
         np.testing.assert_allclose(engine.infer({"x": x})["y"], expected(x), atol=5e-2)
+
+
+def test_engines_load_finds_a_plan_once_and_runs_it_on_its_engine(planned, model_dir, tmp_path, monkeypatch):
+    """engines.load looks the version up among the plans once (pick_plan) and hands the plan on."""
+    pytest.importorskip("openvino")
+    import shutil
+
+    import numpy as np
+    from _tiny_artifact import IN, expected
+
+    import engines
+    import engines.plans
+
+    copy = tmp_path / "repo" / "tiny"
+    shutil.copytree(model_dir, copy)
+    write_manifest(copy, planned)
+    calls = []
+    monkeypatch.setattr(engines, "find_plan", lambda *a: calls.append(a) or engines.plans.find_plan(*a))
+    x = np.random.default_rng(0).standard_normal((4, IN)).astype(np.float32)
+    with engines.load(copy.parent, "tiny", "unfused-ov-fp32") as engine:
+        assert engine.backend == "openvino" and engine.describe()["precision"] == "fp32"
+        np.testing.assert_allclose(engine.infer({"x": x})["y"], expected(x), rtol=1e-5, atol=1e-5)
+    assert [version for _, version in calls] == ["unfused-ov-fp32"]

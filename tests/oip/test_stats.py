@@ -84,3 +84,16 @@ def test_gain_captured_ci_brackets_the_truth():
     ci = stats.gain_captured_ci(u, v, n)
     assert ci.estimate == pytest.approx(0.5, abs=1e-9)
     assert ci.contains(0.5)
+
+
+def test_medians_by_label_keeps_first_appearance_order_and_each_labels_own_rows():
+    rows = [{"label": "rest", "p50_ms": 1.0, "p99_ms": 3.0, "throughput_rps": 900},
+            {"label": "grpc", "p50_ms": 2.0, "p99_ms": 5.0, "throughput_rps": 700},
+            {"label": "rest", "p50_ms": 9.0, "p99_ms": 9.0, "throughput_rps": 100},
+            {"label": "rest", "p50_ms": 2.0, "p99_ms": 4.0, "throughput_rps": 800}]
+    medians = stats.medians_by_label(rows)
+    assert list(medians) == ["rest", "grpc"]
+    assert medians["rest"] == {"p50_ms": 2.0, "p99_ms": 4.0, "throughput_rps": 800}
+    assert medians["grpc"] == {"p50_ms": 2.0, "p99_ms": 5.0, "throughput_rps": 700}
+    assert stats.medians_by_label(rows, ("p50_ms",))["rest"] == {"p50_ms": 2.0}
+    assert stats.medians_by_label([]) == {}
