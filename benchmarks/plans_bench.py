@@ -149,11 +149,11 @@ def bench_model(model_dir: Path, config: PlansConfig, cpu, notes: list[str]) -> 
 
 def run(repo: Path, work: Path, config: PlansConfig) -> dict:
     from benchmarks.cpu_peak import per_cycle, read_cpu
-    from benchmarks.plans_models import convert_model
+    from benchmarks.plans_models import convert_model, default_plan
     from benchmarks.report import machine
 
     load, started, clock = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
-    cpu, rows, notes = read_cpu(), [], []
+    cpu, rows, notes, defaults = read_cpu(), [], [], {}
     for name in config.models:
         try:
             model_dir = convert_model(name, Path(repo), Path(work))
@@ -161,10 +161,15 @@ def run(repo: Path, work: Path, config: PlansConfig) -> dict:
             log.exception("could not convert %s", name)
             notes.append(f"{name}: not converted: {type(exc).__name__}: {str(exc)[:200]}")
             continue
+        try:
+            defaults[name] = default_plan(model_dir)
+        except Exception as exc:  # noqa: BLE001 - the table stands without it
+            log.exception("%s: could not attach plans", name)
+            notes.append(f"{name}: normfuse's default plan not determined: {type(exc).__name__}: {str(exc)[:200]}")
         rows += bench_model(model_dir, config, cpu, notes)
     settings = asdict(config) | {"plans": [p.name for p in config.plans]}
     return {"started": started, "wall_s": time.perf_counter() - clock, "config": settings, "rows": rows,
-            "notes": notes, "cpu": {**asdict(cpu), "flags": sorted(cpu.flags), "describe": cpu.describe(),
+            "notes": notes, "defaults": defaults, "cpu": {**asdict(cpu), "flags": sorted(cpu.flags), "describe": cpu.describe(),
                                     "per_cycle": per_cycle(cpu)},
             "machine": machine(load), "versions": _versions()}
 

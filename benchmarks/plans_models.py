@@ -55,6 +55,23 @@ def convert_model(name: str, repo: Path, work: Path, variants: tuple[str, ...] =
     return repo / name
 
 
+def default_plan(model_dir: Path) -> dict[str, str]:
+    """What `normfuse convert`'s defaults serve for this model on this CPU: the plans attached as convert attaches
+    them (gated and timed here, benchmarks.plans_served.ensure_plans), then the default version, the plans-table
+    row that runs the same thing (`VARIANT/ENGINE/PRECISION`) and why it was picked."""
+    from benchmarks.plans_served import ensure_plans
+    from engines.manifest import read_manifest
+
+    ensure_plans(model_dir)
+    manifest = read_manifest(model_dir)
+    if manifest.plans is None:
+        name = manifest.default_variant
+        return {"version": name, "plan": f"{name}/onnxruntime/fp32", "reason": "no plans: no held-out batch saved"}
+    plan = manifest.plans.plans[manifest.plans.default]
+    return {"version": plan.name, "plan": f"{plan.variant}/{plan.engine}/{plan.precision}",
+            "reason": str(manifest.plans.timing.get("default_reason", ""))}
+
+
 def onnx_files(model_dir: Path) -> dict[str, Path]:
     """variant -> its ONNX file, for every variant the conversion built (servable or not: speed only here)."""
     from engines.manifest import read_manifest

@@ -37,8 +37,9 @@ def peak_table(cpu: dict) -> str:
                  [[p, unit, rate, _num(rate * mhz / 1e3, ".0f")] for p, (unit, rate) in cpu["per_cycle"].items()])
 
 
-def headlines(rows: list[dict]) -> list[str]:
-    """The issue's targets, read off this run (benchmarks, not test assertions)."""
+def headlines(rows: list[dict], defaults: dict | None = None) -> list[str]:
+    """The issue's targets, read off this run (benchmarks, not test assertions); `defaults`: model -> the plan
+    `normfuse convert`'s defaults serve on this CPU (benchmarks.plans_models.default_plan)."""
     lines = []
     for model in sorted({r["model"] for r in rows}):
         picked = [r for r in rows if r["model"] == model and r["batch"] == 8 and r["threads"] == 1 and "vs_ort" in r]
@@ -54,7 +55,25 @@ def headlines(rows: list[dict]) -> list[str]:
         if peer is not None:
             text += f"; OpenVINO's default ({peer['precision']}) {peer['vs_ort']:.2f}×"
         lines.append(text + ".")
+        if model in (defaults or {}):
+            lines.append(default_line(model, (defaults or {})[model], picked))
     return lines
+
+
+def default_line(model: str, default: dict, picked: list[dict]) -> str:
+    """normfuse's own default for `model` (what `normfuse serve` serves after a default conversion) against ORT fp32
+    `unfused` and OpenVINO's default compile, with the verdict on the issue's non-AMX target (never slower)."""
+    text = f"  - normfuse's default for {model} on this CPU: `{default['version']}`"
+    row = next((r for r in picked if r["plan"] == default["plan"]), None)
+    if row is None:
+        return text + f" (`{default['plan']}`: not a row of this table)."
+    text += (f" = `{row['plan']}`: {row['vs_ort']:.2f}× [{row['vs_ort_low']:.2f}, {row['vs_ort_high']:.2f}] ORT fp32 "
+             f"unfused")
+    if "vs_ov" in row:
+        text += f", {row['vs_ov']:.2f}× [{row['vs_ov_low']:.2f}, {row['vs_ov_high']:.2f}] OpenVINO's default"
+    slower = row["vs_ort_high"] < 1
+    return text + (" — **slower than ORT fp32 unfused** (its interval lies below 1)." if slower else
+                   " — not slower than ORT fp32 unfused (its interval reaches or passes 1).")
 
 
 def amx_note(cpu: dict) -> list[str]:
@@ -85,7 +104,8 @@ def section(result: dict, plot: Path | None = None, out_dir: Path | None = None)
              f"average {load[0]} at start, {load[1]} at end (the machine is shared: read the ratios). "
              + "; ".join(f"{k} {v}" for k, v in versions.items()) + ".",
              "A plan is (variant, engine, precision), run by `benchmarks/plans.py` over the ONNX files `normfuse "
-             "convert` wrote (raw ONNX Runtime and OpenVINO sessions until the OpenVINO engine lands). `runs at` is "
+             "convert` wrote, opened as raw ONNX Runtime and OpenVINO sessions (as a user of each library would; the "
+             "served figures below go through normfuse's engines and server). `runs at` is "
              "what the engine reports: OpenVINO's default precision on this CPU resolves to it. `openvino/int8` is "
              "`nncf.quantize` of the unfused file (transformer preset: NNCF's own SmoothQuant) on random calibration "
              "inputs; `int8/onnxruntime` is normfuse's `int8` variant (smoothed, static QDQ). Speed-ups are ratios of "
@@ -97,7 +117,8 @@ def section(result: dict, plot: Path | None = None, out_dir: Path | None = None)
              "Peak per core on this CPU" + (" (the clock is the current reading a virtual machine reports; a boost "
                                            "clock above it shows as a fraction over 100%)" if "current" in
                                            cpu["mhz_source"] else "") + ":", peak_table(cpu),
-             plans_table(result["rows"]), "\n".join(headlines(result["rows"]) + amx_note(cpu))]
+             plans_table(result["rows"]),
+             "\n".join(headlines(result["rows"], result.get("defaults")) + amx_note(cpu))]
     parts.append("\n".join(f"- {n}" for n in result.get("notes", [])))
     if result.get("served"):
         parts += served_part(result["served"])

@@ -56,6 +56,9 @@ def test_the_section_is_the_first_table_and_rerenders_unchanged(quick_run, tmp_p
     section = text.split(PLANS_BEGIN, 1)[1].split(PLANS_END, 1)[0]
     assert result["cpu"]["model"] in section and "Peak per core on this CPU" in section
     assert "| tiny | 8 | 1 | unfused/openvino/int8 |" in section
+    # normfuse's own default (no held-out batch in the tiny repo: served as converted, on ONNX Runtime)
+    assert result["defaults"]["tiny"]["version"] == "unfused"
+    assert "normfuse's default for tiny on this CPU: `unfused` = `unfused/onnxruntime/fp32`: 1.00×" in section
     served = result["served"]  # the real `normfuse serve` at its defaults, REST binary and gRPC, c=1 and c=32
     assert set(served["summary"]) == {"1", "32"} and {r["batch"] for r in served["engine"]} == {1, 16}
     for level in served["summary"].values():
@@ -114,3 +117,18 @@ def test_flops_are_counted_from_the_graph(tiny_onnx):
     assert matmul_flops([2, 1, 3, 5], [4, 5, 6]) == 2 * 2 * 4 * 3 * 5 * 6  # broadcast batch axes
     count = count_flops(tiny_onnx, {"x": [8, 16]})
     assert count.complete and count.flops == 2 * 8 * 16 * 16  # LayerNorm → Linear(16, 16) → GELU
+
+
+def test_the_default_line_says_when_normfuses_default_is_slower():
+    from benchmarks.plans_report import default_line
+
+    rows = [{"plan": "affine/openvino/bf16", "vs_ort": 0.8, "vs_ort_low": 0.7, "vs_ort_high": 0.9, "vs_ov": 0.5,
+             "vs_ov_low": 0.4, "vs_ov_high": 0.6},
+            {"plan": "unfused/onnxruntime/fp32", "vs_ort": 1.0, "vs_ort_low": 1.0, "vs_ort_high": 1.0}]
+    slow = default_line("m", {"version": "affine-ov-bf16", "plan": "affine/openvino/bf16"}, rows)
+    assert "`affine-ov-bf16` = `affine/openvino/bf16`: 0.80× [0.70, 0.90]" in slow and "**slower" in slow
+    assert "0.50× [0.40, 0.60] OpenVINO's default" in slow
+    same = default_line("m", {"version": "unfused", "plan": "unfused/onnxruntime/fp32"}, rows)
+    assert "not slower" in same
+    missing = default_line("m", {"version": "smoothed-ov-int8", "plan": "smoothed/openvino/int8"}, rows)
+    assert "not a row of this table" in missing
