@@ -252,6 +252,10 @@ def main(args) -> int:
         result = json.loads(args.json.read_text())
         steps = {"rounds": 1, "step_seconds": 1.0} if args.quick else {}
         result["served"] = plans_served.measure(args.repo, args.served, Path(args.work) / "logs", **steps)
+        if result["served"]["backend"] == "openvino":  # the default hint's evidence, from this same run
+            hint_steps = {"rounds": 2, "step_seconds": 0.5} if args.quick else {}
+            result["served"]["hints"] = plans_served.compare_hints(args.repo, args.served,
+                                                                   result["served"]["variant"], **hint_steps)
         args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
     plans_report.write(args.out, json.loads(args.json.read_text()), plot_dir=args.plots)
     sys.stdout.write(f"wrote the CPU plans section of {args.out}\n")
