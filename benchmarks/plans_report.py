@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from benchmarks.plans_targets import targets
 from benchmarks.report import _num, splice, table
 
 PLANS_BEGIN, PLANS_END = "<!-- plans:begin -->", "<!-- plans:end -->"
@@ -118,7 +119,9 @@ def section(result: dict, plot: Path | None = None, out_dir: Path | None = None)
                                            "clock above it shows as a fraction over 100%)" if "current" in
                                            cpu["mhz_source"] else "") + ":", peak_table(cpu),
              plans_table(result["rows"]),
-             "\n".join(headlines(result["rows"], result.get("defaults")) + amx_note(cpu))]
+             "\n".join(headlines(result["rows"], result.get("defaults")) + amx_note(cpu)),
+             "Issue 21's targets, read off this run (benchmarks/plans_targets.py; the int8 accuracy targets are in "
+             "the int8 section):", table(["target", "measured", "verdict"], targets(result))]
     parts.append("\n".join(f"- {n}" for n in result.get("notes", [])))
     if result.get("served"):
         parts += served_part(result["served"])

@@ -132,3 +132,33 @@ def test_the_default_line_says_when_normfuses_default_is_slower():
     assert "not slower" in same
     missing = default_line("m", {"version": "smoothed-ov-int8", "plan": "smoothed/openvino/int8"}, rows)
     assert "not a row of this table" in missing
+
+
+def _target_rows(amx: bool) -> dict:
+    def row(model, plan, precision, vs_ort, vs_ov):
+        return {"model": model, "batch": 8, "threads": 1, "plan": plan, "precision": precision,
+                "vs_ort": vs_ort, "vs_ort_low": vs_ort * 0.9, "vs_ort_high": vs_ort * 1.1,
+                "vs_ov": vs_ov, "vs_ov_low": vs_ov * 0.9, "vs_ov_high": vs_ov * 1.05}
+
+    rows = [row(m, "unfused/onnxruntime/fp32", "fp32", 1.0, 0.25) for m in ("vit-s16", "gpt2-small")]
+    rows += [row(m, "unfused/openvino/bf16", "bf16", 4.5, 1.1) for m in ("vit-s16", "gpt2-small")]
+    rows += [row(m, "int8/onnxruntime/int8", "int8", 6.0, 1.4) for m in ("vit-s16", "gpt2-small")]
+    served = {"32": {"vs_engine": {"normfuse REST binary": {"estimate": 0.95, "low": 0.9, "high": 0.97}}}}
+    return {"cpu": {"flags": ["amx_bf16"] if amx else ["avx512_bf16"]}, "rows": rows, "served": {"summary": served},
+            "defaults": {"vit-s16": {"version": "unfused-ov-bf16", "plan": "unfused/openvino/bf16", "reason": "r"},
+                         "gpt2-small": {"version": "unfused", "plan": "unfused/onnxruntime/fp32", "reason": "gated"}},
+            "notes": ["gpt2-small: `int8` failed its accuracy gate at conversion (cosine): timed for speed"]}
+
+
+def test_issue_21_targets_get_verdicts_only_on_the_cpu_they_are_for():
+    from benchmarks.plans_targets import targets
+
+    amx = {row[0]: row for row in targets(_target_rows(amx=True))}
+    four, ov, int8, served, plain = amx.values()
+    assert four[2] == "missed" and "gpt2-small 1.00×" in four[1]  # GPT-2's default stayed fp32
+    assert ov[2].startswith("missed: gpt2-small (its default: gated)")
+    assert int8[2] == "met" and "failed its accuracy gate" in int8[1]  # 6.0 / 4.5 = 1.33
+    assert served[2] == "met" and plain[2] == "not this CPU (it has AMX)"
+    other = targets(_target_rows(amx=False))
+    assert other[0][2].startswith("not measurable here") and other[2][2].startswith("not measurable here")
+    assert other[4][2] == "met" and other[3][2] == "met (on this CPU)"
