@@ -152,9 +152,12 @@ def plot(result: dict, path: Path) -> Path | None:
             ax.bar(xs, values, 0.4, yerr=errors, capsize=2, label="1 thread" if threads == 1 else
                    f"{threads} threads" if threads else "all threads")
         ax.axhline(1.0, color="black", lw=0.8)
-        ax.set_xticks([j + 0.2 for j in range(len(names))], names, rotation=60, ha="right", fontsize=7)
-        ax.set_title(f"{model}, batch {rows[0]['batch']}", fontsize=10)
-        ax.set_ylabel("× ORT fp32 unfused (higher is faster)")
+        default = ((result.get("defaults") or {}).get(model) or {}).get("plan")
+        labels = [f"★ {n}" if n == default else n for n in names]
+        ax.set_xticks([j + 0.2 for j in range(len(names))], labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{model}, batch {rows[0]['batch']}" + ("  (★ normfuse's default)" if default else ""),
+                     fontsize=10)
+        ax.set_ylabel("× ORT fp32 unfused (higher: faster)", fontsize=8)
         ax.legend(fontsize=7)
     return plots._save(fig, path)
 
