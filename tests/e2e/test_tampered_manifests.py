@@ -5,9 +5,13 @@ never opened, not even to hash them)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -78,6 +82,23 @@ def opened_files(trace: Path) -> set[str]:
             if (match := pattern.search(line)) and "O_DIRECTORY" not in match.group(2)}
 
 
+def stop_traced(proc) -> None:
+    """SIGTERM the server strace runs, then strace: strace only detaches from its tracee on SIGTERM, which would
+    leave the server running after the tests (this strace has no --kill-on-exit)."""
+    server = [int(pid) for task in Path(f"/proc/{proc.pid}/task").glob("*")
+              for pid in (task / "children").read_text().split()] if proc.poll() is None else []
+    for pid in server:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(30)  # strace exits once its tracee has
+    stop(proc)
+    for pid in server:  # a server that ignored SIGTERM for 30 s (checked to be ours: a pid can be reused)
+        with contextlib.suppress(OSError):
+            if b"normfuse.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
@@ -96,7 +117,7 @@ def traced(tmp_path_factory):
         refused_ready = {name: httpx.get(f"{url}/v2/models/{name}/ready", timeout=30).status_code
                          for name in REFUSED}
     finally:
-        stop(proc)
+        stop_traced(proc)
     return {"repo": repo, "outside": outside, "index": index, "answer": answer, "x": x,
             "refused_ready": refused_ready, "opened": opened_files(trace)}
 
