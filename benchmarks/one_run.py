@@ -27,23 +27,25 @@ IN_PROCESS = ("engines", "serving", "capacity", "norms")
 @dataclass(frozen=True)
 class Section:
     name: str
-    argv: tuple[str, ...]          # after `normfuse bench NAME`; {repo} {work} {model} {plots} filled in
+    argv: tuple[str, ...]          # after `normfuse bench NAME`; {repo} {work} {model} filled in
     quick: tuple[str, ...]         # added for `bench all --quick`
-    render: tuple[str, ...]        # re-render from the results file, measuring nothing
+    render: tuple[str, ...]        # after `normfuse bench`: re-render from {results}, measuring nothing
     takes_plots: bool = True
 
 
 SECTIONS = (
-    Section("plans", ("--repo", "{work}/plans-repo", "--work", "{work}"), ("--quick",), ("--render",)),
-    Section("int8", ("--work", "{work}"), ("--rounds", "2", "--skip-accuracy"), ()),
-    Section("grpc", ("--repo", "{repo}", "--model", "{model}"), ("--quick",), ()),
-    Section("reload", ("--repo", "{repo}", "--model", "{model}"), ("--swaps", "1", "--gap-s", "2"), ()),
-    Section("overload", ("--repo", "{repo}", "--model", "{model}"), ("--quick",), ("--report-only",),
+    Section("plans", ("--repo", "{work}/plans-repo", "--work", "{work}"), ("--quick",),
+            ("plans", "--render", "--json", "{results}")),
+    Section("int8", ("--work", "{work}"), ("--rounds", "2", "--skip-accuracy"), ("int8-report", "--results", "{results}")),
+    Section("grpc", ("--repo", "{repo}", "--model", "{model}"), ("--quick",), ("grpc-report", "--results", "{results}")),
+    Section("reload", ("--repo", "{repo}", "--model", "{model}"), ("--swaps", "1", "--gap-s", "2"),
+            ("reload", "--render", "{results}")),
+    Section("overload", ("--repo", "{repo}", "--model", "{model}"), ("--quick",),
+            ("overload", "--report-only", "--json", "{results}"), takes_plots=False),
+    Section("hostile", ("--work", "{work}/hostile"), ("--quick",), ("hostile", "--report-only", "--json", "{results}"),
             takes_plots=False),
-    Section("hostile", ("--work", "{work}/hostile"), ("--quick",), ("--report-only",), takes_plots=False),
 )
 NAMES = IN_PROCESS + tuple(s.name for s in SECTIONS)
-RENDER_ONLY = {"int8": "int8-report", "grpc": "grpc-report"}  # sections re-rendered by a sibling command
 
 
 def results_dir(args) -> Path:
@@ -54,15 +56,12 @@ def results_dir(args) -> Path:
 
 def argv_for(section: Section, args, *, measure: bool) -> list[str]:
     """`normfuse bench ...` for `section`: measure it, or re-render its section from its results file."""
-    fill = {"repo": str(args.repo), "work": str(Path(args.repo).parent), "model": args.serving_model}
     results = results_dir(args) / f"{section.name}.json"
+    fill = {"repo": str(args.repo), "work": str(Path(args.repo).parent), "model": args.serving_model,
+            "results": str(results)}
     common = ["--out", str(args.out)] + (["--plots", str(args.plots)] if section.takes_plots else [])
     if not measure:
-        if section.name in RENDER_ONLY:
-            return [RENDER_ONLY[section.name], "--results", str(results), *common]
-        if section.name == "reload":
-            return ["reload", "--render", str(results), *common]
-        return [section.name, *section.render, "--json", str(results), *common]
+        return [part.format(**fill) for part in section.render] + common
     own = [part.format(**fill) for part in section.argv]
     return [section.name, *own, "--json", str(results), *common, *(section.quick if args.quick else ())]
 

@@ -53,3 +53,24 @@ def test_loadgen_against_the_real_server(bench_repo, tmp_path):
     assert [r["mode"] for r in results] == ["closed", "closed", "open"] * 2
     assert all(r["codes"] == {"200": 10} for r in results)
     assert "unfused" in done.stdout and "p99" in done.stdout
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_section_command_parses_for_measuring_and_for_rendering(tmp_path, quick):
+    """What `bench all` runs for each section, measured or re-rendered (--skip), is a command the CLI accepts, and
+    it writes to this run's report and results."""
+    import argparse
+
+    from benchmarks import one_run
+    from normfuse.cli import build_parser
+
+    args = argparse.Namespace(repo=tmp_path / "repo", serving_model="tiny", out=tmp_path / "B.md",
+                              plots=tmp_path / "plots", quick=quick)
+    parser = build_parser()
+    for section in one_run.SECTIONS:
+        for measure in (True, False):
+            parsed = parser.parse_args(["bench", *one_run.argv_for(section, args, measure=measure)])
+            assert parsed.handler is not None and parsed.out == args.out, (section.name, measure)
+            results = one_run.results_dir(args) / f"{section.name}.json"
+            given = {getattr(parsed, key, None) for key in ("json", "results", "render")}
+            assert results in given, (section.name, measure, given)
